@@ -1,0 +1,97 @@
+//! The append-only record of what happened. Each event is written in the same transaction
+//! as the state change it describes.
+
+use crate::ids::{RunId, WorkerId};
+use crate::job::{JobEvent, JobState};
+use crate::time::Timestamp;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum EventKind {
+    JobCreated {
+        name: String,
+    },
+    JobAssigned {
+        run_id: RunId,
+        worker_id: WorkerId,
+        attempt: u32,
+    },
+    JobAccepted {
+        run_id: RunId,
+        worker_id: WorkerId,
+    },
+    JobStatusChanged {
+        from: JobState,
+        to: JobState,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run_id: Option<RunId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        exit_code: Option<i32>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    JobRetryScheduled {
+        run_id: RunId,
+        next_attempt: u32,
+        not_before: Timestamp,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
+    JobCancelled {
+        from: JobState,
+        reason: String,
+    },
+    WorkerRegistered {
+        worker_id: WorkerId,
+        name: String,
+    },
+    WorkerConnected {
+        worker_id: WorkerId,
+    },
+    WorkerLost {
+        worker_id: WorkerId,
+        reason: String,
+    },
+}
+
+impl EventKind {
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Self::JobCreated { .. } => "JobCreated",
+            Self::JobAssigned { .. } => "JobAssigned",
+            Self::JobAccepted { .. } => "JobAccepted",
+            Self::JobStatusChanged { .. } => "JobStatusChanged",
+            Self::JobRetryScheduled { .. } => "JobRetryScheduled",
+            Self::JobCancelled { .. } => "JobCancelled",
+            Self::WorkerRegistered { .. } => "WorkerRegistered",
+            Self::WorkerConnected { .. } => "WorkerConnected",
+            Self::WorkerLost { .. } => "WorkerLost",
+        }
+    }
+
+    /// The event describing a job transition that ended an attempt or moved the job.
+    /// `Assign` and `Accept` carry ids the caller adds, so they are built directly.
+    pub fn for_transition(
+        from: JobState,
+        event: JobEvent,
+        to: JobState,
+        run_id: Option<RunId>,
+        exit_code: Option<i32>,
+        error: Option<String>,
+    ) -> Self {
+        match event {
+            JobEvent::Cancel => Self::JobCancelled {
+                from,
+                reason: error.unwrap_or_else(|| "cancelled by request".into()),
+            },
+            _ => Self::JobStatusChanged {
+                from,
+                to,
+                run_id,
+                exit_code,
+                error,
+            },
+        }
+    }
+}

@@ -1,0 +1,574 @@
+//! Jobs, runs and the one table of legal job state changes.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+pub const MAX_NAME_BYTES: usize = 256;
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+pub const MAX_ARGS: usize = 4096;
+pub const MAX_ENV_NAME_BYTES: usize = 1024;
+pub const MAX_ENV_VALUE_BYTES: usize = 128 * 1024;
+pub const MAX_ENV_TOTAL_BYTES: usize = 512 * 1024;
+pub const MAX_TIMEOUT_MS: i64 = 30 * 24 * 3600 * 1000;
+pub const MAX_ATTEMPTS: u32 = 100;
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 4;
+pub const DEFAULT_BACKOFF_BASE_MS: u64 = 10_000;
+pub const MAX_BACKOFF_BASE_MS: u64 = 24 * 3600 * 1000;
+
+/// What a user asks drover to run. Unknown fields are refused so that a typo
+/// (`"timout"`) is an error, not a silently ignored setting.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    #[serde(default)]
+    pub name: String,
+    /// Run by `/bin/sh -c`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Exec'd directly with `args`, no shell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub working_dir: Option<String>,
+    /// Whole-run limit; on expiry the process group gets SIGTERM, then SIGKILL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<i64>,
+    /// Higher runs first; FIFO within a priority.
+    #[serde(default)]
+    pub priority: i32,
+    /// One try plus retries; absent means the default (4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Retry delay base: base × 2^(attempt-1), with jitter; absent means the server's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_base_ms: Option<u64>,
+    /// Node labels the worker must carry (all of them, with these values).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// A refused input, naming the field so that the user knows what to fix.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl JobSpec {
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS)
+    }
+
+    /// Checks every rule and fills in the name when none was given.
+    pub fn validated(mut self) -> Result<Self, ValidationError> {
+        if self.name.len() > MAX_NAME_BYTES {
+            return Err(ValidationError::new(
+                "name",
+                format!("is {} bytes; at most {MAX_NAME_BYTES}", self.name.len()),
+            ));
+        }
+        if self.name.chars().any(char::is_control) {
+            return Err(ValidationError::new("name", "must not contain control characters"));
+        }
+        match (&self.command, &self.program) {
+            (Some(_), Some(_)) => {
+                return Err(ValidationError::new(
+                    "command",
+                    "give either command (run by /bin/sh -c) or program with args, not both",
+                ));
+            }
+            (None, None) => return Err(ValidationError::new("command", "is required (or give program)")),
+            (Some(command), None) => {
+                if command.trim().is_empty() {
+                    return Err(ValidationError::new("command", "must not be empty"));
+                }
+                if command.len() > MAX_COMMAND_BYTES {
+                    return Err(ValidationError::new("command", format!("is over {MAX_COMMAND_BYTES} bytes")));
+                }
+                if command.contains('\0') {
+                    return Err(ValidationError::new("command", "must not contain NUL"));
+                }
+                if !self.args.is_empty() {
+                    return Err(ValidationError::new(
+                        "args",
+                        "go with program; with command, put them in the command line",
+                    ));
+                }
+            }
+            (None, Some(program)) => {
+                if program.trim().is_empty() {
+                    return Err(ValidationError::new("program", "must not be empty"));
+                }
+                if program.contains('\0') {
+                    return Err(ValidationError::new("program", "must not contain NUL"));
+                }
+                if self.args.len() > MAX_ARGS {
+                    return Err(ValidationError::new("args", format!("more than {MAX_ARGS} arguments")));
+                }
+                let args_bytes: usize = self.args.iter().map(String::len).sum();
+                if args_bytes > MAX_COMMAND_BYTES {
+                    return Err(ValidationError::new("args", format!("are over {MAX_COMMAND_BYTES} bytes")));
+                }
+                if let Some(i) = self.args.iter().position(|a| a.contains('\0')) {
+                    return Err(ValidationError::new(format!("args[{i}]"), "must not contain NUL"));
+                }
+            }
+        }
+        let mut env_total = 0;
+        for (name, value) in &self.env {
+            let field = format!("env.{}", name.chars().take(64).collect::<String>());
+            if name.is_empty() {
+                return Err(ValidationError::new("env", "a variable name must not be empty"));
+            }
+            if name.contains('=') || name.contains('\0') {
+                return Err(ValidationError::new(field, "a variable name must not contain '=' or NUL"));
+            }
+            if name.len() > MAX_ENV_NAME_BYTES {
+                return Err(ValidationError::new(field, format!("name is over {MAX_ENV_NAME_BYTES} bytes")));
+            }
+            if value.contains('\0') {
+                return Err(ValidationError::new(field, "value must not contain NUL"));
+            }
+            if value.len() > MAX_ENV_VALUE_BYTES {
+                return Err(ValidationError::new(
+                    field,
+                    format!(
+                        "value is {} bytes; at most {MAX_ENV_VALUE_BYTES}",
+                        value.len()
+                    ),
+                ));
+            }
+            env_total += name.len() + value.len();
+        }
+        if env_total > MAX_ENV_TOTAL_BYTES {
+            return Err(ValidationError::new(
+                "env",
+                format!("is {env_total} bytes in all; at most {MAX_ENV_TOTAL_BYTES}"),
+            ));
+        }
+        if let Some(dir) = &self.working_dir
+            && (dir.is_empty() || dir.contains('\0'))
+        {
+            return Err(ValidationError::new("working_dir", "must be a non-empty path without NUL"));
+        }
+        if let Some(ms) = self.timeout_ms {
+            if ms <= 0 {
+                return Err(ValidationError::new("timeout_ms", format!("must be positive, got {ms}")));
+            }
+            if ms > MAX_TIMEOUT_MS {
+                return Err(ValidationError::new("timeout_ms", "must be at most 30 days"));
+            }
+        }
+        if let Some(n) = self.max_attempts
+            && !(1..=MAX_ATTEMPTS).contains(&n)
+        {
+            return Err(ValidationError::new(
+                "max_attempts",
+                format!("must be between 1 and {MAX_ATTEMPTS}, got {n}"),
+            ));
+        }
+        if let Some(ms) = self.backoff_base_ms
+            && ms > MAX_BACKOFF_BASE_MS
+        {
+            return Err(ValidationError::new("backoff_base_ms", "must be at most one day"));
+        }
+        for (k, v) in &self.labels {
+            if k.is_empty() || k.len() > 256 || v.len() > 256 {
+                return Err(ValidationError::new(
+                    format!("labels.{}", k.chars().take(64).collect::<String>()),
+                    "label names must be 1-256 bytes and values at most 256 bytes",
+                ));
+            }
+        }
+        if self.name.trim().is_empty() {
+            self.name = self.default_name();
+        }
+        Ok(self)
+    }
+
+    fn default_name(&self) -> String {
+        let base = match (&self.command, &self.program) {
+            (Some(c), _) => c.trim().to_string(),
+            (None, Some(p)) => std::iter::once(p.as_str())
+                .chain(self.args.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(" "),
+            (None, None) => "job".to_string(),
+        };
+        let flat: String = base
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        let mut name = String::new();
+        for c in flat.chars() {
+            if name.len() + c.len_utf8() > 64 {
+                break;
+            }
+            name.push(c);
+        }
+        name
+    }
+}
+
+macro_rules! string_enum {
+    ($name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        pub enum $name {
+            $(#[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = ValidationError;
+            fn from_str(s: &str) -> Result<Self, ValidationError> {
+                let upper = s.to_ascii_uppercase();
+                Self::ALL
+                    .iter()
+                    .copied()
+                    .find(|v| v.as_str() == upper)
+                    .ok_or_else(|| {
+                        let names: Vec<&str> = Self::ALL.iter().map(|v| v.as_str()).collect();
+                        ValidationError::new(
+                            "state",
+                            format!("unknown state {s:?}; one of {}", names.join(", ")),
+                        )
+                    })
+            }
+        }
+    };
+}
+
+string_enum!(JobState {
+    Queued => "QUEUED",
+    Assigned => "ASSIGNED",
+    Running => "RUNNING",
+    Succeeded => "SUCCEEDED",
+    Failed => "FAILED",
+    TimedOut => "TIMED_OUT",
+    Cancelled => "CANCELLED",
+    Skipped => "SKIPPED",
+});
+
+string_enum!(RunState {
+    Assigned => "ASSIGNED",
+    Running => "RUNNING",
+    Succeeded => "SUCCEEDED",
+    Failed => "FAILED",
+    TimedOut => "TIMED_OUT",
+    Cancelled => "CANCELLED",
+});
+
+impl JobState {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::Succeeded | Self::Failed | Self::TimedOut | Self::Cancelled | Self::Skipped
+        )
+    }
+
+    /// A short numeric status for scripts: 0 succeeded, 1 failed, 2 timed out, 3 cancelled,
+    /// 4 skipped, and 10+ for the states that are not final yet.
+    pub fn status_code(self) -> i32 {
+        match self {
+            Self::Succeeded => 0,
+            Self::Failed => 1,
+            Self::TimedOut => 2,
+            Self::Cancelled => 3,
+            Self::Skipped => 4,
+            Self::Queued => 10,
+            Self::Assigned => 11,
+            Self::Running => 12,
+        }
+    }
+
+    /// The single place where a job's state changes: returns the next state, or refuses.
+    pub fn apply(self, event: JobEvent) -> Result<JobState, TransitionError> {
+        TRANSITIONS
+            .iter()
+            .find(|(from, on, _)| *from == self && *on == event)
+            .map(|(_, _, to)| *to)
+            .ok_or(TransitionError { from: self, event })
+    }
+}
+
+impl RunState {
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Self::Assigned | Self::Running)
+    }
+}
+
+/// What happens to a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum JobEvent {
+    /// The scheduler gave the job to a worker (a new run, with a lease).
+    Assign,
+    /// The worker took the assignment.
+    Accept,
+    /// The worker started the process.
+    Start,
+    Succeed,
+    Fail,
+    TimeOut,
+    Cancel,
+    /// An attempt failed and the retry policy grants another: back to the queue.
+    Retry,
+    /// A group member whose predecessor failed for good never runs.
+    Skip,
+}
+
+impl JobEvent {
+    pub const ALL: &'static [JobEvent] = &[
+        Self::Assign,
+        Self::Accept,
+        Self::Start,
+        Self::Succeed,
+        Self::Fail,
+        Self::TimeOut,
+        Self::Cancel,
+        Self::Retry,
+        Self::Skip,
+    ];
+}
+
+use JobEvent as E;
+use JobState as S;
+
+/// Every legal move. Anything not listed is refused by [`JobState::apply`].
+pub const TRANSITIONS: &[(JobState, JobEvent, JobState)] = &[
+    (S::Queued, E::Assign, S::Assigned),
+    (S::Queued, E::Cancel, S::Cancelled),
+    (S::Queued, E::Skip, S::Skipped),
+    (S::Assigned, E::Accept, S::Assigned),
+    (S::Assigned, E::Start, S::Running),
+    // A worker lost before it started the process, or a spawn that failed.
+    (S::Assigned, E::Fail, S::Failed),
+    (S::Assigned, E::Retry, S::Queued),
+    (S::Assigned, E::Cancel, S::Cancelled),
+    (S::Running, E::Succeed, S::Succeeded),
+    (S::Running, E::Fail, S::Failed),
+    (S::Running, E::TimeOut, S::TimedOut),
+    (S::Running, E::Retry, S::Queued),
+    (S::Running, E::Cancel, S::Cancelled),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a job that is {from} cannot take {event:?}")]
+pub struct TransitionError {
+    pub from: JobState,
+    pub event: JobEvent,
+}
+
+/// How one attempt ended, as the worker reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RunOutcome {
+    Succeeded,
+    Failed,
+    TimedOut,
+    Cancelled,
+}
+
+impl RunOutcome {
+    pub fn run_state(self) -> RunState {
+        match self {
+            Self::Succeeded => RunState::Succeeded,
+            Self::Failed => RunState::Failed,
+            Self::TimedOut => RunState::TimedOut,
+            Self::Cancelled => RunState::Cancelled,
+        }
+    }
+
+    /// The job event when no retry is granted.
+    pub fn final_event(self) -> JobEvent {
+        match self {
+            Self::Succeeded => JobEvent::Succeed,
+            Self::Failed => JobEvent::Fail,
+            Self::TimedOut => JobEvent::TimeOut,
+            Self::Cancelled => JobEvent::Cancel,
+        }
+    }
+
+    /// Failures and timeouts count as failed attempts and may be retried.
+    pub fn is_retryable(self) -> bool {
+        matches!(self, Self::Failed | Self::TimedOut)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Walks every (state, event) pair: exactly the table's entries are accepted.
+    #[test]
+    fn every_pair_outside_the_table_is_refused() {
+        let mut accepted = 0;
+        for &state in JobState::ALL {
+            for &event in JobEvent::ALL {
+                let expected = TRANSITIONS
+                    .iter()
+                    .find(|(f, e, _)| *f == state && *e == event)
+                    .map(|(_, _, t)| *t);
+                match (state.apply(event), expected) {
+                    (Ok(to), Some(want)) => {
+                        assert_eq!(to, want);
+                        accepted += 1;
+                    }
+                    (Err(e), None) => assert_eq!(e, TransitionError { from: state, event }),
+                    (got, want) => panic!("{state} on {event:?}: got {got:?}, want {want:?}"),
+                }
+            }
+        }
+        assert_eq!(accepted, TRANSITIONS.len());
+    }
+
+    #[test]
+    fn terminal_states_accept_nothing() {
+        for &state in JobState::ALL.iter().filter(|s| s.is_terminal()) {
+            for &event in JobEvent::ALL {
+                assert!(state.apply(event).is_err(), "{state} accepted {event:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_happy_path_walks_to_succeeded() {
+        let end = [E::Assign, E::Accept, E::Start, E::Succeed]
+            .into_iter()
+            .try_fold(S::Queued, |s, e| s.apply(e));
+        assert_eq!(end, Ok(S::Succeeded));
+    }
+
+    fn spec(command: &str) -> JobSpec {
+        JobSpec {
+            command: Some(command.into()),
+            ..Default::default()
+        }
+    }
+
+    fn field_of(spec: JobSpec) -> String {
+        spec.validated().unwrap_err().field
+    }
+
+    #[test]
+    fn bad_specs_name_their_field() {
+        let cases: Vec<(JobSpec, &str)> = vec![
+            (spec("   "), "command"),
+            (JobSpec::default(), "command"),
+            (
+                JobSpec {
+                    program: Some("ls".into()),
+                    ..spec("ls")
+                },
+                "command",
+            ),
+            (
+                JobSpec {
+                    timeout_ms: Some(0),
+                    ..spec("true")
+                },
+                "timeout_ms",
+            ),
+            (
+                JobSpec {
+                    timeout_ms: Some(-5),
+                    ..spec("true")
+                },
+                "timeout_ms",
+            ),
+            (
+                JobSpec {
+                    env: [("A=B".to_string(), "x".to_string())].into(),
+                    ..spec("true")
+                },
+                "env.A=B",
+            ),
+            (
+                JobSpec {
+                    env: [("A\0".to_string(), "x".to_string())].into(),
+                    ..spec("true")
+                },
+                "env.A\0",
+            ),
+            (
+                JobSpec {
+                    env: [("BIG".to_string(), "x".repeat(1 << 20))].into(),
+                    ..spec("true")
+                },
+                "env.BIG",
+            ),
+            (
+                JobSpec {
+                    name: "n".repeat(257),
+                    ..spec("true")
+                },
+                "name",
+            ),
+            (
+                JobSpec {
+                    max_attempts: Some(0),
+                    ..spec("true")
+                },
+                "max_attempts",
+            ),
+            (
+                JobSpec {
+                    args: vec!["x".into()],
+                    ..spec("true")
+                },
+                "args",
+            ),
+        ];
+        for (spec, field) in cases {
+            assert_eq!(field_of(spec.clone()), field, "{spec:?}");
+        }
+    }
+
+    #[test]
+    fn a_name_is_derived_when_missing() {
+        let s = spec("echo hello").validated().unwrap();
+        assert_eq!(s.name, "echo hello");
+        assert_eq!(s.max_attempts(), DEFAULT_MAX_ATTEMPTS);
+    }
+
+    #[test]
+    fn unknown_json_fields_are_refused() {
+        let err = serde_json::from_str::<JobSpec>(r#"{"command":"true","timout_ms":5}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unknown field `timout_ms`"), "{err}");
+    }
+
+    #[test]
+    fn states_parse_case_insensitively() {
+        assert_eq!("timed_out".parse::<JobState>(), Ok(JobState::TimedOut));
+        assert_eq!("bogus".parse::<JobState>().unwrap_err().field, "state");
+    }
+}

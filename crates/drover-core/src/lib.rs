@@ -1,0 +1,18 @@
+//! drover's domain model. Pure: no I/O, no async, no database. Every state change of a job
+//! goes through [`job::JobState::apply`], whose table is the single list of legal moves.
+
+pub mod event;
+pub mod ids;
+pub mod job;
+pub mod retry;
+pub mod schedule;
+pub mod time;
+pub mod worker;
+
+pub use event::EventKind;
+pub use ids::{IdError, JobId, RunId, WorkerId};
+pub use job::{
+    JobEvent, JobSpec, JobState, RunOutcome, RunState, TransitionError, ValidationError,
+};
+pub use time::Timestamp;
+pub use worker::{Capabilities, WorkerState};
