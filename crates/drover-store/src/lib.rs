@@ -1,0 +1,134 @@
+//! The store: the only truth of drover (architecture invariant 1). The [`Store`] trait is
+//! what the control plane uses; each engine (SQLite today) implements it and passes the one
+//! conformance suite in `tests/`. Every state change and the event describing it are
+//! written in one transaction (invariant 2).
+
+mod records;
+mod sqlite;
+
+pub use records::*;
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use drover_core::{
+    Capabilities, JobId, JobSpec, JobState, RunId, Timestamp, TransitionError, WorkerId,
+    WorkerState,
+};
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} {id} not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Transition(#[from] TransitionError),
+    #[error("join token refused: {0}")]
+    TokenRefused(&'static str),
+    #[error("node credential refused")]
+    Unauthenticated,
+    #[error("run {run_id} belongs to another worker")]
+    NotYourRun { run_id: RunId },
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt record in the store: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// What the retry policy needs from the server's configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct RetrySettings {
+    /// Base of the exponential backoff when the job does not set its own.
+    pub default_backoff_base: Duration,
+    /// A number in [0, 1) drawn by the caller, so the store stays deterministic in tests.
+    pub jitter: f64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // ----------------------------------------------------------- jobs
+    /// Stores a validated spec as a QUEUED job with its `JobCreated` event.
+    async fn create_job(&self, spec: JobSpec) -> Result<JobRecord>;
+    async fn get_job(&self, id: JobId) -> Result<JobRecord>;
+    async fn list_jobs(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobRecord>>;
+    async fn job_runs(&self, id: JobId) -> Result<Vec<RunRecord>>;
+    async fn job_events(&self, id: JobId) -> Result<Vec<EventRecord>>;
+    async fn get_run(&self, id: RunId) -> Result<RunRecord>;
+    /// Cancels a job that is not finished. A job with a live run also gets that run
+    /// recorded CANCELLED; the caller tells the worker to kill it.
+    async fn cancel_job(&self, id: JobId, reason: &str) -> Result<Cancelled>;
+
+    // ----------------------------------------------------------- scheduling
+    /// QUEUED jobs whose backoff has passed, highest priority then oldest first.
+    async fn ready_jobs(&self, now: Timestamp, limit: u32) -> Result<Vec<ReadyJob>>;
+    /// Hands a QUEUED job to a worker: a new run with a lease, `JobAssigned`. `None` when
+    /// the job is no longer QUEUED (someone else took or cancelled it).
+    async fn assign_job(
+        &self,
+        job_id: JobId,
+        worker_id: WorkerId,
+        lease_until: Timestamp,
+    ) -> Result<Option<Assignment>>;
+    async fn accept_run(&self, run_id: RunId, worker_id: WorkerId) -> Result<()>;
+    async fn start_run(&self, run_id: RunId, worker_id: WorkerId) -> Result<()>;
+    /// Records how an attempt ended and applies the retry policy. `worker_id` is checked
+    /// when given (a worker may end only its own runs); `None` is the control plane itself
+    /// (lease expiry, recovery). Ending a run that already ended changes nothing.
+    async fn finish_run(
+        &self,
+        run_id: RunId,
+        worker_id: Option<WorkerId>,
+        end: RunEnd,
+        retry: RetrySettings,
+    ) -> Result<Finished>;
+    /// Extends the leases of every live run of a worker.
+    async fn renew_leases(&self, worker_id: WorkerId, until: Timestamp) -> Result<u64>;
+    /// Extends every live lease (at start, so that workers get a whole lease to come back).
+    async fn renew_all_leases(&self, until: Timestamp) -> Result<u64>;
+    /// Live runs (ASSIGNED or RUNNING) whose lease ended before `now`.
+    async fn expired_runs(&self, now: Timestamp) -> Result<Vec<RunRecord>>;
+    async fn live_runs_of(&self, worker_id: WorkerId) -> Result<Vec<RunRecord>>;
+
+    // ----------------------------------------------------------- workers
+    /// Mints a one-time join token; only its hash is kept.
+    async fn create_join_token(&self, ttl: Duration) -> Result<JoinToken>;
+    /// Trades a join token for a node: the token is spent in the same transaction.
+    async fn register_worker(
+        &self,
+        token: &str,
+        name: &str,
+        capabilities: &Capabilities,
+    ) -> Result<(WorkerRecord, String)>;
+    async fn authenticate_worker(&self, credential: &str) -> Result<WorkerRecord>;
+    async fn set_worker_state(
+        &self,
+        id: WorkerId,
+        state: WorkerState,
+        capabilities: Option<&Capabilities>,
+    ) -> Result<()>;
+    async fn get_worker(&self, id: WorkerId) -> Result<WorkerRecord>;
+    async fn list_workers(&self) -> Result<Vec<WorkerRecord>>;
+
+    // ----------------------------------------------------------- logs
+    async fn log_index(&self, run_id: RunId) -> Result<Option<LogIndex>>;
+    /// Records that the run's log file now holds `index` (size, entries, last sequence).
+    async fn put_log_index(&self, index: &LogIndex) -> Result<()>;
+}
+
+/// Opens the store named by a URL: `sqlite://PATH` (created if missing).
+pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>> {
+    if let Some(path) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    {
+        return Ok(std::sync::Arc::new(SqliteStore::open(path).await?));
+    }
+    Err(StoreError::Conflict(format!(
+        "database url {url:?} is not supported: use sqlite://PATH"
+    )))
+}
