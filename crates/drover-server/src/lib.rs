@@ -1,0 +1,215 @@
+//! drover's control plane: the HTTP and gRPC APIs on one port, the scheduler, worker
+//! sessions with their leases, and the log files. Everything it holds in memory is derived
+//! from the store and rebuilt on start.
+
+mod error;
+mod grpc;
+mod http;
+mod jobs;
+mod logs;
+mod scheduler;
+mod sessions;
+
+pub use error::ApiError;
+
+use drover_core::{JobId, JobState, RunId, Timestamp};
+use drover_store::{RetrySettings, Store};
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, broadcast};
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    /// Log files and, unless `database_url` is given, the SQLite database.
+    pub data_dir: PathBuf,
+    pub database_url: Option<String>,
+    /// How long an assignment stays a worker's without a heartbeat.
+    pub lease: Duration,
+    pub default_backoff_base: Duration,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> Self {
+        Self {
+            listen,
+            data_dir,
+            database_url: None,
+            lease: Duration::from_secs(30),
+            default_backoff_base: Duration::from_secs(10),
+        }
+    }
+
+    fn heartbeat_interval(&self) -> Duration {
+        (self.lease / 3).max(Duration::from_millis(100))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot open the store: {0}")]
+    Store(#[from] drover_store::StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot use the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("server failed: {0}")]
+    Serve(std::io::Error),
+}
+
+/// Something changed; followers re-read the store. Notices only wake readers: the data
+/// always comes from the store and the log files, so a missed notice delays, never loses.
+#[derive(Debug, Clone)]
+pub(crate) enum Notice {
+    Job { job_id: JobId },
+    Log { run_id: RunId },
+}
+
+pub(crate) struct AppState {
+    pub store: Arc<dyn Store>,
+    pub config: ServerConfig,
+    pub sessions: sessions::Sessions,
+    pub notices: broadcast::Sender<Notice>,
+    pub logs: logs::LogFiles,
+    pub dispatch: Notify,
+    pub metrics: PrometheusHandle,
+}
+
+impl AppState {
+    pub fn notify_job(&self, job_id: JobId, state: JobState) {
+        let _ = self.notices.send(Notice::Job { job_id });
+        if state.is_terminal() {
+            metrics::counter!("drover_jobs_finished_total", "state" => state.as_str())
+                .increment(1);
+        }
+    }
+
+    pub fn retry_settings(&self) -> RetrySettings {
+        RetrySettings {
+            default_backoff_base: self.config.default_backoff_base,
+            jitter: rand::random::<f64>(),
+        }
+    }
+
+    pub fn lease_until(&self) -> Timestamp {
+        Timestamp::now().plus(self.config.lease)
+    }
+}
+
+fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed, which then keeps the figures.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+/// A bound, recovered control plane, ready to serve.
+pub struct Server {
+    state: Arc<AppState>,
+    listener: TcpListener,
+}
+
+impl Server {
+    /// Opens the store (applying migrations), recovers leases, and binds the listener.
+    pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let url = config.database_url.clone().unwrap_or_else(|| {
+            format!("sqlite://{}", config.data_dir.join("drover.db").display())
+        });
+        let store = drover_store::open(&url).await?;
+        // Recovery: runs that were live when the last process died get one whole lease
+        // for their workers to come back; the lease sweeper fails the rest.
+        let renewed = store
+            .renew_all_leases(Timestamp::now().plus(config.lease))
+            .await?;
+        if renewed > 0 {
+            tracing::info!(runs = renewed, "waiting one lease for workers of live runs to reconnect");
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+        let logs = logs::LogFiles::new(config.data_dir.join("logs"), store.clone()).map_err(
+            |source| ServerError::DataDir {
+                path: config.data_dir.join("logs"),
+                source,
+            },
+        )?;
+        let (notices, _) = broadcast::channel(4096);
+        let state = Arc::new(AppState {
+            store,
+            config,
+            sessions: sessions::Sessions::default(),
+            notices,
+            logs,
+            dispatch: Notify::new(),
+            metrics: prometheus(),
+        });
+        Ok(Self { state, listener })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or(self.state.config.listen)
+    }
+
+    pub fn store(&self) -> Arc<dyn Store> {
+        self.state.store.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then closes worker streams and stops.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let state = self.state;
+        let background = [
+            tokio::spawn(scheduler::dispatch_loop(state.clone())),
+            tokio::spawn(scheduler::lease_sweeper(state.clone())),
+        ];
+        let app = http::router(state.clone()).merge(grpc::router(state.clone()));
+        let closing = state.clone();
+        let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+        let graceful = async move {
+            shutdown.await;
+            tracing::info!("shutting down: closing worker streams");
+            closing.sessions.close_all();
+            let _ = stopped_tx.send(());
+        };
+        let serve = axum::serve(self.listener, app).with_graceful_shutdown(graceful);
+        // Live followers (SSE) do not end by themselves: give in-flight requests a moment.
+        let result = tokio::select! {
+            r = serve => r.map_err(ServerError::Serve),
+            _ = async {
+                let _ = stopped_rx.await;
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            } => Ok(()),
+        };
+        for task in background {
+            task.abort();
+        }
+        result
+    }
+}

@@ -1,0 +1,132 @@
+//! Conversions between the wire types and drover-core's domain types.
+
+use crate::v1;
+use drover_core::{Capabilities, JobSpec, RunOutcome};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConvertError {
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+impl From<&JobSpec> for v1::JobSpec {
+    fn from(s: &JobSpec) -> Self {
+        Self {
+            name: s.name.clone(),
+            command: s.command.clone(),
+            program: s.program.clone(),
+            args: s.args.clone(),
+            env: s.env.clone().into_iter().collect(),
+            working_dir: s.working_dir.clone(),
+            timeout_ms: s.timeout_ms.map(|t| t.max(0) as u64),
+            priority: s.priority,
+            max_attempts: s.max_attempts.unwrap_or(0),
+            backoff_base_ms: s.backoff_base_ms.unwrap_or(0),
+            labels: s.labels.clone().into_iter().collect(),
+        }
+    }
+}
+
+impl TryFrom<v1::JobSpec> for JobSpec {
+    type Error = ConvertError;
+    fn try_from(s: v1::JobSpec) -> Result<Self, ConvertError> {
+        let timeout_ms = s
+            .timeout_ms
+            .map(|t| {
+                i64::try_from(t).map_err(|_| ConvertError::Invalid {
+                    field: "timeout_ms",
+                    message: "is too large".into(),
+                })
+            })
+            .transpose()?;
+        Ok(Self {
+            name: s.name,
+            command: s.command,
+            program: s.program,
+            args: s.args,
+            env: s.env.into_iter().collect(),
+            working_dir: s.working_dir,
+            timeout_ms,
+            priority: s.priority,
+            max_attempts: (s.max_attempts != 0).then_some(s.max_attempts),
+            backoff_base_ms: (s.backoff_base_ms != 0).then_some(s.backoff_base_ms),
+            labels: s.labels.into_iter().collect(),
+        })
+    }
+}
+
+impl From<&Capabilities> for v1::Capabilities {
+    fn from(c: &Capabilities) -> Self {
+        Self {
+            hostname: c.hostname.clone(),
+            cpus: c.cpus,
+            memory_bytes: c.memory_bytes,
+            labels: c.labels.clone().into_iter().collect(),
+            slots: c.slots,
+            isolation_modes: c.isolation_modes.clone(),
+            version: c.version.clone(),
+        }
+    }
+}
+
+impl From<v1::Capabilities> for Capabilities {
+    fn from(c: v1::Capabilities) -> Self {
+        Self {
+            hostname: c.hostname,
+            cpus: c.cpus,
+            memory_bytes: c.memory_bytes,
+            labels: c.labels.into_iter().collect(),
+            slots: c.slots,
+            isolation_modes: c.isolation_modes,
+            version: c.version,
+        }
+    }
+}
+
+impl From<RunOutcome> for v1::RunOutcome {
+    fn from(o: RunOutcome) -> Self {
+        match o {
+            RunOutcome::Succeeded => Self::Succeeded,
+            RunOutcome::Failed => Self::Failed,
+            RunOutcome::TimedOut => Self::TimedOut,
+            RunOutcome::Cancelled => Self::Cancelled,
+        }
+    }
+}
+
+impl TryFrom<v1::RunOutcome> for RunOutcome {
+    type Error = ConvertError;
+    fn try_from(o: v1::RunOutcome) -> Result<Self, ConvertError> {
+        match o {
+            v1::RunOutcome::Succeeded => Ok(Self::Succeeded),
+            v1::RunOutcome::Failed => Ok(Self::Failed),
+            v1::RunOutcome::TimedOut => Ok(Self::TimedOut),
+            v1::RunOutcome::Cancelled => Ok(Self::Cancelled),
+            v1::RunOutcome::Unspecified => Err(ConvertError::Invalid {
+                field: "outcome",
+                message: "must be set".into(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_spec_round_trips() {
+        let spec = JobSpec {
+            name: "n".into(),
+            program: Some("bash".into()),
+            args: vec!["-c".into(), "echo hi".into()],
+            env: [("A".to_string(), "1".to_string())].into(),
+            timeout_ms: Some(5_000),
+            priority: 3,
+            max_attempts: Some(2),
+            ..Default::default()
+        };
+        let wire = v1::JobSpec::from(&spec);
+        assert_eq!(JobSpec::try_from(wire), Ok(spec));
+    }
+}

@@ -1,0 +1,390 @@
+//! The gRPC API: the worker service (registration and the one stream per worker) and the
+//! job service, with reflection and the standard health service.
+
+use crate::{ApiError, AppState, jobs, logs};
+use drover_core::{Capabilities, JobSpec, RunId, RunOutcome, Timestamp, WorkerState};
+use drover_proto::v1::{
+    self, job_service_server::{JobService, JobServiceServer}, server_message::Body as Out,
+    worker_message::Body as In, worker_service_server::{WorkerService, WorkerServiceServer},
+};
+use drover_store::{JobRecord, RunEnd, WorkerRecord};
+use futures::Stream;
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+
+/// An entry's bytes are cut to this size; workers split longer lines themselves.
+const MAX_ENTRY_BYTES: usize = 64 * 1024;
+
+pub fn router(state: Arc<AppState>) -> axum::Router {
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(drover_proto::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .ok();
+    let (health_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(async move {
+        health_reporter
+            .set_serving::<WorkerServiceServer<WorkerApi>>()
+            .await;
+        health_reporter.set_serving::<JobServiceServer<JobApi>>().await;
+    });
+    let mut routes = tonic::service::Routes::new(health)
+        .add_service(WorkerServiceServer::new(WorkerApi {
+            state: state.clone(),
+        }))
+        .add_service(JobServiceServer::new(JobApi { state }));
+    if let Some(reflection) = reflection {
+        routes = routes.add_service(reflection);
+    }
+    routes.prepare().into_axum_router()
+}
+
+struct WorkerApi {
+    state: Arc<AppState>,
+}
+
+async fn authenticate(
+    state: &AppState,
+    metadata: &tonic::metadata::MetadataMap,
+) -> Result<WorkerRecord, Status> {
+    let credential = metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| Status::unauthenticated("authorization: Bearer <node credential> is required"))?;
+    Ok(state
+        .store
+        .authenticate_worker(credential)
+        .await
+        .map_err(ApiError::from)?)
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<v1::ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl WorkerService for WorkerApi {
+    async fn register(
+        &self,
+        request: Request<v1::RegisterRequest>,
+    ) -> Result<Response<v1::RegisterResponse>, Status> {
+        let req = request.into_inner();
+        let caps: Capabilities = req.capabilities.unwrap_or_default().into();
+        let name = if req.name.trim().is_empty() {
+            caps.hostname.clone()
+        } else {
+            req.name
+        };
+        if name.len() > 256 || name.chars().any(char::is_control) {
+            return Err(ApiError::invalid("name", "must be at most 256 bytes, no control characters").into());
+        }
+        let (worker, credential) = self
+            .state
+            .store
+            .register_worker(&req.token, &name, &caps)
+            .await
+            .map_err(ApiError::from)?;
+        tracing::info!(worker_id = %worker.id, name = %worker.name, "worker registered");
+        Ok(Response::new(v1::RegisterResponse {
+            node_id: worker.id.to_string(),
+            credential,
+        }))
+    }
+
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<v1::WorkerMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let worker = authenticate(&self.state, request.metadata()).await?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let span = tracing::info_span!("worker", worker_id = %worker.id, name = %worker.name);
+        tokio::spawn(run_session(self.state.clone(), worker, inbound, tx).instrument(span));
+        let out = UnboundedReceiverStream::new(rx).map(Ok);
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+fn send(tx: &mpsc::UnboundedSender<v1::ServerMessage>, body: Out) {
+    let _ = tx.send(v1::ServerMessage { body: Some(body) });
+}
+
+/// One worker's stream, from its Hello to its end.
+async fn run_session(
+    state: Arc<AppState>,
+    worker: WorkerRecord,
+    mut inbound: Streaming<v1::WorkerMessage>,
+    tx: mpsc::UnboundedSender<v1::ServerMessage>,
+) {
+    let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
+        Ok(Ok(Some(v1::WorkerMessage { body: Some(In::Hello(h)) }))) => h,
+        _ => {
+            tracing::warn!("stream closed: the first message must be Hello");
+            return;
+        }
+    };
+    let caps: Capabilities = hello.capabilities.unwrap_or_default().into();
+    match reattach(&state, &worker, &caps, &hello.active_run_ids, &tx).await {
+        Ok(active) => {
+            let session_id =
+                state
+                    .sessions
+                    .attach(worker.id, tx.clone(), caps.slots, caps.labels.clone(), active);
+            tracing::info!(slots = caps.slots, "worker connected");
+            state.dispatch.notify_one();
+            serve_session(&state, &worker, &mut inbound, &tx).await;
+            if state.sessions.detach(worker.id, session_id) {
+                tracing::info!("worker disconnected");
+                if let Err(e) = state
+                    .store
+                    .set_worker_state(worker.id, WorkerState::Lost, None)
+                    .await
+                {
+                    tracing::error!(error = %e, "cannot record the worker's loss");
+                }
+            }
+        }
+        Err(e) => tracing::error!(error = %e, "cannot attach the worker"),
+    }
+}
+
+/// Reconciles what the worker says it holds with what the store says it holds.
+async fn reattach(
+    state: &AppState,
+    worker: &WorkerRecord,
+    caps: &Capabilities,
+    listed: &[String],
+    tx: &mpsc::UnboundedSender<v1::ServerMessage>,
+) -> Result<HashSet<RunId>, ApiError> {
+    state
+        .store
+        .set_worker_state(worker.id, WorkerState::Ready, Some(caps))
+        .await?;
+    let listed: HashSet<RunId> = listed.iter().filter_map(|s| s.parse().ok()).collect();
+    let live = state.store.live_runs_of(worker.id).await?;
+    let mut active = HashSet::new();
+    for run in live {
+        if listed.contains(&run.id) {
+            active.insert(run.id);
+            continue;
+        }
+        // The store says the worker holds it, the worker does not: it restarted.
+        let end = RunEnd {
+            outcome: RunOutcome::Failed,
+            exit_code: None,
+            error: Some("worker lost: it came back without this attempt".into()),
+        };
+        let f = state
+            .store
+            .finish_run(run.id, None, end, state.retry_settings())
+            .await?;
+        state.notify_job(f.job.id, f.job.state);
+    }
+    state
+        .store
+        .renew_leases(worker.id, state.lease_until())
+        .await?;
+    send(
+        tx,
+        Out::Welcome(v1::Welcome {
+            node_id: worker.id.to_string(),
+            heartbeat_interval_ms: state.config.heartbeat_interval().as_millis() as u64,
+            lease_ms: state.config.lease.as_millis() as u64,
+        }),
+    );
+    for run_id in listed.difference(&active) {
+        // Already ended here (cancelled, or failed when its lease ran out): stop it there.
+        send(tx, Out::Forget(v1::ForgetRun { run_id: run_id.to_string() }));
+        // A finished-but-unacknowledged run is forgotten too: its end is already stored.
+    }
+    Ok(active)
+}
+
+async fn serve_session(
+    state: &AppState,
+    worker: &WorkerRecord,
+    inbound: &mut Streaming<v1::WorkerMessage>,
+    tx: &mpsc::UnboundedSender<v1::ServerMessage>,
+) {
+    loop {
+        let msg = match inbound.message().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return,
+            Err(status) => {
+                tracing::info!(error = %status.message(), "worker stream broke");
+                return;
+            }
+        };
+        let Some(body) = msg.body else { continue };
+        if let Err(e) = handle(state, worker, body, tx).await {
+            tracing::warn!(error = %e, "worker message refused");
+        }
+    }
+}
+
+fn run_id(s: &str) -> Result<RunId, ApiError> {
+    s.parse::<RunId>()
+        .map_err(|e| ApiError::invalid("run_id", e.to_string()))
+}
+
+async fn handle(
+    state: &AppState,
+    worker: &WorkerRecord,
+    body: In,
+    tx: &mpsc::UnboundedSender<v1::ServerMessage>,
+) -> Result<(), ApiError> {
+    match body {
+        In::Hello(_) => {}
+        In::Heartbeat(_) => {
+            state
+                .store
+                .renew_leases(worker.id, state.lease_until())
+                .await?;
+        }
+        In::Accepted(m) => {
+            let id = run_id(&m.run_id)?;
+            if let Err(e) = state.store.accept_run(id, worker.id).await {
+                // Cancelled between assignment and acceptance: stop it there.
+                send(tx, Out::Cancel(v1::CancelRun { run_id: m.run_id, reason: e.to_string() }));
+                return Err(e.into());
+            }
+        }
+        In::Started(m) => {
+            let id = run_id(&m.run_id)?;
+            state.store.start_run(id, worker.id).await?;
+            let run = state.store.get_run(id).await?;
+            state.notify_job(run.job_id, drover_core::JobState::Running);
+        }
+        In::Logs(batch) => {
+            let id = run_id(&batch.run_id)?;
+            let run = state.store.get_run(id).await?;
+            if run.worker_id != worker.id {
+                return Err(ApiError::PermissionDenied(format!(
+                    "run {id} belongs to another worker"
+                )));
+            }
+            let entries = batch
+                .entries
+                .into_iter()
+                .map(|e| logs::Entry {
+                    seq: e.seq,
+                    stream: if e.stream == v1::LogStream::Stderr as i32 {
+                        logs::Stream::Stderr
+                    } else {
+                        logs::Stream::Stdout
+                    },
+                    timestamp: Timestamp(e.timestamp_us),
+                    data: {
+                        let mut d = e.data;
+                        d.truncate(MAX_ENTRY_BYTES);
+                        d
+                    },
+                })
+                .collect();
+            let acked = state
+                .logs
+                .append(id, entries)
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let _ = state.notices.send(crate::Notice::Log { run_id: id });
+            send(tx, Out::LogAck(v1::LogAck { run_id: batch.run_id, seq: acked }));
+        }
+        In::Finished(m) => {
+            let id = run_id(&m.run_id)?;
+            let outcome = v1::RunOutcome::try_from(m.outcome)
+                .map_err(|_| ApiError::invalid("outcome", "unknown value"))
+                .and_then(|o| RunOutcome::try_from(o).map_err(|e| ApiError::invalid("outcome", e.to_string())))?;
+            let end = RunEnd {
+                outcome,
+                exit_code: m.exit_code,
+                error: m.error,
+            };
+            let f = state
+                .store
+                .finish_run(id, Some(worker.id), end, state.retry_settings())
+                .await?;
+            state.sessions.release(worker.id, id);
+            state.logs.close(id);
+            send(tx, Out::FinishAck(v1::FinishAck { run_id: m.run_id }));
+            let span = tracing::info_span!("job", job_id = %f.job.id, run_id = %id);
+            span.in_scope(|| tracing::info!(outcome = ?outcome, exit_code = ?f.run.exit_code, job_state = %f.job.state, "run finished"));
+            state.notify_job(f.job.id, f.job.state);
+            state.dispatch.notify_one();
+        }
+    }
+    Ok(())
+}
+
+struct JobApi {
+    state: Arc<AppState>,
+}
+
+fn to_wire(job: &JobRecord) -> v1::Job {
+    v1::Job {
+        id: job.id.to_string(),
+        name: job.name.clone(),
+        state: job.state.to_string(),
+        attempts: job.attempts,
+        exit_code: job.exit_code,
+        error: job.error.clone(),
+        created_at_us: job.created_at.as_micros(),
+        finished_at_us: job.finished_at.map(|t| t.as_micros()),
+        spec: Some((&job.spec).into()),
+    }
+}
+
+#[tonic::async_trait]
+impl JobService for JobApi {
+    async fn submit_job(
+        &self,
+        request: Request<v1::SubmitJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        let spec = request
+            .into_inner()
+            .spec
+            .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
+        let spec = JobSpec::try_from(spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let job = jobs::submit(&self.state, spec).await?;
+        Ok(Response::new(to_wire(&job)))
+    }
+
+    async fn get_job(&self, request: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
+        let id = jobs::parse_id(&request.into_inner().id)?;
+        let job = self.state.store.get_job(id).await.map_err(ApiError::from)?;
+        Ok(Response::new(to_wire(&job)))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let req = request.into_inner();
+        let state = jobs::parse_state(&req.state)?;
+        let limit = if req.limit == 0 { 100 } else { req.limit.min(10_000) };
+        let list = self
+            .state
+            .store
+            .list_jobs(state, limit)
+            .await
+            .map_err(ApiError::from)?;
+        Ok(Response::new(v1::ListJobsResponse {
+            jobs: list.iter().map(to_wire).collect(),
+        }))
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<v1::CancelJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        let id = jobs::parse_id(&request.into_inner().id)?;
+        let job = jobs::cancel(&self.state, id).await?;
+        Ok(Response::new(to_wire(&job)))
+    }
+}

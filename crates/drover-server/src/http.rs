@@ -1,0 +1,399 @@
+//! The HTTP JSON API (`/v1/...`), live logs over server-sent events, health and metrics.
+
+use crate::logs::{Entry, Stream};
+use crate::{ApiError, AppState, Notice, jobs};
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use drover_core::{JobId, JobSpec, RunId, Timestamp, WorkerId};
+use drover_store::{JobRecord, LogIndex, RunRecord, WorkerRecord};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+type ApiResult<T> = Result<T, ApiError>;
+type St = State<Arc<AppState>>;
+
+/// Request bodies larger than this are refused before parsing.
+const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
+/// A follower re-reads the store at least this often, even without a notice.
+const FOLLOW_POLL: Duration = Duration::from_secs(1);
+const READ_CHUNK: u64 = 1 << 20;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/v1/jobs", post(submit_job).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/events", get(job_events))
+        .route("/v1/jobs/{id}/logs", get(job_logs))
+        .route("/v1/jobs/{id}/wait", get(wait_job))
+        .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/node-tokens", post(create_node_token))
+        .route("/v1/nodes", get(list_nodes))
+        .route("/v1/nodes/{id}", get(get_node))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Parses a JSON body, naming the field at fault (`env.FOO`, `timeout_ms`) on error.
+fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+    if body.is_empty() {
+        return Err(ApiError::invalid("body", "a JSON object is required"));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." { "body".to_string() } else { path };
+        ApiError::invalid(field, e.into_inner().to_string())
+    })
+}
+
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
+    q.map(|Query(t)| t)
+        .map_err(|e| ApiError::invalid("query", e.body_text()))
+}
+
+async fn readyz(State(state): St) -> Response {
+    match state.store.list_jobs(None, 1).await {
+        Ok(_) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {e}\n")).into_response(),
+    }
+}
+
+async fn metrics(State(state): St) -> Response {
+    metrics::gauge!("drover_workers_connected").set(state.sessions.count() as f64);
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn submit_job(State(state): St, body: Bytes) -> ApiResult<(StatusCode, Json<JobRecord>)> {
+    let spec: JobSpec = parse_body(&body)?;
+    let job = jobs::submit(&state, spec).await?;
+    Ok((StatusCode::CREATED, Json(job)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    #[serde(default)]
+    state: String,
+    limit: Option<u32>,
+}
+
+async fn list_jobs(
+    State(state): St,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<JobRecord>>> {
+    let q = query(q)?;
+    let filter = jobs::parse_state(&q.state)?;
+    let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
+    Ok(Json(state.store.list_jobs(filter, limit).await?))
+}
+
+#[derive(Serialize)]
+struct RunView {
+    #[serde(flatten)]
+    run: RunRecord,
+    log: Option<LogIndex>,
+}
+
+/// A job with its chain of attempts.
+#[derive(Serialize)]
+struct JobView {
+    #[serde(flatten)]
+    job: JobRecord,
+    runs: Vec<RunView>,
+}
+
+async fn job_view(state: &AppState, id: JobId) -> ApiResult<JobView> {
+    let job = state.store.get_job(id).await?;
+    let mut runs = Vec::new();
+    for run in state.store.job_runs(id).await? {
+        let log = state.store.log_index(run.id).await?;
+        runs.push(RunView { run, log });
+    }
+    Ok(JobView { job, runs })
+}
+
+async fn get_job(State(state): St, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
+    let id = jobs::parse_id(&id)?;
+    Ok(Json(job_view(&state, id).await?))
+}
+
+async fn job_events(
+    State(state): St,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<drover_store::EventRecord>>> {
+    let id = jobs::parse_id(&id)?;
+    state.store.get_job(id).await?;
+    Ok(Json(state.store.job_events(id).await?))
+}
+
+async fn cancel_job(State(state): St, Path(id): Path<String>) -> ApiResult<Json<JobRecord>> {
+    let id = jobs::parse_id(&id)?;
+    Ok(Json(jobs::cancel(&state, id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    timeout_ms: Option<u64>,
+}
+
+/// Long poll: answers when the job is final, or with its current state after the timeout.
+async fn wait_job(
+    State(state): St,
+    Path(id): Path<String>,
+    q: Result<Query<WaitQuery>, QueryRejection>,
+) -> ApiResult<Json<JobView>> {
+    let id = jobs::parse_id(&id)?;
+    let timeout = Duration::from_millis(query(q)?.timeout_ms.unwrap_or(30_000).min(300_000));
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut notices = state.notices.subscribe();
+    loop {
+        let job = state.store.get_job(id).await?;
+        if job.state.is_terminal() || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(job_view(&state, id).await?));
+        }
+        wait_for(&mut notices, deadline, |n| matches!(n, Notice::Job { job_id, .. } if *job_id == id)).await;
+    }
+}
+
+/// Waits until a notice matching `wanted` arrives, the deadline passes, or notices were
+/// missed (the caller re-reads the store in every case).
+async fn wait_for(
+    notices: &mut broadcast::Receiver<Notice>,
+    deadline: tokio::time::Instant,
+    wanted: impl Fn(&Notice) -> bool,
+) {
+    let _ = tokio::time::timeout_at(deadline, async {
+        loop {
+            match notices.recv().await {
+                Ok(n) if wanted(&n) => return,
+                Ok(_) => continue,
+                Err(_) => return,
+            }
+        }
+    })
+    .await;
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    attempt: Option<u32>,
+    #[serde(default)]
+    follow: bool,
+}
+
+#[derive(Serialize)]
+struct LogEntryView {
+    run_id: RunId,
+    attempt: u32,
+    seq: u64,
+    stream: Stream,
+    timestamp: Timestamp,
+    /// The line as text (invalid UTF-8 replaced).
+    text: String,
+    /// The exact bytes, base64.
+    data: String,
+}
+
+impl LogEntryView {
+    fn new(run: &RunRecord, e: Entry) -> Self {
+        Self {
+            run_id: run.id,
+            attempt: run.attempt,
+            seq: e.seq,
+            stream: e.stream,
+            timestamp: e.timestamp,
+            text: String::from_utf8_lossy(&e.data).into_owned(),
+            data: base64::engine::general_purpose::STANDARD.encode(&e.data),
+        }
+    }
+}
+
+fn pick_run(runs: &[RunRecord], attempt: Option<u32>) -> ApiResult<Option<RunRecord>> {
+    match attempt {
+        None => Ok(runs.last().cloned()),
+        Some(n) => runs
+            .iter()
+            .find(|r| r.attempt == n)
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| ApiError::invalid("attempt", format!("the job has no attempt {n}"))),
+    }
+}
+
+async fn job_logs(
+    State(state): St,
+    Path(id): Path<String>,
+    q: Result<Query<LogsQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let id = jobs::parse_id(&id)?;
+    let q = query(q)?;
+    state.store.get_job(id).await?;
+    if q.follow {
+        let (tx, rx) = mpsc::channel::<Event>(256);
+        tokio::spawn(follow_logs(state.clone(), id, q.attempt, tx));
+        let stream = futures::StreamExt::map(ReceiverStream::new(rx), Ok::<_, Infallible>);
+        return Ok(Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response());
+    }
+    let runs = state.store.job_runs(id).await?;
+    let mut out = Vec::new();
+    if let Some(run) = pick_run(&runs, q.attempt)? {
+        let mut offset = 0;
+        loop {
+            let (entries, next) = state
+                .logs
+                .read_from(run.id, offset, READ_CHUNK)
+                .await
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            if entries.is_empty() {
+                break;
+            }
+            out.extend(entries.into_iter().map(|e| LogEntryView::new(&run, e)));
+            offset = next;
+        }
+    }
+    Ok(Json(out).into_response())
+}
+
+fn sse_json(name: &str, value: &impl Serialize) -> Event {
+    Event::default()
+        .event(name)
+        .json_data(value)
+        .unwrap_or_else(|_| Event::default().event(name))
+}
+
+/// Streams a job's log entries as they are stored, moving on to the next attempt when the
+/// job is retried, and ends with an `end` event carrying the job when it is final.
+async fn follow_logs(state: Arc<AppState>, id: JobId, attempt: Option<u32>, tx: mpsc::Sender<Event>) {
+    let mut notices = state.notices.subscribe();
+    let mut following: Option<(RunId, u64)> = None;
+    loop {
+        let (job, runs) = match (state.store.get_job(id).await, state.store.job_runs(id).await) {
+            (Ok(job), Ok(runs)) => (job, runs),
+            _ => return,
+        };
+        let run = match pick_run(&runs, attempt) {
+            Ok(run) => run,
+            Err(_) => return,
+        };
+        let mut drained = true;
+        if let Some(run) = &run {
+            let offset = match following {
+                Some((r, off)) if r == run.id => off,
+                _ => 0,
+            };
+            match state.logs.read_from(run.id, offset, READ_CHUNK).await {
+                Ok((entries, next)) => {
+                    drained = entries.is_empty();
+                    for e in entries {
+                        if tx.send(sse_json("entry", &LogEntryView::new(run, e))).await.is_err() {
+                            return;
+                        }
+                    }
+                    following = Some((run.id, next));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read log");
+                    return;
+                }
+            }
+        }
+        let run_done = run.as_ref().is_none_or(|r| r.state.is_terminal());
+        let finished = job.state.is_terminal() || (attempt.is_some() && run_done);
+        if finished && drained {
+            let _ = tx.send(sse_json("end", &job)).await;
+            return;
+        }
+        if !drained {
+            continue;
+        }
+        let run_id = run.as_ref().map(|r| r.id);
+        let deadline = tokio::time::Instant::now() + FOLLOW_POLL;
+        wait_for(&mut notices, deadline, |n| match n {
+            Notice::Job { job_id, .. } => *job_id == id,
+            Notice::Log { run_id: r } => Some(*r) == run_id,
+        })
+        .await;
+        if tx.is_closed() {
+            return;
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct TokenRequest {
+    ttl_seconds: Option<u64>,
+}
+
+async fn create_node_token(
+    State(state): St,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<drover_store::JoinToken>)> {
+    let req: TokenRequest = if body.is_empty() {
+        TokenRequest::default()
+    } else {
+        parse_body(&body)?
+    };
+    let ttl = req.ttl_seconds.unwrap_or(3600);
+    if ttl == 0 || ttl > 30 * 24 * 3600 {
+        return Err(ApiError::invalid("ttl_seconds", "must be between 1 and 2592000 (30 days)"));
+    }
+    let token = state.store.create_join_token(Duration::from_secs(ttl)).await?;
+    Ok((StatusCode::CREATED, Json(token)))
+}
+
+#[derive(Serialize)]
+struct NodeView {
+    #[serde(flatten)]
+    worker: WorkerRecord,
+    connected: bool,
+    live_runs: usize,
+}
+
+async fn node_view(state: &AppState, worker: WorkerRecord) -> ApiResult<NodeView> {
+    let live_runs = state.store.live_runs_of(worker.id).await?.len();
+    let connected = state.sessions.is_connected(worker.id);
+    Ok(NodeView {
+        worker,
+        connected,
+        live_runs,
+    })
+}
+
+async fn list_nodes(State(state): St) -> ApiResult<Json<Vec<NodeView>>> {
+    let mut out = Vec::new();
+    for w in state.store.list_workers().await? {
+        out.push(node_view(&state, w).await?);
+    }
+    Ok(Json(out))
+}
+
+async fn get_node(State(state): St, Path(id): Path<String>) -> ApiResult<Json<NodeView>> {
+    let id: WorkerId = id
+        .parse()
+        .map_err(|e: drover_core::IdError| ApiError::invalid("id", e.to_string()))?;
+    let worker = state.store.get_worker(id).await?;
+    Ok(Json(node_view(&state, worker).await?))
+}

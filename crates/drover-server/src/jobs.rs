@@ -1,0 +1,44 @@
+//! Job operations shared by the HTTP and gRPC APIs.
+
+use crate::{ApiError, AppState};
+use drover_core::{JobId, JobSpec, JobState};
+use drover_proto::v1;
+use drover_store::JobRecord;
+
+pub async fn submit(state: &AppState, spec: JobSpec) -> Result<JobRecord, ApiError> {
+    let spec = spec.validated()?;
+    let job = state.store.create_job(spec).await?;
+    metrics::counter!("drover_jobs_submitted_total").increment(1);
+    tracing::info_span!("job", job_id = %job.id).in_scope(|| tracing::info!(name = %job.name, "submitted"));
+    state.notify_job(job.id, job.state);
+    state.dispatch.notify_one();
+    Ok(job)
+}
+
+pub async fn cancel(state: &AppState, id: JobId) -> Result<JobRecord, ApiError> {
+    let cancelled = state.store.cancel_job(id, "cancelled by request").await?;
+    if let Some(run) = &cancelled.run {
+        // The worker kills the process group; its slot frees when it reports the end.
+        state.sessions.send(
+            run.worker_id,
+            v1::server_message::Body::Cancel(v1::CancelRun {
+                run_id: run.id.to_string(),
+                reason: "cancelled by request".into(),
+            }),
+        );
+    }
+    tracing::info_span!("job", job_id = %id).in_scope(|| tracing::info!("cancelled"));
+    state.notify_job(id, cancelled.job.state);
+    Ok(cancelled.job)
+}
+
+pub fn parse_state(s: &str) -> Result<Option<JobState>, ApiError> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    s.parse::<JobState>().map(Some).map_err(ApiError::from)
+}
+
+pub fn parse_id(s: &str) -> Result<JobId, ApiError> {
+    s.parse::<JobId>().map_err(ApiError::from)
+}

@@ -1,0 +1,126 @@
+//! The dispatcher hands queued jobs to connected workers; the lease sweeper fails the
+//! attempts of workers that stopped heartbeating. Decisions come from
+//! `drover_core::schedule`; this file only feeds it and carries them out.
+
+use crate::AppState;
+use drover_core::schedule::{self, Candidate};
+use drover_core::{RunOutcome, Timestamp};
+use drover_proto::v1;
+use drover_store::RunEnd;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::Instrument;
+
+/// Looked at per pass; more waiting jobs are picked up by the next pass.
+const CANDIDATES_PER_PASS: u32 = 512;
+/// Wakes even when nothing notifies, for jobs whose retry backoff has passed.
+const IDLE_TICK: Duration = Duration::from_millis(250);
+
+pub async fn dispatch_loop(state: Arc<AppState>) {
+    loop {
+        match dispatch_pass(&state).await {
+            Ok(assigned) if assigned > 0 => continue,
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "dispatch pass failed"),
+        }
+        let _ = tokio::time::timeout(IDLE_TICK, state.dispatch.notified()).await;
+    }
+}
+
+/// One round: snapshot, decide, assign. Returns how many jobs were assigned.
+async fn dispatch_pass(state: &AppState) -> Result<usize, drover_store::StoreError> {
+    let free = state.sessions.free_workers();
+    if free.is_empty() {
+        return Ok(0);
+    }
+    let ready = state
+        .store
+        .ready_jobs(Timestamp::now(), CANDIDATES_PER_PASS)
+        .await?;
+    if ready.is_empty() {
+        return Ok(0);
+    }
+    let candidates = ready
+        .into_iter()
+        .map(|r| Candidate {
+            job_id: r.id,
+            priority: r.priority,
+            labels: r.labels,
+        })
+        .collect();
+    let plan = schedule::assign(candidates, free);
+    let mut assigned = 0;
+    for (job_id, worker_id) in plan {
+        let Some(a) = state
+            .store
+            .assign_job(job_id, worker_id, state.lease_until())
+            .await?
+        else {
+            continue;
+        };
+        assigned += 1;
+        let span = tracing::info_span!("job", job_id = %job_id, run_id = %a.run.id);
+        span.in_scope(|| tracing::info!(worker_id = %worker_id, attempt = a.run.attempt, "assigned"));
+        state.notify_job(job_id, a.job.state);
+        let msg = v1::server_message::Body::Assignment(v1::Assignment {
+            run_id: a.run.id.to_string(),
+            job_id: job_id.to_string(),
+            attempt: a.run.attempt,
+            spec: Some((&a.job.spec).into()),
+        });
+        if !state.sessions.assign(worker_id, a.run.id, msg) {
+            tracing::warn!(%worker_id, run_id = %a.run.id, "worker left before its assignment was sent; its lease will run out");
+        }
+    }
+    Ok(assigned)
+}
+
+/// Fails the attempts whose lease ran out: their worker stopped heartbeating.
+pub async fn lease_sweeper(state: Arc<AppState>) {
+    let every = (state.config.lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
+    loop {
+        tokio::time::sleep(every).await;
+        let expired = match state.store.expired_runs(Timestamp::now()).await {
+            Ok(runs) => runs,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read expired leases");
+                continue;
+            }
+        };
+        for run in expired {
+            let span = tracing::info_span!("job", job_id = %run.job_id, run_id = %run.id);
+            async {
+                let end = RunEnd {
+                    outcome: RunOutcome::Failed,
+                    exit_code: None,
+                    error: Some(format!(
+                        "worker lost: worker {} did not renew its lease",
+                        run.worker_id
+                    )),
+                };
+                match state
+                    .store
+                    .finish_run(run.id, None, end, state.retry_settings())
+                    .await
+                {
+                    Ok(f) => {
+                        tracing::warn!(worker_id = %run.worker_id, job_state = %f.job.state, "lease expired");
+                        state.sessions.release(run.worker_id, run.id);
+                        // A worker still connected but frozen must not carry on with it.
+                        state.sessions.send(
+                            run.worker_id,
+                            v1::server_message::Body::Forget(v1::ForgetRun {
+                                run_id: run.id.to_string(),
+                            }),
+                        );
+                        state.notify_job(f.job.id, f.job.state);
+                        state.dispatch.notify_one();
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot fail an expired run"),
+                }
+            }
+            .instrument(span)
+            .await;
+        }
+    }
+}

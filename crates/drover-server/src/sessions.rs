@@ -1,0 +1,118 @@
+//! The workers connected to this control plane right now, each with its stream and the runs
+//! it holds. Derived state: rebuilt as workers reconnect.
+
+use drover_core::schedule::FreeWorker;
+use drover_core::{RunId, WorkerId};
+use drover_proto::v1::ServerMessage;
+use drover_proto::v1::server_message::Body;
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::mpsc::UnboundedSender;
+
+struct Session {
+    id: u64,
+    tx: UnboundedSender<ServerMessage>,
+    slots: u32,
+    labels: BTreeMap<String, String>,
+    /// Runs the worker holds, counted against its slots until it reports their end.
+    active: HashSet<RunId>,
+}
+
+#[derive(Default)]
+pub struct Sessions {
+    inner: Mutex<HashMap<WorkerId, Session>>,
+    next_id: AtomicU64,
+}
+
+impl Sessions {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<WorkerId, Session>> {
+        // A panic while holding this lock leaves plain data behind; keep going with it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes this stream the worker's one session, replacing (and so closing) an older one.
+    pub fn attach(
+        &self,
+        worker_id: WorkerId,
+        tx: UnboundedSender<ServerMessage>,
+        slots: u32,
+        labels: BTreeMap<String, String>,
+        active: HashSet<RunId>,
+    ) -> u64 {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let session = Session {
+            id,
+            tx,
+            slots: slots.max(1),
+            labels,
+            active,
+        };
+        self.lock().insert(worker_id, session);
+        metrics::gauge!("drover_workers_connected").set(self.count() as f64);
+        id
+    }
+
+    /// Removes the session if it is still the worker's current one.
+    pub fn detach(&self, worker_id: WorkerId, session_id: u64) -> bool {
+        let mut map = self.lock();
+        let current = map.get(&worker_id).is_some_and(|s| s.id == session_id);
+        if current {
+            map.remove(&worker_id);
+        }
+        let n = map.len();
+        drop(map);
+        metrics::gauge!("drover_workers_connected").set(n as f64);
+        current
+    }
+
+    pub fn count(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn free_workers(&self) -> Vec<FreeWorker> {
+        self.lock()
+            .iter()
+            .filter(|(_, s)| (s.active.len() as u32) < s.slots)
+            .map(|(id, s)| FreeWorker {
+                worker_id: *id,
+                free_slots: s.slots - s.active.len() as u32,
+                labels: s.labels.clone(),
+            })
+            .collect()
+    }
+
+    /// Counts a run against the worker's slots and sends it the assignment. False when the
+    /// worker is gone; its lease then runs out and the retry policy takes over.
+    pub fn assign(&self, worker_id: WorkerId, run_id: RunId, msg: Body) -> bool {
+        let mut map = self.lock();
+        let Some(s) = map.get_mut(&worker_id) else {
+            return false;
+        };
+        s.active.insert(run_id);
+        s.tx.send(ServerMessage { body: Some(msg) }).is_ok()
+    }
+
+    pub fn release(&self, worker_id: WorkerId, run_id: RunId) {
+        if let Some(s) = self.lock().get_mut(&worker_id) {
+            s.active.remove(&run_id);
+        }
+    }
+
+    pub fn send(&self, worker_id: WorkerId, msg: Body) -> bool {
+        self.lock()
+            .get(&worker_id)
+            .is_some_and(|s| s.tx.send(ServerMessage { body: Some(msg) }).is_ok())
+    }
+
+    /// Drops every stream's sender, which ends the streams (used at shutdown).
+    pub fn close_all(&self) {
+        self.lock().clear();
+    }
+}
+
+impl Sessions {
+    pub fn is_connected(&self, worker_id: WorkerId) -> bool {
+        self.lock().contains_key(&worker_id)
+    }
+}
