@@ -4,6 +4,7 @@
 pub mod event;
 pub mod ids;
 pub mod job;
+pub mod records;
 pub mod retry;
 pub mod schedule;
 pub mod time;

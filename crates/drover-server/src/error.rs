@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use drover_core::{IdError, ValidationError};
 use drover_store::StoreError;
-use serde::Serialize;
+use drover_core::records::{ErrorBody, ErrorDetail};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -87,28 +87,16 @@ impl From<StoreError> for ApiError {
     }
 }
 
-#[derive(Serialize)]
-struct ErrorBody<'a> {
-    error: ErrorDetail<'a>,
-}
-
-#[derive(Serialize)]
-struct ErrorDetail<'a> {
-    code: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    field: Option<&'a str>,
-    message: String,
-}
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let field = match &self {
-            Self::Invalid { field, .. } => Some(field.as_str()),
+            Self::Invalid { field, .. } => Some(field.clone()),
             _ => None,
         };
         let body = ErrorBody {
             error: ErrorDetail {
-                code: self.code(),
+                code: self.code().to_string(),
                 field,
                 message: self.to_string(),
             },

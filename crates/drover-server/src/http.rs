@@ -1,6 +1,6 @@
 //! The HTTP JSON API (`/v1/...`), live logs over server-sent events, health and metrics.
 
-use crate::logs::{Entry, Stream};
+use crate::logs::Entry;
 use crate::{ApiError, AppState, Notice, jobs};
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
@@ -11,8 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
-use drover_core::{JobId, JobSpec, RunId, Timestamp, WorkerId};
-use drover_store::{JobRecord, LogIndex, RunRecord, WorkerRecord};
+use drover_core::records::{JobView, LogEntryView, NodeView, RunView};
+use drover_core::{JobId, JobSpec, RunId, WorkerId};
+use drover_store::{JobRecord, RunRecord, WorkerRecord};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -105,21 +106,6 @@ async fn list_jobs(
     Ok(Json(state.store.list_jobs(filter, limit).await?))
 }
 
-#[derive(Serialize)]
-struct RunView {
-    #[serde(flatten)]
-    run: RunRecord,
-    log: Option<LogIndex>,
-}
-
-/// A job with its chain of attempts.
-#[derive(Serialize)]
-struct JobView {
-    #[serde(flatten)]
-    job: JobRecord,
-    runs: Vec<RunView>,
-}
-
 async fn job_view(state: &AppState, id: JobId) -> ApiResult<JobView> {
     let job = state.store.get_job(id).await?;
     let mut runs = Vec::new();
@@ -201,30 +187,15 @@ struct LogsQuery {
     follow: bool,
 }
 
-#[derive(Serialize)]
-struct LogEntryView {
-    run_id: RunId,
-    attempt: u32,
-    seq: u64,
-    stream: Stream,
-    timestamp: Timestamp,
-    /// The line as text (invalid UTF-8 replaced).
-    text: String,
-    /// The exact bytes, base64.
-    data: String,
-}
-
-impl LogEntryView {
-    fn new(run: &RunRecord, e: Entry) -> Self {
-        Self {
-            run_id: run.id,
-            attempt: run.attempt,
-            seq: e.seq,
-            stream: e.stream,
-            timestamp: e.timestamp,
-            text: String::from_utf8_lossy(&e.data).into_owned(),
-            data: base64::engine::general_purpose::STANDARD.encode(&e.data),
-        }
+fn entry_view(run: &RunRecord, e: Entry) -> LogEntryView {
+    LogEntryView {
+        run_id: run.id,
+        attempt: run.attempt,
+        seq: e.seq,
+        stream: e.stream,
+        timestamp: e.timestamp,
+        text: String::from_utf8_lossy(&e.data).into_owned(),
+        data: base64::engine::general_purpose::STANDARD.encode(&e.data),
     }
 }
 
@@ -269,7 +240,7 @@ async fn job_logs(
             if entries.is_empty() {
                 break;
             }
-            out.extend(entries.into_iter().map(|e| LogEntryView::new(&run, e)));
+            out.extend(entries.into_iter().map(|e| entry_view(&run, e)));
             offset = next;
         }
     }
@@ -307,7 +278,7 @@ async fn follow_logs(state: Arc<AppState>, id: JobId, attempt: Option<u32>, tx: 
                 Ok((entries, next)) => {
                     drained = entries.is_empty();
                     for e in entries {
-                        if tx.send(sse_json("entry", &LogEntryView::new(run, e))).await.is_err() {
+                        if tx.send(sse_json("entry", &entry_view(run, e))).await.is_err() {
                             return;
                         }
                     }
@@ -362,14 +333,6 @@ async fn create_node_token(
     }
     let token = state.store.create_join_token(Duration::from_secs(ttl)).await?;
     Ok((StatusCode::CREATED, Json(token)))
-}
-
-#[derive(Serialize)]
-struct NodeView {
-    #[serde(flatten)]
-    worker: WorkerRecord,
-    connected: bool,
-    live_runs: usize,
 }
 
 async fn node_view(state: &AppState, worker: WorkerRecord) -> ApiResult<NodeView> {

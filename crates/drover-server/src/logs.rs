@@ -14,14 +14,14 @@ use tokio::sync::Mutex;
 
 const HEADER: usize = 8 + 1 + 8 + 4;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Stream {
-    Stdout,
-    Stderr,
+pub use drover_core::records::LogStream as Stream;
+
+trait StreamByte {
+    fn to_byte(self) -> u8;
+    fn from_byte(b: u8) -> Self;
 }
 
-impl Stream {
+impl StreamByte for Stream {
     fn to_byte(self) -> u8 {
         match self {
             Self::Stdout => 1,

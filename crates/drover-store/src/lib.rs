@@ -3,10 +3,10 @@
 //! conformance suite in `tests/`. Every state change and the event describing it are
 //! written in one transaction (invariant 2).
 
-mod records;
+
 mod sqlite;
 
-pub use records::*;
+pub use drover_core::records::*;
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;

@@ -1,0 +1,553 @@
+//! drover's node agent. It registers once with a one-time token, keeps the node credential
+//! in its state directory, and holds one stream to the control plane over which it takes
+//! assignments and sends heartbeats, log entries and results. When the stream breaks it
+//! reconnects with backoff; runs carry on, and whatever the server has not acknowledged
+//! (log entries, results) is kept and sent again.
+
+mod executor;
+
+pub use executor::MAX_ENTRY_BYTES;
+
+use drover_core::{Capabilities, JobSpec, RunId};
+use drover_proto::v1::{
+    self, server_message::Body as In, worker_message::Body as Out,
+    worker_service_client::WorkerServiceClient,
+};
+use executor::{Control, ExecEvent, Execution, OutStream};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument;
+
+/// Entries per message when resending a backlog.
+const RESEND_BATCH: usize = 1000;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The control plane, e.g. `http://127.0.0.1:7700`.
+    pub server: String,
+    /// One-time token; needed only the first time (no credential in `state_dir` yet).
+    pub token: Option<String>,
+    pub state_dir: PathBuf,
+    pub name: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    /// Jobs run at once; 0 means one per CPU.
+    pub slots: u32,
+    /// Between SIGTERM and SIGKILL when a job is stopped.
+    pub kill_grace: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(
+        "this worker has no node credential in {state_dir} yet: give a one-time token (drover node token create)"
+    )]
+    NoToken { state_dir: PathBuf },
+    #[error("registration refused by {server}: {message}")]
+    RegistrationRefused { server: String, message: String },
+    #[error(
+        "the control plane refused this node's credential ({message}); remove {path} and register again with a new token"
+    )]
+    CredentialRefused { path: PathBuf, message: String },
+    #[error("bad server address {server:?}: {message}")]
+    BadServer { server: String, message: String },
+    #[error("cannot use the state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// What a registered node keeps between starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct NodeCredential {
+    node_id: String,
+    credential: String,
+    server: String,
+}
+
+fn credential_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("node.json")
+}
+
+fn state_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> WorkerError + '_ {
+    move |source| WorkerError::StateDir {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn endpoint(server: &str) -> Result<Endpoint, WorkerError> {
+    Endpoint::from_shared(server.to_string())
+        .map(|e| {
+            e.connect_timeout(Duration::from_secs(5))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10))
+        })
+        .map_err(|e| WorkerError::BadServer {
+            server: server.to_string(),
+            message: e.to_string(),
+        })
+}
+
+pub fn capabilities(config: &WorkerConfig) -> Capabilities {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    Capabilities {
+        hostname: hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        cpus,
+        memory_bytes: total_memory(),
+        labels: config.labels.clone(),
+        slots: if config.slots == 0 { cpus } else { config.slots },
+        isolation_modes: vec!["process".into()],
+        version: env!("CARGO_PKG_VERSION").into(),
+    }
+}
+
+fn total_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Loads the node credential, registering with the one-time token first if there is none.
+async fn ensure_registered(
+    config: &WorkerConfig,
+    caps: &Capabilities,
+) -> Result<NodeCredential, WorkerError> {
+    let path = credential_path(&config.state_dir);
+    if let Ok(text) = std::fs::read_to_string(&path)
+        && let Ok(cred) = serde_json::from_str::<NodeCredential>(&text)
+    {
+        if config.token.is_some() {
+            tracing::info!(node_id = %cred.node_id, "already registered; the token is not needed");
+        }
+        return Ok(cred);
+    }
+    let token = config.token.clone().ok_or_else(|| WorkerError::NoToken {
+        state_dir: config.state_dir.clone(),
+    })?;
+    let mut delay = BACKOFF_MIN;
+    let response = loop {
+        let refused = |message: String| WorkerError::RegistrationRefused {
+            server: config.server.clone(),
+            message,
+        };
+        let attempt = async {
+            let channel = endpoint(&config.server)?
+                .connect()
+                .await
+                .map_err(|e| refused(format!("cannot connect: {e}")))?;
+            WorkerServiceClient::new(channel)
+                .register(v1::RegisterRequest {
+                    token: token.clone(),
+                    name: config.name.clone().unwrap_or_default(),
+                    capabilities: Some(caps.into()),
+                })
+                .await
+                .map_err(|s| (s.code(), refused(s.message().to_string())))
+                .map_err(|(code, e)| {
+                    if code == tonic::Code::Unavailable {
+                        refused("server unavailable".into())
+                    } else {
+                        e
+                    }
+                })
+        };
+        match attempt.await {
+            Ok(r) => break r.into_inner(),
+            // A refused token is final; an unreachable server is worth waiting for.
+            Err(WorkerError::RegistrationRefused { message, .. })
+                if message.starts_with("cannot connect") || message == "server unavailable" =>
+            {
+                tracing::warn!(%message, "registration: server not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(BACKOFF_MAX);
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let cred = NodeCredential {
+        node_id: response.node_id,
+        credential: response.credential,
+        server: config.server.clone(),
+    };
+    std::fs::create_dir_all(&config.state_dir).map_err(state_dir_error(&config.state_dir))?;
+    let text = serde_json::to_string_pretty(&cred).unwrap_or_default();
+    write_private(&path, &text).map_err(state_dir_error(&path))?;
+    tracing::info!(node_id = %cred.node_id, "registered");
+    Ok(cred)
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)
+}
+
+/// A run this worker holds, from assignment until the server acknowledges its end.
+struct HeldRun {
+    next_seq: u64,
+    /// Sent (or not yet) and not yet acknowledged.
+    unacked: VecDeque<v1::LogEntry>,
+    /// Highest sequence number sent on the current connection.
+    sent_seq: u64,
+    finished: Option<v1::RunFinished>,
+    control: Option<UnboundedSender<Control>>,
+}
+
+struct Agent {
+    config: WorkerConfig,
+    caps: Capabilities,
+    runs: HashMap<RunId, HeldRun>,
+    events_tx: UnboundedSender<ExecEvent>,
+}
+
+enum SessionEnd {
+    Shutdown,
+    Disconnected(String),
+}
+
+/// Runs the worker until `shutdown` resolves. Running jobs are stopped at shutdown; their
+/// leases lapse on the control plane and the retry policy takes over.
+pub async fn run(
+    config: WorkerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), WorkerError> {
+    std::fs::create_dir_all(&config.state_dir).map_err(state_dir_error(&config.state_dir))?;
+    let caps = capabilities(&config);
+    let cred = ensure_registered(&config, &caps).await?;
+    let span = tracing::info_span!("worker", node_id = %cred.node_id);
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let mut agent = Agent {
+        config,
+        caps,
+        runs: HashMap::new(),
+        events_tx,
+    };
+    tokio::pin!(shutdown);
+    let mut delay = BACKOFF_MIN;
+    async {
+        loop {
+            let started = tokio::time::Instant::now();
+            match agent.session(&cred, &mut events_rx, &mut shutdown).await {
+                Ok(SessionEnd::Shutdown) => break,
+                Ok(SessionEnd::Disconnected(why)) => {
+                    tracing::warn!(reason = %why, "disconnected from the control plane");
+                }
+                Err(e @ WorkerError::CredentialRefused { .. }) => return Err(e),
+                Err(e) => tracing::warn!(error = %e, "cannot reach the control plane"),
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                delay = BACKOFF_MIN;
+            }
+            let jittered = delay.mul_f64(0.5 + rand::random::<f64>() / 2.0);
+            let wait = tokio::time::sleep(jittered);
+            tokio::pin!(wait);
+            // Runs go on while disconnected: keep taking their output.
+            loop {
+                tokio::select! {
+                    _ = &mut wait => break,
+                    Some(ev) = events_rx.recv() => agent.on_exec_event(ev, None),
+                    _ = &mut shutdown => { agent.stop_all(); return Ok(()); }
+                }
+            }
+            delay = (delay * 2).min(BACKOFF_MAX);
+        }
+        agent.stop_all();
+        Ok(())
+    }
+    .instrument(span)
+    .await
+}
+
+fn send(out: Option<&UnboundedSender<v1::WorkerMessage>>, body: Out) {
+    if let Some(out) = out {
+        let _ = out.send(v1::WorkerMessage { body: Some(body) });
+    }
+}
+
+impl Agent {
+    async fn session(
+        &mut self,
+        cred: &NodeCredential,
+        events_rx: &mut UnboundedReceiver<ExecEvent>,
+        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Result<SessionEnd, WorkerError> {
+        let unreachable = |e: &dyn std::fmt::Display| WorkerError::BadServer {
+            server: self.config.server.clone(),
+            message: e.to_string(),
+        };
+        let channel: Channel = endpoint(&self.config.server)?
+            .connect()
+            .await
+            .map_err(|e| unreachable(&e))?;
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
+        let hello = v1::Hello {
+            capabilities: Some((&self.caps).into()),
+            active_run_ids: self.runs.keys().map(ToString::to_string).collect(),
+        };
+        send(Some(&out_tx), Out::Hello(hello));
+        let mut request = tonic::Request::new(UnboundedReceiverStream::new(out_rx));
+        let bearer = format!("Bearer {}", cred.credential)
+            .parse()
+            .map_err(|_| unreachable(&"the stored credential is not valid ASCII"))?;
+        request.metadata_mut().insert("authorization", bearer);
+        let mut inbound = match WorkerServiceClient::new(channel).session(request).await {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                return Err(WorkerError::CredentialRefused {
+                    path: credential_path(&self.config.state_dir),
+                    message: s.message().to_string(),
+                });
+            }
+            Err(s) => return Err(unreachable(&s)),
+        };
+        let welcome = match inbound.message().await {
+            Ok(Some(v1::ServerMessage {
+                body: Some(In::Welcome(w)),
+            })) => w,
+            Ok(_) => return Ok(SessionEnd::Disconnected("stream closed before Welcome".into())),
+            Err(s) => return Ok(SessionEnd::Disconnected(s.to_string())),
+        };
+        tracing::info!(runs = self.runs.len(), "connected");
+        self.resend_backlog(&out_tx);
+        let mut heartbeat = tokio::time::interval(Duration::from_millis(
+            welcome.heartbeat_interval_ms.max(50),
+        ));
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(v1::ServerMessage { body: Some(body) })) => self.on_server_message(body, &out_tx),
+                    Ok(Some(_)) => {}
+                    Ok(None) => return Ok(SessionEnd::Disconnected("the control plane closed the stream".into())),
+                    Err(s) => return Ok(SessionEnd::Disconnected(s.message().to_string())),
+                },
+                _ = heartbeat.tick() => send(Some(&out_tx), Out::Heartbeat(v1::Heartbeat {})),
+                Some(ev) = events_rx.recv() => {
+                    self.on_exec_event(ev, Some(&out_tx));
+                    // Take whatever else is ready so that entries travel in batches.
+                    let mut batched = 0;
+                    while batched < 4096 {
+                        match events_rx.try_recv() {
+                            Ok(ev) => self.on_exec_event(ev, Some(&out_tx)),
+                            Err(_) => break,
+                        }
+                        batched += 1;
+                    }
+                    self.flush(&out_tx);
+                }
+                _ = shutdown.as_mut() => return Ok(SessionEnd::Shutdown),
+            }
+        }
+    }
+
+    /// After a reconnect: every unacknowledged entry and result again, in order.
+    fn resend_backlog(&mut self, out: &UnboundedSender<v1::WorkerMessage>) {
+        for (run_id, held) in &mut self.runs {
+            held.sent_seq = held.next_seq;
+            let entries: Vec<v1::LogEntry> = held.unacked.iter().cloned().collect();
+            for chunk in entries.chunks(RESEND_BATCH) {
+                send(
+                    Some(out),
+                    Out::Logs(v1::LogBatch {
+                        run_id: run_id.to_string(),
+                        entries: chunk.to_vec(),
+                    }),
+                );
+            }
+            if let Some(f) = &held.finished {
+                send(Some(out), Out::Finished(f.clone()));
+            }
+        }
+    }
+
+    fn on_server_message(&mut self, body: In, out: &UnboundedSender<v1::WorkerMessage>) {
+        match body {
+            In::Welcome(_) => {}
+            In::Assignment(a) => self.start(a, out),
+            In::Cancel(c) => {
+                if let Some(held) = c.run_id.parse().ok().and_then(|id| self.runs.get(&id))
+                    && let Some(control) = &held.control
+                {
+                    tracing::info!(run_id = %c.run_id, reason = %c.reason, "cancelling");
+                    let _ = control.send(Control::Cancel);
+                }
+            }
+            In::LogAck(ack) => {
+                if let Some(held) = ack.run_id.parse().ok().and_then(|id| self.runs.get_mut(&id)) {
+                    while held.unacked.front().is_some_and(|e| e.seq <= ack.seq) {
+                        held.unacked.pop_front();
+                    }
+                }
+            }
+            In::FinishAck(ack) => {
+                if let Ok(id) = ack.run_id.parse() {
+                    self.runs.remove(&id);
+                }
+            }
+            In::Forget(f) => {
+                // Dropping the control sender stops the process if it still runs.
+                if let Ok(id) = f.run_id.parse::<RunId>()
+                    && self.runs.remove(&id).is_some()
+                {
+                    tracing::warn!(run_id = %id, "the control plane no longer counts this run as ours; stopped");
+                }
+            }
+        }
+    }
+
+    fn start(&mut self, a: v1::Assignment, out: &UnboundedSender<v1::WorkerMessage>) {
+        let Ok(run_id) = a.run_id.parse::<RunId>() else {
+            tracing::warn!(run_id = %a.run_id, "assignment with a malformed run id");
+            return;
+        };
+        if self.runs.contains_key(&run_id) {
+            return;
+        }
+        let spec = match a.spec.map(JobSpec::try_from) {
+            Some(Ok(spec)) => spec,
+            _ => {
+                tracing::warn!(%run_id, "assignment without a usable spec");
+                return;
+            }
+        };
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        self.runs.insert(
+            run_id,
+            HeldRun {
+                next_seq: 0,
+                unacked: VecDeque::new(),
+                sent_seq: 0,
+                finished: None,
+                control: Some(control_tx),
+            },
+        );
+        send(
+            Some(out),
+            Out::Accepted(v1::RunAccepted {
+                run_id: a.run_id.clone(),
+            }),
+        );
+        let exec = Execution {
+            run_id,
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            spec,
+            scratch_dir: self.config.state_dir.join("runs").join(run_id.to_string()),
+            kill_grace: self.config.kill_grace,
+        };
+        let span = tracing::info_span!("job", job_id = %a.job_id, run_id = %run_id);
+        tokio::spawn(
+            executor::execute(exec, self.events_tx.clone(), control_rx).instrument(span),
+        );
+    }
+
+    fn on_exec_event(&mut self, ev: ExecEvent, out: Option<&UnboundedSender<v1::WorkerMessage>>) {
+        match ev {
+            ExecEvent::Started { run_id } => {
+                if self.runs.contains_key(&run_id) {
+                    send(out, Out::Started(v1::RunStarted { run_id: run_id.to_string() }));
+                }
+            }
+            ExecEvent::Output {
+                run_id,
+                stream,
+                timestamp,
+                data,
+            } => {
+                if let Some(held) = self.runs.get_mut(&run_id) {
+                    held.next_seq += 1;
+                    held.unacked.push_back(v1::LogEntry {
+                        seq: held.next_seq,
+                        stream: match stream {
+                            OutStream::Stdout => v1::LogStream::Stdout,
+                            OutStream::Stderr => v1::LogStream::Stderr,
+                        } as i32,
+                        timestamp_us: timestamp.as_micros(),
+                        data,
+                    });
+                }
+            }
+            ExecEvent::Exited {
+                run_id,
+                outcome,
+                exit_code,
+                error,
+            } => {
+                if let Some(out) = out {
+                    self.flush(out);
+                }
+                if let Some(held) = self.runs.get_mut(&run_id) {
+                    tracing::info!(%run_id, ?outcome, ?exit_code, "run ended");
+                    let finished = v1::RunFinished {
+                        run_id: run_id.to_string(),
+                        outcome: v1::RunOutcome::from(outcome) as i32,
+                        exit_code,
+                        error,
+                        last_seq: held.next_seq,
+                    };
+                    held.control = None;
+                    held.finished = Some(finished.clone());
+                    send(out, Out::Finished(finished));
+                }
+            }
+        }
+    }
+
+    /// Sends the entries produced since the last flush, one message per run.
+    fn flush(&mut self, out: &UnboundedSender<v1::WorkerMessage>) {
+        for (run_id, held) in &mut self.runs {
+            let sent = held.sent_seq;
+            let fresh: Vec<v1::LogEntry> = held
+                .unacked
+                .iter()
+                .skip_while(|e| e.seq <= sent)
+                .cloned()
+                .collect();
+            if fresh.is_empty() {
+                continue;
+            }
+            held.sent_seq = held.next_seq;
+            send(
+                Some(out),
+                Out::Logs(v1::LogBatch {
+                    run_id: run_id.to_string(),
+                    entries: fresh,
+                }),
+            );
+        }
+    }
+
+    fn stop_all(&mut self) {
+        // Dropping the control senders stops every running process group.
+        self.runs.clear();
+    }
+}

@@ -1,6 +1,6 @@
 //! What the store returns. These are also the shapes of the HTTP API's JSON.
 
-use drover_core::{
+use crate::{
     Capabilities, EventKind, JobId, JobSpec, JobState, RunId, RunOutcome, RunState, Timestamp,
     WorkerId, WorkerState,
 };
@@ -119,4 +119,63 @@ pub struct JoinToken {
     /// Shown once; the store keeps only its hash.
     pub token: String,
     pub expires_at: Timestamp,
+}
+
+/// A run with where its log is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunView {
+    #[serde(flatten)]
+    pub run: RunRecord,
+    pub log: Option<LogIndex>,
+}
+
+/// A job with its chain of attempts, as `GET /v1/jobs/{id}` returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobView {
+    #[serde(flatten)]
+    pub job: JobRecord,
+    pub runs: Vec<RunView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    #[serde(flatten)]
+    pub worker: WorkerRecord,
+    pub connected: bool,
+    pub live_runs: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogStream {
+    Stdout,
+    Stderr,
+}
+
+/// One log entry as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogEntryView {
+    pub run_id: RunId,
+    pub attempt: u32,
+    pub seq: u64,
+    pub stream: LogStream,
+    pub timestamp: Timestamp,
+    /// The line as text (invalid UTF-8 replaced).
+    pub text: String,
+    /// The exact bytes, base64.
+    pub data: String,
+}
+
+/// The body of every API error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    pub code: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    pub message: String,
 }

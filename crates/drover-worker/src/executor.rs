@@ -1,0 +1,283 @@
+//! Runs one job as a process in its own process group, so that a timeout or a cancel
+//! reaches every process it started. Output is read line by line, as bytes.
+
+use drover_core::{JobSpec, RunId, RunOutcome, Timestamp};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+
+/// Longer lines are cut into entries of this size.
+pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
+/// After the main process ends, how long its output pipes may stay open.
+const DRAIN_LIMIT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutStream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug)]
+pub enum ExecEvent {
+    Started {
+        run_id: RunId,
+    },
+    Output {
+        run_id: RunId,
+        stream: OutStream,
+        timestamp: Timestamp,
+        data: Vec<u8>,
+    },
+    Exited {
+        run_id: RunId,
+        outcome: RunOutcome,
+        exit_code: Option<i32>,
+        error: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Stop it and report it CANCELLED.
+    Cancel,
+}
+
+pub struct Execution {
+    pub run_id: RunId,
+    pub job_id: String,
+    pub attempt: u32,
+    pub spec: JobSpec,
+    /// Created for the run when the job names no working directory; removed after it.
+    pub scratch_dir: PathBuf,
+    pub kill_grace: Duration,
+}
+
+fn signal_group(pgid: i32, signal: Signal) {
+    // ESRCH (group already gone) is the expected end; nothing to do about it.
+    let _ = killpg(Pid::from_raw(pgid), signal);
+}
+
+/// Sends SIGTERM to the group, then SIGKILL after the grace period if the main process is
+/// still there.
+async fn stop_group(child: &mut tokio::process::Child, pgid: i32, grace: Duration) {
+    signal_group(pgid, Signal::SIGTERM);
+    if tokio::time::timeout(grace, child.wait()).await.is_err() {
+        signal_group(pgid, Signal::SIGKILL);
+    }
+}
+
+pub async fn execute(
+    exec: Execution,
+    events: UnboundedSender<ExecEvent>,
+    mut control: UnboundedReceiver<Control>,
+) {
+    let run_id = exec.run_id;
+    let exited = |outcome, exit_code, error: Option<String>| ExecEvent::Exited {
+        run_id,
+        outcome,
+        exit_code,
+        error,
+    };
+    let mut cmd = match (&exec.spec.command, &exec.spec.program) {
+        (Some(command), _) => {
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg(command);
+            c
+        }
+        (None, Some(program)) => {
+            let mut c = Command::new(program);
+            c.args(&exec.spec.args);
+            c
+        }
+        (None, None) => {
+            let _ = events.send(exited(
+                RunOutcome::Failed,
+                None,
+                Some("the job has neither command nor program".into()),
+            ));
+            return;
+        }
+    };
+    let uses_scratch = exec.spec.working_dir.is_none();
+    let dir = match &exec.spec.working_dir {
+        Some(d) => PathBuf::from(d),
+        None => exec.scratch_dir.clone(),
+    };
+    if uses_scratch && let Err(e) = std::fs::create_dir_all(&dir) {
+        let _ = events.send(exited(
+            RunOutcome::Failed,
+            None,
+            Some(format!("cannot create the scratch directory {}: {e}", dir.display())),
+        ));
+        return;
+    }
+    cmd.envs(&exec.spec.env)
+        .env("DROVER_JOB_ID", &exec.job_id)
+        .env("DROVER_RUN_ID", run_id.to_string())
+        .env("DROVER_ATTEMPT", exec.attempt.to_string())
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => {
+            let what = exec.spec.program.as_deref().unwrap_or("/bin/sh");
+            let _ = events.send(exited(
+                RunOutcome::Failed,
+                Some(127),
+                Some(format!("cannot start {what}: {e}")),
+            ));
+            remove_scratch(uses_scratch, &dir);
+            return;
+        }
+    };
+    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let _ = events.send(ExecEvent::Started { run_id });
+    let readers = [
+        child
+            .stdout
+            .take()
+            .map(|s| tokio::spawn(read_lines(s, run_id, OutStream::Stdout, events.clone()))),
+        child
+            .stderr
+            .take()
+            .map(|s| tokio::spawn(read_lines(s, run_id, OutStream::Stderr, events.clone()))),
+    ];
+
+    let timeout = exec
+        .spec
+        .timeout_ms
+        .map(|ms| Duration::from_millis(ms.max(0) as u64));
+    let deadline = async {
+        match timeout {
+            Some(t) => tokio::time::sleep(t).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(deadline);
+    let mut stopped: Option<(RunOutcome, String)> = None;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            _ = &mut deadline, if stopped.is_none() => {
+                let t = timeout.unwrap_or_default();
+                stopped = Some((RunOutcome::TimedOut, format!("timed out after {}", humanize(t))));
+                stop_group(&mut child, pgid, exec.kill_grace).await;
+            }
+            c = control.recv(), if stopped.is_none() => {
+                // A closed control channel means the worker forgot the run: stop it too.
+                let reason = match c { Some(Control::Cancel) => "cancelled", None => "forgotten" };
+                stopped = Some((RunOutcome::Cancelled, reason.to_string()));
+                stop_group(&mut child, pgid, exec.kill_grace).await;
+            }
+        }
+    };
+    // Whatever the main process left behind in its group goes with it.
+    signal_group(pgid, Signal::SIGKILL);
+    for reader in readers.into_iter().flatten() {
+        let abort = reader.abort_handle();
+        if tokio::time::timeout(DRAIN_LIMIT, reader).await.is_err() {
+            abort.abort();
+        }
+    }
+    remove_scratch(uses_scratch, &dir);
+    let event = match (status, stopped) {
+        (_, Some((outcome, why))) => exited(outcome, None, Some(why)),
+        (Ok(s), None) => match (s.code(), s.signal()) {
+            (Some(0), _) => exited(RunOutcome::Succeeded, Some(0), None),
+            (Some(code), _) => exited(
+                RunOutcome::Failed,
+                Some(code),
+                Some(format!("exited with code {code}")),
+            ),
+            (None, Some(sig)) => exited(
+                RunOutcome::Failed,
+                Some(128 + sig),
+                Some(format!("killed by signal {sig}")),
+            ),
+            (None, None) => exited(RunOutcome::Failed, None, Some("ended with no status".into())),
+        },
+        (Err(e), None) => exited(
+            RunOutcome::Failed,
+            None,
+            Some(format!("cannot wait for the process: {e}")),
+        ),
+    };
+    let _ = events.send(event);
+}
+
+fn remove_scratch(uses_scratch: bool, dir: &std::path::Path) {
+    if uses_scratch {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+fn humanize(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
+}
+
+/// Sends each line (without its newline) as an entry; lines longer than
+/// [`MAX_ENTRY_BYTES`] become several entries. Bytes are passed on as they are.
+async fn read_lines(
+    pipe: impl AsyncRead + Unpin,
+    run_id: RunId,
+    stream: OutStream,
+    events: UnboundedSender<ExecEvent>,
+) {
+    let mut reader = BufReader::with_capacity(MAX_ENTRY_BYTES, pipe);
+    let mut line = Vec::new();
+    let send = |data: Vec<u8>| {
+        events
+            .send(ExecEvent::Output {
+                run_id,
+                stream,
+                timestamp: Timestamp::now(),
+                data,
+            })
+            .is_ok()
+    };
+    loop {
+        let buf = match reader.fill_buf().await {
+            Ok(buf) => buf,
+            Err(_) => break,
+        };
+        if buf.is_empty() {
+            break;
+        }
+        let room = MAX_ENTRY_BYTES - line.len();
+        let window = &buf[..buf.len().min(room)];
+        match window.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                line.extend_from_slice(&window[..i]);
+                reader.consume(i + 1);
+                if !send(std::mem::take(&mut line)) {
+                    return;
+                }
+            }
+            None => {
+                let n = window.len();
+                line.extend_from_slice(window);
+                reader.consume(n);
+                if line.len() >= MAX_ENTRY_BYTES && !send(std::mem::take(&mut line)) {
+                    return;
+                }
+            }
+        }
+    }
+    if !line.is_empty() {
+        send(line);
+    }
+}
