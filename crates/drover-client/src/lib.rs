@@ -1,0 +1,289 @@
+//! A typed client of drover's HTTP API, used by the CLI, the tests and anyone scripting
+//! drover from Rust.
+
+use drover_core::records::{
+    ErrorBody, EventRecord, JobRecord, JobView, JoinToken, LogEntryView, NodeView,
+};
+use drover_core::JobSpec;
+use futures::{Stream, StreamExt};
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+
+pub use drover_core::records;
+
+/// The address `drover up` and `drover server` listen on unless told otherwise.
+pub const DEFAULT_SERVER: &str = "http://127.0.0.1:7700";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server refused the request; `field` names the input at fault when there is one.
+    #[error("{message}")]
+    Api {
+        status: u16,
+        code: String,
+        field: Option<String>,
+        message: String,
+    },
+    #[error("cannot reach drover at {server}: {message} (is `drover up` running? set --server or DROVER_SERVER)")]
+    Unreachable { server: String, message: String },
+    #[error("bad server address {0:?}")]
+    BadServer(String),
+    #[error("unexpected answer from the server: {0}")]
+    Protocol(String),
+}
+
+pub type Result<T> = std::result::Result<T, ClientError>;
+
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+}
+
+/// What a live log follower receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FollowEvent {
+    Entry(LogEntryView),
+    /// The job is final; nothing more will come.
+    End(JobRecord),
+}
+
+impl Client {
+    pub fn new(server: &str) -> Result<Self> {
+        let base = Url::parse(server).map_err(|_| ClientError::BadServer(server.to_string()))?;
+        if !matches!(base.scheme(), "http" | "https") {
+            return Err(ClientError::BadServer(server.to_string()));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(Self { http, base })
+    }
+
+    pub fn server(&self) -> &str {
+        self.base.as_str()
+    }
+
+    /// `segments` are percent-encoded, so an id typed by a user cannot change the path.
+    fn url(&self, segments: &[&str]) -> Url {
+        let mut url = self.base.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.pop_if_empty();
+            path.extend(segments);
+        }
+        url
+    }
+
+    fn unreachable(&self, e: reqwest::Error) -> ClientError {
+        ClientError::Unreachable {
+            server: self.base.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    async fn send(&self, request: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let response = request.send().await.map_err(|e| self.unreachable(e))?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        Err(match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) => ClientError::Api {
+                status: status.as_u16(),
+                code: body.error.code,
+                field: body.error.field,
+                message: body.error.message,
+            },
+            Err(_) => ClientError::Api {
+                status: status.as_u16(),
+                code: status.canonical_reason().unwrap_or("error").to_lowercase(),
+                field: None,
+                message: format!("{status}: {}", text.trim()),
+            },
+        })
+    }
+
+    async fn json<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> Result<T> {
+        let response = self.send(request).await?;
+        let bytes = response.bytes().await.map_err(|e| self.unreachable(e))?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    fn request(&self, method: Method, segments: &[&str]) -> reqwest::RequestBuilder {
+        self.http.request(method, self.url(segments))
+    }
+
+    pub async fn submit_job(&self, spec: &JobSpec) -> Result<JobRecord> {
+        self.json(self.request(Method::POST, &["v1", "jobs"]).json(spec))
+            .await
+    }
+
+    /// Sends a raw body as a job submission (for scripts that build JSON themselves).
+    pub async fn submit_job_raw(&self, body: Vec<u8>) -> Result<JobRecord> {
+        let request = self
+            .request(Method::POST, &["v1", "jobs"])
+            .header("content-type", "application/json")
+            .body(body);
+        self.json(request).await
+    }
+
+    pub async fn get_job(&self, id: &str) -> Result<JobView> {
+        self.json(self.request(Method::GET, &["v1", "jobs", id])).await
+    }
+
+    pub async fn list_jobs(&self, state: Option<&str>, limit: u32) -> Result<Vec<JobRecord>> {
+        let mut request = self
+            .request(Method::GET, &["v1", "jobs"])
+            .query(&[("limit", limit.to_string())]);
+        if let Some(state) = state {
+            request = request.query(&[("state", state)]);
+        }
+        self.json(request).await
+    }
+
+    pub async fn job_events(&self, id: &str) -> Result<Vec<EventRecord>> {
+        self.json(self.request(Method::GET, &["v1", "jobs", id, "events"]))
+            .await
+    }
+
+    pub async fn job_logs(&self, id: &str, attempt: Option<u32>) -> Result<Vec<LogEntryView>> {
+        let mut request = self.request(Method::GET, &["v1", "jobs", id, "logs"]);
+        if let Some(a) = attempt {
+            request = request.query(&[("attempt", a)]);
+        }
+        self.json(request).await
+    }
+
+    pub async fn cancel_job(&self, id: &str) -> Result<JobRecord> {
+        self.json(self.request(Method::POST, &["v1", "jobs", id, "cancel"]))
+            .await
+    }
+
+    /// Waits until the job is final. `on_wait` is called with the job each time the wait
+    /// is renewed (for progress displays).
+    pub async fn wait_job(&self, id: &str, mut on_wait: impl FnMut(&JobView)) -> Result<JobView> {
+        loop {
+            let request = self
+                .request(Method::GET, &["v1", "jobs", id, "wait"])
+                .query(&[("timeout_ms", 10_000)]);
+            let view: JobView = self.json(request).await?;
+            if view.job.state.is_terminal() {
+                return Ok(view);
+            }
+            on_wait(&view);
+        }
+    }
+
+    /// Follows the job's log live (server-sent events) until the job is final.
+    pub async fn follow_logs(
+        &self,
+        id: &str,
+        attempt: Option<u32>,
+    ) -> Result<impl Stream<Item = Result<FollowEvent>> + use<>> {
+        let mut request = self
+            .request(Method::GET, &["v1", "jobs", id, "logs"])
+            .query(&[("follow", "true")]);
+        if let Some(a) = attempt {
+            request = request.query(&[("attempt", a)]);
+        }
+        let response = self.send(request).await?;
+        Ok(sse_events(response.bytes_stream()).filter_map(|ev| async move {
+            match ev {
+                Ok((name, data)) => match name.as_str() {
+                    "entry" => Some(
+                        serde_json::from_str(&data)
+                            .map(FollowEvent::Entry)
+                            .map_err(|e| ClientError::Protocol(e.to_string())),
+                    ),
+                    "end" => Some(
+                        serde_json::from_str(&data)
+                            .map(FollowEvent::End)
+                            .map_err(|e| ClientError::Protocol(e.to_string())),
+                    ),
+                    _ => None,
+                },
+                Err(e) => Some(Err(e)),
+            }
+        }))
+    }
+
+    pub async fn create_node_token(&self, ttl: Duration) -> Result<JoinToken> {
+        let body = serde_json::json!({ "ttl_seconds": ttl.as_secs() });
+        self.json(self.request(Method::POST, &["v1", "node-tokens"]).json(&body))
+            .await
+    }
+
+    pub async fn list_nodes(&self) -> Result<Vec<NodeView>> {
+        self.json(self.request(Method::GET, &["v1", "nodes"])).await
+    }
+
+    pub async fn get_node(&self, id: &str) -> Result<NodeView> {
+        self.json(self.request(Method::GET, &["v1", "nodes", id])).await
+    }
+
+    /// True once the server answers `/readyz` with 200.
+    pub async fn ready(&self) -> bool {
+        matches!(
+            self.http.get(self.url(&["readyz"])).send().await,
+            Ok(r) if r.status() == StatusCode::OK
+        )
+    }
+}
+
+/// Splits a server-sent-event byte stream into (event name, data) pairs.
+fn sse_events(
+    bytes: impl Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
+) -> impl Stream<Item = Result<(String, String)>> {
+    futures::stream::unfold(
+        (bytes, Vec::<u8>::new(), false),
+        |(mut bytes, mut buf, done)| async move {
+            loop {
+                if let Some(end) = find_blank_line(&buf) {
+                    let block: Vec<u8> = buf.drain(..end.0).collect();
+                    buf.drain(..end.1 - end.0);
+                    let text = String::from_utf8_lossy(&block);
+                    let mut name = "message".to_string();
+                    let mut data = Vec::new();
+                    for line in text.lines() {
+                        if let Some(v) = line.strip_prefix("event:") {
+                            name = v.trim().to_string();
+                        } else if let Some(v) = line.strip_prefix("data:") {
+                            data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
+                        }
+                    }
+                    if data.is_empty() {
+                        continue;
+                    }
+                    return Some((Ok((name, data.join("\n"))), (bytes, buf, done)));
+                }
+                if done {
+                    return None;
+                }
+                match bytes.next().await {
+                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Err(e)) => {
+                        let err = ClientError::Protocol(format!("event stream broke: {e}"));
+                        return Some((Err(err), (bytes, buf, true)));
+                    }
+                    None => return None,
+                }
+            }
+        },
+    )
+}
+
+/// The end of the first event block: (where its text ends, where the next block starts).
+fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, i + 2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| (i, i + 4));
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    }
+}

@@ -49,6 +49,8 @@ pub struct EventRecord {
     pub seq: i64,
     pub at: Timestamp,
     pub job_id: Option<JobId>,
+    /// The node the event is about (named apart from the `worker_id` some events carry).
+    #[serde(rename = "node_id")]
     pub worker_id: Option<WorkerId>,
     #[serde(flatten)]
     pub kind: EventKind,

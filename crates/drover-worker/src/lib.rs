@@ -551,3 +551,19 @@ impl Agent {
         self.runs.clear();
     }
 }
+
+/// The node credential kept in `state_dir`, if the node registered before.
+pub fn stored_credential(state_dir: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(credential_path(state_dir)).ok()?;
+    serde_json::from_str::<NodeCredential>(&text)
+        .ok()
+        .map(|c| c.credential)
+}
+
+/// Throws the stored credential away, so that the next start registers anew.
+pub fn forget_credential(state_dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_file(credential_path(state_dir)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

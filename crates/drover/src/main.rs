@@ -1,1 +1,75 @@
-fn main() {}
+//! `drover`: the one binary. The CLI parses, the crates do the work.
+
+mod job;
+mod node;
+mod output;
+mod serve;
+
+use clap::{Parser, Subcommand};
+use output::Output;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "drover", version, about = "Run jobs and models on a fleet of machines")]
+struct Cli {
+    /// The control plane to talk to.
+    #[arg(long, global = true, env = "DROVER_SERVER", default_value = drover_client::DEFAULT_SERVER)]
+    server: String,
+    /// How to print results.
+    #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Control plane and one local worker in one process, data in ./.drover.
+    Up(serve::UpArgs),
+    /// The control plane alone.
+    Server(serve::ServerArgs),
+    /// A worker (node agent) that joins a control plane.
+    Worker(serve::WorkerArgs),
+    /// Submit, inspect, follow and cancel jobs.
+    #[command(subcommand)]
+    Job(job::JobCommand),
+    /// Nodes (workers) and their join tokens.
+    #[command(subcommand)]
+    Node(node::NodeCommand),
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DROVER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let long_running = matches!(
+        cli.command,
+        Command::Up(_) | Command::Server(_) | Command::Worker(_)
+    );
+    init_tracing(if long_running { "info" } else { "warn" });
+    let result = match cli.command {
+        Command::Up(args) => serve::up(args).await,
+        Command::Server(args) => serve::server(args).await,
+        Command::Worker(args) => serve::worker(args, &cli.server).await,
+        Command::Job(cmd) => job::run(cmd, &cli.server, cli.output).await,
+        Command::Node(cmd) => node::run(cmd, &cli.server, cli.output).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let invalid = e
+                .downcast_ref::<drover_client::ClientError>()
+                .is_some_and(|c| matches!(c, drover_client::ClientError::Api { status: 400, .. }));
+            ExitCode::from(if invalid { 2 } else { 1 })
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! `drover job …`
+
+use crate::output::{self, Output, parse_duration, parse_pairs, print_json};
+use anyhow::{Context, bail};
+use base64::Engine;
+use clap::{Args, Subcommand};
+use drover_client::records::{JobRecord, JobView, LogEntryView, LogStream};
+use drover_client::{Client, FollowEvent};
+use drover_core::{JobSpec, JobState};
+use futures::StreamExt;
+use std::io::Write;
+use std::process::ExitCode;
+
+#[derive(Subcommand)]
+pub enum JobCommand {
+    /// Submit a job; prints its id (or follows it with --follow, waits with --wait).
+    Run(RunArgs),
+    /// A job's state, status code, attempts and exit code.
+    Get(JobRef),
+    /// Jobs, newest first.
+    List {
+        /// Only jobs in this state (QUEUED, RUNNING, SUCCEEDED, FAILED, …).
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+    /// A job's output; -f follows it live until the job ends.
+    Logs {
+        #[command(flatten)]
+        job: JobRef,
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Which attempt (default: the latest).
+        #[arg(long)]
+        attempt: Option<u32>,
+    },
+    /// What happened to a job, in order.
+    Events(JobRef),
+    /// Cancel a queued or running job.
+    Cancel(JobRef),
+    /// Wait until a job ends; exits with its exit code.
+    Wait(JobRef),
+}
+
+/// A job id, positional or as `--id` (as in scripts written for other job CLIs).
+#[derive(Args)]
+pub struct JobRef {
+    #[arg(value_name = "ID", required_unless_present = "id_flag")]
+    id: Option<String>,
+    #[arg(long = "id", value_name = "ID", conflicts_with = "id")]
+    id_flag: Option<String>,
+}
+
+impl JobRef {
+    fn id(&self) -> &str {
+        self.id.as_deref().or(self.id_flag.as_deref()).unwrap_or_default()
+    }
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    #[arg(long)]
+    name: Option<String>,
+    /// Run by /bin/sh -c; with --args, the program to exec (no shell).
+    #[arg(long)]
+    command: Option<String>,
+    /// Arguments for the program given in --command, split like a shell would.
+    #[arg(long, allow_hyphen_values = true)]
+    args: Option<String>,
+    /// Program and arguments after `--`, exec'd with no shell.
+    #[arg(last = true)]
+    argv: Vec<String>,
+    /// Environment: K=V,K2=V2 (repeatable).
+    #[arg(long)]
+    env: Vec<String>,
+    #[arg(long)]
+    working_dir: Option<String>,
+    /// Whole-run limit: 30 (seconds), 500ms, 5m, 1h.
+    #[arg(long, allow_hyphen_values = true)]
+    timeout: Option<String>,
+    /// Higher runs first.
+    #[arg(long, default_value_t = 0, allow_hyphen_values = true)]
+    priority: i32,
+    /// One try plus retries (default 4).
+    #[arg(long)]
+    max_attempts: Option<u32>,
+    /// Base of the retry backoff: 10s, 500ms, …
+    #[arg(long)]
+    backoff: Option<String>,
+    /// Node labels the worker must carry: K=V,K2=V2.
+    #[arg(long)]
+    labels: Option<String>,
+    /// Wait until the job ends and exit with its exit code.
+    #[arg(long, conflicts_with = "follow")]
+    wait: bool,
+    /// Print the job's output live until it ends; exit with its exit code.
+    #[arg(long, short = 'f')]
+    follow: bool,
+}
+
+impl RunArgs {
+    fn spec(&self) -> anyhow::Result<JobSpec> {
+        let mut spec = JobSpec {
+            name: self.name.clone().unwrap_or_default(),
+            working_dir: self.working_dir.clone(),
+            priority: self.priority,
+            max_attempts: self.max_attempts,
+            ..Default::default()
+        };
+        match (&self.command, &self.args, self.argv.as_slice()) {
+            (Some(_), _, [_, ..]) => bail!("--command: give either --command or a program after --, not both"),
+            (Some(program), Some(args), []) => {
+                spec.program = Some(program.clone());
+                spec.args = shell_words::split(args).context("--args: unbalanced quotes")?;
+            }
+            (Some(command), None, []) => spec.command = Some(command.clone()),
+            (None, Some(_), _) => bail!("--args: goes with --command PROGRAM"),
+            (None, None, [program, args @ ..]) => {
+                spec.program = Some(program.clone());
+                spec.args = args.to_vec();
+            }
+            (None, None, []) => bail!("--command: is required (or give a program after --)"),
+        }
+        for list in &self.env {
+            for (k, v) in parse_pairs(list).map_err(|e| anyhow::anyhow!("--env: {e}"))? {
+                spec.env.insert(k, v);
+            }
+        }
+        if let Some(labels) = &self.labels {
+            for (k, v) in parse_pairs(labels).map_err(|e| anyhow::anyhow!("--labels: {e}"))? {
+                spec.labels.insert(k, v);
+            }
+        }
+        if let Some(t) = &self.timeout {
+            let d = parse_duration(t).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+            spec.timeout_ms = Some(d.as_millis().min(i64::MAX as u128) as i64);
+        }
+        if let Some(b) = &self.backoff {
+            let d = parse_duration(b).map_err(|e| anyhow::anyhow!("--backoff: {e}"))?;
+            spec.backoff_base_ms = Some(d.as_millis() as u64);
+        }
+        Ok(spec)
+    }
+}
+
+pub async fn run(cmd: JobCommand, server: &str, output: Output) -> anyhow::Result<ExitCode> {
+    let client = Client::new(server)?;
+    match cmd {
+        JobCommand::Run(args) => run_job(&client, args, output).await,
+        JobCommand::Get(job) => {
+            let view = client.get_job(job.id()).await?;
+            match output {
+                Output::Json => print_json(&view)?,
+                Output::Text => print_job(&view),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::List { state, limit } => {
+            let jobs = client.list_jobs(state.as_deref(), limit).await?;
+            match output {
+                Output::Json => print_json(&jobs)?,
+                Output::Text => {
+                    let mut t = output::table(&["ID", "NAME", "STATE", "ATTEMPTS", "EXIT", "CREATED"]);
+                    for j in &jobs {
+                        t.add_row(vec![
+                            j.id.to_string(),
+                            j.name.chars().take(40).collect(),
+                            j.state.to_string(),
+                            format!("{}/{}", j.attempts, j.max_attempts),
+                            j.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                            output::time(j.created_at),
+                        ]);
+                    }
+                    println!("{t}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Logs {
+            job,
+            follow,
+            attempt,
+        } => {
+            if follow {
+                let end = follow_logs(&client, job.id(), attempt, output).await?;
+                return Ok(exit_code_of(&end));
+            }
+            for entry in client.job_logs(job.id(), attempt).await? {
+                print_entry(&entry, output)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Events(job) => {
+            let events = client.job_events(job.id()).await?;
+            match output {
+                Output::Json => print_json(&events)?,
+                Output::Text => {
+                    let mut t = output::table(&["SEQ", "TIME", "EVENT", "DETAILS"]);
+                    for e in &events {
+                        let mut details = serde_json::to_value(&e.kind)?;
+                        if let Some(map) = details.as_object_mut() {
+                            map.remove("type");
+                        }
+                        t.add_row(vec![
+                            e.seq.to_string(),
+                            output::time(e.at),
+                            e.kind.type_name().to_string(),
+                            details.to_string(),
+                        ]);
+                    }
+                    println!("{t}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Cancel(job) => {
+            let j = client.cancel_job(job.id()).await?;
+            match output {
+                Output::Json => print_json(&j)?,
+                Output::Text => println!("{} {}", j.id, j.state),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        JobCommand::Wait(job) => {
+            let view = wait(&client, job.id()).await?;
+            finish(&view.job, output)
+        }
+    }
+}
+
+async fn run_job(client: &Client, args: RunArgs, output: Output) -> anyhow::Result<ExitCode> {
+    let spec = args.spec()?;
+    let job = client.submit_job(&spec).await?;
+    if !args.wait && !args.follow {
+        match output {
+            Output::Json => print_json(&job)?,
+            Output::Text => println!("{}", job.id),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if output == Output::Text {
+        eprintln!("job {} submitted", job.id);
+    }
+    let end = if args.follow {
+        follow_logs(client, &job.id.to_string(), None, output).await?
+    } else {
+        wait(client, &job.id.to_string()).await?.job
+    };
+    finish(&end, output)
+}
+
+async fn wait(client: &Client, id: &str) -> anyhow::Result<JobView> {
+    let bar = output::spinner(&format!("waiting for job {id}"));
+    let view = client
+        .wait_job(id, |v| {
+            if let Some(bar) = &bar {
+                bar.set_message(format!("job {id}: {} (attempt {})", v.job.state, v.job.attempts));
+            }
+        })
+        .await;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(view?)
+}
+
+/// Prints the final status and turns the job's outcome into the process exit code.
+fn finish(job: &JobRecord, output: Output) -> anyhow::Result<ExitCode> {
+    match output {
+        Output::Json => print_json(job)?,
+        Output::Text => {
+            let mut line = format!("job {} {}", job.id, job.state);
+            if let Some(code) = job.exit_code {
+                line.push_str(&format!(" (exit code {code})"));
+            }
+            if let Some(err) = job.error.as_deref().filter(|_| job.state != JobState::Succeeded) {
+                line.push_str(&format!(": {err}"));
+            }
+            eprintln!("{line}");
+        }
+    }
+    Ok(exit_code_of(job))
+}
+
+/// The job's exit code when it has one; otherwise 124 for a timeout (as timeout(1) does),
+/// 130 for a cancel, 1 for any other failure.
+fn exit_code_of(job: &JobRecord) -> ExitCode {
+    let code = match (job.state, job.exit_code) {
+        (JobState::Succeeded, _) => 0,
+        (JobState::TimedOut, _) => 124,
+        (JobState::Cancelled, _) => 130,
+        (_, Some(c)) if (1..=255).contains(&c) => c,
+        _ => 1,
+    };
+    ExitCode::from(code as u8)
+}
+
+async fn follow_logs(
+    client: &Client,
+    id: &str,
+    attempt: Option<u32>,
+    output: Output,
+) -> anyhow::Result<JobRecord> {
+    let mut events = Box::pin(client.follow_logs(id, attempt).await?);
+    while let Some(ev) = events.next().await {
+        match ev? {
+            FollowEvent::Entry(entry) => print_entry(&entry, output)?,
+            FollowEvent::End(job) => return Ok(job),
+        }
+    }
+    // The stream broke before the end: report the job as it is now.
+    let view = client.get_job(id).await?;
+    if !view.job.state.is_terminal() {
+        bail!("the log stream ended before job {id} did");
+    }
+    Ok(view.job)
+}
+
+fn print_entry(entry: &LogEntryView, output: Output) -> anyhow::Result<()> {
+    if output == Output::Json {
+        println!("{}", serde_json::to_string(entry)?);
+        return Ok(());
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(&entry.data)
+        .unwrap_or_else(|_| entry.text.clone().into_bytes());
+    let result = match entry.stream {
+        LogStream::Stdout => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&bytes).and_then(|_| out.write_all(b"\n")).and_then(|_| out.flush())
+        }
+        LogStream::Stderr => {
+            let mut err = std::io::stderr().lock();
+            err.write_all(&bytes).and_then(|_| err.write_all(b"\n"))
+        }
+    };
+    // A closed pipe (`| head`) is the reader's choice, not an error.
+    match result {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+fn print_job(view: &JobView) {
+    let j = &view.job;
+    println!("Job:       {} ({})", j.id, j.name);
+    println!("Status:    {} (Status Code: {})", j.state, j.status_code);
+    println!("Attempts:  {} of {}", j.attempts, j.max_attempts);
+    println!(
+        "Exit code: {}",
+        j.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())
+    );
+    if let Some(err) = &j.error {
+        println!("Error:     {err}");
+    }
+    println!("Created:   {}", output::time(j.created_at));
+    println!("Finished:  {}", output::time_opt(j.finished_at));
+    if view.runs.is_empty() {
+        return;
+    }
+    println!("Runs:");
+    let mut t = output::table(&["#", "RUN", "STATE", "EXIT", "WORKER", "STARTED", "TOOK", "RETRY OF"]);
+    for r in &view.runs {
+        let run = &r.run;
+        let took = match (run.started_at, run.finished_at) {
+            (Some(s), Some(f)) => output::duration(f.since(s)),
+            _ => "-".into(),
+        };
+        t.add_row(vec![
+            run.attempt.to_string(),
+            run.id.to_string(),
+            run.state.to_string(),
+            run.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+            run.worker_id.to_string(),
+            output::time_opt(run.started_at),
+            took,
+            run.retry_of.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    println!("{t}");
+}

@@ -1,0 +1,96 @@
+//! `drover node …`
+
+use crate::output::{self, Output, parse_duration, print_json};
+use clap::Subcommand;
+use drover_client::Client;
+use drover_client::records::NodeView;
+use std::process::ExitCode;
+
+#[derive(Subcommand)]
+pub enum NodeCommand {
+    /// One-time join tokens for new workers.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Every node that ever registered.
+    List,
+    /// One node.
+    Get { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum TokenCommand {
+    /// Mint a one-time token: `drover worker --server URL --token TOKEN` uses it once.
+    Create {
+        /// How long it stays valid.
+        #[arg(long, default_value = "1h")]
+        ttl: String,
+    },
+}
+
+pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Result<ExitCode> {
+    let client = Client::new(server)?;
+    match cmd {
+        NodeCommand::Token(TokenCommand::Create { ttl }) => {
+            let ttl = parse_duration(&ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+            let token = client.create_node_token(ttl).await?;
+            match output {
+                Output::Json => print_json(&token)?,
+                Output::Text => {
+                    println!("{}", token.token);
+                    eprintln!(
+                        "one-time token, valid until {}: drover worker --server {} --token {}",
+                        output::time(token.expires_at),
+                        client.server().trim_end_matches('/'),
+                        token.token
+                    );
+                }
+            }
+        }
+        NodeCommand::List => {
+            let nodes = client.list_nodes().await?;
+            match output {
+                Output::Json => print_json(&nodes)?,
+                Output::Text => {
+                    let mut t = output::table(&[
+                        "ID", "NAME", "STATE", "CONNECTED", "SLOTS", "LIVE RUNS", "LAST SEEN",
+                    ]);
+                    for n in &nodes {
+                        t.add_row(row(n));
+                    }
+                    println!("{t}");
+                }
+            }
+        }
+        NodeCommand::Get { id } => {
+            let n = client.get_node(&id).await?;
+            match output {
+                Output::Json => print_json(&n)?,
+                Output::Text => {
+                    let c = &n.worker.capabilities;
+                    println!("Node:       {} ({})", n.worker.id, n.worker.name);
+                    println!("State:      {}{}", n.worker.state.as_str(), if n.connected { ", connected" } else { "" });
+                    println!("Host:       {} ({} CPUs, {} MiB)", c.hostname, c.cpus, c.memory_bytes >> 20);
+                    println!("Slots:      {} ({} live runs)", c.slots, n.live_runs);
+                    println!("Isolation:  {}", c.isolation_modes.join(", "));
+                    let labels: Vec<String> = c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    println!("Labels:     {}", if labels.is_empty() { "-".into() } else { labels.join(",") });
+                    println!("Registered: {}", output::time(n.worker.created_at));
+                    println!("Last seen:  {}", output::time(n.worker.last_seen_at));
+                }
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn row(n: &NodeView) -> Vec<String> {
+    vec![
+        n.worker.id.to_string(),
+        n.worker.name.clone(),
+        n.worker.state.as_str().to_string(),
+        if n.connected { "yes" } else { "no" }.to_string(),
+        n.worker.capabilities.slots.to_string(),
+        n.live_runs.to_string(),
+        output::time(n.worker.last_seen_at),
+    ]
+}

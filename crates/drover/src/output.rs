@@ -1,0 +1,129 @@
+//! Printing for people (tables, status lines, spinners) and for scripts (`--output json`).
+
+use drover_core::Timestamp;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::time::Duration;
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+pub fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub fn table(header: &[&str]) -> comfy_table::Table {
+    let mut t = comfy_table::Table::new();
+    t.load_preset(comfy_table::presets::NOTHING)
+        .set_content_arrangement(comfy_table::ContentArrangement::Disabled)
+        .set_header(header.to_vec());
+    t
+}
+
+pub fn time(t: Timestamp) -> String {
+    let s = t.to_rfc3339();
+    // 2026-11-24T06:16:16.123456Z → 2026-11-24 06:16:16
+    s.get(..19).map(|s| s.replace('T', " ")).unwrap_or(s)
+}
+
+pub fn time_opt(t: Option<Timestamp>) -> String {
+    t.map(time).unwrap_or_else(|| "-".into())
+}
+
+pub fn duration(d: Duration) -> String {
+    if d < Duration::from_secs(1) {
+        format!("{}ms", d.as_millis())
+    } else if d < Duration::from_secs(120) {
+        format!("{:.1}s", d.as_secs_f64())
+    } else {
+        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
+    }
+}
+
+/// A spinner on stderr when it is a terminal; nothing otherwise.
+pub fn spinner(message: &str) -> Option<ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+            .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+    );
+    bar.set_message(message.to_string());
+    bar.enable_steady_tick(Duration::from_millis(100));
+    Some(bar)
+}
+
+/// Parses `30` (seconds), `500ms`, `30s`, `5m`, `1h30m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.starts_with('-') {
+        return Err(format!("{s:?} is negative; give a positive duration such as 30s"));
+    }
+    let d = match s.parse::<f64>() {
+        Ok(secs) if secs.is_finite() => Duration::from_secs_f64(secs),
+        _ => humantime::parse_duration(s)
+            .map_err(|e| format!("{s:?} is not a duration (30, 500ms, 30s, 5m, 1h): {e}"))?,
+    };
+    if d.is_zero() {
+        return Err("must be greater than zero".into());
+    }
+    Ok(d)
+}
+
+/// Parses `K=V,K2=V2`; a piece without `=` belongs to the value before it, so values may
+/// hold commas.
+pub fn parse_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
+    let mut pairs: Vec<(String, String)> = Vec::new();
+    for piece in s.split(',') {
+        match piece.split_once('=') {
+            Some((k, v)) => pairs.push((k.trim().to_string(), v.to_string())),
+            None => match pairs.last_mut() {
+                Some((_, v)) => {
+                    v.push(',');
+                    v.push_str(piece);
+                }
+                None if piece.trim().is_empty() => {}
+                None => return Err(format!("{piece:?} is not NAME=VALUE")),
+            },
+        }
+    }
+    Ok(pairs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("-5").is_err());
+        assert!(parse_duration("0").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn pairs() {
+        assert_eq!(
+            parse_pairs("MY_VAR=hello_world,NUM_VAR=42").unwrap(),
+            vec![
+                ("MY_VAR".to_string(), "hello_world".to_string()),
+                ("NUM_VAR".to_string(), "42".to_string())
+            ]
+        );
+        assert_eq!(
+            parse_pairs("LIST=a,b,c").unwrap(),
+            vec![("LIST".to_string(), "a,b,c".to_string())]
+        );
+        assert!(parse_pairs("oops").is_err());
+    }
+}

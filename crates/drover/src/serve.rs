@@ -1,0 +1,199 @@
+//! `drover up`, `drover server`, `drover worker`: the long-running processes.
+
+use crate::output::{parse_duration, parse_pairs};
+use anyhow::Context;
+use clap::Args;
+use drover_server::{Server, ServerConfig};
+use drover_worker::WorkerConfig;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio::sync::watch;
+
+#[derive(Args, Clone)]
+pub struct ServerArgs {
+    /// Address of the API (HTTP JSON and gRPC on one port). Port 0 picks a free one; the
+    /// address is written to DATA_DIR/api.addr either way.
+    #[arg(long, env = "DROVER_LISTEN", default_value = "127.0.0.1:7700")]
+    listen: SocketAddr,
+    /// Log files and the SQLite database.
+    #[arg(long, env = "DROVER_DATA_DIR", default_value = ".drover")]
+    data_dir: PathBuf,
+    /// sqlite://PATH (default: DATA_DIR/drover.db).
+    #[arg(long, env = "DROVER_DATABASE_URL")]
+    database_url: Option<String>,
+    /// How long an assignment survives without a heartbeat from its worker.
+    #[arg(long, env = "DROVER_LEASE", default_value = "30s", value_parser = parse_duration)]
+    lease: Duration,
+    /// Base of the exponential retry backoff for jobs that do not set their own.
+    #[arg(long, env = "DROVER_BACKOFF_BASE", default_value = "10s", value_parser = parse_duration)]
+    backoff_base: Duration,
+}
+
+impl ServerArgs {
+    fn config(&self) -> ServerConfig {
+        let mut c = ServerConfig::new(self.listen, self.data_dir.clone());
+        c.database_url = self.database_url.clone();
+        c.lease = self.lease;
+        c.default_backoff_base = self.backoff_base;
+        c
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct WorkerOptions {
+    /// Node name (default: the host name).
+    #[arg(long)]
+    name: Option<String>,
+    /// Node labels: K=V,K2=V2.
+    #[arg(long)]
+    labels: Option<String>,
+    /// Jobs run at once (default: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    slots: u32,
+    /// Between SIGTERM and SIGKILL when a job is stopped.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    kill_grace: Duration,
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// One-time token from `drover node token create` (first start only).
+    #[arg(long, env = "DROVER_TOKEN")]
+    token: Option<String>,
+    /// Where the node keeps its credential and run scratch directories.
+    #[arg(long, env = "DROVER_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    #[command(flatten)]
+    options: WorkerOptions,
+}
+
+#[derive(Args)]
+pub struct UpArgs {
+    #[command(flatten)]
+    server: ServerArgs,
+    #[command(flatten)]
+    worker: WorkerOptions,
+}
+
+fn worker_config(
+    server: String,
+    token: Option<String>,
+    state_dir: PathBuf,
+    o: &WorkerOptions,
+) -> anyhow::Result<WorkerConfig> {
+    let labels = match &o.labels {
+        Some(l) => parse_pairs(l)
+            .map_err(|e| anyhow::anyhow!("--labels: {e}"))?
+            .into_iter()
+            .collect(),
+        None => Default::default(),
+    };
+    Ok(WorkerConfig {
+        server,
+        token,
+        state_dir,
+        name: o.name.clone(),
+        labels,
+        slots: o.slots,
+        kill_grace: o.kill_grace,
+    })
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(t) => { t.recv().await; }
+                None => std::future::pending::<()>().await,
+            }
+        } => {}
+    }
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+async fn bind(args: &ServerArgs) -> anyhow::Result<Server> {
+    let server = Server::bind(args.config()).await?;
+    let addr_file = args.data_dir.join("api.addr");
+    std::fs::write(&addr_file, format!("http://{}\n", server.local_addr()))
+        .with_context(|| format!("cannot write {}", addr_file.display()))?;
+    Ok(server)
+}
+
+pub async fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
+    let server = bind(&args).await?;
+    tracing::info!(api = %format!("http://{}", server.local_addr()), "drover server listening");
+    server.serve(shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn worker(args: WorkerArgs, server: &str) -> anyhow::Result<ExitCode> {
+    let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
+    let config = worker_config(server.to_string(), args.token.clone(), state_dir, &args.options)?;
+    drover_worker::run(config, shutdown_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn default_state_dir() -> PathBuf {
+    std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("drover/worker")
+}
+
+pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    let server = bind(&args.server).await?;
+    let url = format!("http://{}", server.local_addr());
+    let store = server.store();
+    let worker_dir = args.server.data_dir.join("worker");
+    // The local worker registers once; a credential the store does not know (a deleted
+    // database) is thrown away and the worker registers anew.
+    let known = match drover_worker::stored_credential(&worker_dir) {
+        Some(c) => store.authenticate_worker(&c).await.is_ok(),
+        None => false,
+    };
+    let token = if known {
+        None
+    } else {
+        drover_worker::forget_credential(&worker_dir)?;
+        Some(store.create_join_token(Duration::from_secs(600)).await?.token)
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut server_task = tokio::spawn(server.serve(stopped(stop_rx.clone())));
+    let config = worker_config(url.clone(), token, worker_dir, &args.worker)?;
+    let slots = drover_worker::capabilities(&config).slots;
+    let mut worker_task = tokio::spawn(drover_worker::run(config, stopped(stop_rx)));
+    println!("drover is up");
+    println!("  API:    {url}  (HTTP JSON and gRPC)");
+    println!("  data:   {}", args.server.data_dir.display());
+    println!("  worker: local, {slots} slots");
+    println!();
+    println!("Try it from another terminal:");
+    println!("  drover job run --command 'echo hello from drover' --follow");
+    println!("Stop with Ctrl-C.");
+    let result: anyhow::Result<()> = tokio::select! {
+        _ = shutdown_signal() => Ok(()),
+        r = &mut server_task => Err(anyhow::anyhow!("the control plane stopped: {:?}", r.map(|r| r.map_err(|e| e.to_string())))),
+        r = &mut worker_task => Err(anyhow::anyhow!("the local worker stopped: {}", match r {
+            Ok(Ok(())) => "without an error".to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        })),
+    };
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+        let _ = (&mut worker_task).await;
+        let _ = (&mut server_task).await;
+    })
+    .await;
+    result?;
+    Ok(ExitCode::SUCCESS)
+}
