@@ -1,10 +1,10 @@
 //! A typed client of drover's HTTP API, used by the CLI, the tests and anyone scripting
 //! drover from Rust.
 
+use drover_core::JobSpec;
 use drover_core::records::{
     ErrorBody, EventRecord, JobRecord, JobView, JoinToken, LogEntryView, NodeView,
 };
-use drover_core::JobSpec;
 use futures::{Stream, StreamExt};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -25,7 +25,9 @@ pub enum ClientError {
         field: Option<String>,
         message: String,
     },
-    #[error("cannot reach drover at {server}: {message} (is `drover up` running? set --server or DROVER_SERVER)")]
+    #[error(
+        "cannot reach drover at {server}: {message} (is `drover up` running? set --server or DROVER_SERVER)"
+    )]
     Unreachable { server: String, message: String },
     #[error("bad server address {0:?}")]
     BadServer(String),
@@ -131,7 +133,8 @@ impl Client {
     }
 
     pub async fn get_job(&self, id: &str) -> Result<JobView> {
-        self.json(self.request(Method::GET, &["v1", "jobs", id])).await
+        self.json(self.request(Method::GET, &["v1", "jobs", id]))
+            .await
     }
 
     pub async fn list_jobs(&self, state: Option<&str>, limit: u32) -> Result<Vec<JobRecord>> {
@@ -190,30 +193,35 @@ impl Client {
             request = request.query(&[("attempt", a)]);
         }
         let response = self.send(request).await?;
-        Ok(sse_events(response.bytes_stream()).filter_map(|ev| async move {
-            match ev {
-                Ok((name, data)) => match name.as_str() {
-                    "entry" => Some(
-                        serde_json::from_str(&data)
-                            .map(FollowEvent::Entry)
-                            .map_err(|e| ClientError::Protocol(e.to_string())),
-                    ),
-                    "end" => Some(
-                        serde_json::from_str(&data)
-                            .map(FollowEvent::End)
-                            .map_err(|e| ClientError::Protocol(e.to_string())),
-                    ),
-                    _ => None,
-                },
-                Err(e) => Some(Err(e)),
-            }
-        }))
+        Ok(
+            sse_events(response.bytes_stream()).filter_map(|ev| async move {
+                match ev {
+                    Ok((name, data)) => match name.as_str() {
+                        "entry" => Some(
+                            serde_json::from_str(&data)
+                                .map(FollowEvent::Entry)
+                                .map_err(|e| ClientError::Protocol(e.to_string())),
+                        ),
+                        "end" => Some(
+                            serde_json::from_str(&data)
+                                .map(FollowEvent::End)
+                                .map_err(|e| ClientError::Protocol(e.to_string())),
+                        ),
+                        _ => None,
+                    },
+                    Err(e) => Some(Err(e)),
+                }
+            }),
+        )
     }
 
     pub async fn create_node_token(&self, ttl: Duration) -> Result<JoinToken> {
         let body = serde_json::json!({ "ttl_seconds": ttl.as_secs() });
-        self.json(self.request(Method::POST, &["v1", "node-tokens"]).json(&body))
-            .await
+        self.json(
+            self.request(Method::POST, &["v1", "node-tokens"])
+                .json(&body),
+        )
+        .await
     }
 
     pub async fn list_nodes(&self) -> Result<Vec<NodeView>> {
@@ -221,7 +229,8 @@ impl Client {
     }
 
     pub async fn get_node(&self, id: &str) -> Result<NodeView> {
-        self.json(self.request(Method::GET, &["v1", "nodes", id])).await
+        self.json(self.request(Method::GET, &["v1", "nodes", id]))
+            .await
     }
 
     /// True once the server answers `/readyz` with 200.
@@ -277,7 +286,10 @@ fn sse_events(
 
 /// The end of the first event block: (where its text ends, where the next block starts).
 fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| (i, i + 2));
+    let lf = buf
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| (i, i + 2));
     let crlf = buf
         .windows(4)
         .position(|w| w == b"\r\n\r\n")

@@ -84,7 +84,10 @@ impl JobSpec {
             ));
         }
         if self.name.chars().any(char::is_control) {
-            return Err(ValidationError::new("name", "must not contain control characters"));
+            return Err(ValidationError::new(
+                "name",
+                "must not contain control characters",
+            ));
         }
         match (&self.command, &self.program) {
             (Some(_), Some(_)) => {
@@ -93,13 +96,21 @@ impl JobSpec {
                     "give either command (run by /bin/sh -c) or program with args, not both",
                 ));
             }
-            (None, None) => return Err(ValidationError::new("command", "is required (or give program)")),
+            (None, None) => {
+                return Err(ValidationError::new(
+                    "command",
+                    "is required (or give program)",
+                ));
+            }
             (Some(command), None) => {
                 if command.trim().is_empty() {
                     return Err(ValidationError::new("command", "must not be empty"));
                 }
                 if command.len() > MAX_COMMAND_BYTES {
-                    return Err(ValidationError::new("command", format!("is over {MAX_COMMAND_BYTES} bytes")));
+                    return Err(ValidationError::new(
+                        "command",
+                        format!("is over {MAX_COMMAND_BYTES} bytes"),
+                    ));
                 }
                 if command.contains('\0') {
                     return Err(ValidationError::new("command", "must not contain NUL"));
@@ -119,14 +130,23 @@ impl JobSpec {
                     return Err(ValidationError::new("program", "must not contain NUL"));
                 }
                 if self.args.len() > MAX_ARGS {
-                    return Err(ValidationError::new("args", format!("more than {MAX_ARGS} arguments")));
+                    return Err(ValidationError::new(
+                        "args",
+                        format!("more than {MAX_ARGS} arguments"),
+                    ));
                 }
                 let args_bytes: usize = self.args.iter().map(String::len).sum();
                 if args_bytes > MAX_COMMAND_BYTES {
-                    return Err(ValidationError::new("args", format!("are over {MAX_COMMAND_BYTES} bytes")));
+                    return Err(ValidationError::new(
+                        "args",
+                        format!("are over {MAX_COMMAND_BYTES} bytes"),
+                    ));
                 }
                 if let Some(i) = self.args.iter().position(|a| a.contains('\0')) {
-                    return Err(ValidationError::new(format!("args[{i}]"), "must not contain NUL"));
+                    return Err(ValidationError::new(
+                        format!("args[{i}]"),
+                        "must not contain NUL",
+                    ));
                 }
             }
         }
@@ -134,13 +154,22 @@ impl JobSpec {
         for (name, value) in &self.env {
             let field = format!("env.{}", name.chars().take(64).collect::<String>());
             if name.is_empty() {
-                return Err(ValidationError::new("env", "a variable name must not be empty"));
+                return Err(ValidationError::new(
+                    "env",
+                    "a variable name must not be empty",
+                ));
             }
             if name.contains('=') || name.contains('\0') {
-                return Err(ValidationError::new(field, "a variable name must not contain '=' or NUL"));
+                return Err(ValidationError::new(
+                    field,
+                    "a variable name must not contain '=' or NUL",
+                ));
             }
             if name.len() > MAX_ENV_NAME_BYTES {
-                return Err(ValidationError::new(field, format!("name is over {MAX_ENV_NAME_BYTES} bytes")));
+                return Err(ValidationError::new(
+                    field,
+                    format!("name is over {MAX_ENV_NAME_BYTES} bytes"),
+                ));
             }
             if value.contains('\0') {
                 return Err(ValidationError::new(field, "value must not contain NUL"));
@@ -165,14 +194,23 @@ impl JobSpec {
         if let Some(dir) = &self.working_dir
             && (dir.is_empty() || dir.contains('\0'))
         {
-            return Err(ValidationError::new("working_dir", "must be a non-empty path without NUL"));
+            return Err(ValidationError::new(
+                "working_dir",
+                "must be a non-empty path without NUL",
+            ));
         }
         if let Some(ms) = self.timeout_ms {
             if ms <= 0 {
-                return Err(ValidationError::new("timeout_ms", format!("must be positive, got {ms}")));
+                return Err(ValidationError::new(
+                    "timeout_ms",
+                    format!("must be positive, got {ms}"),
+                ));
             }
             if ms > MAX_TIMEOUT_MS {
-                return Err(ValidationError::new("timeout_ms", "must be at most 30 days"));
+                return Err(ValidationError::new(
+                    "timeout_ms",
+                    "must be at most 30 days",
+                ));
             }
         }
         if let Some(n) = self.max_attempts
@@ -186,7 +224,10 @@ impl JobSpec {
         if let Some(ms) = self.backoff_base_ms
             && ms > MAX_BACKOFF_BASE_MS
         {
-            return Err(ValidationError::new("backoff_base_ms", "must be at most one day"));
+            return Err(ValidationError::new(
+                "backoff_base_ms",
+                "must be at most one day",
+            ));
         }
         for (k, v) in &self.labels {
             if k.is_empty() || k.len() > 256 || v.len() > 256 {

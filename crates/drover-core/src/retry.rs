@@ -10,9 +10,7 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(3600);
 /// that jobs failing together do not retry together.
 pub fn backoff_delay(base: Duration, failed_attempt: u32, jitter: f64) -> Duration {
     let exp = failed_attempt.saturating_sub(1).min(32);
-    let full = base
-        .saturating_mul(1u32 << exp.min(31))
-        .min(MAX_BACKOFF);
+    let full = base.saturating_mul(1u32 << exp.min(31)).min(MAX_BACKOFF);
     let half = full / 2;
     half + half.mul_f64(jitter.clamp(0.0, 1.0))
 }

@@ -36,14 +36,11 @@ pub fn assign(mut jobs: Vec<Candidate>, mut workers: Vec<FreeWorker>) -> Vec<(Jo
     jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.job_id.cmp(&b.job_id)));
     let mut out = Vec::new();
     for job in &jobs {
-        let best = workers
-            .iter_mut()
-            .filter(|w| w.fits(job))
-            .max_by(|a, b| {
-                a.free_slots
-                    .cmp(&b.free_slots)
-                    .then(b.worker_id.cmp(&a.worker_id))
-            });
+        let best = workers.iter_mut().filter(|w| w.fits(job)).max_by(|a, b| {
+            a.free_slots
+                .cmp(&b.free_slots)
+                .then(b.worker_id.cmp(&a.worker_id))
+        });
         if let Some(w) = best {
             w.free_slots -= 1;
             out.push((job.job_id, w.worker_id));

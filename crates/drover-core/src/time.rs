@@ -45,8 +45,8 @@ impl Timestamp {
     }
 
     pub fn parse_rfc3339(s: &str) -> Option<Self> {
-        let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
-            .ok()?;
+        let t =
+            time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
         Some(Self((t.unix_timestamp_nanos() / 1_000) as i64))
     }
 }

@@ -6,7 +6,10 @@ use drover_core::{Capabilities, JobSpec, RunOutcome};
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConvertError {
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 impl From<&JobSpec> for v1::JobSpec {

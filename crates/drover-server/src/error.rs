@@ -3,9 +3,9 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use drover_core::records::{ErrorBody, ErrorDetail};
 use drover_core::{IdError, ValidationError};
 use drover_store::StoreError;
-use drover_core::records::{ErrorBody, ErrorDetail};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -86,7 +86,6 @@ impl From<StoreError> for ApiError {
         }
     }
 }
-
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {

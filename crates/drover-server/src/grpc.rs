@@ -4,8 +4,11 @@
 use crate::{ApiError, AppState, jobs, logs};
 use drover_core::{Capabilities, JobSpec, RunId, RunOutcome, Timestamp, WorkerState};
 use drover_proto::v1::{
-    self, job_service_server::{JobService, JobServiceServer}, server_message::Body as Out,
-    worker_message::Body as In, worker_service_server::{WorkerService, WorkerServiceServer},
+    self,
+    job_service_server::{JobService, JobServiceServer},
+    server_message::Body as Out,
+    worker_message::Body as In,
+    worker_service_server::{WorkerService, WorkerServiceServer},
 };
 use drover_store::{JobRecord, RunEnd, WorkerRecord};
 use futures::Stream;
@@ -32,7 +35,9 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         health_reporter
             .set_serving::<WorkerServiceServer<WorkerApi>>()
             .await;
-        health_reporter.set_serving::<JobServiceServer<JobApi>>().await;
+        health_reporter
+            .set_serving::<JobServiceServer<JobApi>>()
+            .await;
     });
     let mut routes = tonic::service::Routes::new(health)
         .add_service(WorkerServiceServer::new(WorkerApi {
@@ -57,7 +62,9 @@ async fn authenticate(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| Status::unauthenticated("authorization: Bearer <node credential> is required"))?;
+        .ok_or_else(|| {
+            Status::unauthenticated("authorization: Bearer <node credential> is required")
+        })?;
     Ok(state
         .store
         .authenticate_worker(credential)
@@ -81,7 +88,11 @@ impl WorkerService for WorkerApi {
             req.name
         };
         if name.len() > 256 || name.chars().any(char::is_control) {
-            return Err(ApiError::invalid("name", "must be at most 256 bytes, no control characters").into());
+            return Err(ApiError::invalid(
+                "name",
+                "must be at most 256 bytes, no control characters",
+            )
+            .into());
         }
         let (worker, credential) = self
             .state
@@ -124,7 +135,9 @@ async fn run_session(
     tx: mpsc::UnboundedSender<v1::ServerMessage>,
 ) {
     let hello = match tokio::time::timeout(Duration::from_secs(10), inbound.message()).await {
-        Ok(Ok(Some(v1::WorkerMessage { body: Some(In::Hello(h)) }))) => h,
+        Ok(Ok(Some(v1::WorkerMessage {
+            body: Some(In::Hello(h)),
+        }))) => h,
         _ => {
             tracing::warn!("stream closed: the first message must be Hello");
             return;
@@ -133,10 +146,13 @@ async fn run_session(
     let caps: Capabilities = hello.capabilities.unwrap_or_default().into();
     match reattach(&state, &worker, &caps, &hello.active_run_ids, &tx).await {
         Ok(active) => {
-            let session_id =
-                state
-                    .sessions
-                    .attach(worker.id, tx.clone(), caps.slots, caps.labels.clone(), active);
+            let session_id = state.sessions.attach(
+                worker.id,
+                tx.clone(),
+                caps.slots,
+                caps.labels.clone(),
+                active,
+            );
             tracing::info!(slots = caps.slots, "worker connected");
             state.dispatch.notify_one();
             serve_session(&state, &worker, &mut inbound, &tx).await;
@@ -201,7 +217,12 @@ async fn reattach(
     );
     for run_id in listed.difference(&active) {
         // Already ended here (cancelled, or failed when its lease ran out): stop it there.
-        send(tx, Out::Forget(v1::ForgetRun { run_id: run_id.to_string() }));
+        send(
+            tx,
+            Out::Forget(v1::ForgetRun {
+                run_id: run_id.to_string(),
+            }),
+        );
         // A finished-but-unacknowledged run is forgotten too: its end is already stored.
     }
     Ok(active)
@@ -252,7 +273,13 @@ async fn handle(
             let id = run_id(&m.run_id)?;
             if let Err(e) = state.store.accept_run(id, worker.id).await {
                 // Cancelled between assignment and acceptance: stop it there.
-                send(tx, Out::Cancel(v1::CancelRun { run_id: m.run_id, reason: e.to_string() }));
+                send(
+                    tx,
+                    Out::Cancel(v1::CancelRun {
+                        run_id: m.run_id,
+                        reason: e.to_string(),
+                    }),
+                );
                 return Err(e.into());
             }
         }
@@ -294,13 +321,21 @@ async fn handle(
                 .await
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
             let _ = state.notices.send(crate::Notice::Log { run_id: id });
-            send(tx, Out::LogAck(v1::LogAck { run_id: batch.run_id, seq: acked }));
+            send(
+                tx,
+                Out::LogAck(v1::LogAck {
+                    run_id: batch.run_id,
+                    seq: acked,
+                }),
+            );
         }
         In::Finished(m) => {
             let id = run_id(&m.run_id)?;
             let outcome = v1::RunOutcome::try_from(m.outcome)
                 .map_err(|_| ApiError::invalid("outcome", "unknown value"))
-                .and_then(|o| RunOutcome::try_from(o).map_err(|e| ApiError::invalid("outcome", e.to_string())))?;
+                .and_then(|o| {
+                    RunOutcome::try_from(o).map_err(|e| ApiError::invalid("outcome", e.to_string()))
+                })?;
             let end = RunEnd {
                 outcome,
                 exit_code: m.exit_code,
@@ -355,7 +390,10 @@ impl JobService for JobApi {
         Ok(Response::new(to_wire(&job)))
     }
 
-    async fn get_job(&self, request: Request<v1::GetJobRequest>) -> Result<Response<v1::Job>, Status> {
+    async fn get_job(
+        &self,
+        request: Request<v1::GetJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
         let id = jobs::parse_id(&request.into_inner().id)?;
         let job = self.state.store.get_job(id).await.map_err(ApiError::from)?;
         Ok(Response::new(to_wire(&job)))
@@ -367,7 +405,11 @@ impl JobService for JobApi {
     ) -> Result<Response<v1::ListJobsResponse>, Status> {
         let req = request.into_inner();
         let state = jobs::parse_state(&req.state)?;
-        let limit = if req.limit == 0 { 100 } else { req.limit.min(10_000) };
+        let limit = if req.limit == 0 {
+            100
+        } else {
+            req.limit.min(10_000)
+        };
         let list = self
             .state
             .store

@@ -56,7 +56,11 @@ fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." { "body".to_string() } else { path };
+        let field = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
         ApiError::invalid(field, e.into_inner().to_string())
     })
 }
@@ -69,7 +73,11 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
 async fn readyz(State(state): St) -> Response {
     match state.store.list_jobs(None, 1).await {
         Ok(_) => (StatusCode::OK, "ready\n").into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store unavailable: {e}\n")).into_response(),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("store unavailable: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
@@ -156,7 +164,12 @@ async fn wait_job(
         if job.state.is_terminal() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(job_view(&state, id).await?));
         }
-        wait_for(&mut notices, deadline, |n| matches!(n, Notice::Job { job_id, .. } if *job_id == id)).await;
+        wait_for(
+            &mut notices,
+            deadline,
+            |n| matches!(n, Notice::Job { job_id, .. } if *job_id == id),
+        )
+        .await;
     }
 }
 
@@ -256,11 +269,19 @@ fn sse_json(name: &str, value: &impl Serialize) -> Event {
 
 /// Streams a job's log entries as they are stored, moving on to the next attempt when the
 /// job is retried, and ends with an `end` event carrying the job when it is final.
-async fn follow_logs(state: Arc<AppState>, id: JobId, attempt: Option<u32>, tx: mpsc::Sender<Event>) {
+async fn follow_logs(
+    state: Arc<AppState>,
+    id: JobId,
+    attempt: Option<u32>,
+    tx: mpsc::Sender<Event>,
+) {
     let mut notices = state.notices.subscribe();
     let mut following: Option<(RunId, u64)> = None;
     loop {
-        let (job, runs) = match (state.store.get_job(id).await, state.store.job_runs(id).await) {
+        let (job, runs) = match (
+            state.store.get_job(id).await,
+            state.store.job_runs(id).await,
+        ) {
             (Ok(job), Ok(runs)) => (job, runs),
             _ => return,
         };
@@ -278,7 +299,11 @@ async fn follow_logs(state: Arc<AppState>, id: JobId, attempt: Option<u32>, tx: 
                 Ok((entries, next)) => {
                     drained = entries.is_empty();
                     for e in entries {
-                        if tx.send(sse_json("entry", &entry_view(run, e))).await.is_err() {
+                        if tx
+                            .send(sse_json("entry", &entry_view(run, e)))
+                            .await
+                            .is_err()
+                        {
                             return;
                         }
                     }
@@ -329,9 +354,15 @@ async fn create_node_token(
     };
     let ttl = req.ttl_seconds.unwrap_or(3600);
     if ttl == 0 || ttl > 30 * 24 * 3600 {
-        return Err(ApiError::invalid("ttl_seconds", "must be between 1 and 2592000 (30 days)"));
+        return Err(ApiError::invalid(
+            "ttl_seconds",
+            "must be between 1 and 2592000 (30 days)",
+        ));
     }
-    let token = state.store.create_join_token(Duration::from_secs(ttl)).await?;
+    let token = state
+        .store
+        .create_join_token(Duration::from_secs(ttl))
+        .await?;
     Ok((StatusCode::CREATED, Json(token)))
 }
 

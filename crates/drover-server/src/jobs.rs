@@ -9,7 +9,8 @@ pub async fn submit(state: &AppState, spec: JobSpec) -> Result<JobRecord, ApiErr
     let spec = spec.validated()?;
     let job = state.store.create_job(spec).await?;
     metrics::counter!("drover_jobs_submitted_total").increment(1);
-    tracing::info_span!("job", job_id = %job.id).in_scope(|| tracing::info!(name = %job.name, "submitted"));
+    tracing::info_span!("job", job_id = %job.id)
+        .in_scope(|| tracing::info!(name = %job.name, "submitted"));
     state.notify_job(job.id, job.state);
     state.dispatch.notify_one();
     Ok(job)

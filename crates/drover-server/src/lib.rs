@@ -89,8 +89,7 @@ impl AppState {
     pub fn notify_job(&self, job_id: JobId, state: JobState) {
         let _ = self.notices.send(Notice::Job { job_id });
         if state.is_terminal() {
-            metrics::counter!("drover_jobs_finished_total", "state" => state.as_str())
-                .increment(1);
+            metrics::counter!("drover_jobs_finished_total", "state" => state.as_str()).increment(1);
         }
     }
 
@@ -132,9 +131,10 @@ impl Server {
             path: config.data_dir.clone(),
             source,
         })?;
-        let url = config.database_url.clone().unwrap_or_else(|| {
-            format!("sqlite://{}", config.data_dir.join("drover.db").display())
-        });
+        let url = config
+            .database_url
+            .clone()
+            .unwrap_or_else(|| format!("sqlite://{}", config.data_dir.join("drover.db").display()));
         let store = drover_store::open(&url).await?;
         // Recovery: runs that were live when the last process died get one whole lease
         // for their workers to come back; the lease sweeper fails the rest.
@@ -142,20 +142,25 @@ impl Server {
             .renew_all_leases(Timestamp::now().plus(config.lease))
             .await?;
         if renewed > 0 {
-            tracing::info!(runs = renewed, "waiting one lease for workers of live runs to reconnect");
+            tracing::info!(
+                runs = renewed,
+                "waiting one lease for workers of live runs to reconnect"
+            );
         }
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServerError::Bind {
-                addr: config.listen,
-                source,
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| ServerError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
+        let logs =
+            logs::LogFiles::new(config.data_dir.join("logs"), store.clone()).map_err(|source| {
+                ServerError::DataDir {
+                    path: config.data_dir.join("logs"),
+                    source,
+                }
             })?;
-        let logs = logs::LogFiles::new(config.data_dir.join("logs"), store.clone()).map_err(
-            |source| ServerError::DataDir {
-                path: config.data_dir.join("logs"),
-                source,
-            },
-        )?;
         let (notices, _) = broadcast::channel(4096);
         let state = Arc::new(AppState {
             store,

@@ -60,7 +60,9 @@ async fn dispatch_pass(state: &AppState) -> Result<usize, drover_store::StoreErr
         };
         assigned += 1;
         let span = tracing::info_span!("job", job_id = %job_id, run_id = %a.run.id);
-        span.in_scope(|| tracing::info!(worker_id = %worker_id, attempt = a.run.attempt, "assigned"));
+        span.in_scope(
+            || tracing::info!(worker_id = %worker_id, attempt = a.run.attempt, "assigned"),
+        );
         state.notify_job(job_id, a.job.state);
         let msg = v1::server_message::Body::Assignment(v1::Assignment {
             run_id: a.run.id.to_string(),

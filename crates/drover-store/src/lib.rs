@@ -3,7 +3,6 @@
 //! conformance suite in `tests/`. Every state change and the event describing it are
 //! written in one transaction (invariant 2).
 
-
 mod sqlite;
 
 pub use drover_core::records::*;

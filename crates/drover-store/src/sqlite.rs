@@ -3,8 +3,8 @@
 //! of read-only connections, which WAL lets run beside the writer.
 
 use crate::{
-    Assignment, Cancelled, EventRecord, Finished, JobRecord, JoinToken, LogIndex, ReadyJob,
-    Result, RetrySettings, RunEnd, RunRecord, Store, StoreError, WorkerRecord,
+    Assignment, Cancelled, EventRecord, Finished, JobRecord, JoinToken, LogIndex, ReadyJob, Result,
+    RetrySettings, RunEnd, RunRecord, Store, StoreError, WorkerRecord,
 };
 use async_trait::async_trait;
 use drover_core::{
@@ -142,7 +142,8 @@ fn worker_from_row(row: &SqliteRow) -> Result<WorkerRecord> {
     Ok(WorkerRecord {
         id: parse(row, "id")?,
         name: row.try_get("name")?,
-        state: WorkerState::parse(&state).ok_or_else(|| corrupt(format!("worker state {state}")))?,
+        state: WorkerState::parse(&state)
+            .ok_or_else(|| corrupt(format!("worker state {state}")))?,
         capabilities: serde_json::from_str(&caps).map_err(corrupt)?,
         created_at: ts(row, "created_at")?,
         last_seen_at: ts(row, "last_seen_at")?,
@@ -243,15 +244,18 @@ async fn transition(
 ) -> Result<JobState> {
     let to = job.state.apply(event)?;
     set_job_state(&mut *conn, job, to, now).await?;
-    let kind = kind.unwrap_or_else(|| {
-        EventKind::for_transition(job.state, event, to, run_id, None, None)
-    });
+    let kind =
+        kind.unwrap_or_else(|| EventKind::for_transition(job.state, event, to, run_id, None, None));
     insert_event(conn, now, Some(job.id), None, &kind).await?;
     Ok(to)
 }
 
 /// Checks that the run exists and is the worker's.
-async fn own_run(conn: &mut SqliteConnection, run_id: RunId, worker: WorkerId) -> Result<RunRecord> {
+async fn own_run(
+    conn: &mut SqliteConnection,
+    run_id: RunId,
+    worker: WorkerId,
+) -> Result<RunRecord> {
     let run = load_run(conn, run_id).await?;
     if run.worker_id != worker {
         return Err(StoreError::NotYourRun { run_id });
@@ -310,10 +314,12 @@ impl Store for SqliteStore {
                 .await?
             }
             None => {
-                sqlx::query(&format!("SELECT {JOB_COLS} FROM jobs ORDER BY id DESC LIMIT ?"))
-                    .bind(limit as i64)
-                    .fetch_all(&self.reader)
-                    .await?
+                sqlx::query(&format!(
+                    "SELECT {JOB_COLS} FROM jobs ORDER BY id DESC LIMIT ?"
+                ))
+                .bind(limit as i64)
+                .fetch_all(&self.reader)
+                .await?
             }
         };
         rows.iter().map(job_from_row).collect()
@@ -444,7 +450,15 @@ impl Store for SqliteStore {
             worker_id,
             attempt,
         };
-        transition(&mut tx, &job, JobEvent::Assign, Some(run_id), Some(kind), now).await?;
+        transition(
+            &mut tx,
+            &job,
+            JobEvent::Assign,
+            Some(run_id),
+            Some(kind),
+            now,
+        )
+        .await?;
         let run = load_run(&mut tx, run_id).await?;
         let job = load_job(&mut tx, job_id).await?;
         tx.commit().await?;
@@ -460,7 +474,15 @@ impl Store for SqliteStore {
         }
         let job = load_job(&mut tx, run.job_id).await?;
         let kind = EventKind::JobAccepted { run_id, worker_id };
-        transition(&mut tx, &job, JobEvent::Accept, Some(run_id), Some(kind), now).await?;
+        transition(
+            &mut tx,
+            &job,
+            JobEvent::Accept,
+            Some(run_id),
+            Some(kind),
+            now,
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -521,13 +543,12 @@ impl Store for SqliteStore {
         if job.current_run == Some(run_id) && !job.state.is_terminal() {
             // A result whose start was never recorded still passes through RUNNING, so
             // that the event history stays a walk of the transition table.
-            if job.state == JobState::Assigned && end.outcome != drover_core::RunOutcome::Failed
-            {
+            if job.state == JobState::Assigned && end.outcome != drover_core::RunOutcome::Failed {
                 transition(&mut tx, &job, JobEvent::Start, Some(run_id), None, now).await?;
                 job = load_job(&mut tx, job.id).await?;
             }
-            let retrying = end.outcome.is_retryable()
-                && retry::should_retry(run.attempt, job.max_attempts);
+            let retrying =
+                end.outcome.is_retryable() && retry::should_retry(run.attempt, job.max_attempts);
             sqlx::query("UPDATE jobs SET exit_code = ?, error = ? WHERE id = ?")
                 .bind(end.exit_code)
                 .bind(&end.error)
@@ -552,7 +573,15 @@ impl Store for SqliteStore {
                     not_before,
                     error: end.error.clone(),
                 };
-                transition(&mut tx, &job, JobEvent::Retry, Some(run_id), Some(kind), now).await?;
+                transition(
+                    &mut tx,
+                    &job,
+                    JobEvent::Retry,
+                    Some(run_id),
+                    Some(kind),
+                    now,
+                )
+                .await?;
             } else {
                 let event = end.outcome.final_event();
                 let to = job.state.apply(event)?;
@@ -631,12 +660,14 @@ impl Store for SqliteStore {
         let token = format!("drover-join-{}", random_hex(20));
         let now = Timestamp::now();
         let expires_at = now.plus(ttl);
-        sqlx::query("INSERT INTO join_tokens (token_hash, created_at, expires_at) VALUES (?, ?, ?)")
-            .bind(sha256_hex(&token))
-            .bind(now.0)
-            .bind(expires_at.0)
-            .execute(&self.writer)
-            .await?;
+        sqlx::query(
+            "INSERT INTO join_tokens (token_hash, created_at, expires_at) VALUES (?, ?, ?)",
+        )
+        .bind(sha256_hex(&token))
+        .bind(now.0)
+        .bind(expires_at.0)
+        .execute(&self.writer)
+        .await?;
         Ok(JoinToken { token, expires_at })
     }
 
@@ -655,7 +686,9 @@ impl Store for SqliteStore {
             .await?
             .ok_or(StoreError::TokenRefused("unknown token"))?;
         if row.try_get::<Option<i64>, _>("used_at")?.is_some() {
-            return Err(StoreError::TokenRefused("this one-time token was already used"));
+            return Err(StoreError::TokenRefused(
+                "this one-time token was already used",
+            ));
         }
         if row.try_get::<i64, _>("expires_at")? < now.0 {
             return Err(StoreError::TokenRefused("token expired"));

@@ -37,7 +37,10 @@ async fn reopening_keeps_everything() {
             command: Some("true".into()),
             ..Default::default()
         };
-        drover_store::Store::create_job(&store, spec).await.unwrap().id
+        drover_store::Store::create_job(&store, spec)
+            .await
+            .unwrap()
+            .id
     };
     let store = SqliteStore::open(&path).await.unwrap();
     let job = drover_store::Store::get_job(&store, id).await.unwrap();

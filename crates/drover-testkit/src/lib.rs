@@ -1,0 +1,520 @@
+//! Test harness: real `drover` processes on temporary directories and free ports, and the
+//! faults tests inject into them (`kill -9`, SIGSTOP, a cut network path).
+//!
+//! Every process's stderr goes to a file in the test's directory; set
+//! `DROVER_KEEP_TEST_DIRS=1` to keep the directories after the test.
+
+use drover_client::Client;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+
+pub use drover_client;
+
+/// How long harness waits may take before a test fails (a slow CI machine is no reason
+/// for a test to fail; a hang is).
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A temporary directory for one test, removed at the end unless asked to keep it.
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+}
+
+impl TestDir {
+    pub fn new() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("drover-test-")
+            .tempdir()
+            .expect("create a temporary directory");
+        let path = dir.path().to_path_buf();
+        Self {
+            dir: Some(dir),
+            path,
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Default for TestDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::env::var_os("DROVER_KEEP_TEST_DIRS").is_some()
+            && let Some(dir) = self.dir.take()
+        {
+            eprintln!("kept test directory {}", dir.keep().display());
+        }
+    }
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    child: Option<Child>,
+    pub log: PathBuf,
+    name: String,
+}
+
+impl Proc {
+    fn spawn(bin: &Path, args: &[String], log: PathBuf, name: &str) -> Self {
+        let stderr = std::fs::File::create(&log).expect("create the process log");
+        let child = Command::new(bin)
+            .args(args)
+            .env("DROVER_LOG", "info,drover=debug")
+            .env_remove("DROVER_SERVER")
+            .stdin(Stdio::null())
+            .stdout(stderr.try_clone().expect("clone the log handle"))
+            .stderr(stderr)
+            .spawn()
+            .expect("start drover");
+        Self {
+            child: Some(child),
+            log,
+            name: name.to_string(),
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().map(|c| c.id() as i32).unwrap_or(0)
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig);
+    }
+
+    /// `kill -9`: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Freezes the process (SIGSTOP); it keeps its sockets but answers nothing.
+    pub fn freeze(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    pub fn thaw(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        self.child.take().and_then(|mut c| c.wait().ok())
+    }
+
+    /// Waits for the process to exit by itself.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return status;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} did not exit; log: {}",
+                self.name,
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.thaw();
+        self.kill9();
+    }
+}
+
+/// The `drover` binary under test.
+#[derive(Clone)]
+pub struct Drover {
+    pub bin: PathBuf,
+}
+
+impl Drover {
+    pub fn new(bin: impl Into<PathBuf>) -> Self {
+        Self { bin: bin.into() }
+    }
+
+    /// Runs one CLI command against `server` and returns (exit code, stdout, stderr).
+    pub async fn cli(&self, server: &str, args: &[&str]) -> CliOutput {
+        let out = tokio::process::Command::new(&self.bin)
+            .args(args)
+            .env("DROVER_SERVER", server)
+            .env("DROVER_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .expect("run drover");
+        CliOutput {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct CliOutput {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Options for a control plane under test.
+#[derive(Clone)]
+pub struct ServerOptions {
+    pub lease: Duration,
+    pub backoff_base: Duration,
+    pub extra: Vec<String>,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            lease: Duration::from_secs(5),
+            backoff_base: Duration::from_millis(200),
+            extra: Vec::new(),
+        }
+    }
+}
+
+/// A `drover server` process on its own data directory and a free port.
+pub struct ServerProc {
+    pub proc: Proc,
+    pub url: String,
+    pub data_dir: PathBuf,
+    drover: Drover,
+    options: ServerOptions,
+    starts: u32,
+}
+
+async fn wait_for_addr_file(file: &Path, proc: &Proc) -> String {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(file)
+            && text.ends_with('\n')
+        {
+            return text.trim().to_string();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "drover did not write {}; log: {}",
+            file.display(),
+            proc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn wait_ready(url: &str, proc: &Proc) {
+    let client = Client::new(url).expect("client");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !client.ready().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "drover at {url} never became ready; log: {}",
+            proc.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+impl ServerProc {
+    pub async fn start(drover: &Drover, dir: &Path, options: ServerOptions) -> Self {
+        let data_dir = dir.join("server");
+        std::fs::create_dir_all(&data_dir).expect("data dir");
+        let (proc, url) = Self::launch(drover, &data_dir, &options, "127.0.0.1:0", 0).await;
+        Self {
+            proc,
+            url,
+            data_dir,
+            drover: drover.clone(),
+            options,
+            starts: 1,
+        }
+    }
+
+    async fn launch(
+        drover: &Drover,
+        data_dir: &Path,
+        options: &ServerOptions,
+        listen: &str,
+        n: u32,
+    ) -> (Proc, String) {
+        let addr_file = data_dir.join("api.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let mut args: Vec<String> = vec![
+            "server".into(),
+            "--listen".into(),
+            listen.into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--lease".into(),
+            format!("{}ms", options.lease.as_millis()),
+            "--backoff-base".into(),
+            format!("{}ms", options.backoff_base.as_millis()),
+        ];
+        args.extend(options.extra.iter().cloned());
+        let log = data_dir.join(format!("server-{n}.log"));
+        let proc = Proc::spawn(&drover.bin, &args, log, "drover server");
+        let url = wait_for_addr_file(&addr_file, &proc).await;
+        wait_ready(&url, &proc).await;
+        (proc, url)
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.url).expect("client")
+    }
+
+    /// `kill -9` of the control plane.
+    pub fn kill9(&mut self) {
+        self.proc.kill9();
+    }
+
+    /// Starts the control plane again on the same data directory and the same port, so
+    /// that workers find it where they left it.
+    pub async fn restart(&mut self) {
+        self.proc.kill9();
+        let listen = self.url.trim_start_matches("http://").to_string();
+        let (proc, url) = Self::launch(
+            &self.drover,
+            &self.data_dir,
+            &self.options,
+            &listen,
+            self.starts,
+        )
+        .await;
+        self.starts += 1;
+        self.proc = proc;
+        self.url = url;
+    }
+
+    pub async fn token(&self) -> String {
+        self.client()
+            .create_node_token(Duration::from_secs(600))
+            .await
+            .expect("mint a join token")
+            .token
+    }
+
+    /// Starts a worker against this server (or `via`, e.g. a proxy) with a fresh token.
+    pub async fn worker(
+        &self,
+        dir: &Path,
+        name: &str,
+        via: Option<&str>,
+        extra: &[&str],
+    ) -> WorkerProc {
+        let token = self.token().await;
+        WorkerProc::start(
+            &self.drover,
+            via.unwrap_or(&self.url),
+            dir,
+            name,
+            Some(&token),
+            extra,
+        )
+    }
+}
+
+/// A `drover worker` process.
+pub struct WorkerProc {
+    pub proc: Proc,
+    pub state_dir: PathBuf,
+}
+
+impl WorkerProc {
+    pub fn start(
+        drover: &Drover,
+        server: &str,
+        dir: &Path,
+        name: &str,
+        token: Option<&str>,
+        extra: &[&str],
+    ) -> Self {
+        let state_dir = dir.join(format!("worker-{name}"));
+        std::fs::create_dir_all(&state_dir).expect("state dir");
+        let mut args: Vec<String> = vec![
+            "worker".into(),
+            "--server".into(),
+            server.into(),
+            "--state-dir".into(),
+            state_dir.display().to_string(),
+            "--name".into(),
+            name.into(),
+            "--kill-grace".into(),
+            "1s".into(),
+        ];
+        if let Some(t) = token {
+            args.extend(["--token".into(), t.into()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let n = std::fs::read_dir(&state_dir)
+            .map(|d| d.count())
+            .unwrap_or(0);
+        let log = state_dir.join(format!("worker-{n}.log"));
+        let proc = Proc::spawn(&drover.bin, &args, log, "drover worker");
+        Self { proc, state_dir }
+    }
+
+    /// Waits until the server lists `count` connected nodes.
+    pub async fn wait_connected(client: &Client, count: usize) {
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let nodes = client.list_nodes().await.unwrap_or_default();
+            if nodes.iter().filter(|n| n.connected).count() >= count {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fewer than {count} workers connected: {nodes:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A `drover up` process: control plane and local worker in one.
+pub struct UpProc {
+    pub proc: Proc,
+    pub url: String,
+    pub data_dir: PathBuf,
+}
+
+impl UpProc {
+    pub async fn start(drover: &Drover, dir: &Path, extra: &[&str]) -> Self {
+        let data_dir = dir.join("drover-up");
+        std::fs::create_dir_all(&data_dir).expect("data dir");
+        let mut args: Vec<String> = vec![
+            "up".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let proc = Proc::spawn(&drover.bin, &args, dir.join("up.log"), "drover up");
+        let url = wait_for_addr_file(&data_dir.join("api.addr"), &proc).await;
+        wait_ready(&url, &proc).await;
+        Self {
+            proc,
+            url,
+            data_dir,
+        }
+    }
+}
+
+/// A TCP proxy the test can cut and restore, standing for a network path between a worker
+/// and the control plane.
+pub struct Proxy {
+    pub url: String,
+    state: Arc<Mutex<ProxyState>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    cut: bool,
+    connections: Vec<tokio::task::AbortHandle>,
+}
+
+impl Proxy {
+    pub async fn start(target_url: &str) -> Self {
+        let target = target_url.trim_start_matches("http://").to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
+        let url = format!("http://{}", listener.local_addr().expect("proxy addr"));
+        let state: Arc<Mutex<ProxyState>> = Arc::default();
+        let shared = state.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut st = shared.lock().expect("proxy state");
+                if st.cut {
+                    drop(inbound);
+                    continue;
+                }
+                let target = target.clone();
+                let task = tokio::spawn(async move {
+                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                st.connections.push(task.abort_handle());
+            }
+        });
+        Self { url, state, accept }
+    }
+
+    /// Drops every connection and refuses new ones until [`Proxy::restore`].
+    pub fn cut(&self) {
+        let mut st = self.state.lock().expect("proxy state");
+        st.cut = true;
+        for c in st.connections.drain(..) {
+            c.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.state.lock().expect("proxy state").cut = false;
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+/// Polls `check` until it returns `Some`, failing the test after [`DEADLINE`]. For
+/// conditions no API can announce (a process gone, a file written).
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// True while a process with this pid exists and is not a zombie (an orphan whose parent
+/// does not reap it is gone for every purpose but the process table).
+pub fn process_exists(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}

@@ -113,7 +113,10 @@ pub async fn execute(
         let _ = events.send(exited(
             RunOutcome::Failed,
             None,
-            Some(format!("cannot create the scratch directory {}: {e}", dir.display())),
+            Some(format!(
+                "cannot create the scratch directory {}: {e}",
+                dir.display()
+            )),
         ));
         return;
     }
@@ -204,7 +207,11 @@ pub async fn execute(
                 Some(128 + sig),
                 Some(format!("killed by signal {sig}")),
             ),
-            (None, None) => exited(RunOutcome::Failed, None, Some("ended with no status".into())),
+            (None, None) => exited(
+                RunOutcome::Failed,
+                None,
+                Some("ended with no status".into()),
+            ),
         },
         (Err(e), None) => exited(
             RunOutcome::Failed,

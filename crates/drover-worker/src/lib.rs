@@ -108,7 +108,11 @@ pub fn capabilities(config: &WorkerConfig) -> Capabilities {
         cpus,
         memory_bytes: total_memory(),
         labels: config.labels.clone(),
-        slots: if config.slots == 0 { cpus } else { config.slots },
+        slots: if config.slots == 0 {
+            cpus
+        } else {
+            config.slots
+        },
         isolation_modes: vec!["process".into()],
         version: env!("CARGO_PKG_VERSION").into(),
     }
@@ -333,14 +337,17 @@ impl Agent {
             Ok(Some(v1::ServerMessage {
                 body: Some(In::Welcome(w)),
             })) => w,
-            Ok(_) => return Ok(SessionEnd::Disconnected("stream closed before Welcome".into())),
+            Ok(_) => {
+                return Ok(SessionEnd::Disconnected(
+                    "stream closed before Welcome".into(),
+                ));
+            }
             Err(s) => return Ok(SessionEnd::Disconnected(s.to_string())),
         };
         tracing::info!(runs = self.runs.len(), "connected");
         self.resend_backlog(&out_tx);
-        let mut heartbeat = tokio::time::interval(Duration::from_millis(
-            welcome.heartbeat_interval_ms.max(50),
-        ));
+        let mut heartbeat =
+            tokio::time::interval(Duration::from_millis(welcome.heartbeat_interval_ms.max(50)));
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
@@ -402,7 +409,12 @@ impl Agent {
                 }
             }
             In::LogAck(ack) => {
-                if let Some(held) = ack.run_id.parse().ok().and_then(|id| self.runs.get_mut(&id)) {
+                if let Some(held) = ack
+                    .run_id
+                    .parse()
+                    .ok()
+                    .and_then(|id| self.runs.get_mut(&id))
+                {
                     while held.unacked.front().is_some_and(|e| e.seq <= ack.seq) {
                         held.unacked.pop_front();
                     }
@@ -465,16 +477,19 @@ impl Agent {
             kill_grace: self.config.kill_grace,
         };
         let span = tracing::info_span!("job", job_id = %a.job_id, run_id = %run_id);
-        tokio::spawn(
-            executor::execute(exec, self.events_tx.clone(), control_rx).instrument(span),
-        );
+        tokio::spawn(executor::execute(exec, self.events_tx.clone(), control_rx).instrument(span));
     }
 
     fn on_exec_event(&mut self, ev: ExecEvent, out: Option<&UnboundedSender<v1::WorkerMessage>>) {
         match ev {
             ExecEvent::Started { run_id } => {
                 if self.runs.contains_key(&run_id) {
-                    send(out, Out::Started(v1::RunStarted { run_id: run_id.to_string() }));
+                    send(
+                        out,
+                        Out::Started(v1::RunStarted {
+                            run_id: run_id.to_string(),
+                        }),
+                    );
                 }
             }
             ExecEvent::Output {

@@ -54,7 +54,10 @@ pub struct JobRef {
 
 impl JobRef {
     fn id(&self) -> &str {
-        self.id.as_deref().or(self.id_flag.as_deref()).unwrap_or_default()
+        self.id
+            .as_deref()
+            .or(self.id_flag.as_deref())
+            .unwrap_or_default()
     }
 }
 
@@ -109,7 +112,9 @@ impl RunArgs {
             ..Default::default()
         };
         match (&self.command, &self.args, self.argv.as_slice()) {
-            (Some(_), _, [_, ..]) => bail!("--command: give either --command or a program after --, not both"),
+            (Some(_), _, [_, ..]) => {
+                bail!("--command: give either --command or a program after --, not both")
+            }
             (Some(program), Some(args), []) => {
                 spec.program = Some(program.clone());
                 spec.args = shell_words::split(args).context("--args: unbalanced quotes")?;
@@ -161,14 +166,17 @@ pub async fn run(cmd: JobCommand, server: &str, output: Output) -> anyhow::Resul
             match output {
                 Output::Json => print_json(&jobs)?,
                 Output::Text => {
-                    let mut t = output::table(&["ID", "NAME", "STATE", "ATTEMPTS", "EXIT", "CREATED"]);
+                    let mut t =
+                        output::table(&["ID", "NAME", "STATE", "ATTEMPTS", "EXIT", "CREATED"]);
                     for j in &jobs {
                         t.add_row(vec![
                             j.id.to_string(),
                             j.name.chars().take(40).collect(),
                             j.state.to_string(),
                             format!("{}/{}", j.attempts, j.max_attempts),
-                            j.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                            j.exit_code
+                                .map(|c| c.to_string())
+                                .unwrap_or_else(|| "-".into()),
                             output::time(j.created_at),
                         ]);
                     }
@@ -255,7 +263,10 @@ async fn wait(client: &Client, id: &str) -> anyhow::Result<JobView> {
     let view = client
         .wait_job(id, |v| {
             if let Some(bar) = &bar {
-                bar.set_message(format!("job {id}: {} (attempt {})", v.job.state, v.job.attempts));
+                bar.set_message(format!(
+                    "job {id}: {} (attempt {})",
+                    v.job.state, v.job.attempts
+                ));
             }
         })
         .await;
@@ -274,7 +285,11 @@ fn finish(job: &JobRecord, output: Output) -> anyhow::Result<ExitCode> {
             if let Some(code) = job.exit_code {
                 line.push_str(&format!(" (exit code {code})"));
             }
-            if let Some(err) = job.error.as_deref().filter(|_| job.state != JobState::Succeeded) {
+            if let Some(err) = job
+                .error
+                .as_deref()
+                .filter(|_| job.state != JobState::Succeeded)
+            {
                 line.push_str(&format!(": {err}"));
             }
             eprintln!("{line}");
@@ -328,7 +343,9 @@ fn print_entry(entry: &LogEntryView, output: Output) -> anyhow::Result<()> {
     let result = match entry.stream {
         LogStream::Stdout => {
             let mut out = std::io::stdout().lock();
-            out.write_all(&bytes).and_then(|_| out.write_all(b"\n")).and_then(|_| out.flush())
+            out.write_all(&bytes)
+                .and_then(|_| out.write_all(b"\n"))
+                .and_then(|_| out.flush())
         }
         LogStream::Stderr => {
             let mut err = std::io::stderr().lock();
@@ -349,7 +366,9 @@ fn print_job(view: &JobView) {
     println!("Attempts:  {} of {}", j.attempts, j.max_attempts);
     println!(
         "Exit code: {}",
-        j.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())
+        j.exit_code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into())
     );
     if let Some(err) = &j.error {
         println!("Error:     {err}");
@@ -360,7 +379,9 @@ fn print_job(view: &JobView) {
         return;
     }
     println!("Runs:");
-    let mut t = output::table(&["#", "RUN", "STATE", "EXIT", "WORKER", "STARTED", "TOOK", "RETRY OF"]);
+    let mut t = output::table(&[
+        "#", "RUN", "STATE", "EXIT", "WORKER", "STARTED", "TOOK", "RETRY OF",
+    ]);
     for r in &view.runs {
         let run = &r.run;
         let took = match (run.started_at, run.finished_at) {
@@ -371,11 +392,15 @@ fn print_job(view: &JobView) {
             run.attempt.to_string(),
             run.id.to_string(),
             run.state.to_string(),
-            run.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+            run.exit_code
+                .map(|c| c.to_string())
+                .unwrap_or_else(|| "-".into()),
             run.worker_id.to_string(),
             output::time_opt(run.started_at),
             took,
-            run.retry_of.map(|r| r.to_string()).unwrap_or_else(|| "-".into()),
+            run.retry_of
+                .map(|r| r.to_string())
+                .unwrap_or_else(|| "-".into()),
         ]);
     }
     println!("{t}");

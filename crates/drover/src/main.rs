@@ -10,7 +10,11 @@ use output::Output;
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "drover", version, about = "Run jobs and models on a fleet of machines")]
+#[command(
+    name = "drover",
+    version,
+    about = "Run jobs and models on a fleet of machines"
+)]
 struct Cli {
     /// The control plane to talk to.
     #[arg(long, global = true, env = "DROVER_SERVER", default_value = drover_client::DEFAULT_SERVER)]

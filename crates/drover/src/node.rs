@@ -52,7 +52,13 @@ pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Resu
                 Output::Json => print_json(&nodes)?,
                 Output::Text => {
                     let mut t = output::table(&[
-                        "ID", "NAME", "STATE", "CONNECTED", "SLOTS", "LIVE RUNS", "LAST SEEN",
+                        "ID",
+                        "NAME",
+                        "STATE",
+                        "CONNECTED",
+                        "SLOTS",
+                        "LIVE RUNS",
+                        "LAST SEEN",
                     ]);
                     for n in &nodes {
                         t.add_row(row(n));
@@ -68,12 +74,29 @@ pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Resu
                 Output::Text => {
                     let c = &n.worker.capabilities;
                     println!("Node:       {} ({})", n.worker.id, n.worker.name);
-                    println!("State:      {}{}", n.worker.state.as_str(), if n.connected { ", connected" } else { "" });
-                    println!("Host:       {} ({} CPUs, {} MiB)", c.hostname, c.cpus, c.memory_bytes >> 20);
+                    println!(
+                        "State:      {}{}",
+                        n.worker.state.as_str(),
+                        if n.connected { ", connected" } else { "" }
+                    );
+                    println!(
+                        "Host:       {} ({} CPUs, {} MiB)",
+                        c.hostname,
+                        c.cpus,
+                        c.memory_bytes >> 20
+                    );
                     println!("Slots:      {} ({} live runs)", c.slots, n.live_runs);
                     println!("Isolation:  {}", c.isolation_modes.join(", "));
-                    let labels: Vec<String> = c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    println!("Labels:     {}", if labels.is_empty() { "-".into() } else { labels.join(",") });
+                    let labels: Vec<String> =
+                        c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    println!(
+                        "Labels:     {}",
+                        if labels.is_empty() {
+                            "-".into()
+                        } else {
+                            labels.join(",")
+                        }
+                    );
                     println!("Registered: {}", output::time(n.worker.created_at));
                     println!("Last seen:  {}", output::time(n.worker.last_seen_at));
                 }

@@ -64,7 +64,9 @@ pub fn spinner(message: &str) -> Option<ProgressBar> {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if s.starts_with('-') {
-        return Err(format!("{s:?} is negative; give a positive duration such as 30s"));
+        return Err(format!(
+            "{s:?} is negative; give a positive duration such as 30s"
+        ));
     }
     let d = match s.parse::<f64>() {
         Ok(secs) if secs.is_finite() => Duration::from_secs_f64(secs),

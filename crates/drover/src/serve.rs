@@ -136,7 +136,12 @@ pub async fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
 
 pub async fn worker(args: WorkerArgs, server: &str) -> anyhow::Result<ExitCode> {
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
-    let config = worker_config(server.to_string(), args.token.clone(), state_dir, &args.options)?;
+    let config = worker_config(
+        server.to_string(),
+        args.token.clone(),
+        state_dir,
+        &args.options,
+    )?;
     drover_worker::run(config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -164,7 +169,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         None
     } else {
         drover_worker::forget_credential(&worker_dir)?;
-        Some(store.create_join_token(Duration::from_secs(600)).await?.token)
+        Some(
+            store
+                .create_join_token(Duration::from_secs(600))
+                .await?
+                .token,
+        )
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut server_task = tokio::spawn(server.serve(stopped(stop_rx.clone())));

@@ -1,0 +1,619 @@
+//! End to end through the real binary: the job scenarios of seed 003 (phases 5, 6 and 8),
+//! named by their step, plus failure, timeout, cancel and reconnect behaviour.
+
+use drover_client::FollowEvent;
+use drover_client::records::{JobView, LogEntryView};
+use drover_core::{EventKind, JobSpec, JobState};
+use drover_testkit::{
+    Drover, Proxy, ServerOptions, ServerProc, TestDir, WorkerProc, drover_client, eventually,
+    process_exists,
+};
+use futures::StreamExt;
+
+fn drover() -> Drover {
+    Drover::new(env!("CARGO_BIN_EXE_drover"))
+}
+
+struct Cluster {
+    dir: TestDir,
+    server: ServerProc,
+    _worker: WorkerProc,
+}
+
+async fn cluster() -> Cluster {
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let worker = server.worker(dir.path(), "w1", None, &[]).await;
+    WorkerProc::wait_connected(&server.client(), 1).await;
+    Cluster {
+        dir,
+        server,
+        _worker: worker,
+    }
+}
+
+impl Cluster {
+    async fn cli(&self, args: &[&str]) -> drover_testkit::CliOutput {
+        drover().cli(&self.server.url, args).await
+    }
+
+    /// `job run` as the seed writes it: prints the id, then `job wait`.
+    async fn run_and_wait(&self, args: &[&str]) -> JobView {
+        let mut all = vec!["job", "run"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all).await;
+        assert_eq!(out.code, 0, "{out:?}");
+        let id = out.stdout.trim().to_string();
+        self.server
+            .client()
+            .wait_job(&id, |_| {})
+            .await
+            .expect("wait for the job")
+    }
+
+    async fn lines(&self, id: &str) -> Vec<String> {
+        self.server
+            .client()
+            .job_logs(id, None)
+            .await
+            .expect("logs")
+            .into_iter()
+            .map(|e| e.text)
+            .collect()
+    }
+}
+
+fn command(cmd: &str) -> JobSpec {
+    JobSpec {
+        command: Some(cmd.into()),
+        max_attempts: Some(1),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn seed003_step_5_1_job_type_1_simple_echo() {
+    let c = cluster().await;
+    let view = c
+        .run_and_wait(&[
+            "--name",
+            "test-echo",
+            "--command",
+            "echo 'Hello from drover worker!'",
+            "--timeout",
+            "30",
+        ])
+        .await;
+    assert_eq!(view.job.state, JobState::Succeeded);
+    let id = view.job.id.to_string();
+    let get = c.cli(&["job", "get", "--id", &id]).await;
+    assert!(
+        get.stdout.contains("Status:    SUCCEEDED (Status Code: 0)"),
+        "{get:?}"
+    );
+    assert_eq!(c.lines(&id).await, vec!["Hello from drover worker!"]);
+}
+
+#[tokio::test]
+async fn seed003_step_5_2_job_type_2_multi_command() {
+    let c = cluster().await;
+    let view = c
+        .run_and_wait(&[
+            "--name",
+            "test-multicmd",
+            "--command",
+            "bash -c 'echo Step1 && sleep 1 && echo Step2 && sleep 1 && echo Step3'",
+            "--timeout",
+            "60",
+        ])
+        .await;
+    assert_eq!(view.job.state, JobState::Succeeded);
+    assert_eq!(
+        c.lines(&view.job.id.to_string()).await,
+        vec!["Step1", "Step2", "Step3"]
+    );
+}
+
+#[tokio::test]
+async fn seed003_step_5_3_job_type_3_long_running_streams_while_running() {
+    let c = cluster().await;
+    let client = c.server.client();
+    let job = client
+        .submit_job(&command(
+            "for i in 1 2 3 4 5; do echo Iteration $i; sleep 2; done",
+        ))
+        .await
+        .unwrap();
+    let id = job.id.to_string();
+    let mut follow = Box::pin(client.follow_logs(&id, None).await.unwrap());
+    let mut seen = Vec::new();
+    let mut state_at_first_line = None;
+    while let Some(ev) = follow.next().await {
+        match ev.unwrap() {
+            FollowEvent::Entry(e) => {
+                if seen.is_empty() {
+                    state_at_first_line = Some(client.get_job(&id).await.unwrap().job.state);
+                }
+                seen.push(e.text);
+            }
+            FollowEvent::End(job) => {
+                assert_eq!(job.state, JobState::Succeeded);
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        state_at_first_line,
+        Some(JobState::Running),
+        "the first line must arrive while the job runs"
+    );
+    let want: Vec<String> = (1..=5).map(|i| format!("Iteration {i}")).collect();
+    assert_eq!(seen, want);
+}
+
+#[tokio::test]
+async fn seed003_step_5_4_job_type_4_environment_variables() {
+    let c = cluster().await;
+    let view = c
+        .run_and_wait(&[
+            "--name",
+            "test-env",
+            "--command",
+            "bash -c 'echo MY_VAR=$MY_VAR && echo NUM_VAR=$NUM_VAR'",
+            "--env",
+            "MY_VAR=hello_world,NUM_VAR=42",
+        ])
+        .await;
+    assert_eq!(view.job.state, JobState::Succeeded);
+    assert_eq!(
+        c.lines(&view.job.id.to_string()).await,
+        vec!["MY_VAR=hello_world", "NUM_VAR=42"]
+    );
+}
+
+#[tokio::test]
+async fn seed003_step_5_5_job_type_5_program_with_arguments() {
+    let c = cluster().await;
+    let view = c
+        .run_and_wait(&[
+            "--name",
+            "test-args",
+            "--command",
+            "bash",
+            "--args",
+            "-c 'echo Processing file test.txt && echo Done'",
+            "--timeout",
+            "30",
+        ])
+        .await;
+    assert_eq!(view.job.state, JobState::Succeeded);
+    assert_eq!(view.job.spec.program.as_deref(), Some("bash"));
+    assert_eq!(
+        c.lines(&view.job.id.to_string()).await,
+        vec!["Processing file test.txt", "Done"]
+    );
+}
+
+#[tokio::test]
+async fn seed003_step_6_2_event_sequence_of_a_successful_job() {
+    let c = cluster().await;
+    let view = c.run_and_wait(&["--command", "echo ok"]).await;
+    let events = c
+        .server
+        .client()
+        .job_events(&view.job.id.to_string())
+        .await
+        .unwrap();
+    let kinds: Vec<&EventKind> = events.iter().map(|e| &e.kind).collect();
+    assert!(
+        matches!(
+            kinds.as_slice(),
+            [
+                EventKind::JobCreated { .. },
+                EventKind::JobAssigned { .. },
+                EventKind::JobAccepted { .. },
+                EventKind::JobStatusChanged {
+                    to: JobState::Running,
+                    ..
+                },
+                EventKind::JobStatusChanged {
+                    to: JobState::Succeeded,
+                    ..
+                },
+            ]
+        ),
+        "{kinds:#?}"
+    );
+    let cli = c.cli(&["job", "events", &view.job.id.to_string()]).await;
+    assert!(cli.stdout.contains("JobAccepted"), "{cli:?}");
+}
+
+#[tokio::test]
+async fn seed003_step_6_3_log_file_record() {
+    let c = cluster().await;
+    let view = c
+        .run_and_wait(&["--command", "echo one; echo two >&2; printf 'no newline'"])
+        .await;
+    let log = view.runs[0].log.clone().expect("a log file record");
+    assert_eq!(log.entry_count, 3);
+    assert!(log.size_bytes > 0);
+    assert_eq!(log.gaps, 0);
+    let path = log.uri.strip_prefix("file://").expect("a file:// uri");
+    let size = std::fs::metadata(path).expect("the log file exists").len();
+    assert_eq!(size, log.size_bytes);
+    let entries: Vec<LogEntryView> = c
+        .server
+        .client()
+        .job_logs(&view.job.id.to_string(), None)
+        .await
+        .unwrap();
+    let got: Vec<(String, drover_client::records::LogStream)> =
+        entries.into_iter().map(|e| (e.text, e.stream)).collect();
+    use drover_client::records::LogStream::{Stderr, Stdout};
+    assert!(got.contains(&("one".into(), Stdout)));
+    assert!(got.contains(&("two".into(), Stderr)));
+    assert!(got.contains(&("no newline".into(), Stdout)));
+}
+
+#[tokio::test]
+async fn seed003_step_8_1_batch_of_five_jobs_all_succeed() {
+    let c = cluster().await;
+    let mut ids = Vec::new();
+    for i in 1..=5 {
+        let name = format!("batch-test-{i}");
+        let cmd = format!("echo 'Batch test {i}'");
+        let out = c
+            .cli(&[
+                "job",
+                "run",
+                "--name",
+                &name,
+                "--command",
+                &cmd,
+                "--timeout",
+                "30",
+            ])
+            .await;
+        assert_eq!(out.code, 0, "{out:?}");
+        ids.push(out.stdout.trim().to_string());
+    }
+    let client = c.server.client();
+    for (i, id) in ids.iter().enumerate() {
+        let view = client.wait_job(id, |_| {}).await.unwrap();
+        assert_eq!(view.job.state, JobState::Succeeded);
+        assert_eq!(c.lines(id).await, vec![format!("Batch test {}", i + 1)]);
+    }
+    let listed = c.cli(&["job", "list", "--state", "succeeded"]).await;
+    assert_eq!(listed.stdout.matches("SUCCEEDED").count(), 5, "{listed:?}");
+}
+
+#[tokio::test]
+async fn a_failing_command_fails_with_its_exit_code() {
+    let c = cluster().await;
+    let out = c
+        .cli(&[
+            "job",
+            "run",
+            "--command",
+            "echo about to fail; exit 7",
+            "--max-attempts",
+            "1",
+            "--follow",
+        ])
+        .await;
+    assert_eq!(
+        out.code, 7,
+        "job run --follow exits with the job's code: {out:?}"
+    );
+    assert!(out.stdout.contains("about to fail"), "{out:?}");
+    let jobs = c.server.client().list_jobs(None, 10).await.unwrap();
+    assert_eq!(jobs[0].state, JobState::Failed);
+    assert_eq!(jobs[0].exit_code, Some(7));
+}
+
+/// Starts a job that records its own pid and a background child's pid, then waits.
+fn pid_recording_command(pidfile: &std::path::Path) -> String {
+    format!(
+        "echo $$ > {p}.tmp; sleep 300 & echo $! >> {p}.tmp; mv {p}.tmp {p}; wait",
+        p = pidfile.display()
+    )
+}
+
+async fn read_pids(pidfile: &std::path::Path) -> Vec<i32> {
+    eventually("the job to write its pids", || async {
+        let text = std::fs::read_to_string(pidfile).ok()?;
+        let pids: Vec<i32> = text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        (pids.len() == 2).then_some(pids)
+    })
+    .await
+}
+
+async fn assert_all_gone(pids: &[i32]) {
+    for &pid in pids {
+        eventually(&format!("process {pid} to be gone"), || async {
+            (!process_exists(pid)).then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_timeout_ends_timed_out_and_leaves_no_process_behind() {
+    let c = cluster().await;
+    let pidfile = c.dir.path().join("timeout.pids");
+    let mut spec = command(&pid_recording_command(&pidfile));
+    spec.timeout_ms = Some(1500);
+    let client = c.server.client();
+    let job = client.submit_job(&spec).await.unwrap();
+    let pids = read_pids(&pidfile).await;
+    let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::TimedOut);
+    assert!(
+        view.job
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("timed out"),
+        "{:?}",
+        view.job
+    );
+    assert_all_gone(&pids).await;
+}
+
+#[tokio::test]
+async fn cancelling_a_running_job_kills_its_whole_process_tree() {
+    let c = cluster().await;
+    let pidfile = c.dir.path().join("cancel.pids");
+    let client = c.server.client();
+    let job = client
+        .submit_job(&command(&pid_recording_command(&pidfile)))
+        .await
+        .unwrap();
+    let id = job.id.to_string();
+    let pids = read_pids(&pidfile).await;
+    let out = c.cli(&["job", "cancel", &id]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let view = client.wait_job(&id, |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::Cancelled);
+    assert_all_gone(&pids).await;
+    let again = c.cli(&["job", "cancel", &id]).await;
+    assert_ne!(again.code, 0);
+    assert!(again.stderr.contains("already CANCELLED"), "{again:?}");
+}
+
+#[tokio::test]
+async fn a_queued_job_is_cancelled_without_running() {
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let client = server.client();
+    let marker = dir.path().join("ran");
+    let job = client
+        .submit_job(&command(&format!("touch {}", marker.display())))
+        .await
+        .unwrap();
+    let cancelled = client.cancel_job(&job.id.to_string()).await.unwrap();
+    assert_eq!(cancelled.state, JobState::Cancelled);
+    // A worker that joins afterwards gets nothing to run.
+    let _worker = server.worker(dir.path(), "late", None, &[]).await;
+    WorkerProc::wait_connected(&client, 1).await;
+    let probe = client.submit_job(&command("true")).await.unwrap();
+    client
+        .wait_job(&probe.id.to_string(), |_| {})
+        .await
+        .unwrap();
+    assert!(!marker.exists(), "a cancelled job ran");
+    assert!(
+        client
+            .get_job(&job.id.to_string())
+            .await
+            .unwrap()
+            .runs
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn a_replayed_one_time_token_is_refused() {
+    let dir = TestDir::new();
+    let d = drover();
+    let server = ServerProc::start(&d, dir.path(), ServerOptions::default()).await;
+    let token = server.token().await;
+    let _first = WorkerProc::start(&d, &server.url, dir.path(), "first", Some(&token), &[]);
+    WorkerProc::wait_connected(&server.client(), 1).await;
+    let mut second = WorkerProc::start(&d, &server.url, dir.path(), "second", Some(&token), &[]);
+    let status = second.proc.wait_exit().await;
+    assert!(!status.success());
+    let log = second.proc.log_text();
+    assert!(log.contains("already used"), "{log}");
+    let nodes = server.client().list_nodes().await.unwrap();
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+}
+
+#[tokio::test]
+async fn a_worker_restarted_keeps_its_identity() {
+    let dir = TestDir::new();
+    let d = drover();
+    let server = ServerProc::start(&d, dir.path(), ServerOptions::default()).await;
+    let client = server.client();
+    let mut worker = server.worker(dir.path(), "w", None, &[]).await;
+    WorkerProc::wait_connected(&client, 1).await;
+    worker.proc.kill9();
+    // No token this time: the stored credential is enough.
+    let _again = WorkerProc::start(&d, &server.url, dir.path(), "w", None, &[]);
+    let job = client.submit_job(&command("echo back")).await.unwrap();
+    let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::Succeeded);
+    assert_eq!(client.list_nodes().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_worker_cut_off_and_reconnected_loses_no_log_entry() {
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let client = server.client();
+    let proxy = Proxy::start(&server.url).await;
+    let _worker = server.worker(dir.path(), "w", Some(&proxy.url), &[]).await;
+    WorkerProc::wait_connected(&client, 1).await;
+    let job = client
+        .submit_job(&command(
+            "for i in $(seq 1 400); do echo line $i; sleep 0.01; done",
+        ))
+        .await
+        .unwrap();
+    let id = job.id.to_string();
+    // Cut the path once some lines are stored, while the job keeps printing.
+    eventually("some lines to be stored", || async {
+        let n = client.job_logs(&id, None).await.ok()?.len();
+        (n >= 20).then_some(())
+    })
+    .await;
+    proxy.cut();
+    eventually("the server to see the worker gone", || async {
+        let nodes = client.list_nodes().await.ok()?;
+        nodes.iter().all(|n| !n.connected).then_some(())
+    })
+    .await;
+    proxy.restore();
+    let view = client.wait_job(&id, |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::Succeeded, "{:?}", view.job);
+    assert_eq!(view.runs.len(), 1, "the run must carry on, not be retried");
+    let lines: Vec<String> = client
+        .job_logs(&id, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    let want: Vec<String> = (1..=400).map(|i| format!("line {i}")).collect();
+    assert_eq!(lines, want);
+    assert_eq!(view.runs[0].log.as_ref().map(|l| l.gaps), Some(0));
+}
+
+#[tokio::test]
+async fn the_control_plane_killed_keeps_queued_and_finished_jobs() {
+    let dir = TestDir::new();
+    let d = drover();
+    let mut server = ServerProc::start(&d, dir.path(), ServerOptions::default()).await;
+    let client = server.client();
+    let done = client.submit_job(&command("echo before")).await.unwrap();
+    let _worker = server.worker(dir.path(), "w", None, &[]).await;
+    client.wait_job(&done.id.to_string(), |_| {}).await.unwrap();
+    server.restart().await;
+    let client = server.client();
+    let view = client.get_job(&done.id.to_string()).await.unwrap();
+    assert_eq!(view.job.state, JobState::Succeeded);
+    // The worker reconnects to the restarted control plane and takes new work.
+    let after = client.submit_job(&command("echo after")).await.unwrap();
+    let view = client
+        .wait_job(&after.id.to_string(), |_| {})
+        .await
+        .unwrap();
+    assert_eq!(view.job.state, JobState::Succeeded);
+}
+
+#[tokio::test]
+async fn drover_up_runs_a_job_in_one_command() {
+    let dir = TestDir::new();
+    let d = drover();
+    let up = drover_testkit::UpProc::start(&d, dir.path(), &[]).await;
+    let out = d
+        .cli(
+            &up.url,
+            &[
+                "job",
+                "run",
+                "--command",
+                "echo hello from drover",
+                "--follow",
+            ],
+        )
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, "hello from drover\n");
+    let nodes = d.cli(&up.url, &["node", "list", "--output", "json"]).await;
+    let nodes: serde_json::Value = serde_json::from_str(&nodes.stdout).unwrap();
+    assert_eq!(nodes.as_array().map(Vec::len), Some(1));
+    assert!(up.data_dir.join("drover.db").exists());
+}
+
+#[tokio::test]
+async fn health_readiness_and_metrics_answer() {
+    let c = cluster().await;
+    c.run_and_wait(&["--command", "true"]).await;
+    let http = reqwest_get(&format!("{}/healthz", c.server.url)).await;
+    assert_eq!(http.0, 200);
+    assert_eq!(
+        reqwest_get(&format!("{}/readyz", c.server.url)).await.0,
+        200
+    );
+    let (status, body) = reqwest_get(&format!("{}/metrics", c.server.url)).await;
+    assert_eq!(status, 200);
+    assert!(body.contains("drover_jobs_submitted_total 1"), "{body}");
+    assert!(body.contains("drover_workers_connected 1"), "{body}");
+}
+
+async fn reqwest_get(url: &str) -> (u16, String) {
+    let r = reqwest::get(url).await.expect("GET");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+#[tokio::test]
+async fn the_grpc_job_service_health_and_reflection_answer() {
+    use drover_proto::v1::job_service_client::JobServiceClient;
+    let c = cluster().await;
+    let mut jobs = JobServiceClient::connect(c.server.url.clone())
+        .await
+        .unwrap();
+    let spec = drover_proto::v1::JobSpec {
+        command: Some("echo over grpc".into()),
+        max_attempts: 1,
+        ..Default::default()
+    };
+    let job = jobs
+        .submit_job(drover_proto::v1::SubmitJobRequest { spec: Some(spec) })
+        .await
+        .unwrap()
+        .into_inner();
+    let view = c.server.client().wait_job(&job.id, |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::Succeeded);
+    let got = jobs
+        .get_job(drover_proto::v1::GetJobRequest { id: job.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.state, "SUCCEEDED");
+    let bad = jobs
+        .get_job(drover_proto::v1::GetJobRequest { id: "nope".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let empty = jobs
+        .submit_job(drover_proto::v1::SubmitJobRequest {
+            spec: Some(drover_proto::v1::JobSpec {
+                command: Some(" ".into()),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(empty.code(), tonic::Code::InvalidArgument);
+    assert!(empty.message().starts_with("command:"), "{empty:?}");
+
+    let channel = tonic::transport::Endpoint::from_shared(c.server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "drover.v1.JobService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        status.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
