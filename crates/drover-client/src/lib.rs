@@ -48,7 +48,7 @@ pub struct Client {
 pub enum FollowEvent {
     Entry(LogEntryView),
     /// The job is final; nothing more will come.
-    End(JobRecord),
+    End(Box<JobRecord>),
 }
 
 impl Client {
@@ -204,7 +204,7 @@ impl Client {
                         ),
                         "end" => Some(
                             serde_json::from_str(&data)
-                                .map(FollowEvent::End)
+                                .map(|j| FollowEvent::End(Box::new(j)))
                                 .map_err(|e| ClientError::Protocol(e.to_string())),
                         ),
                         _ => None,

@@ -321,7 +321,7 @@ async fn follow_logs(
     while let Some(ev) = events.next().await {
         match ev? {
             FollowEvent::Entry(entry) => print_entry(&entry, output)?,
-            FollowEvent::End(job) => return Ok(job),
+            FollowEvent::End(job) => return Ok(*job),
         }
     }
     // The stream broke before the end: report the job as it is now.
