@@ -1,7 +1,7 @@
 //! The append-only record of what happened. Each event is written in the same transaction
 //! as the state change it describes.
 
-use crate::ids::{RunId, WorkerId};
+use crate::ids::{GroupId, RunId, WorkerId};
 use crate::job::{JobEvent, JobState};
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,17 @@ pub enum EventKind {
         from: JobState,
         reason: String,
     },
+    /// A user retried a finished attempt by hand.
+    JobResubmitted {
+        from: JobState,
+        run_id: RunId,
+        next_attempt: u32,
+    },
+    /// Every member of the group is final.
+    GroupFinished {
+        group_id: GroupId,
+        state: String,
+    },
     WorkerRegistered {
         worker_id: WorkerId,
         name: String,
@@ -64,6 +75,8 @@ impl EventKind {
             Self::JobStatusChanged { .. } => "JobStatusChanged",
             Self::JobRetryScheduled { .. } => "JobRetryScheduled",
             Self::JobCancelled { .. } => "JobCancelled",
+            Self::JobResubmitted { .. } => "JobResubmitted",
+            Self::GroupFinished { .. } => "GroupFinished",
             Self::WorkerRegistered { .. } => "WorkerRegistered",
             Self::WorkerConnected { .. } => "WorkerConnected",
             Self::WorkerLost { .. } => "WorkerLost",

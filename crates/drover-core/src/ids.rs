@@ -54,6 +54,9 @@ macro_rules! id_type {
 id_type!(JobId, "job");
 id_type!(RunId, "run");
 id_type!(WorkerId, "worker");
+id_type!(GroupId, "group");
+id_type!(ReservationId, "reservation");
+id_type!(WebhookId, "webhook");
 
 #[cfg(test)]
 mod tests {

@@ -1,5 +1,6 @@
 //! Jobs, runs and the one table of legal job state changes.
 
+use crate::ids::{JobId, ReservationId};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -51,7 +52,24 @@ pub struct JobSpec {
     /// Node labels the worker must carry (all of them, with these values).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Named resources the job holds while it runs (`ollama: 1`); a node offers each with
+    /// a capacity, and jobs needing one wait while it is used up or reserved.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub resources: BTreeMap<String, u32>,
+    /// Jobs that must succeed before this one runs; if one fails for good, this one is
+    /// SKIPPED.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<JobId>,
+    /// Submitting twice with the same key returns the first job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Runs inside this reservation: at once, in submission order, on the reserved node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reservation: Option<ReservationId>,
 }
+
+pub const MAX_DEPENDENCIES: usize = 1000;
+pub const MAX_RESOURCE_AMOUNT: u32 = 1 << 20;
 
 /// A refused input, naming the field so that the user knows what to fix.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
@@ -237,6 +255,35 @@ impl JobSpec {
                 ));
             }
         }
+        for (k, &v) in &self.resources {
+            let field = format!("resources.{}", k.chars().take(64).collect::<String>());
+            if !valid_resource_name(k) {
+                return Err(ValidationError::new(
+                    field,
+                    "resource names are 1-64 characters of letters, digits, '-', '_' or '.'",
+                ));
+            }
+            if v == 0 || v > MAX_RESOURCE_AMOUNT {
+                return Err(ValidationError::new(
+                    field,
+                    format!("amount must be between 1 and {MAX_RESOURCE_AMOUNT}, got {v}"),
+                ));
+            }
+        }
+        if self.depends_on.len() > MAX_DEPENDENCIES {
+            return Err(ValidationError::new(
+                "depends_on",
+                format!("at most {MAX_DEPENDENCIES} dependencies"),
+            ));
+        }
+        if let Some(key) = &self.idempotency_key
+            && (key.is_empty() || key.len() > 256 || key.chars().any(char::is_control))
+        {
+            return Err(ValidationError::new(
+                "idempotency_key",
+                "must be 1-256 bytes without control characters",
+            ));
+        }
         if self.name.trim().is_empty() {
             self.name = self.default_name();
         }
@@ -265,6 +312,14 @@ impl JobSpec {
         }
         name
     }
+}
+
+/// Letters, digits, `-`, `_`, `.`; 1 to 64 of them.
+pub fn valid_resource_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
 macro_rules! string_enum {
@@ -384,6 +439,8 @@ pub enum JobEvent {
     Retry,
     /// A group member whose predecessor failed for good never runs.
     Skip,
+    /// A user retries a finished attempt by hand: a new attempt in the same chain.
+    Resubmit,
 }
 
 impl JobEvent {
@@ -397,6 +454,7 @@ impl JobEvent {
         Self::Cancel,
         Self::Retry,
         Self::Skip,
+        Self::Resubmit,
     ];
 }
 
@@ -419,6 +477,9 @@ pub const TRANSITIONS: &[(JobState, JobEvent, JobState)] = &[
     (S::Running, E::TimeOut, S::TimedOut),
     (S::Running, E::Retry, S::Queued),
     (S::Running, E::Cancel, S::Cancelled),
+    (S::Failed, E::Resubmit, S::Queued),
+    (S::TimedOut, E::Resubmit, S::Queued),
+    (S::Cancelled, E::Resubmit, S::Queued),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -491,10 +552,29 @@ mod tests {
     }
 
     #[test]
-    fn terminal_states_accept_nothing() {
+    fn terminal_states_accept_only_a_manual_retry() {
         for &state in JobState::ALL.iter().filter(|s| s.is_terminal()) {
             for &event in JobEvent::ALL {
-                assert!(state.apply(event).is_err(), "{state} accepted {event:?}");
+                let resubmittable = event == E::Resubmit
+                    && matches!(state, S::Failed | S::TimedOut | S::Cancelled);
+                assert_eq!(state.apply(event).is_ok(), resubmittable, "{state} on {event:?}");
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Any sequence of events, applied where legal, only ever visits states the table
+        /// reaches, and a success is final.
+        #[test]
+        fn random_walks_stay_in_the_table(events in proptest::collection::vec(0usize..10, 0..64)) {
+            let mut state = S::Queued;
+            for i in events {
+                let event = JobEvent::ALL[i % JobEvent::ALL.len()];
+                if let Ok(next) = state.apply(event) {
+                    proptest::prop_assert!(TRANSITIONS.contains(&(state, event, next)));
+                    proptest::prop_assert!(state != S::Succeeded && state != S::Skipped);
+                    state = next;
+                }
             }
         }
     }

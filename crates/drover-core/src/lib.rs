@@ -11,7 +11,7 @@ pub mod time;
 pub mod worker;
 
 pub use event::EventKind;
-pub use ids::{IdError, JobId, RunId, WorkerId};
+pub use ids::{GroupId, IdError, JobId, ReservationId, RunId, WebhookId, WorkerId};
 pub use job::{
     JobEvent, JobSpec, JobState, RunOutcome, RunState, TransitionError, ValidationError,
 };

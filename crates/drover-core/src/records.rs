@@ -1,8 +1,8 @@
 //! What the store returns. These are also the shapes of the HTTP API's JSON.
 
 use crate::{
-    Capabilities, EventKind, JobId, JobSpec, JobState, RunId, RunOutcome, RunState, Timestamp,
-    WorkerId, WorkerState,
+    Capabilities, EventKind, GroupId, JobId, JobSpec, JobState, ReservationId, RunId, RunOutcome,
+    RunState, Timestamp, WebhookId, WorkerId, WorkerState,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -21,6 +21,11 @@ pub struct JobRecord {
     pub error: Option<String>,
     pub not_before: Timestamp,
     pub current_run: Option<RunId>,
+    /// The group the job belongs to and its place in it (0-based).
+    pub group_id: Option<GroupId>,
+    pub group_position: Option<u32>,
+    /// Dependencies that have not succeeded yet; the job waits while this is above 0.
+    pub waiting_on: u32,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
     pub finished_at: Option<Timestamp>,
@@ -85,6 +90,8 @@ pub struct ReadyJob {
     pub id: JobId,
     pub priority: i32,
     pub labels: BTreeMap<String, String>,
+    pub resources: BTreeMap<String, u32>,
+    pub reservation: Option<ReservationId>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -180,4 +187,151 @@ pub struct ErrorDetail {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
     pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum GroupState {
+    /// Some member is not final yet.
+    Running,
+    /// Every member succeeded.
+    Completed,
+    /// A member failed for good; the ones after it were skipped.
+    Partial,
+    /// The group was cancelled.
+    Cancelled,
+}
+
+impl GroupState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "RUNNING",
+            Self::Completed => "COMPLETED",
+            Self::Partial => "PARTIAL",
+            Self::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Running, Self::Completed, Self::Partial, Self::Cancelled]
+            .into_iter()
+            .find(|g| g.as_str() == s)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupRecord {
+    pub id: GroupId,
+    pub name: String,
+    pub state: GroupState,
+    pub created_at: Timestamp,
+    pub finished_at: Option<Timestamp>,
+}
+
+/// A group with its members in order, as `GET /v1/groups/{id}` returns it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GroupView {
+    #[serde(flatten)]
+    pub group: GroupRecord,
+    pub jobs: Vec<JobRecord>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ReservationState {
+    Active,
+    Released,
+    Expired,
+}
+
+impl ReservationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "ACTIVE",
+            Self::Released => "RELEASED",
+            Self::Expired => "EXPIRED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Active, Self::Released, Self::Expired]
+            .into_iter()
+            .find(|r| r.as_str() == s)
+    }
+}
+
+/// A direct claim on a resource of one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationRecord {
+    pub id: ReservationId,
+    pub resource: String,
+    pub amount: u32,
+    pub worker_id: WorkerId,
+    pub state: ReservationState,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub ended_at: Option<Timestamp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookRecord {
+    pub id: WebhookId,
+    pub url: String,
+    /// Event names delivered (`job.run.completed`, …); empty means all.
+    pub events: Vec<String>,
+    pub created_at: Timestamp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum DeliveryState {
+    Pending,
+    Delivered,
+    /// Gave up after the last attempt.
+    Failed,
+}
+
+impl DeliveryState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Pending => "PENDING",
+            Self::Delivered => "DELIVERED",
+            Self::Failed => "FAILED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Pending, Self::Delivered, Self::Failed]
+            .into_iter()
+            .find(|d| d.as_str() == s)
+    }
+}
+
+/// One event for one webhook: the outbox row, written with the state change it reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryRecord {
+    pub id: i64,
+    pub webhook_id: WebhookId,
+    pub url: String,
+    pub event: String,
+    /// The run id (or, for a job that never ran, the job id): receivers deduplicate by it.
+    pub idempotency_key: String,
+    pub payload: serde_json::Value,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub next_attempt_at: Timestamp,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub created_at: Timestamp,
+    pub delivered_at: Option<Timestamp>,
+}
+
+/// Webhook event names.
+pub mod webhook_events {
+    pub const COMPLETED: &str = "job.run.completed";
+    pub const FAILED: &str = "job.run.failed";
+    pub const TIMED_OUT: &str = "job.run.timed_out";
+    pub const CANCELLED: &str = "job.run.cancelled";
+    pub const SKIPPED: &str = "job.run.skipped";
+    pub const ALL: &[&str] = &[COMPLETED, FAILED, TIMED_OUT, CANCELLED, SKIPPED];
 }

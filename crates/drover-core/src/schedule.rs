@@ -1,15 +1,20 @@
-//! The scheduling policy: a pure function from a snapshot of waiting jobs and free workers
-//! to assignments. The control plane feeds it and carries out what it decides.
+//! The scheduling policy: a pure function from a snapshot of waiting jobs, free workers and
+//! active reservations to assignments. The control plane feeds it and carries out what it
+//! decides.
 
-use crate::ids::{JobId, WorkerId};
+use crate::ids::{JobId, ReservationId, WorkerId};
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Candidate {
     pub job_id: JobId,
     pub priority: i32,
     /// Labels the worker must carry.
     pub labels: BTreeMap<String, String>,
+    /// Named resources the job holds while it runs.
+    pub resources: BTreeMap<String, u32>,
+    /// The active reservation the job was submitted into, if any.
+    pub reservation: Option<ReservationId>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -17,32 +22,108 @@ pub struct FreeWorker {
     pub worker_id: WorkerId,
     pub free_slots: u32,
     pub labels: BTreeMap<String, String>,
+    /// Capacity of each named resource not used by running jobs (reservations not yet
+    /// subtracted: [`assign`] does that).
+    pub free_resources: BTreeMap<String, u32>,
+}
+
+/// An active reservation: `amount` of `resource` on one worker, held for the jobs
+/// submitted into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    pub reservation_id: ReservationId,
+    pub worker_id: WorkerId,
+    pub resource: String,
+    pub amount: u32,
+    /// How much of it the reservation's running jobs use now.
+    pub in_use: u32,
+}
+
+impl Hold {
+    fn unused(&self) -> u32 {
+        self.amount.saturating_sub(self.in_use)
+    }
 }
 
 impl FreeWorker {
-    fn fits(&self, job: &Candidate) -> bool {
+    fn fits(&self, job: &Candidate, skip: Option<&str>) -> bool {
         self.free_slots > 0
             && job
                 .labels
                 .iter()
                 .all(|(k, v)| self.labels.get(k) == Some(v))
+            && job
+                .resources
+                .iter()
+                .filter(|(name, _)| Some(name.as_str()) != skip)
+                .all(|(name, &need)| self.free_resources.get(name).copied().unwrap_or(0) >= need)
+    }
+
+    fn take(&mut self, job: &Candidate, skip: Option<&str>) {
+        self.free_slots -= 1;
+        for (name, need) in &job.resources {
+            if Some(name.as_str()) != skip
+                && let Some(free) = self.free_resources.get_mut(name)
+            {
+                *free -= need;
+            }
+        }
     }
 }
 
-/// Highest priority first, oldest first within a priority (ids are time-ordered); each job
-/// goes to the fitting worker with the most free slots, so load spreads. A job that fits no
-/// worker waits and does not block the jobs after it.
-pub fn assign(mut jobs: Vec<Candidate>, mut workers: Vec<FreeWorker>) -> Vec<(JobId, WorkerId)> {
-    jobs.sort_by(|a, b| b.priority.cmp(&a.priority).then(a.job_id.cmp(&b.job_id)));
+/// Jobs of an active reservation first (they start at once, in submission order), then
+/// highest priority, then oldest (ids are time-ordered). A reservation's unused amount is
+/// kept from everyone else, so queued jobs needing that resource wait while it is held.
+/// Each job goes to the fitting worker with the most free slots; a job that fits nowhere
+/// waits and does not block the jobs after it. Physical capacity is never exceeded.
+pub fn assign(
+    mut jobs: Vec<Candidate>,
+    mut workers: Vec<FreeWorker>,
+    mut holds: Vec<Hold>,
+) -> Vec<(JobId, WorkerId)> {
+    // What reservations hold but do not use is not free for anyone outside them.
+    for hold in &holds {
+        if let Some(w) = workers.iter_mut().find(|w| w.worker_id == hold.worker_id)
+            && let Some(free) = w.free_resources.get_mut(&hold.resource)
+        {
+            *free = free.saturating_sub(hold.unused());
+        }
+    }
+    jobs.sort_by(|a, b| {
+        let held = |c: &Candidate| holds.iter().any(|h| Some(h.reservation_id) == c.reservation);
+        held(b)
+            .cmp(&held(a))
+            .then(b.priority.cmp(&a.priority))
+            .then(a.job_id.cmp(&b.job_id))
+    });
     let mut out = Vec::new();
     for job in &jobs {
-        let best = workers.iter_mut().filter(|w| w.fits(job)).max_by(|a, b| {
-            a.free_slots
-                .cmp(&b.free_slots)
-                .then(b.worker_id.cmp(&a.worker_id))
-        });
+        if let Some(hold) = holds
+            .iter_mut()
+            .find(|h| Some(h.reservation_id) == job.reservation)
+        {
+            let need = job.resources.get(&hold.resource).copied().unwrap_or(1);
+            let resource = hold.resource.clone();
+            if let Some(w) = workers.iter_mut().find(|w| w.worker_id == hold.worker_id)
+                && hold.unused() >= need
+                && w.fits(job, Some(&resource))
+            {
+                w.take(job, Some(&resource));
+                hold.in_use += need;
+                out.push((job.job_id, w.worker_id));
+            }
+            continue;
+        }
+        let best = workers
+            .iter_mut()
+            .filter(|w| w.fits(job, None))
+            .max_by(|a, b| {
+                a.free_slots
+                    .cmp(&b.free_slots)
+                    .then(b.worker_id.cmp(&a.worker_id))
+            });
         if let Some(w) = best {
-            w.free_slots -= 1;
+            w.take(job, None);
             out.push((job.job_id, w.worker_id));
         }
         if workers.iter().all(|w| w.free_slots == 0) {
@@ -61,8 +142,14 @@ mod tests {
         Candidate {
             job_id: JobId::new(),
             priority,
-            labels: BTreeMap::new(),
+            ..Default::default()
         }
+    }
+
+    fn needing(resource: &str, amount: u32) -> Candidate {
+        let mut j = job(0);
+        j.resources.insert(resource.into(), amount);
+        j
     }
 
     fn worker(slots: u32) -> FreeWorker {
@@ -70,18 +157,24 @@ mod tests {
             worker_id: WorkerId::new(),
             free_slots: slots,
             labels: BTreeMap::new(),
+            free_resources: BTreeMap::new(),
         }
+    }
+
+    fn with_resource(mut w: FreeWorker, name: &str, amount: u32) -> FreeWorker {
+        w.free_resources.insert(name.into(), amount);
+        w
+    }
+
+    fn ids(plan: &[(JobId, WorkerId)]) -> Vec<JobId> {
+        plan.iter().map(|(j, _)| *j).collect()
     }
 
     #[test]
     fn priority_then_fifo() {
         let (a, b, c) = (job(0), job(5), job(0));
-        let w = worker(3);
-        let got: Vec<JobId> = assign(vec![c.clone(), a.clone(), b.clone()], vec![w])
-            .into_iter()
-            .map(|(j, _)| j)
-            .collect();
-        assert_eq!(got, vec![b.job_id, a.job_id, c.job_id]);
+        let got = assign(vec![c.clone(), a.clone(), b.clone()], vec![worker(3)], vec![]);
+        assert_eq!(ids(&got), vec![b.job_id, a.job_id, c.job_id]);
     }
 
     #[test]
@@ -90,29 +183,75 @@ mod tests {
         gpu.labels.insert("gpu".into(), "yes".into());
         let plain = job(0);
         let w = worker(1);
-        let got = assign(vec![gpu, plain.clone()], vec![w.clone()]);
+        let got = assign(vec![gpu, plain.clone()], vec![w.clone()], vec![]);
         assert_eq!(got, vec![(plain.job_id, w.worker_id)]);
     }
 
+    #[test]
+    fn an_exclusive_resource_runs_one_job_at_a_time() {
+        let (a, b, plain) = (needing("ollama", 1), needing("ollama", 1), job(0));
+        let w = with_resource(worker(4), "ollama", 1);
+        let got = assign(vec![a.clone(), b, plain.clone()], vec![w], vec![]);
+        assert_eq!(ids(&got), vec![a.job_id, plain.job_id]);
+    }
+
+    #[test]
+    fn a_reservation_pauses_others_and_runs_its_own_first() {
+        let w = with_resource(worker(4), "ollama", 1);
+        let hold = Hold {
+            reservation_id: ReservationId::new(),
+            worker_id: w.worker_id,
+            resource: "ollama".into(),
+            amount: 1,
+            in_use: 0,
+        };
+        let queued = needing("ollama", 1);
+        let mut direct = job(-5);
+        direct.reservation = Some(hold.reservation_id);
+        let mut second = job(-5);
+        second.reservation = Some(hold.reservation_id);
+        let got = assign(
+            vec![queued.clone(), direct.clone(), second],
+            vec![w.clone()],
+            vec![hold.clone()],
+        );
+        assert_eq!(ids(&got), vec![direct.job_id], "one at a time, in order");
+        // Without the reservation, the queued job takes the resource.
+        let got = assign(vec![queued.clone()], vec![w], vec![]);
+        assert_eq!(ids(&got), vec![queued.job_id]);
+    }
+
     proptest! {
-        /// Capacity is never exceeded, and whenever a job is left waiting while a
-        /// fitting slot stayed free, that never happens (no label constraints here).
+        /// Slots and resource capacities are never exceeded, and every assigned job has a
+        /// priority at least that of every job left waiting (no resources involved there).
         #[test]
         fn capacity_is_respected(prios in prop::collection::vec(-3i32..3, 0..40),
-                                 slots in prop::collection::vec(0u32..4, 1..5)) {
-            let jobs: Vec<Candidate> = prios.iter().map(|&p| job(p)).collect();
-            let workers: Vec<FreeWorker> = slots.iter().map(|&s| worker(s)).collect();
-            let total: u32 = slots.iter().sum();
-            let got = assign(jobs.clone(), workers.clone());
-            prop_assert_eq!(got.len(), jobs.len().min(total as usize));
+                                 slots in prop::collection::vec(0u32..4, 1..5),
+                                 needs in prop::collection::vec(0u32..3, 0..40),
+                                 capacity in 0u32..3) {
+            let jobs: Vec<Candidate> = prios.iter().enumerate().map(|(i, &p)| {
+                let mut j = job(p);
+                if let Some(&n) = needs.get(i).filter(|&&n| n > 0) {
+                    j.resources.insert("r".into(), n);
+                }
+                j
+            }).collect();
+            let workers: Vec<FreeWorker> = slots.iter().map(|&s| with_resource(worker(s), "r", capacity)).collect();
+            let got = assign(jobs.clone(), workers.clone(), vec![]);
             for w in &workers {
-                let n = got.iter().filter(|(_, id)| *id == w.worker_id).count() as u32;
-                prop_assert!(n <= w.free_slots);
+                let mine: Vec<&Candidate> = got.iter().filter(|(_, id)| *id == w.worker_id)
+                    .filter_map(|(j, _)| jobs.iter().find(|c| c.job_id == *j)).collect();
+                prop_assert!(mine.len() as u32 <= w.free_slots);
+                let used: u32 = mine.iter().map(|c| c.resources.get("r").copied().unwrap_or(0)).sum();
+                prop_assert!(used <= capacity);
             }
-            // Every assigned job has priority >= every unassigned one.
-            let assigned: Vec<&Candidate> = jobs.iter().filter(|j| got.iter().any(|(id, _)| *id == j.job_id)).collect();
-            let waiting: Vec<&Candidate> = jobs.iter().filter(|j| !got.iter().any(|(id, _)| *id == j.job_id)).collect();
-            for a in &assigned { for w in &waiting { prop_assert!(a.priority >= w.priority); } }
+            let plain_waiting = jobs.iter().filter(|j| j.resources.is_empty())
+                .filter(|j| !got.iter().any(|(id, _)| *id == j.job_id));
+            let total: u32 = slots.iter().sum();
+            if (got.len() as u32) < total {
+                // A slot stayed free, so no plain job may be left waiting.
+                prop_assert_eq!(plain_waiting.count(), 0);
+            }
         }
     }
 }

@@ -47,4 +47,7 @@ pub struct Capabilities {
     pub slots: u32,
     pub isolation_modes: Vec<String>,
     pub version: String,
+    /// Named resources and their capacity on this node (`ollama: 1`).
+    #[serde(default)]
+    pub resources: BTreeMap<String, u32>,
 }

@@ -10,8 +10,8 @@ pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
 use drover_core::{
-    Capabilities, JobId, JobSpec, JobState, RunId, Timestamp, TransitionError, WorkerId,
-    WorkerState,
+    Capabilities, GroupId, JobId, JobSpec, JobState, ReservationId, RunId, Timestamp,
+    TransitionError, WorkerId, WorkerState,
 };
 use std::time::Duration;
 
@@ -35,6 +35,8 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("corrupt record in the store: {0}")]
     Corrupt(String),
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -51,8 +53,14 @@ pub struct RetrySettings {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     // ----------------------------------------------------------- jobs
-    /// Stores a validated spec as a QUEUED job with its `JobCreated` event.
-    async fn create_job(&self, spec: JobSpec) -> Result<JobRecord>;
+    /// Stores a validated spec as a QUEUED job with its `JobCreated` event. With an
+    /// idempotency key already used, returns the first job and `false`.
+    async fn create_job(&self, spec: JobSpec) -> Result<(JobRecord, bool)>;
+    /// Stores a group: its members run in order, each waiting for the one before.
+    async fn create_group(&self, name: &str, specs: Vec<JobSpec>) -> Result<GroupView>;
+    async fn get_group(&self, id: GroupId) -> Result<GroupView>;
+    /// Retries a finished attempt by hand: the job goes back to QUEUED for one more attempt.
+    async fn resubmit_run(&self, run_id: RunId) -> Result<JobRecord>;
     async fn get_job(&self, id: JobId) -> Result<JobRecord>;
     async fn list_jobs(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobRecord>>;
     async fn job_runs(&self, id: JobId) -> Result<Vec<RunRecord>>;
@@ -113,6 +121,35 @@ pub trait Store: Send + Sync + 'static {
     async fn get_worker(&self, id: WorkerId) -> Result<WorkerRecord>;
     async fn list_workers(&self) -> Result<Vec<WorkerRecord>>;
 
+    // ----------------------------------------------------------- reservations
+    async fn create_reservation(
+        &self,
+        resource: &str,
+        amount: u32,
+        worker_id: WorkerId,
+        ttl: Duration,
+    ) -> Result<ReservationRecord>;
+    async fn get_reservation(&self, id: ReservationId) -> Result<ReservationRecord>;
+    async fn release_reservation(&self, id: ReservationId) -> Result<ReservationRecord>;
+    /// Active reservations; those past their TTL are marked EXPIRED first.
+    async fn active_reservations(&self, now: Timestamp) -> Result<Vec<ReservationRecord>>;
+
+    // ----------------------------------------------------------- webhooks
+    async fn add_webhook(&self, url: &str, secret: &str, events: &[String]) -> Result<WebhookRecord>;
+    async fn list_webhooks(&self) -> Result<Vec<WebhookRecord>>;
+    /// Pending deliveries whose time has come, oldest first, with the webhook's secret.
+    async fn due_deliveries(&self, now: Timestamp, limit: u32) -> Result<Vec<(DeliveryRecord, String)>>;
+    /// Records one delivery attempt: delivered, or tried again at `retry_at` (None: give up).
+    async fn record_delivery_attempt(
+        &self,
+        id: i64,
+        status: Option<u16>,
+        error: Option<&str>,
+        delivered: bool,
+        retry_at: Option<Timestamp>,
+    ) -> Result<()>;
+    async fn list_deliveries(&self, limit: u32) -> Result<Vec<DeliveryRecord>>;
+
     // ----------------------------------------------------------- logs
     async fn log_index(&self, run_id: RunId) -> Result<Option<LogIndex>>;
     /// Records that the run's log file now holds `index` (size, entries, last sequence).
@@ -127,7 +164,7 @@ pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>> {
     {
         return Ok(std::sync::Arc::new(SqliteStore::open(path).await?));
     }
-    Err(StoreError::Conflict(format!(
-        "database url {url:?} is not supported: use sqlite://PATH"
-    )))
+    Err(StoreError::Invalid { field: "database_url", message: format!(
+        "{url:?} is not supported: use sqlite://PATH"
+    )})
 }

@@ -3,13 +3,15 @@
 //! of read-only connections, which WAL lets run beside the writer.
 
 use crate::{
-    Assignment, Cancelled, EventRecord, Finished, JobRecord, JoinToken, LogIndex, ReadyJob, Result,
-    RetrySettings, RunEnd, RunRecord, Store, StoreError, WorkerRecord,
+    Assignment, Cancelled, DeliveryRecord, DeliveryState, EventRecord, Finished, GroupRecord,
+    GroupState, GroupView, JobRecord, JoinToken, LogIndex, ReadyJob, ReservationRecord,
+    ReservationState, Result, RetrySettings, RunEnd, RunRecord, Store, StoreError, WebhookRecord,
+    WorkerRecord, webhook_events,
 };
 use async_trait::async_trait;
 use drover_core::{
-    Capabilities, EventKind, JobEvent, JobId, JobSpec, JobState, RunId, RunState, Timestamp,
-    WorkerId, WorkerState, retry,
+    Capabilities, EventKind, GroupId, JobEvent, JobId, JobSpec, JobState, ReservationId, RunId,
+    RunState, Timestamp, WebhookId, WorkerId, WorkerState, retry,
 };
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -27,7 +29,13 @@ pub struct SqliteStore {
 }
 
 const JOB_COLS: &str = "id, name, spec, state, priority, attempts, max_attempts, exit_code, \
-    error, not_before, current_run, created_at, updated_at, finished_at";
+    error, not_before, current_run, group_id, group_position, waiting_on, created_at, \
+    updated_at, finished_at";
+const RESERVATION_COLS: &str =
+    "id, resource, amount, worker_id, state, created_at, expires_at, ended_at";
+const DELIVERY_COLS: &str = "d.id, d.webhook_id, w.url, d.event, d.idempotency_key, d.payload, \
+    d.state, d.attempts, d.next_attempt_at, d.last_status, d.last_error, d.created_at, \
+    d.delivered_at";
 const RUN_COLS: &str = "id, job_id, attempt, retry_of, worker_id, state, exit_code, error, \
     assigned_at, started_at, finished_at, lease_expires_at";
 const WORKER_COLS: &str = "id, name, state, capabilities, created_at, last_seen_at";
@@ -112,6 +120,9 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord> {
         error: row.try_get("error")?,
         not_before: ts(row, "not_before")?,
         current_run: parse_opt(row, "current_run")?,
+        group_id: parse_opt(row, "group_id")?,
+        group_position: row.try_get::<Option<i64>, _>("group_position")?.map(|p| p as u32),
+        waiting_on: row.try_get::<i64, _>("waiting_on")? as u32,
         created_at: ts(row, "created_at")?,
         updated_at: ts(row, "updated_at")?,
         finished_at: ts_opt(row, "finished_at")?,
@@ -267,32 +278,408 @@ fn live_run_conflict(run: &RunRecord) -> StoreError {
     StoreError::Conflict(format!("run {} is already {}", run.id, run.state))
 }
 
+fn reservation_from_row(row: &SqliteRow) -> Result<ReservationRecord> {
+    let state: String = row.try_get("state")?;
+    Ok(ReservationRecord {
+        id: parse(row, "id")?,
+        resource: row.try_get("resource")?,
+        amount: row.try_get::<i64, _>("amount")? as u32,
+        worker_id: parse(row, "worker_id")?,
+        state: ReservationState::parse(&state)
+            .ok_or_else(|| corrupt(format!("reservation state {state}")))?,
+        created_at: ts(row, "created_at")?,
+        expires_at: ts(row, "expires_at")?,
+        ended_at: ts_opt(row, "ended_at")?,
+    })
+}
+
+fn delivery_from_row(row: &SqliteRow) -> Result<DeliveryRecord> {
+    let state: String = row.try_get("state")?;
+    let payload: String = row.try_get("payload")?;
+    Ok(DeliveryRecord {
+        id: row.try_get("id")?,
+        webhook_id: parse(row, "webhook_id")?,
+        url: row.try_get("url")?,
+        event: row.try_get("event")?,
+        idempotency_key: row.try_get("idempotency_key")?,
+        payload: serde_json::from_str(&payload).map_err(corrupt)?,
+        state: DeliveryState::parse(&state)
+            .ok_or_else(|| corrupt(format!("delivery state {state}")))?,
+        attempts: row.try_get::<i64, _>("attempts")? as u32,
+        next_attempt_at: ts(row, "next_attempt_at")?,
+        last_status: row.try_get::<Option<i64>, _>("last_status")?.map(|s| s as u16),
+        last_error: row.try_get("last_error")?,
+        created_at: ts(row, "created_at")?,
+        delivered_at: ts_opt(row, "delivered_at")?,
+    })
+}
+
+async fn load_group(conn: &mut SqliteConnection, id: GroupId) -> Result<GroupView> {
+    let row = sqlx::query("SELECT id, name, state, created_at, finished_at FROM groups WHERE id = ?")
+        .bind(id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "group",
+            id: id.to_string(),
+        })?;
+    let state: String = row.try_get("state")?;
+    let group = GroupRecord {
+        id: parse(&row, "id")?,
+        name: row.try_get("name")?,
+        state: GroupState::parse(&state).ok_or_else(|| corrupt(format!("group state {state}")))?,
+        created_at: ts(&row, "created_at")?,
+        finished_at: ts_opt(&row, "finished_at")?,
+    };
+    let rows = sqlx::query(&format!(
+        "SELECT {JOB_COLS} FROM jobs WHERE group_id = ? ORDER BY group_position"
+    ))
+    .bind(id.to_string())
+    .fetch_all(&mut *conn)
+    .await?;
+    let jobs = rows.iter().map(job_from_row).collect::<Result<_>>()?;
+    Ok(GroupView { group, jobs })
+}
+
+/// Inserts a validated job (in the caller's transaction), with its dependencies. A job whose
+/// dependency already failed for good is skipped at once.
+async fn insert_job(
+    conn: &mut SqliteConnection,
+    spec: &JobSpec,
+    group: Option<(GroupId, u32)>,
+    extra_dependency: Option<JobId>,
+    now: Timestamp,
+) -> Result<JobRecord> {
+    let id = JobId::new();
+    let mut deps: Vec<JobId> = spec.depends_on.clone();
+    deps.extend(extra_dependency);
+    deps.sort();
+    deps.dedup();
+    let mut waiting_on = 0;
+    let mut failed_dependency = None;
+    for dep in &deps {
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?")
+            .bind(dep.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+        let state: JobState = state
+            .ok_or_else(|| StoreError::Invalid {
+                field: "depends_on",
+                message: format!("job {dep} does not exist"),
+            })?
+            .parse()
+            .map_err(corrupt)?;
+        match state {
+            JobState::Succeeded => {}
+            s if s.is_terminal() => failed_dependency = Some((*dep, s)),
+            _ => waiting_on += 1,
+        }
+    }
+    if let Some(reservation) = spec.reservation {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM reservations WHERE id = ?")
+                .bind(reservation.to_string())
+                .fetch_optional(&mut *conn)
+                .await?;
+        match state.as_deref() {
+            Some("ACTIVE") => {}
+            Some(other) => {
+                return Err(StoreError::Invalid {
+                    field: "reservation",
+                    message: format!("reservation {reservation} is {other}"),
+                });
+            }
+            None => {
+                return Err(StoreError::Invalid {
+                    field: "reservation",
+                    message: format!("reservation {reservation} does not exist"),
+                });
+            }
+        }
+    }
+    let spec_json = serde_json::to_string(spec).map_err(corrupt)?;
+    sqlx::query(
+        "INSERT INTO jobs (id, name, spec, state, priority, max_attempts, not_before, \
+         idempotency_key, group_id, group_position, waiting_on, reservation_id, created_at, \
+         updated_at) VALUES (?, ?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(id.to_string())
+    .bind(&spec.name)
+    .bind(spec_json)
+    .bind(spec.priority)
+    .bind(spec.max_attempts() as i64)
+    .bind(now.0)
+    .bind(&spec.idempotency_key)
+    .bind(group.map(|(g, _)| g.to_string()))
+    .bind(group.map(|(_, p)| p as i64))
+    .bind(waiting_on)
+    .bind(spec.reservation.map(|r| r.to_string()))
+    .bind(now.0)
+    .bind(now.0)
+    .execute(&mut *conn)
+    .await?;
+    for dep in &deps {
+        sqlx::query("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)")
+            .bind(id.to_string())
+            .bind(dep.to_string())
+            .execute(&mut *conn)
+            .await?;
+    }
+    let kind = EventKind::JobCreated {
+        name: spec.name.clone(),
+    };
+    insert_event(&mut *conn, now, Some(id), None, &kind).await?;
+    if let Some((dep, state)) = failed_dependency {
+        let job = load_job(&mut *conn, id).await?;
+        skip_job(&mut *conn, &job, dep, state, now).await?;
+    }
+    load_job(conn, id).await
+}
+
+/// Writes one outbox row per webhook that wants `event`, in the caller's transaction.
+async fn enqueue_webhooks(
+    conn: &mut SqliteConnection,
+    event: &str,
+    key: &str,
+    payload: &serde_json::Value,
+    now: Timestamp,
+) -> Result<()> {
+    let hooks = sqlx::query("SELECT id, events FROM webhooks")
+        .fetch_all(&mut *conn)
+        .await?;
+    let body = serde_json::to_string(payload).map_err(corrupt)?;
+    for hook in hooks {
+        let events: String = hook.try_get("events")?;
+        let events: Vec<String> = serde_json::from_str(&events).map_err(corrupt)?;
+        if !events.is_empty() && !events.iter().any(|e| e == event) {
+            continue;
+        }
+        let webhook_id: String = hook.try_get("id")?;
+        sqlx::query(
+            "INSERT INTO webhook_deliveries (webhook_id, event, idempotency_key, payload, state, \
+             next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'PENDING', ?, ?)",
+        )
+        .bind(webhook_id)
+        .bind(event)
+        .bind(key)
+        .bind(&body)
+        .bind(now.0)
+        .bind(now.0)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// The webhook event and payload for an attempt that ended (or a job that never ran).
+fn run_event(
+    job: &JobRecord,
+    run: Option<&RunRecord>,
+    state: &str,
+    will_retry: bool,
+    now: Timestamp,
+) -> (&'static str, String, serde_json::Value) {
+    let event = match state {
+        "SUCCEEDED" => webhook_events::COMPLETED,
+        "TIMED_OUT" => webhook_events::TIMED_OUT,
+        "CANCELLED" => webhook_events::CANCELLED,
+        "SKIPPED" => webhook_events::SKIPPED,
+        _ => webhook_events::FAILED,
+    };
+    let key = run
+        .map(|r| r.id.to_string())
+        .unwrap_or_else(|| job.id.to_string());
+    let payload = serde_json::json!({
+        "event": event,
+        "run_id": run.map(|r| r.id),
+        "job_id": job.id,
+        "job_name": job.name,
+        "attempt": run.map(|r| r.attempt),
+        "state": state,
+        "exit_code": run.and_then(|r| r.exit_code),
+        "error": run.and_then(|r| r.error.clone()).or_else(|| job.error.clone()),
+        "will_retry": will_retry,
+        "group_id": job.group_id,
+        "occurred_at": now,
+    });
+    (event, key, payload)
+}
+
+async fn skip_job(
+    conn: &mut SqliteConnection,
+    job: &JobRecord,
+    dependency: JobId,
+    dependency_state: JobState,
+    now: Timestamp,
+) -> Result<()> {
+    let error = format!("skipped: dependency {dependency} ended {dependency_state}");
+    let kind = EventKind::JobStatusChanged {
+        from: job.state,
+        to: JobState::Skipped,
+        run_id: None,
+        exit_code: None,
+        error: Some(error.clone()),
+    };
+    transition(&mut *conn, job, JobEvent::Skip, None, Some(kind), now).await?;
+    sqlx::query("UPDATE jobs SET error = ? WHERE id = ?")
+        .bind(&error)
+        .bind(job.id.to_string())
+        .execute(&mut *conn)
+        .await?;
+    let job = load_job(&mut *conn, job.id).await?;
+    let (event, key, payload) = run_event(&job, None, "SKIPPED", false, now);
+    enqueue_webhooks(&mut *conn, event, &key, &payload, now).await?;
+    Ok(())
+}
+
+/// After a job became final: releases or skips the jobs waiting on it (transitively) and
+/// settles the groups involved, all in the caller's transaction.
+async fn settle_final(conn: &mut SqliteConnection, job: &JobRecord, now: Timestamp) -> Result<()> {
+    let mut work = vec![(job.id, job.state, job.group_id)];
+    let mut groups: Vec<GroupId> = Vec::new();
+    while let Some((id, state, group)) = work.pop() {
+        groups.extend(group);
+        let dependents: Vec<String> =
+            sqlx::query_scalar("SELECT job_id FROM job_deps WHERE depends_on = ?")
+                .bind(id.to_string())
+                .fetch_all(&mut *conn)
+                .await?;
+        for dependent in dependents {
+            let dependent: JobId = dependent.parse().map_err(corrupt)?;
+            if state == JobState::Succeeded {
+                sqlx::query("UPDATE jobs SET waiting_on = waiting_on - 1 WHERE id = ? AND waiting_on > 0")
+                    .bind(dependent.to_string())
+                    .execute(&mut *conn)
+                    .await?;
+                continue;
+            }
+            let d = load_job(&mut *conn, dependent).await?;
+            if d.state == JobState::Queued {
+                skip_job(&mut *conn, &d, id, state, now).await?;
+                work.push((d.id, JobState::Skipped, d.group_id));
+            }
+        }
+    }
+    groups.sort();
+    groups.dedup();
+    for group in groups {
+        settle_group(&mut *conn, group, now).await?;
+    }
+    Ok(())
+}
+
+/// Decides a group's final state once every member is final (in the same transaction as
+/// the last member's change).
+async fn settle_group(conn: &mut SqliteConnection, id: GroupId, now: Timestamp) -> Result<()> {
+    let view = load_group(&mut *conn, id).await?;
+    if view.group.state != GroupState::Running || view.jobs.iter().any(|j| !j.state.is_terminal()) {
+        return Ok(());
+    }
+    let state = if view.jobs.iter().all(|j| j.state == JobState::Succeeded) {
+        GroupState::Completed
+    } else if view.jobs.iter().any(|j| j.state == JobState::Cancelled) {
+        GroupState::Cancelled
+    } else {
+        GroupState::Partial
+    };
+    sqlx::query("UPDATE groups SET state = ?, finished_at = ? WHERE id = ?")
+        .bind(state.as_str())
+        .bind(now.0)
+        .bind(id.to_string())
+        .execute(&mut *conn)
+        .await?;
+    let kind = EventKind::GroupFinished {
+        group_id: id,
+        state: state.as_str().to_string(),
+    };
+    insert_event(conn, now, None, None, &kind).await
+}
+
 #[async_trait]
 impl Store for SqliteStore {
-    async fn create_job(&self, spec: JobSpec) -> Result<JobRecord> {
-        let id = JobId::new();
+    async fn create_job(&self, spec: JobSpec) -> Result<(JobRecord, bool)> {
         let now = Timestamp::now();
-        let spec_json = serde_json::to_string(&spec).map_err(corrupt)?;
         let mut tx = self.writer.begin().await?;
+        if let Some(key) = &spec.idempotency_key {
+            let existing: Option<String> =
+                sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = ?")
+                    .bind(key)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if let Some(id) = existing {
+                let job = load_job(&mut tx, id.parse().map_err(corrupt)?).await?;
+                return Ok((job, false));
+            }
+        }
+        let job = insert_job(&mut tx, &spec, None, None, now).await?;
+        tx.commit().await?;
+        Ok((job, true))
+    }
+
+    async fn create_group(&self, name: &str, specs: Vec<JobSpec>) -> Result<GroupView> {
+        let now = Timestamp::now();
+        let id = GroupId::new();
+        let mut tx = self.writer.begin().await?;
+        sqlx::query("INSERT INTO groups (id, name, state, created_at) VALUES (?, ?, 'RUNNING', ?)")
+            .bind(id.to_string())
+            .bind(name)
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await?;
+        let mut previous = None;
+        for (position, spec) in specs.iter().enumerate() {
+            let job = insert_job(&mut tx, spec, Some((id, position as u32)), previous, now).await?;
+            previous = Some(job.id);
+        }
+        settle_group(&mut tx, id, now).await?;
+        let view = load_group(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(view)
+    }
+
+    async fn get_group(&self, id: GroupId) -> Result<GroupView> {
+        let mut conn = self.reader.acquire().await?;
+        load_group(&mut conn, id).await
+    }
+
+    async fn resubmit_run(&self, run_id: RunId) -> Result<JobRecord> {
+        let now = Timestamp::now();
+        let mut tx = self.writer.begin().await?;
+        let run = load_run(&mut tx, run_id).await?;
+        let job = load_job(&mut tx, run.job_id).await?;
+        if job.current_run != Some(run_id) {
+            return Err(StoreError::Conflict(format!(
+                "run {run_id} is not the latest attempt of job {}; retry {} instead",
+                job.id,
+                job.current_run.map(|r| r.to_string()).unwrap_or_default()
+            )));
+        }
+        if !matches!(job.state, JobState::Failed | JobState::TimedOut | JobState::Cancelled) {
+            return Err(StoreError::Conflict(format!(
+                "job {} is {}; only a failed, timed out or cancelled job can be retried",
+                job.id, job.state
+            )));
+        }
+        let kind = EventKind::JobResubmitted {
+            from: job.state,
+            run_id,
+            next_attempt: job.attempts + 1,
+        };
+        transition(&mut tx, &job, JobEvent::Resubmit, Some(run_id), Some(kind), now).await?;
         sqlx::query(
-            "INSERT INTO jobs (id, name, spec, state, priority, max_attempts, not_before, \
-             created_at, updated_at) VALUES (?, ?, ?, 'QUEUED', ?, ?, ?, ?, ?)",
+            "UPDATE jobs SET not_before = ?, max_attempts = MAX(max_attempts, attempts + 1)              WHERE id = ?",
         )
-        .bind(id.to_string())
-        .bind(&spec.name)
-        .bind(spec_json)
-        .bind(spec.priority)
-        .bind(spec.max_attempts() as i64)
         .bind(now.0)
-        .bind(now.0)
-        .bind(now.0)
+        .bind(job.id.to_string())
         .execute(&mut *tx)
         .await?;
-        let kind = EventKind::JobCreated {
-            name: spec.name.clone(),
-        };
-        insert_event(&mut tx, now, Some(id), None, &kind).await?;
-        let job = load_job(&mut tx, id).await?;
+        if let Some(group) = job.group_id {
+            sqlx::query("UPDATE groups SET state = 'RUNNING', finished_at = NULL WHERE id = ?")
+                .bind(group.to_string())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let job = load_job(&mut tx, job.id).await?;
         tx.commit().await?;
         Ok(job)
     }
@@ -386,14 +773,18 @@ impl Store for SqliteStore {
             .execute(&mut *tx)
             .await?;
         let job = load_job(&mut tx, id).await?;
+        let (event, key, payload) = run_event(&job, run.as_ref(), "CANCELLED", false, now);
+        enqueue_webhooks(&mut tx, event, &key, &payload, now).await?;
+        settle_final(&mut tx, &job, now).await?;
+        let job = load_job(&mut tx, id).await?;
         tx.commit().await?;
         Ok(Cancelled { job, run })
     }
 
     async fn ready_jobs(&self, now: Timestamp, limit: u32) -> Result<Vec<ReadyJob>> {
         let rows = sqlx::query(
-            "SELECT id, priority, spec FROM jobs WHERE state = 'QUEUED' AND not_before <= ? \
-             ORDER BY priority DESC, id LIMIT ?",
+            "SELECT id, priority, spec FROM jobs WHERE state = 'QUEUED' AND waiting_on = 0 \
+             AND not_before <= ? ORDER BY priority DESC, id LIMIT ?",
         )
         .bind(now.0)
         .bind(limit as i64)
@@ -407,6 +798,8 @@ impl Store for SqliteStore {
                     id: parse(row, "id")?,
                     priority: row.try_get("priority")?,
                     labels: spec.labels,
+                    resources: spec.resources,
+                    reservation: spec.reservation,
                 })
             })
             .collect()
@@ -598,6 +991,13 @@ impl Store for SqliteStore {
         }
         let job = load_job(&mut tx, run.job_id).await?;
         let run = load_run(&mut tx, run_id).await?;
+        let will_retry = job.state == JobState::Queued;
+        let (event, key, payload) = run_event(&job, Some(&run), run.state.as_str(), will_retry, now);
+        enqueue_webhooks(&mut tx, event, &key, &payload, now).await?;
+        if job.state.is_terminal() && job.current_run == Some(run_id) {
+            settle_final(&mut tx, &job, now).await?;
+        }
+        let job = load_job(&mut tx, run.job_id).await?;
         tx.commit().await?;
         Ok(Finished {
             job,
@@ -804,6 +1204,170 @@ impl Store for SqliteStore {
             .fetch_all(&self.reader)
             .await?;
         rows.iter().map(worker_from_row).collect()
+    }
+
+    async fn create_reservation(
+        &self,
+        resource: &str,
+        amount: u32,
+        worker_id: WorkerId,
+        ttl: Duration,
+    ) -> Result<ReservationRecord> {
+        let now = Timestamp::now();
+        let id = ReservationId::new();
+        sqlx::query(
+            "INSERT INTO reservations (id, resource, amount, worker_id, state, created_at, \
+             expires_at) VALUES (?, ?, ?, ?, 'ACTIVE', ?, ?)",
+        )
+        .bind(id.to_string())
+        .bind(resource)
+        .bind(amount as i64)
+        .bind(worker_id.to_string())
+        .bind(now.0)
+        .bind(now.plus(ttl).0)
+        .execute(&self.writer)
+        .await?;
+        self.get_reservation(id).await
+    }
+
+    async fn get_reservation(&self, id: ReservationId) -> Result<ReservationRecord> {
+        let row = sqlx::query(&format!(
+            "SELECT {RESERVATION_COLS} FROM reservations WHERE id = ?"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.writer)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "reservation",
+            id: id.to_string(),
+        })?;
+        reservation_from_row(&row)
+    }
+
+    async fn release_reservation(&self, id: ReservationId) -> Result<ReservationRecord> {
+        let current = self.get_reservation(id).await?;
+        if current.state != ReservationState::Active {
+            return Err(StoreError::Conflict(format!(
+                "reservation {id} is already {}",
+                current.state.as_str()
+            )));
+        }
+        sqlx::query(
+            "UPDATE reservations SET state = 'RELEASED', ended_at = ? WHERE id = ? AND state = 'ACTIVE'",
+        )
+        .bind(Timestamp::now().0)
+        .bind(id.to_string())
+        .execute(&self.writer)
+        .await?;
+        self.get_reservation(id).await
+    }
+
+    async fn active_reservations(&self, now: Timestamp) -> Result<Vec<ReservationRecord>> {
+        sqlx::query(
+            "UPDATE reservations SET state = 'EXPIRED', ended_at = expires_at \
+             WHERE state = 'ACTIVE' AND expires_at <= ?",
+        )
+        .bind(now.0)
+        .execute(&self.writer)
+        .await?;
+        let rows = sqlx::query(&format!(
+            "SELECT {RESERVATION_COLS} FROM reservations WHERE state = 'ACTIVE' ORDER BY id"
+        ))
+        .fetch_all(&self.writer)
+        .await?;
+        rows.iter().map(reservation_from_row).collect()
+    }
+
+    async fn add_webhook(&self, url: &str, secret: &str, events: &[String]) -> Result<WebhookRecord> {
+        let id = WebhookId::new();
+        let now = Timestamp::now();
+        sqlx::query("INSERT INTO webhooks (id, url, secret, events, created_at) VALUES (?, ?, ?, ?, ?)")
+            .bind(id.to_string())
+            .bind(url)
+            .bind(secret)
+            .bind(serde_json::to_string(events).map_err(corrupt)?)
+            .bind(now.0)
+            .execute(&self.writer)
+            .await?;
+        Ok(WebhookRecord {
+            id,
+            url: url.to_string(),
+            events: events.to_vec(),
+            created_at: now,
+        })
+    }
+
+    async fn list_webhooks(&self) -> Result<Vec<WebhookRecord>> {
+        let rows = sqlx::query("SELECT id, url, events, created_at FROM webhooks ORDER BY id")
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let events: String = row.try_get("events")?;
+                Ok(WebhookRecord {
+                    id: parse(row, "id")?,
+                    url: row.try_get("url")?,
+                    events: serde_json::from_str(&events).map_err(corrupt)?,
+                    created_at: ts(row, "created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn due_deliveries(&self, now: Timestamp, limit: u32) -> Result<Vec<(DeliveryRecord, String)>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DELIVERY_COLS}, w.secret FROM webhook_deliveries d \
+             JOIN webhooks w ON w.id = d.webhook_id \
+             WHERE d.state = 'PENDING' AND d.next_attempt_at <= ? ORDER BY d.id LIMIT ?"
+        ))
+        .bind(now.0)
+        .bind(limit as i64)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| Ok((delivery_from_row(row)?, row.try_get("secret")?)))
+            .collect()
+    }
+
+    async fn record_delivery_attempt(
+        &self,
+        id: i64,
+        status: Option<u16>,
+        error: Option<&str>,
+        delivered: bool,
+        retry_at: Option<Timestamp>,
+    ) -> Result<()> {
+        let now = Timestamp::now();
+        let state = match (delivered, retry_at) {
+            (true, _) => DeliveryState::Delivered,
+            (false, Some(_)) => DeliveryState::Pending,
+            (false, None) => DeliveryState::Failed,
+        };
+        sqlx::query(
+            "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?, last_status = ?, \
+             last_error = ?, next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ? \
+             WHERE id = ?",
+        )
+        .bind(state.as_str())
+        .bind(status.map(i64::from))
+        .bind(error)
+        .bind(retry_at.map(|t| t.0))
+        .bind(delivered.then_some(now.0))
+        .bind(id)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_deliveries(&self, limit: u32) -> Result<Vec<DeliveryRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {DELIVERY_COLS} FROM webhook_deliveries d \
+             JOIN webhooks w ON w.id = d.webhook_id ORDER BY d.id DESC LIMIT ?"
+        ))
+        .bind(limit as i64)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(delivery_from_row).collect()
     }
 
     async fn log_index(&self, run_id: RunId) -> Result<Option<LogIndex>> {

@@ -25,6 +25,13 @@ conformance_tests!(
     leases_expire_unless_renewed,
     log_index_round_trips,
     missing_things_are_not_found,
+    idempotency_keys_return_the_first_job,
+    groups_run_in_order_and_stop_on_failure,
+    a_group_that_succeeds_completes,
+    dependencies_form_a_dag,
+    a_finished_run_is_retried_by_hand,
+    reservations_expire,
+    webhook_events_are_written_with_the_change,
 );
 
 #[tokio::test]
@@ -40,6 +47,7 @@ async fn reopening_keeps_everything() {
         drover_store::Store::create_job(&store, spec)
             .await
             .unwrap()
+            .0
             .id
     };
     let store = SqliteStore::open(&path).await.unwrap();

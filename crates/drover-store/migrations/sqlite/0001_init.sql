@@ -12,12 +12,72 @@ CREATE TABLE jobs (
     error         TEXT,
     not_before    INTEGER NOT NULL,          -- a retried job waits for its backoff
     current_run   TEXT,
+    idempotency_key TEXT UNIQUE,
+    group_id      TEXT,
+    group_position INTEGER,
+    waiting_on    INTEGER NOT NULL DEFAULT 0, -- dependencies not yet succeeded
+    reservation_id TEXT,
     created_at    INTEGER NOT NULL,
     updated_at    INTEGER NOT NULL,
     finished_at   INTEGER
 );
 -- The queue: ready jobs by priority, then age.
-CREATE INDEX jobs_queue ON jobs (priority DESC, id) WHERE state = 'QUEUED';
+CREATE INDEX jobs_queue ON jobs (priority DESC, id) WHERE state = 'QUEUED' AND waiting_on = 0;
+CREATE INDEX jobs_group ON jobs (group_id, group_position) WHERE group_id IS NOT NULL;
+
+-- job_id waits for depends_on to succeed.
+CREATE TABLE job_deps (
+    job_id     TEXT NOT NULL REFERENCES jobs (id),
+    depends_on TEXT NOT NULL REFERENCES jobs (id),
+    PRIMARY KEY (job_id, depends_on)
+);
+CREATE INDEX job_deps_reverse ON job_deps (depends_on);
+
+CREATE TABLE groups (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    finished_at INTEGER
+);
+
+CREATE TABLE reservations (
+    id         TEXT PRIMARY KEY,
+    resource   TEXT NOT NULL,
+    amount     INTEGER NOT NULL,
+    worker_id  TEXT NOT NULL,
+    state      TEXT NOT NULL,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL,
+    ended_at   INTEGER
+);
+CREATE INDEX reservations_active ON reservations (expires_at) WHERE state = 'ACTIVE';
+
+CREATE TABLE webhooks (
+    id         TEXT PRIMARY KEY,
+    url        TEXT NOT NULL,
+    secret     TEXT NOT NULL,
+    events     TEXT NOT NULL,                -- JSON array; empty = every event
+    created_at INTEGER NOT NULL
+);
+
+-- The outbox: one row per (webhook, event), written in the transaction of the change it
+-- reports, delivered at least once from here.
+CREATE TABLE webhook_deliveries (
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
+    webhook_id      TEXT NOT NULL REFERENCES webhooks (id),
+    event           TEXT NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    payload         TEXT NOT NULL,
+    state           TEXT NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    last_status     INTEGER,
+    last_error      TEXT,
+    created_at      INTEGER NOT NULL,
+    delivered_at    INTEGER
+);
+CREATE INDEX webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE state = 'PENDING';
 CREATE INDEX jobs_state ON jobs (state, id);
 
 CREATE TABLE runs (

@@ -43,7 +43,7 @@ async fn worker(store: &dyn Store) -> WorkerId {
 }
 
 pub async fn happy_path_writes_events_in_order(store: &dyn Store) {
-    let job = store.create_job(spec("echo hi")).await.unwrap();
+    let job = store.create_job(spec("echo hi")).await.unwrap().0;
     assert_eq!(job.state, JobState::Queued);
     let w = worker(store).await;
     let a = store
@@ -100,7 +100,7 @@ pub async fn happy_path_writes_events_in_order(store: &dyn Store) {
 pub async fn failures_retry_with_backoff_and_chain_runs(store: &dyn Store) {
     let mut s = spec("false");
     s.max_attempts = Some(2);
-    let job = store.create_job(s).await.unwrap();
+    let job = store.create_job(s).await.unwrap().0;
     let w = worker(store).await;
     let first = store
         .assign_job(job.id, w, later())
@@ -144,7 +144,7 @@ pub async fn failures_retry_with_backoff_and_chain_runs(store: &dyn Store) {
 }
 
 pub async fn a_worker_ends_only_its_own_runs(store: &dyn Store) {
-    let job = store.create_job(spec("true")).await.unwrap();
+    let job = store.create_job(spec("true")).await.unwrap().0;
     let (w, other) = (worker(store).await, worker(store).await);
     let run = store
         .assign_job(job.id, w, later())
@@ -173,7 +173,7 @@ pub async fn a_worker_ends_only_its_own_runs(store: &dyn Store) {
 }
 
 pub async fn cancellation(store: &dyn Store) {
-    let queued = store.create_job(spec("sleep 100")).await.unwrap();
+    let queued = store.create_job(spec("sleep 100")).await.unwrap().0;
     let c = store.cancel_job(queued.id, "by test").await.unwrap();
     assert_eq!(c.job.state, JobState::Cancelled);
     assert!(c.run.is_none());
@@ -181,7 +181,7 @@ pub async fn cancellation(store: &dyn Store) {
         store.cancel_job(queued.id, "again").await.unwrap_err(),
         StoreError::Conflict(_)
     ));
-    let running = store.create_job(spec("sleep 100")).await.unwrap();
+    let running = store.create_job(spec("sleep 100")).await.unwrap().0;
     let w = worker(store).await;
     let run = store
         .assign_job(running.id, w, later())
@@ -207,7 +207,7 @@ pub async fn queue_order_is_priority_then_fifo(store: &dyn Store) {
     for prio in [0, 5, 0, 5] {
         let mut s = spec("true");
         s.priority = prio;
-        ids.push(store.create_job(s).await.unwrap().id);
+        ids.push(store.create_job(s).await.unwrap().0.id);
     }
     let ready: Vec<_> = store
         .ready_jobs(Timestamp::now(), 100)
@@ -263,7 +263,7 @@ pub async fn join_tokens_work_once(store: &dyn Store) {
 }
 
 pub async fn leases_expire_unless_renewed(store: &dyn Store) {
-    let job = store.create_job(spec("true")).await.unwrap();
+    let job = store.create_job(spec("true")).await.unwrap().0;
     let w = worker(store).await;
     let soon = Timestamp::now().plus(Duration::from_millis(1));
     let run = store
@@ -294,7 +294,7 @@ pub async fn leases_expire_unless_renewed(store: &dyn Store) {
 }
 
 pub async fn log_index_round_trips(store: &dyn Store) {
-    let job = store.create_job(spec("true")).await.unwrap();
+    let job = store.create_job(spec("true")).await.unwrap().0;
     let w = worker(store).await;
     let run = store
         .assign_job(job.id, w, later())
@@ -325,4 +325,168 @@ pub async fn missing_things_are_not_found(store: &dyn Store) {
         matches!(err, StoreError::NotFound { kind: "job", .. }),
         "{err}"
     );
+}
+
+async fn run_to_end(store: &dyn Store, job: drover_core::JobId, w: WorkerId, outcome: RunOutcome) {
+    let run = store.assign_job(job, w, later()).await.unwrap().expect("assignable").run;
+    store.start_run(run.id, w).await.unwrap();
+    let code = if outcome == RunOutcome::Succeeded { 0 } else { 1 };
+    store
+        .finish_run(run.id, Some(w), end(outcome, code), NO_JITTER)
+        .await
+        .unwrap();
+}
+
+fn is_ready(ready: &[drover_store::ReadyJob], id: drover_core::JobId) -> bool {
+    ready.iter().any(|r| r.id == id)
+}
+
+pub async fn idempotency_keys_return_the_first_job(store: &dyn Store) {
+    let mut s = spec("true");
+    s.idempotency_key = Some("order-42".into());
+    let (first, created) = store.create_job(s.clone()).await.unwrap();
+    assert!(created);
+    let (again, created) = store.create_job(s).await.unwrap();
+    assert!(!created);
+    assert_eq!(again.id, first.id);
+}
+
+pub async fn groups_run_in_order_and_stop_on_failure(store: &dyn Store) {
+    let w = worker(store).await;
+    let mut specs: Vec<JobSpec> = (0..3).map(|i| spec(&format!("step {i}"))).collect();
+    specs[1].max_attempts = Some(1);
+    let g = store.create_group("g", specs).await.unwrap();
+    let ids: Vec<_> = g.jobs.iter().map(|j| j.id).collect();
+    assert_eq!(g.group.state, drover_store::GroupState::Running);
+    let ready = store.ready_jobs(later(), 100).await.unwrap();
+    assert!(is_ready(&ready, ids[0]) && !is_ready(&ready, ids[1]) && !is_ready(&ready, ids[2]));
+    run_to_end(store, ids[0], w, RunOutcome::Succeeded).await;
+    let ready = store.ready_jobs(later(), 100).await.unwrap();
+    assert!(is_ready(&ready, ids[1]) && !is_ready(&ready, ids[2]));
+    run_to_end(store, ids[1], w, RunOutcome::Failed).await;
+    let g = store.get_group(g.group.id).await.unwrap();
+    let states: Vec<JobState> = g.jobs.iter().map(|j| j.state).collect();
+    assert_eq!(states, [JobState::Succeeded, JobState::Failed, JobState::Skipped]);
+    assert_eq!(g.group.state, drover_store::GroupState::Partial);
+    assert!(g.group.finished_at.is_some());
+}
+
+pub async fn a_group_that_succeeds_completes(store: &dyn Store) {
+    let w = worker(store).await;
+    let g = store
+        .create_group("ok", vec![spec("a"), spec("b")])
+        .await
+        .unwrap();
+    for job in &g.jobs {
+        run_to_end(store, job.id, w, RunOutcome::Succeeded).await;
+    }
+    let g = store.get_group(g.group.id).await.unwrap();
+    assert_eq!(g.group.state, drover_store::GroupState::Completed);
+}
+
+pub async fn dependencies_form_a_dag(store: &dyn Store) {
+    let w = worker(store).await;
+    let a = store.create_job(spec("a")).await.unwrap().0;
+    let b = store.create_job(spec("b")).await.unwrap().0;
+    let mut c = spec("c");
+    c.depends_on = vec![a.id, b.id];
+    let c = store.create_job(c).await.unwrap().0;
+    assert_eq!(c.waiting_on, 2);
+    run_to_end(store, a.id, w, RunOutcome::Succeeded).await;
+    assert!(!is_ready(&store.ready_jobs(later(), 100).await.unwrap(), c.id));
+    run_to_end(store, b.id, w, RunOutcome::Succeeded).await;
+    assert!(is_ready(&store.ready_jobs(later(), 100).await.unwrap(), c.id));
+    let mut bad = spec("x");
+    bad.depends_on = vec![drover_core::JobId::new()];
+    assert!(matches!(
+        store.create_job(bad).await.unwrap_err(),
+        StoreError::Invalid { field: "depends_on", .. }
+    ));
+    // Depending on a job that already failed: skipped at once.
+    let mut f = spec("false");
+    f.max_attempts = Some(1);
+    let f = store.create_job(f).await.unwrap().0;
+    run_to_end(store, f.id, w, RunOutcome::Failed).await;
+    let mut late = spec("late");
+    late.depends_on = vec![f.id];
+    assert_eq!(store.create_job(late).await.unwrap().0.state, JobState::Skipped);
+}
+
+pub async fn a_finished_run_is_retried_by_hand(store: &dyn Store) {
+    let w = worker(store).await;
+    let mut s = spec("false");
+    s.max_attempts = Some(1);
+    let job = store.create_job(s).await.unwrap().0;
+    run_to_end(store, job.id, w, RunOutcome::Failed).await;
+    let failed = store.get_job(job.id).await.unwrap();
+    let first_run = failed.current_run.unwrap();
+    let again = store.resubmit_run(first_run).await.unwrap();
+    assert_eq!(again.state, JobState::Queued);
+    let second = store.assign_job(job.id, w, later()).await.unwrap().unwrap().run;
+    assert_eq!((second.attempt, second.retry_of), (2, Some(first_run)));
+    assert!(matches!(
+        store.resubmit_run(first_run).await.unwrap_err(),
+        StoreError::Conflict(_)
+    ));
+}
+
+pub async fn reservations_expire(store: &dyn Store) {
+    let w = worker(store).await;
+    let r = store
+        .create_reservation("ollama", 1, w, Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let active = store.active_reservations(Timestamp::now()).await.unwrap();
+    assert!(active.iter().all(|a| a.id != r.id));
+    assert_eq!(
+        store.get_reservation(r.id).await.unwrap().state,
+        drover_store::ReservationState::Expired
+    );
+    let held = store
+        .create_reservation("ollama", 1, w, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let released = store.release_reservation(held.id).await.unwrap();
+    assert_eq!(released.state, drover_store::ReservationState::Released);
+    let mut s = spec("true");
+    s.reservation = Some(held.id);
+    assert!(matches!(
+        store.create_job(s).await.unwrap_err(),
+        StoreError::Invalid { field: "reservation", .. }
+    ));
+}
+
+pub async fn webhook_events_are_written_with_the_change(store: &dyn Store) {
+    let hook = store
+        .add_webhook("http://127.0.0.1:9/hook", "s3cret", &["job.run.failed".into()])
+        .await
+        .unwrap();
+    let w = worker(store).await;
+    let ok = store.create_job(spec("true")).await.unwrap().0;
+    run_to_end(store, ok.id, w, RunOutcome::Succeeded).await;
+    let mut s = spec("false");
+    s.max_attempts = Some(1);
+    let bad = store.create_job(s).await.unwrap().0;
+    run_to_end(store, bad.id, w, RunOutcome::Failed).await;
+    let due = store.due_deliveries(later(), 100).await.unwrap();
+    let mine: Vec<_> = due.iter().filter(|(d, _)| d.webhook_id == hook.id).collect();
+    assert_eq!(mine.len(), 1, "only the failure matches the filter: {mine:?}");
+    let (d, secret) = mine[0];
+    assert_eq!(secret, "s3cret");
+    assert_eq!(d.event, "job.run.failed");
+    assert_eq!(d.payload["job_id"], bad.id.to_string());
+    assert_eq!(d.idempotency_key, d.payload["run_id"].as_str().unwrap());
+    store
+        .record_delivery_attempt(d.id, Some(500), Some("boom"), false, Some(later()))
+        .await
+        .unwrap();
+    assert!(store.due_deliveries(Timestamp::now(), 100).await.unwrap().iter().all(|(x, _)| x.id != d.id));
+    store
+        .record_delivery_attempt(d.id, Some(200), None, true, None)
+        .await
+        .unwrap();
+    let listed = store.list_deliveries(100).await.unwrap();
+    let got = listed.iter().find(|x| x.id == d.id).unwrap();
+    assert_eq!((got.attempts, got.state), (2, drover_store::DeliveryState::Delivered));
 }
