@@ -3,7 +3,8 @@
 
 use drover_core::JobSpec;
 use drover_core::records::{
-    ErrorBody, EventRecord, JobRecord, JobView, JoinToken, LogEntryView, NodeView,
+    DeliveryRecord, ErrorBody, EventRecord, GroupView, JobRecord, JobView, JoinToken, LogEntryView,
+    NodeView, ReservationRecord, WebhookRecord,
 };
 use futures::{Stream, StreamExt};
 use reqwest::{Method, StatusCode, Url};
@@ -213,6 +214,82 @@ impl Client {
                 }
             }),
         )
+    }
+
+    /// Retries a finished attempt by hand.
+    pub async fn retry_run(&self, run_id: &str) -> Result<JobRecord> {
+        self.json(self.request(Method::POST, &["v1", "runs", run_id, "retry"]))
+            .await
+    }
+
+    /// Submits jobs that run one after another, stopping at the first that fails for good.
+    pub async fn create_group(&self, name: &str, jobs: &[JobSpec]) -> Result<GroupView> {
+        let body = serde_json::json!({ "name": name, "jobs": jobs });
+        self.json(self.request(Method::POST, &["v1", "groups"]).json(&body))
+            .await
+    }
+
+    pub async fn get_group(&self, id: &str) -> Result<GroupView> {
+        self.json(self.request(Method::GET, &["v1", "groups", id]))
+            .await
+    }
+
+    pub async fn cancel_group(&self, id: &str) -> Result<GroupView> {
+        self.json(self.request(Method::POST, &["v1", "groups", id, "cancel"]))
+            .await
+    }
+
+    pub async fn reserve(
+        &self,
+        resource: &str,
+        amount: u32,
+        node: Option<&str>,
+        ttl: Duration,
+    ) -> Result<ReservationRecord> {
+        let body = serde_json::json!({
+            "resource": resource,
+            "amount": amount,
+            "node": node,
+            "ttl_seconds": ttl.as_secs().max(1),
+        });
+        self.json(
+            self.request(Method::POST, &["v1", "reservations"])
+                .json(&body),
+        )
+        .await
+    }
+
+    pub async fn release_reservation(&self, id: &str) -> Result<ReservationRecord> {
+        self.json(self.request(Method::POST, &["v1", "reservations", id, "release"]))
+            .await
+    }
+
+    /// Subscribes `url` to `events` (all when empty); returns the webhook and its secret.
+    pub async fn add_webhook(
+        &self,
+        url: &str,
+        events: &[String],
+        secret: Option<&str>,
+    ) -> Result<(WebhookRecord, String)> {
+        let body = serde_json::json!({ "url": url, "events": events, "secret": secret });
+        let v: serde_json::Value = self
+            .json(self.request(Method::POST, &["v1", "webhooks"]).json(&body))
+            .await?;
+        let secret = v["secret"].as_str().unwrap_or_default().to_string();
+        let hook = serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok((hook, secret))
+    }
+
+    pub async fn list_webhooks(&self) -> Result<Vec<WebhookRecord>> {
+        self.json(self.request(Method::GET, &["v1", "webhooks"]))
+            .await
+    }
+
+    pub async fn list_deliveries(&self, limit: u32) -> Result<Vec<DeliveryRecord>> {
+        let request = self
+            .request(Method::GET, &["v1", "webhooks", "deliveries"])
+            .query(&[("limit", limit)]);
+        self.json(request).await
     }
 
     pub async fn create_node_token(&self, ttl: Duration) -> Result<JoinToken> {

@@ -555,9 +555,13 @@ mod tests {
     fn terminal_states_accept_only_a_manual_retry() {
         for &state in JobState::ALL.iter().filter(|s| s.is_terminal()) {
             for &event in JobEvent::ALL {
-                let resubmittable = event == E::Resubmit
-                    && matches!(state, S::Failed | S::TimedOut | S::Cancelled);
-                assert_eq!(state.apply(event).is_ok(), resubmittable, "{state} on {event:?}");
+                let resubmittable =
+                    event == E::Resubmit && matches!(state, S::Failed | S::TimedOut | S::Cancelled);
+                assert_eq!(
+                    state.apply(event).is_ok(),
+                    resubmittable,
+                    "{state} on {event:?}"
+                );
             }
         }
     }

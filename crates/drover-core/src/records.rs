@@ -213,9 +213,14 @@ impl GroupState {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Running, Self::Completed, Self::Partial, Self::Cancelled]
-            .into_iter()
-            .find(|g| g.as_str() == s)
+        [
+            Self::Running,
+            Self::Completed,
+            Self::Partial,
+            Self::Cancelled,
+        ]
+        .into_iter()
+        .find(|g| g.as_str() == s)
     }
 }
 

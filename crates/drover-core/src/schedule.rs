@@ -90,7 +90,11 @@ pub fn assign(
         }
     }
     jobs.sort_by(|a, b| {
-        let held = |c: &Candidate| holds.iter().any(|h| Some(h.reservation_id) == c.reservation);
+        let held = |c: &Candidate| {
+            holds
+                .iter()
+                .any(|h| Some(h.reservation_id) == c.reservation)
+        };
         held(b)
             .cmp(&held(a))
             .then(b.priority.cmp(&a.priority))
@@ -173,7 +177,11 @@ mod tests {
     #[test]
     fn priority_then_fifo() {
         let (a, b, c) = (job(0), job(5), job(0));
-        let got = assign(vec![c.clone(), a.clone(), b.clone()], vec![worker(3)], vec![]);
+        let got = assign(
+            vec![c.clone(), a.clone(), b.clone()],
+            vec![worker(3)],
+            vec![],
+        );
         assert_eq!(ids(&got), vec![b.job_id, a.job_id, c.job_id]);
     }
 

@@ -26,6 +26,10 @@ impl From<&JobSpec> for v1::JobSpec {
             max_attempts: s.max_attempts.unwrap_or(0),
             backoff_base_ms: s.backoff_base_ms.unwrap_or(0),
             labels: s.labels.clone().into_iter().collect(),
+            resources: s.resources.clone().into_iter().collect(),
+            depends_on: s.depends_on.iter().map(ToString::to_string).collect(),
+            idempotency_key: s.idempotency_key.clone(),
+            reservation: s.reservation.map(|r| r.to_string()),
         }
     }
 }
@@ -54,6 +58,23 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             max_attempts: (s.max_attempts != 0).then_some(s.max_attempts),
             backoff_base_ms: (s.backoff_base_ms != 0).then_some(s.backoff_base_ms),
             labels: s.labels.into_iter().collect(),
+            resources: s.resources.into_iter().collect(),
+            depends_on: s
+                .depends_on
+                .iter()
+                .map(|d| d.parse())
+                .collect::<Result<_, _>>()
+                .map_err(|e: drover_core::IdError| ConvertError::Invalid {
+                    field: "depends_on",
+                    message: e.to_string(),
+                })?,
+            idempotency_key: s.idempotency_key,
+            reservation: s.reservation.map(|r| r.parse()).transpose().map_err(
+                |e: drover_core::IdError| ConvertError::Invalid {
+                    field: "reservation",
+                    message: e.to_string(),
+                },
+            )?,
         })
     }
 }
@@ -68,6 +89,7 @@ impl From<&Capabilities> for v1::Capabilities {
             slots: c.slots,
             isolation_modes: c.isolation_modes.clone(),
             version: c.version.clone(),
+            resources: c.resources.clone().into_iter().collect(),
         }
     }
 }
@@ -82,6 +104,7 @@ impl From<v1::Capabilities> for Capabilities {
             slots: c.slots,
             isolation_modes: c.isolation_modes,
             version: c.version,
+            resources: c.resources.into_iter().collect(),
         }
     }
 }

@@ -74,6 +74,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound { .. } => Self::NotFound(e.to_string()),
             StoreError::Conflict(m) => Self::Conflict(m),
+            StoreError::Invalid { field, message } => Self::invalid(field, message),
             StoreError::Transition(t) => Self::Conflict(t.to_string()),
             StoreError::TokenRefused(_) | StoreError::Unauthenticated => {
                 Self::Unauthenticated(e.to_string())

@@ -1,6 +1,7 @@
 //! The gRPC API: the worker service (registration and the one stream per worker) and the
 //! job service, with reflection and the standard health service.
 
+use crate::sessions::Held;
 use crate::{ApiError, AppState, jobs, logs};
 use drover_core::{Capabilities, JobSpec, RunId, RunOutcome, Timestamp, WorkerState};
 use drover_proto::v1::{
@@ -12,7 +13,7 @@ use drover_proto::v1::{
 };
 use drover_store::{JobRecord, RunEnd, WorkerRecord};
 use futures::Stream;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,13 +147,7 @@ async fn run_session(
     let caps: Capabilities = hello.capabilities.unwrap_or_default().into();
     match reattach(&state, &worker, &caps, &hello.active_run_ids, &tx).await {
         Ok(active) => {
-            let session_id = state.sessions.attach(
-                worker.id,
-                tx.clone(),
-                caps.slots,
-                caps.labels.clone(),
-                active,
-            );
+            let session_id = state.sessions.attach(worker.id, tx.clone(), &caps, active);
             tracing::info!(slots = caps.slots, "worker connected");
             state.dispatch.notify_one();
             serve_session(&state, &worker, &mut inbound, &tx).await;
@@ -178,17 +173,23 @@ async fn reattach(
     caps: &Capabilities,
     listed: &[String],
     tx: &mpsc::UnboundedSender<v1::ServerMessage>,
-) -> Result<HashSet<RunId>, ApiError> {
+) -> Result<HashMap<RunId, Held>, ApiError> {
     state
         .store
         .set_worker_state(worker.id, WorkerState::Ready, Some(caps))
         .await?;
     let listed: HashSet<RunId> = listed.iter().filter_map(|s| s.parse().ok()).collect();
     let live = state.store.live_runs_of(worker.id).await?;
-    let mut active = HashSet::new();
+    let mut active = HashMap::new();
     for run in live {
         if listed.contains(&run.id) {
-            active.insert(run.id);
+            state.take_recovered(run.id);
+            let spec = state.store.get_job(run.job_id).await?.spec;
+            let held = Held {
+                resources: spec.resources,
+                reservation: spec.reservation,
+            };
+            active.insert(run.id, held);
             continue;
         }
         // The store says the worker holds it, the worker does not: it restarted.
@@ -202,6 +203,7 @@ async fn reattach(
             .finish_run(run.id, None, end, state.retry_settings())
             .await?;
         state.notify_job(f.job.id, f.job.state);
+        state.webhooks.notify_one();
     }
     state
         .store
@@ -215,7 +217,7 @@ async fn reattach(
             lease_ms: state.config.lease.as_millis() as u64,
         }),
     );
-    for run_id in listed.difference(&active) {
+    for run_id in listed.iter().filter(|r| !active.contains_key(r)) {
         // Already ended here (cancelled, or failed when its lease ran out): stop it there.
         send(
             tx,
@@ -352,6 +354,7 @@ async fn handle(
             span.in_scope(|| tracing::info!(outcome = ?outcome, exit_code = ?f.run.exit_code, job_state = %f.job.state, "run finished"));
             state.notify_job(f.job.id, f.job.state);
             state.dispatch.notify_one();
+            state.webhooks.notify_one();
         }
     }
     Ok(())
@@ -386,7 +389,7 @@ impl JobService for JobApi {
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
         let spec = JobSpec::try_from(spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let job = jobs::submit(&self.state, spec).await?;
+        let (job, _) = jobs::submit(&self.state, spec).await?;
         Ok(Response::new(to_wire(&job)))
     }
 

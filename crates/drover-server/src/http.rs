@@ -11,8 +11,11 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
-use drover_core::records::{JobView, LogEntryView, NodeView, RunView};
-use drover_core::{JobId, JobSpec, RunId, WorkerId};
+use drover_core::records::{
+    DeliveryRecord, GroupView, JobView, LogEntryView, NodeView, ReservationRecord, RunView,
+    WebhookRecord, webhook_events,
+};
+use drover_core::{GroupId, JobId, JobSpec, ReservationId, RunId, WorkerId};
 use drover_store::{JobRecord, RunRecord, WorkerRecord};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::convert::Infallible;
@@ -41,6 +44,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/jobs/{id}/logs", get(job_logs))
         .route("/v1/jobs/{id}/wait", get(wait_job))
         .route("/v1/jobs/{id}/cancel", post(cancel_job))
+        .route("/v1/runs/{id}/retry", post(retry_run))
+        .route("/v1/groups", post(create_group))
+        .route("/v1/groups/{id}", get(get_group))
+        .route("/v1/groups/{id}/cancel", post(cancel_group))
+        .route("/v1/reservations", post(create_reservation))
+        .route("/v1/reservations/{id}", get(get_reservation))
+        .route("/v1/reservations/{id}/release", post(release_reservation))
+        .route("/v1/webhooks", post(add_webhook).get(list_webhooks))
+        .route("/v1/webhooks/deliveries", get(list_deliveries))
         .route("/v1/node-tokens", post(create_node_token))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
@@ -92,8 +104,13 @@ async fn metrics(State(state): St) -> Response {
 
 async fn submit_job(State(state): St, body: Bytes) -> ApiResult<(StatusCode, Json<JobRecord>)> {
     let spec: JobSpec = parse_body(&body)?;
-    let job = jobs::submit(&state, spec).await?;
-    Ok((StatusCode::CREATED, Json(job)))
+    let (job, created) = jobs::submit(&state, spec).await?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(job)))
 }
 
 #[derive(Deserialize)]
@@ -390,4 +407,262 @@ async fn get_node(State(state): St, Path(id): Path<String>) -> ApiResult<Json<No
         .map_err(|e: drover_core::IdError| ApiError::invalid("id", e.to_string()))?;
     let worker = state.store.get_worker(id).await?;
     Ok(Json(node_view(&state, worker).await?))
+}
+
+fn parse_path_id<T: std::str::FromStr<Err = drover_core::IdError>>(s: &str) -> ApiResult<T> {
+    s.parse::<T>()
+        .map_err(|e| ApiError::invalid("id", e.to_string()))
+}
+
+/// Retries a finished attempt by hand: a new attempt in the same chain.
+async fn retry_run(State(state): St, Path(id): Path<String>) -> ApiResult<Json<JobRecord>> {
+    let run_id: RunId = parse_path_id(&id)?;
+    let job = state.store.resubmit_run(run_id).await?;
+    tracing::info_span!("job", job_id = %job.id)
+        .in_scope(|| tracing::info!(%run_id, "retried by hand"));
+    state.notify_job(job.id, job.state);
+    state.dispatch.notify_one();
+    Ok(Json(job))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GroupRequest {
+    #[serde(default)]
+    name: String,
+    jobs: Vec<JobSpec>,
+}
+
+const MAX_GROUP_JOBS: usize = 1000;
+
+async fn create_group(State(state): St, body: Bytes) -> ApiResult<(StatusCode, Json<GroupView>)> {
+    let req: GroupRequest = parse_body(&body)?;
+    if req.jobs.is_empty() || req.jobs.len() > MAX_GROUP_JOBS {
+        return Err(ApiError::invalid(
+            "jobs",
+            format!("a group holds 1 to {MAX_GROUP_JOBS} jobs"),
+        ));
+    }
+    if req.name.len() > drover_core::job::MAX_NAME_BYTES || req.name.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            "name",
+            "at most 256 bytes, no control characters",
+        ));
+    }
+    let mut specs = Vec::with_capacity(req.jobs.len());
+    for (i, spec) in req.jobs.into_iter().enumerate() {
+        let spec = spec
+            .validated()
+            .map_err(|e| ApiError::invalid(format!("jobs[{i}].{}", e.field), e.message))?;
+        if spec.idempotency_key.is_some() {
+            return Err(ApiError::invalid(
+                format!("jobs[{i}].idempotency_key"),
+                "is not supported inside a group",
+            ));
+        }
+        specs.push(spec);
+    }
+    let name = if req.name.trim().is_empty() {
+        "group".to_string()
+    } else {
+        req.name
+    };
+    let view = state.store.create_group(&name, specs).await?;
+    for job in &view.jobs {
+        state.notify_job(job.id, job.state);
+    }
+    state.dispatch.notify_one();
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+async fn get_group(State(state): St, Path(id): Path<String>) -> ApiResult<Json<GroupView>> {
+    let id: GroupId = parse_path_id(&id)?;
+    Ok(Json(state.store.get_group(id).await?))
+}
+
+/// Cancels every member not final yet, last first, so that they end CANCELLED rather than
+/// SKIPPED by the cancel of the one before.
+async fn cancel_group(State(state): St, Path(id): Path<String>) -> ApiResult<Json<GroupView>> {
+    let id: GroupId = parse_path_id(&id)?;
+    let view = state.store.get_group(id).await?;
+    for job in view.jobs.iter().rev().filter(|j| !j.state.is_terminal()) {
+        match jobs::cancel(&state, job.id).await {
+            Ok(_) | Err(ApiError::Conflict(_)) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Json(state.store.get_group(id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReservationRequest {
+    resource: String,
+    #[serde(default = "one")]
+    amount: u32,
+    node: Option<String>,
+    #[serde(default = "default_reservation_ttl")]
+    ttl_seconds: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_reservation_ttl() -> u64 {
+    60
+}
+
+async fn create_reservation(
+    State(state): St,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<ReservationRecord>)> {
+    let req: ReservationRequest = parse_body(&body)?;
+    if !drover_core::job::valid_resource_name(&req.resource) {
+        return Err(ApiError::invalid(
+            "resource",
+            "1-64 letters, digits, '-', '_' or '.'",
+        ));
+    }
+    if req.amount == 0 || req.amount > drover_core::job::MAX_RESOURCE_AMOUNT {
+        return Err(ApiError::invalid("amount", "must be at least 1"));
+    }
+    if req.ttl_seconds == 0 || req.ttl_seconds > 24 * 3600 {
+        return Err(ApiError::invalid(
+            "ttl_seconds",
+            "must be between 1 and 86400",
+        ));
+    }
+    let node = req
+        .node
+        .as_deref()
+        .map(|n| {
+            n.parse::<WorkerId>()
+                .map_err(|e| ApiError::invalid("node", e.to_string()))
+        })
+        .transpose()?;
+    let worker = state
+        .sessions
+        .worker_offering(&req.resource, req.amount, node)
+        .ok_or_else(|| {
+            ApiError::Conflict(match node {
+                Some(n) => format!(
+                    "node {n} is not connected or does not offer {} of resource {:?}",
+                    req.amount, req.resource
+                ),
+                None => format!(
+                    "no connected node offers {} of resource {:?}",
+                    req.amount, req.resource
+                ),
+            })
+        })?;
+    let r = state
+        .store
+        .create_reservation(
+            &req.resource,
+            req.amount,
+            worker,
+            Duration::from_secs(req.ttl_seconds),
+        )
+        .await?;
+    tracing::info!(reservation = %r.id, resource = %r.resource, worker_id = %worker, "reservation taken");
+    Ok((StatusCode::CREATED, Json(r)))
+}
+
+async fn get_reservation(
+    State(state): St,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ReservationRecord>> {
+    let id: ReservationId = parse_path_id(&id)?;
+    Ok(Json(state.store.get_reservation(id).await?))
+}
+
+async fn release_reservation(
+    State(state): St,
+    Path(id): Path<String>,
+) -> ApiResult<Json<ReservationRecord>> {
+    let id: ReservationId = parse_path_id(&id)?;
+    let r = state.store.release_reservation(id).await?;
+    state.dispatch.notify_one();
+    Ok(Json(r))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookRequest {
+    url: String,
+    secret: Option<String>,
+    #[serde(default)]
+    events: Vec<String>,
+}
+
+/// The webhook as created: the secret is shown this once.
+#[derive(Serialize)]
+struct CreatedWebhook {
+    #[serde(flatten)]
+    webhook: WebhookRecord,
+    secret: String,
+}
+
+async fn add_webhook(
+    State(state): St,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<CreatedWebhook>)> {
+    let req: WebhookRequest = parse_body(&body)?;
+    let url = reqwest::Url::parse(&req.url)
+        .map_err(|e| ApiError::invalid("url", format!("not a URL: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ApiError::invalid(
+            "url",
+            "must be an http:// or https:// URL with a host",
+        ));
+    }
+    for e in &req.events {
+        if !webhook_events::ALL.contains(&e.as_str()) {
+            return Err(ApiError::invalid(
+                "events",
+                format!(
+                    "unknown event {e:?}; one of {}",
+                    webhook_events::ALL.join(", ")
+                ),
+            ));
+        }
+    }
+    let secret = match req.secret {
+        Some(s) if s.len() < 8 || s.len() > 256 => {
+            return Err(ApiError::invalid("secret", "must be 8-256 bytes"));
+        }
+        Some(s) => s,
+        None => {
+            use rand::Rng;
+            let bytes: [u8; 24] = rand::rng().random();
+            hex::encode(bytes)
+        }
+    };
+    let webhook = state
+        .store
+        .add_webhook(url.as_str(), &secret, &req.events)
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedWebhook { webhook, secret }),
+    ))
+}
+
+async fn list_webhooks(State(state): St) -> ApiResult<Json<Vec<WebhookRecord>>> {
+    Ok(Json(state.store.list_webhooks().await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveriesQuery {
+    limit: Option<u32>,
+}
+
+async fn list_deliveries(
+    State(state): St,
+    q: Result<Query<DeliveriesQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<DeliveryRecord>>> {
+    let limit = query(q)?.limit.unwrap_or(100).clamp(1, 10_000);
+    Ok(Json(state.store.list_deliveries(limit).await?))
 }

@@ -5,15 +5,20 @@ use drover_core::{JobId, JobSpec, JobState};
 use drover_proto::v1;
 use drover_store::JobRecord;
 
-pub async fn submit(state: &AppState, spec: JobSpec) -> Result<JobRecord, ApiError> {
+/// Stores a job; `false` when its idempotency key returned an earlier one.
+pub async fn submit(state: &AppState, spec: JobSpec) -> Result<(JobRecord, bool), ApiError> {
     let spec = spec.validated()?;
-    let job = state.store.create_job(spec).await?;
+    let (job, created) = state.store.create_job(spec).await?;
+    if !created {
+        return Ok((job, false));
+    }
     metrics::counter!("drover_jobs_submitted_total").increment(1);
     tracing::info_span!("job", job_id = %job.id)
         .in_scope(|| tracing::info!(name = %job.name, "submitted"));
     state.notify_job(job.id, job.state);
     state.dispatch.notify_one();
-    Ok(job)
+    state.webhooks.notify_one();
+    Ok((job, true))
 }
 
 pub async fn cancel(state: &AppState, id: JobId) -> Result<JobRecord, ApiError> {
@@ -30,6 +35,8 @@ pub async fn cancel(state: &AppState, id: JobId) -> Result<JobRecord, ApiError> 
     }
     tracing::info_span!("job", job_id = %id).in_scope(|| tracing::info!("cancelled"));
     state.notify_job(id, cancelled.job.state);
+    state.dispatch.notify_one();
+    state.webhooks.notify_one();
     Ok(cancelled.job)
 }
 

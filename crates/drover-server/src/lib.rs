@@ -9,12 +9,14 @@ mod jobs;
 mod logs;
 mod scheduler;
 mod sessions;
+mod webhooks;
 
 pub use error::ApiError;
 
 use drover_core::{JobId, JobState, RunId, Timestamp};
 use drover_store::{RetrySettings, Store};
 use metrics_exporter_prometheus::PrometheusHandle;
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
@@ -31,6 +33,10 @@ pub struct ServerConfig {
     /// How long an assignment stays a worker's without a heartbeat.
     pub lease: Duration,
     pub default_backoff_base: Duration,
+    /// First retry delay of a webhook delivery; doubles per attempt, up to 10 minutes.
+    pub webhook_backoff_base: Duration,
+    /// Attempts per delivery before it is marked FAILED.
+    pub webhook_max_attempts: u32,
 }
 
 impl ServerConfig {
@@ -41,6 +47,8 @@ impl ServerConfig {
             database_url: None,
             lease: Duration::from_secs(30),
             default_backoff_base: Duration::from_secs(10),
+            webhook_backoff_base: Duration::from_secs(1),
+            webhook_max_attempts: 12,
         }
     }
 
@@ -82,7 +90,12 @@ pub(crate) struct AppState {
     pub notices: broadcast::Sender<Notice>,
     pub logs: logs::LogFiles,
     pub dispatch: Notify,
+    /// Wakes the webhook sender when an event was written.
+    pub webhooks: Notify,
     pub metrics: PrometheusHandle,
+    /// Runs that were live when this process started: if their lease lapses, it is because
+    /// their worker did not come back after the restart.
+    pub recovered: std::sync::Mutex<HashSet<RunId>>,
 }
 
 impl AppState {
@@ -98,6 +111,14 @@ impl AppState {
             default_backoff_base: self.config.default_backoff_base,
             jitter: rand::random::<f64>(),
         }
+    }
+
+    /// True (once) if the run was live when this process started.
+    pub fn take_recovered(&self, run_id: RunId) -> bool {
+        self.recovered
+            .lock()
+            .map(|mut set| set.remove(&run_id))
+            .unwrap_or(false)
     }
 
     pub fn lease_until(&self) -> Timestamp {
@@ -141,6 +162,8 @@ impl Server {
         let renewed = store
             .renew_all_leases(Timestamp::now().plus(config.lease))
             .await?;
+        let recovered: HashSet<RunId> =
+            store.live_runs().await?.into_iter().map(|r| r.id).collect();
         if renewed > 0 {
             tracing::info!(
                 runs = renewed,
@@ -169,7 +192,9 @@ impl Server {
             notices,
             logs,
             dispatch: Notify::new(),
+            webhooks: Notify::new(),
             metrics: prometheus(),
+            recovered: std::sync::Mutex::new(recovered),
         });
         Ok(Self { state, listener })
     }
@@ -193,6 +218,7 @@ impl Server {
         let background = [
             tokio::spawn(scheduler::dispatch_loop(state.clone())),
             tokio::spawn(scheduler::lease_sweeper(state.clone())),
+            tokio::spawn(webhooks::delivery_loop(state.clone())),
         ];
         let app = http::router(state.clone()).merge(grpc::router(state.clone()));
         let closing = state.clone();

@@ -3,7 +3,8 @@
 //! `drover_core::schedule`; this file only feeds it and carries them out.
 
 use crate::AppState;
-use drover_core::schedule::{self, Candidate};
+use crate::sessions::Held;
+use drover_core::schedule::{self, Candidate, Hold};
 use drover_core::{RunOutcome, Timestamp};
 use drover_proto::v1;
 use drover_store::RunEnd;
@@ -33,22 +34,35 @@ async fn dispatch_pass(state: &AppState) -> Result<usize, drover_store::StoreErr
     if free.is_empty() {
         return Ok(0);
     }
-    let ready = state
-        .store
-        .ready_jobs(Timestamp::now(), CANDIDATES_PER_PASS)
-        .await?;
+    let now = Timestamp::now();
+    let ready = state.store.ready_jobs(now, CANDIDATES_PER_PASS).await?;
     if ready.is_empty() {
         return Ok(0);
     }
+    let holds: Vec<Hold> = state
+        .store
+        .active_reservations(now)
+        .await?
+        .into_iter()
+        .map(|r| Hold {
+            in_use: state.sessions.reservation_usage(r.id, &r.resource),
+            reservation_id: r.id,
+            worker_id: r.worker_id,
+            resource: r.resource,
+            amount: r.amount,
+        })
+        .collect();
     let candidates = ready
         .into_iter()
         .map(|r| Candidate {
             job_id: r.id,
             priority: r.priority,
             labels: r.labels,
+            resources: r.resources,
+            reservation: r.reservation,
         })
         .collect();
-    let plan = schedule::assign(candidates, free);
+    let plan = schedule::assign(candidates, free, holds.clone());
     let mut assigned = 0;
     for (job_id, worker_id) in plan {
         let Some(a) = state
@@ -64,13 +78,22 @@ async fn dispatch_pass(state: &AppState) -> Result<usize, drover_store::StoreErr
             || tracing::info!(worker_id = %worker_id, attempt = a.run.attempt, "assigned"),
         );
         state.notify_job(job_id, a.job.state);
+        let reservation = a
+            .job
+            .spec
+            .reservation
+            .filter(|r| holds.iter().any(|h| h.reservation_id == *r));
+        let held = Held {
+            resources: a.job.spec.resources.clone(),
+            reservation,
+        };
         let msg = v1::server_message::Body::Assignment(v1::Assignment {
             run_id: a.run.id.to_string(),
             job_id: job_id.to_string(),
             attempt: a.run.attempt,
             spec: Some((&a.job.spec).into()),
         });
-        if !state.sessions.assign(worker_id, a.run.id, msg) {
+        if !state.sessions.assign(worker_id, a.run.id, held, msg) {
             tracing::warn!(%worker_id, run_id = %a.run.id, "worker left before its assignment was sent; its lease will run out");
         }
     }
@@ -92,13 +115,18 @@ pub async fn lease_sweeper(state: Arc<AppState>) {
         for run in expired {
             let span = tracing::info_span!("job", job_id = %run.job_id, run_id = %run.id);
             async {
+                let error = if state.take_recovered(run.id) {
+                    format!(
+                        "recovery: the control plane restarted and worker {} did not come back within the lease",
+                        run.worker_id
+                    )
+                } else {
+                    format!("worker lost: worker {} did not renew its lease", run.worker_id)
+                };
                 let end = RunEnd {
                     outcome: RunOutcome::Failed,
                     exit_code: None,
-                    error: Some(format!(
-                        "worker lost: worker {} did not renew its lease",
-                        run.worker_id
-                    )),
+                    error: Some(error),
                 };
                 match state
                     .store
@@ -117,6 +145,7 @@ pub async fn lease_sweeper(state: Arc<AppState>) {
                         );
                         state.notify_job(f.job.id, f.job.state);
                         state.dispatch.notify_one();
+                        state.webhooks.notify_one();
                     }
                     Err(e) => tracing::error!(error = %e, "cannot fail an expired run"),
                 }

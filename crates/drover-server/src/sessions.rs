@@ -2,21 +2,45 @@
 //! it holds. Derived state: rebuilt as workers reconnect.
 
 use drover_core::schedule::FreeWorker;
-use drover_core::{RunId, WorkerId};
+use drover_core::{ReservationId, RunId, WorkerId};
 use drover_proto::v1::ServerMessage;
 use drover_proto::v1::server_message::Body;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc::UnboundedSender;
+
+/// What a run holds on its worker while it is there.
+#[derive(Debug, Clone, Default)]
+pub struct Held {
+    pub resources: BTreeMap<String, u32>,
+    /// The reservation whose capacity the run uses, if it runs inside one.
+    pub reservation: Option<ReservationId>,
+}
 
 struct Session {
     id: u64,
     tx: UnboundedSender<ServerMessage>,
     slots: u32,
     labels: BTreeMap<String, String>,
-    /// Runs the worker holds, counted against its slots until it reports their end.
-    active: HashSet<RunId>,
+    capacity: BTreeMap<String, u32>,
+    /// Runs the worker holds, counted against its slots and resources until it reports
+    /// their end.
+    active: HashMap<RunId, Held>,
+}
+
+impl Session {
+    fn free_resources(&self) -> BTreeMap<String, u32> {
+        let mut free = self.capacity.clone();
+        for held in self.active.values() {
+            for (name, amount) in &held.resources {
+                if let Some(f) = free.get_mut(name) {
+                    *f = f.saturating_sub(*amount);
+                }
+            }
+        }
+        free
+    }
 }
 
 #[derive(Default)]
@@ -36,16 +60,16 @@ impl Sessions {
         &self,
         worker_id: WorkerId,
         tx: UnboundedSender<ServerMessage>,
-        slots: u32,
-        labels: BTreeMap<String, String>,
-        active: HashSet<RunId>,
+        caps: &drover_core::Capabilities,
+        active: HashMap<RunId, Held>,
     ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let session = Session {
             id,
             tx,
-            slots: slots.max(1),
-            labels,
+            slots: caps.slots.max(1),
+            labels: caps.labels.clone(),
+            capacity: caps.resources.clone(),
             active,
         };
         self.lock().insert(worker_id, session);
@@ -78,18 +102,45 @@ impl Sessions {
                 worker_id: *id,
                 free_slots: s.slots - s.active.len() as u32,
                 labels: s.labels.clone(),
+                free_resources: s.free_resources(),
             })
             .collect()
     }
 
+    /// How much of `resource` the running jobs of a reservation use.
+    pub fn reservation_usage(&self, reservation: ReservationId, resource: &str) -> u32 {
+        self.lock()
+            .values()
+            .flat_map(|s| s.active.values())
+            .filter(|h| h.reservation == Some(reservation))
+            .map(|h| h.resources.get(resource).copied().unwrap_or(1))
+            .sum()
+    }
+
+    /// A connected worker offering at least `amount` of `resource` (the given one, or the
+    /// one with the most of it free).
+    pub fn worker_offering(
+        &self,
+        resource: &str,
+        amount: u32,
+        node: Option<WorkerId>,
+    ) -> Option<WorkerId> {
+        self.lock()
+            .iter()
+            .filter(|(id, _)| node.is_none_or(|n| n == **id))
+            .filter(|(_, s)| s.capacity.get(resource).copied().unwrap_or(0) >= amount)
+            .max_by_key(|(id, s)| (s.free_resources().get(resource).copied().unwrap_or(0), **id))
+            .map(|(id, _)| *id)
+    }
+
     /// Counts a run against the worker's slots and sends it the assignment. False when the
     /// worker is gone; its lease then runs out and the retry policy takes over.
-    pub fn assign(&self, worker_id: WorkerId, run_id: RunId, msg: Body) -> bool {
+    pub fn assign(&self, worker_id: WorkerId, run_id: RunId, held: Held, msg: Body) -> bool {
         let mut map = self.lock();
         let Some(s) = map.get_mut(&worker_id) else {
             return false;
         };
-        s.active.insert(run_id);
+        s.active.insert(run_id, held);
         s.tx.send(ServerMessage { body: Some(msg) }).is_ok()
     }
 

@@ -36,7 +36,10 @@ pub enum StoreError {
     #[error("corrupt record in the store: {0}")]
     Corrupt(String),
     #[error("{field}: {message}")]
-    Invalid { field: &'static str, message: String },
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -100,6 +103,8 @@ pub trait Store: Send + Sync + 'static {
     /// Live runs (ASSIGNED or RUNNING) whose lease ended before `now`.
     async fn expired_runs(&self, now: Timestamp) -> Result<Vec<RunRecord>>;
     async fn live_runs_of(&self, worker_id: WorkerId) -> Result<Vec<RunRecord>>;
+    /// Every live run (ASSIGNED or RUNNING), of any worker.
+    async fn live_runs(&self) -> Result<Vec<RunRecord>>;
 
     // ----------------------------------------------------------- workers
     /// Mints a one-time join token; only its hash is kept.
@@ -135,10 +140,19 @@ pub trait Store: Send + Sync + 'static {
     async fn active_reservations(&self, now: Timestamp) -> Result<Vec<ReservationRecord>>;
 
     // ----------------------------------------------------------- webhooks
-    async fn add_webhook(&self, url: &str, secret: &str, events: &[String]) -> Result<WebhookRecord>;
+    async fn add_webhook(
+        &self,
+        url: &str,
+        secret: &str,
+        events: &[String],
+    ) -> Result<WebhookRecord>;
     async fn list_webhooks(&self) -> Result<Vec<WebhookRecord>>;
     /// Pending deliveries whose time has come, oldest first, with the webhook's secret.
-    async fn due_deliveries(&self, now: Timestamp, limit: u32) -> Result<Vec<(DeliveryRecord, String)>>;
+    async fn due_deliveries(
+        &self,
+        now: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<(DeliveryRecord, String)>>;
     /// Records one delivery attempt: delivered, or tried again at `retry_at` (None: give up).
     async fn record_delivery_attempt(
         &self,
@@ -164,7 +178,8 @@ pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>> {
     {
         return Ok(std::sync::Arc::new(SqliteStore::open(path).await?));
     }
-    Err(StoreError::Invalid { field: "database_url", message: format!(
-        "{url:?} is not supported: use sqlite://PATH"
-    )})
+    Err(StoreError::Invalid {
+        field: "database_url",
+        message: format!("{url:?} is not supported: use sqlite://PATH"),
+    })
 }

@@ -121,7 +121,9 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord> {
         not_before: ts(row, "not_before")?,
         current_run: parse_opt(row, "current_run")?,
         group_id: parse_opt(row, "group_id")?,
-        group_position: row.try_get::<Option<i64>, _>("group_position")?.map(|p| p as u32),
+        group_position: row
+            .try_get::<Option<i64>, _>("group_position")?
+            .map(|p| p as u32),
         waiting_on: row.try_get::<i64, _>("waiting_on")? as u32,
         created_at: ts(row, "created_at")?,
         updated_at: ts(row, "updated_at")?,
@@ -307,7 +309,9 @@ fn delivery_from_row(row: &SqliteRow) -> Result<DeliveryRecord> {
             .ok_or_else(|| corrupt(format!("delivery state {state}")))?,
         attempts: row.try_get::<i64, _>("attempts")? as u32,
         next_attempt_at: ts(row, "next_attempt_at")?,
-        last_status: row.try_get::<Option<i64>, _>("last_status")?.map(|s| s as u16),
+        last_status: row
+            .try_get::<Option<i64>, _>("last_status")?
+            .map(|s| s as u16),
         last_error: row.try_get("last_error")?,
         created_at: ts(row, "created_at")?,
         delivered_at: ts_opt(row, "delivered_at")?,
@@ -315,14 +319,15 @@ fn delivery_from_row(row: &SqliteRow) -> Result<DeliveryRecord> {
 }
 
 async fn load_group(conn: &mut SqliteConnection, id: GroupId) -> Result<GroupView> {
-    let row = sqlx::query("SELECT id, name, state, created_at, finished_at FROM groups WHERE id = ?")
-        .bind(id.to_string())
-        .fetch_optional(&mut *conn)
-        .await?
-        .ok_or_else(|| StoreError::NotFound {
-            kind: "group",
-            id: id.to_string(),
-        })?;
+    let row =
+        sqlx::query("SELECT id, name, state, created_at, finished_at FROM groups WHERE id = ?")
+            .bind(id.to_string())
+            .fetch_optional(&mut *conn)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "group",
+                id: id.to_string(),
+            })?;
     let state: String = row.try_get("state")?;
     let group = GroupRecord {
         id: parse(&row, "id")?,
@@ -547,10 +552,12 @@ async fn settle_final(conn: &mut SqliteConnection, job: &JobRecord, now: Timesta
         for dependent in dependents {
             let dependent: JobId = dependent.parse().map_err(corrupt)?;
             if state == JobState::Succeeded {
-                sqlx::query("UPDATE jobs SET waiting_on = waiting_on - 1 WHERE id = ? AND waiting_on > 0")
-                    .bind(dependent.to_string())
-                    .execute(&mut *conn)
-                    .await?;
+                sqlx::query(
+                    "UPDATE jobs SET waiting_on = waiting_on - 1 WHERE id = ? AND waiting_on > 0",
+                )
+                .bind(dependent.to_string())
+                .execute(&mut *conn)
+                .await?;
                 continue;
             }
             let d = load_job(&mut *conn, dependent).await?;
@@ -654,7 +661,10 @@ impl Store for SqliteStore {
                 job.current_run.map(|r| r.to_string()).unwrap_or_default()
             )));
         }
-        if !matches!(job.state, JobState::Failed | JobState::TimedOut | JobState::Cancelled) {
+        if !matches!(
+            job.state,
+            JobState::Failed | JobState::TimedOut | JobState::Cancelled
+        ) {
             return Err(StoreError::Conflict(format!(
                 "job {} is {}; only a failed, timed out or cancelled job can be retried",
                 job.id, job.state
@@ -665,7 +675,15 @@ impl Store for SqliteStore {
             run_id,
             next_attempt: job.attempts + 1,
         };
-        transition(&mut tx, &job, JobEvent::Resubmit, Some(run_id), Some(kind), now).await?;
+        transition(
+            &mut tx,
+            &job,
+            JobEvent::Resubmit,
+            Some(run_id),
+            Some(kind),
+            now,
+        )
+        .await?;
         sqlx::query(
             "UPDATE jobs SET not_before = ?, max_attempts = MAX(max_attempts, attempts + 1)              WHERE id = ?",
         )
@@ -992,7 +1010,8 @@ impl Store for SqliteStore {
         let job = load_job(&mut tx, run.job_id).await?;
         let run = load_run(&mut tx, run_id).await?;
         let will_retry = job.state == JobState::Queued;
-        let (event, key, payload) = run_event(&job, Some(&run), run.state.as_str(), will_retry, now);
+        let (event, key, payload) =
+            run_event(&job, Some(&run), run.state.as_str(), will_retry, now);
         enqueue_webhooks(&mut tx, event, &key, &payload, now).await?;
         if job.state.is_terminal() && job.current_run == Some(run_id) {
             settle_final(&mut tx, &job, now).await?;
@@ -1051,6 +1070,15 @@ impl Store for SqliteStore {
              AND state IN ('ASSIGNED', 'RUNNING') ORDER BY id"
         ))
         .bind(worker_id.to_string())
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(run_from_row).collect()
+    }
+
+    async fn live_runs(&self) -> Result<Vec<RunRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {RUN_COLS} FROM runs WHERE state IN ('ASSIGNED', 'RUNNING') ORDER BY id"
+        ))
         .fetch_all(&self.reader)
         .await?;
         rows.iter().map(run_from_row).collect()
@@ -1278,17 +1306,24 @@ impl Store for SqliteStore {
         rows.iter().map(reservation_from_row).collect()
     }
 
-    async fn add_webhook(&self, url: &str, secret: &str, events: &[String]) -> Result<WebhookRecord> {
+    async fn add_webhook(
+        &self,
+        url: &str,
+        secret: &str,
+        events: &[String],
+    ) -> Result<WebhookRecord> {
         let id = WebhookId::new();
         let now = Timestamp::now();
-        sqlx::query("INSERT INTO webhooks (id, url, secret, events, created_at) VALUES (?, ?, ?, ?, ?)")
-            .bind(id.to_string())
-            .bind(url)
-            .bind(secret)
-            .bind(serde_json::to_string(events).map_err(corrupt)?)
-            .bind(now.0)
-            .execute(&self.writer)
-            .await?;
+        sqlx::query(
+            "INSERT INTO webhooks (id, url, secret, events, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id.to_string())
+        .bind(url)
+        .bind(secret)
+        .bind(serde_json::to_string(events).map_err(corrupt)?)
+        .bind(now.0)
+        .execute(&self.writer)
+        .await?;
         Ok(WebhookRecord {
             id,
             url: url.to_string(),
@@ -1314,7 +1349,11 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn due_deliveries(&self, now: Timestamp, limit: u32) -> Result<Vec<(DeliveryRecord, String)>> {
+    async fn due_deliveries(
+        &self,
+        now: Timestamp,
+        limit: u32,
+    ) -> Result<Vec<(DeliveryRecord, String)>> {
         let rows = sqlx::query(&format!(
             "SELECT {DELIVERY_COLS}, w.secret FROM webhook_deliveries d \
              JOIN webhooks w ON w.id = d.webhook_id \

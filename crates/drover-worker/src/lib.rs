@@ -37,6 +37,8 @@ pub struct WorkerConfig {
     pub state_dir: PathBuf,
     pub name: Option<String>,
     pub labels: BTreeMap<String, String>,
+    /// Named resources this node offers, with their capacity (`ollama: 1`).
+    pub resources: BTreeMap<String, u32>,
     /// Jobs run at once; 0 means one per CPU.
     pub slots: u32,
     /// Between SIGTERM and SIGKILL when a job is stopped.
@@ -115,6 +117,7 @@ pub fn capabilities(config: &WorkerConfig) -> Capabilities {
         },
         isolation_modes: vec!["process".into()],
         version: env!("CARGO_PKG_VERSION").into(),
+        resources: config.resources.clone(),
     }
 }
 

@@ -41,6 +41,12 @@ pub enum JobCommand {
     Cancel(JobRef),
     /// Wait until a job ends; exits with its exit code.
     Wait(JobRef),
+    /// Retry a finished (failed, timed out, cancelled) attempt by hand: one more attempt
+    /// in the same chain.
+    Retry {
+        /// The run (attempt) to retry: `drover job get` lists them.
+        run_id: String,
+    },
 }
 
 /// A job id, positional or as `--id` (as in scripts written for other job CLIs).
@@ -94,6 +100,18 @@ pub struct RunArgs {
     /// Node labels the worker must carry: K=V,K2=V2.
     #[arg(long)]
     labels: Option<String>,
+    /// Named resources held while running: ollama=1.
+    #[arg(long)]
+    resources: Option<String>,
+    /// A job that must succeed first (repeatable).
+    #[arg(long = "depends-on")]
+    depends_on: Vec<String>,
+    /// Submitting again with the same key returns the first job.
+    #[arg(long)]
+    idempotency_key: Option<String>,
+    /// Run inside this reservation (`drover reserve`).
+    #[arg(long)]
+    reservation: Option<String>,
     /// Wait until the job ends and exit with its exit code.
     #[arg(long, conflicts_with = "follow")]
     wait: bool,
@@ -136,6 +154,27 @@ impl RunArgs {
             for (k, v) in parse_pairs(labels).map_err(|e| anyhow::anyhow!("--labels: {e}"))? {
                 spec.labels.insert(k, v);
             }
+        }
+        if let Some(r) = &self.resources {
+            for (k, v) in parse_pairs(r).map_err(|e| anyhow::anyhow!("--resources: {e}"))? {
+                let n: u32 = v.trim().parse().map_err(|_| {
+                    anyhow::anyhow!("--resources: {k}={v}: the amount must be a whole number")
+                })?;
+                spec.resources.insert(k, n);
+            }
+        }
+        for d in &self.depends_on {
+            spec.depends_on.push(
+                d.parse()
+                    .map_err(|e| anyhow::anyhow!("--depends-on: {e}"))?,
+            );
+        }
+        spec.idempotency_key = self.idempotency_key.clone();
+        if let Some(r) = &self.reservation {
+            spec.reservation = Some(
+                r.parse()
+                    .map_err(|e| anyhow::anyhow!("--reservation: {e}"))?,
+            );
         }
         if let Some(t) = &self.timeout {
             let d = parse_duration(t).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
@@ -234,6 +273,14 @@ pub async fn run(cmd: JobCommand, server: &str, output: Output) -> anyhow::Resul
             let view = wait(&client, job.id()).await?;
             finish(&view.job, output)
         }
+        JobCommand::Retry { run_id } => {
+            let j = client.retry_run(&run_id).await?;
+            match output {
+                Output::Json => print_json(&j)?,
+                Output::Text => println!("{} {} (attempt {} next)", j.id, j.state, j.attempts + 1),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
@@ -258,7 +305,7 @@ async fn run_job(client: &Client, args: RunArgs, output: Output) -> anyhow::Resu
     finish(&end, output)
 }
 
-async fn wait(client: &Client, id: &str) -> anyhow::Result<JobView> {
+pub async fn wait(client: &Client, id: &str) -> anyhow::Result<JobView> {
     let bar = output::spinner(&format!("waiting for job {id}"));
     let view = client
         .wait_job(id, |v| {

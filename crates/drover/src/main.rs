@@ -3,6 +3,7 @@
 mod job;
 mod node;
 mod output;
+mod sched;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +41,15 @@ enum Command {
     /// Nodes (workers) and their join tokens.
     #[command(subcommand)]
     Node(node::NodeCommand),
+    /// Jobs that run in sequence, stopping at the first failure.
+    #[command(subcommand)]
+    Group(sched::GroupCommand),
+    /// Hold a named resource of a node for interactive use; jobs submitted into the
+    /// reservation (job run --reservation ID) start at once, others needing it wait.
+    Reserve(sched::ReserveArgs),
+    /// Webhooks: HTTP callbacks when job runs end.
+    #[command(subcommand)]
+    Webhook(sched::WebhookCommand),
 }
 
 fn init_tracing(default: &str) {
@@ -65,6 +75,9 @@ async fn main() -> ExitCode {
         Command::Worker(args) => serve::worker(args, &cli.server).await,
         Command::Job(cmd) => job::run(cmd, &cli.server, cli.output).await,
         Command::Node(cmd) => node::run(cmd, &cli.server, cli.output).await,
+        Command::Group(cmd) => sched::group(cmd, &cli.server, cli.output).await,
+        Command::Reserve(args) => sched::reserve(args, &cli.server, cli.output).await,
+        Command::Webhook(cmd) => sched::webhook(cmd, &cli.server, cli.output).await,
     };
     match result {
         Ok(code) => code,

@@ -29,6 +29,12 @@ pub struct ServerArgs {
     /// Base of the exponential retry backoff for jobs that do not set their own.
     #[arg(long, env = "DROVER_BACKOFF_BASE", default_value = "10s", value_parser = parse_duration)]
     backoff_base: Duration,
+    /// First retry delay of a failed webhook delivery (doubles per attempt).
+    #[arg(long, env = "DROVER_WEBHOOK_BACKOFF", default_value = "1s", value_parser = parse_duration)]
+    webhook_backoff: Duration,
+    /// Attempts per webhook delivery before it is marked FAILED.
+    #[arg(long, env = "DROVER_WEBHOOK_MAX_ATTEMPTS", default_value_t = 12)]
+    webhook_max_attempts: u32,
 }
 
 impl ServerArgs {
@@ -37,6 +43,8 @@ impl ServerArgs {
         c.database_url = self.database_url.clone();
         c.lease = self.lease;
         c.default_backoff_base = self.backoff_base;
+        c.webhook_backoff_base = self.webhook_backoff;
+        c.webhook_max_attempts = self.webhook_max_attempts.max(1);
         c
     }
 }
@@ -49,6 +57,9 @@ pub struct WorkerOptions {
     /// Node labels: K=V,K2=V2.
     #[arg(long)]
     labels: Option<String>,
+    /// Named resources this node offers, with capacities: ollama=1,gpu=2.
+    #[arg(long)]
+    resources: Option<String>,
     /// Jobs run at once (default: one per CPU).
     #[arg(long, default_value_t = 0)]
     slots: u32,
@@ -90,12 +101,27 @@ fn worker_config(
             .collect(),
         None => Default::default(),
     };
+    let mut resources = std::collections::BTreeMap::new();
+    if let Some(r) = &o.resources {
+        for (name, amount) in parse_pairs(r).map_err(|e| anyhow::anyhow!("--resources: {e}"))? {
+            let amount: u32 = amount.trim().parse().map_err(|_| {
+                anyhow::anyhow!("--resources: {name}={amount}: the capacity must be a whole number")
+            })?;
+            if !drover_core::job::valid_resource_name(&name) || amount == 0 {
+                anyhow::bail!(
+                    "--resources: {name}={amount}: give NAME=CAPACITY with a capacity above 0"
+                );
+            }
+            resources.insert(name, amount);
+        }
+    }
     Ok(WorkerConfig {
         server,
         token,
         state_dir,
         name: o.name.clone(),
         labels,
+        resources,
         slots: o.slots,
         kill_grace: o.kill_grace,
     })

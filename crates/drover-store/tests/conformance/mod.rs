@@ -328,9 +328,18 @@ pub async fn missing_things_are_not_found(store: &dyn Store) {
 }
 
 async fn run_to_end(store: &dyn Store, job: drover_core::JobId, w: WorkerId, outcome: RunOutcome) {
-    let run = store.assign_job(job, w, later()).await.unwrap().expect("assignable").run;
+    let run = store
+        .assign_job(job, w, later())
+        .await
+        .unwrap()
+        .expect("assignable")
+        .run;
     store.start_run(run.id, w).await.unwrap();
-    let code = if outcome == RunOutcome::Succeeded { 0 } else { 1 };
+    let code = if outcome == RunOutcome::Succeeded {
+        0
+    } else {
+        1
+    };
     store
         .finish_run(run.id, Some(w), end(outcome, code), NO_JITTER)
         .await
@@ -366,7 +375,10 @@ pub async fn groups_run_in_order_and_stop_on_failure(store: &dyn Store) {
     run_to_end(store, ids[1], w, RunOutcome::Failed).await;
     let g = store.get_group(g.group.id).await.unwrap();
     let states: Vec<JobState> = g.jobs.iter().map(|j| j.state).collect();
-    assert_eq!(states, [JobState::Succeeded, JobState::Failed, JobState::Skipped]);
+    assert_eq!(
+        states,
+        [JobState::Succeeded, JobState::Failed, JobState::Skipped]
+    );
     assert_eq!(g.group.state, drover_store::GroupState::Partial);
     assert!(g.group.finished_at.is_some());
 }
@@ -393,14 +405,23 @@ pub async fn dependencies_form_a_dag(store: &dyn Store) {
     let c = store.create_job(c).await.unwrap().0;
     assert_eq!(c.waiting_on, 2);
     run_to_end(store, a.id, w, RunOutcome::Succeeded).await;
-    assert!(!is_ready(&store.ready_jobs(later(), 100).await.unwrap(), c.id));
+    assert!(!is_ready(
+        &store.ready_jobs(later(), 100).await.unwrap(),
+        c.id
+    ));
     run_to_end(store, b.id, w, RunOutcome::Succeeded).await;
-    assert!(is_ready(&store.ready_jobs(later(), 100).await.unwrap(), c.id));
+    assert!(is_ready(
+        &store.ready_jobs(later(), 100).await.unwrap(),
+        c.id
+    ));
     let mut bad = spec("x");
     bad.depends_on = vec![drover_core::JobId::new()];
     assert!(matches!(
         store.create_job(bad).await.unwrap_err(),
-        StoreError::Invalid { field: "depends_on", .. }
+        StoreError::Invalid {
+            field: "depends_on",
+            ..
+        }
     ));
     // Depending on a job that already failed: skipped at once.
     let mut f = spec("false");
@@ -409,7 +430,10 @@ pub async fn dependencies_form_a_dag(store: &dyn Store) {
     run_to_end(store, f.id, w, RunOutcome::Failed).await;
     let mut late = spec("late");
     late.depends_on = vec![f.id];
-    assert_eq!(store.create_job(late).await.unwrap().0.state, JobState::Skipped);
+    assert_eq!(
+        store.create_job(late).await.unwrap().0.state,
+        JobState::Skipped
+    );
 }
 
 pub async fn a_finished_run_is_retried_by_hand(store: &dyn Store) {
@@ -422,7 +446,12 @@ pub async fn a_finished_run_is_retried_by_hand(store: &dyn Store) {
     let first_run = failed.current_run.unwrap();
     let again = store.resubmit_run(first_run).await.unwrap();
     assert_eq!(again.state, JobState::Queued);
-    let second = store.assign_job(job.id, w, later()).await.unwrap().unwrap().run;
+    let second = store
+        .assign_job(job.id, w, later())
+        .await
+        .unwrap()
+        .unwrap()
+        .run;
     assert_eq!((second.attempt, second.retry_of), (2, Some(first_run)));
     assert!(matches!(
         store.resubmit_run(first_run).await.unwrap_err(),
@@ -453,13 +482,20 @@ pub async fn reservations_expire(store: &dyn Store) {
     s.reservation = Some(held.id);
     assert!(matches!(
         store.create_job(s).await.unwrap_err(),
-        StoreError::Invalid { field: "reservation", .. }
+        StoreError::Invalid {
+            field: "reservation",
+            ..
+        }
     ));
 }
 
 pub async fn webhook_events_are_written_with_the_change(store: &dyn Store) {
     let hook = store
-        .add_webhook("http://127.0.0.1:9/hook", "s3cret", &["job.run.failed".into()])
+        .add_webhook(
+            "http://127.0.0.1:9/hook",
+            "s3cret",
+            &["job.run.failed".into()],
+        )
         .await
         .unwrap();
     let w = worker(store).await;
@@ -470,8 +506,15 @@ pub async fn webhook_events_are_written_with_the_change(store: &dyn Store) {
     let bad = store.create_job(s).await.unwrap().0;
     run_to_end(store, bad.id, w, RunOutcome::Failed).await;
     let due = store.due_deliveries(later(), 100).await.unwrap();
-    let mine: Vec<_> = due.iter().filter(|(d, _)| d.webhook_id == hook.id).collect();
-    assert_eq!(mine.len(), 1, "only the failure matches the filter: {mine:?}");
+    let mine: Vec<_> = due
+        .iter()
+        .filter(|(d, _)| d.webhook_id == hook.id)
+        .collect();
+    assert_eq!(
+        mine.len(),
+        1,
+        "only the failure matches the filter: {mine:?}"
+    );
     let (d, secret) = mine[0];
     assert_eq!(secret, "s3cret");
     assert_eq!(d.event, "job.run.failed");
@@ -481,12 +524,22 @@ pub async fn webhook_events_are_written_with_the_change(store: &dyn Store) {
         .record_delivery_attempt(d.id, Some(500), Some("boom"), false, Some(later()))
         .await
         .unwrap();
-    assert!(store.due_deliveries(Timestamp::now(), 100).await.unwrap().iter().all(|(x, _)| x.id != d.id));
+    assert!(
+        store
+            .due_deliveries(Timestamp::now(), 100)
+            .await
+            .unwrap()
+            .iter()
+            .all(|(x, _)| x.id != d.id)
+    );
     store
         .record_delivery_attempt(d.id, Some(200), None, true, None)
         .await
         .unwrap();
     let listed = store.list_deliveries(100).await.unwrap();
     let got = listed.iter().find(|x| x.id == d.id).unwrap();
-    assert_eq!((got.attempts, got.state), (2, drover_store::DeliveryState::Delivered));
+    assert_eq!(
+        (got.attempts, got.state),
+        (2, drover_store::DeliveryState::Delivered)
+    );
 }
