@@ -245,6 +245,7 @@ async fn serve_session(
                 return;
             }
         };
+        state.sessions.heard_from(worker.id);
         let Some(body) = msg.body else { continue };
         if let Err(e) = handle(state, worker, body, tx).await {
             tracing::warn!(error = %e, "worker message refused");

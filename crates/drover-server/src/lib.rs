@@ -52,7 +52,7 @@ impl ServerConfig {
         }
     }
 
-    fn heartbeat_interval(&self) -> Duration {
+    pub(crate) fn heartbeat_interval(&self) -> Duration {
         (self.lease / 3).max(Duration::from_millis(100))
     }
 }

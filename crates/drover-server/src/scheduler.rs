@@ -30,7 +30,9 @@ pub async fn dispatch_loop(state: Arc<AppState>) {
 
 /// One round: snapshot, decide, assign. Returns how many jobs were assigned.
 async fn dispatch_pass(state: &AppState) -> Result<usize, drover_store::StoreError> {
-    let free = state.sessions.free_workers();
+    // Two missed heartbeats and a worker gets no new work until it is heard from again.
+    let silence = state.config.heartbeat_interval() * 2 + Duration::from_millis(500);
+    let free = state.sessions.free_workers(silence);
     if free.is_empty() {
         return Ok(0);
     }

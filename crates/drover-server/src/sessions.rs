@@ -24,6 +24,8 @@ struct Session {
     slots: u32,
     labels: BTreeMap<String, String>,
     capacity: BTreeMap<String, u32>,
+    /// When the worker last said anything: a silent (frozen, cut off) worker gets no work.
+    last_heard: std::time::Instant,
     /// Runs the worker holds, counted against its slots and resources until it reports
     /// their end.
     active: HashMap<RunId, Held>,
@@ -70,6 +72,7 @@ impl Sessions {
             slots: caps.slots.max(1),
             labels: caps.labels.clone(),
             capacity: caps.resources.clone(),
+            last_heard: std::time::Instant::now(),
             active,
         };
         self.lock().insert(worker_id, session);
@@ -94,10 +97,19 @@ impl Sessions {
         self.lock().len()
     }
 
-    pub fn free_workers(&self) -> Vec<FreeWorker> {
+    /// The worker said something: it is alive.
+    pub fn heard_from(&self, worker_id: WorkerId) {
+        if let Some(s) = self.lock().get_mut(&worker_id) {
+            s.last_heard = std::time::Instant::now();
+        }
+    }
+
+    /// Workers with a free slot that were heard from within `silence`.
+    pub fn free_workers(&self, silence: std::time::Duration) -> Vec<FreeWorker> {
         self.lock()
             .iter()
             .filter(|(_, s)| (s.active.len() as u32) < s.slots)
+            .filter(|(_, s)| s.last_heard.elapsed() <= silence)
             .map(|(id, s)| FreeWorker {
                 worker_id: *id,
                 free_slots: s.slots - s.active.len() as u32,

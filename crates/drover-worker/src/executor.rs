@@ -130,6 +130,15 @@ pub async fn execute(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    // If the worker dies (kill -9), the job's main process dies with it instead of running
+    // on unseen while the control plane retries the job elsewhere.
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+    // which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {

@@ -26,7 +26,8 @@ use tracing::Instrument;
 /// Entries per message when resending a backlog.
 const RESEND_BATCH: usize = 1000;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Reconnects stay prompt: a restarted control plane waits one lease for its workers.
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {

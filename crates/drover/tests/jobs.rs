@@ -382,37 +382,6 @@ async fn cancelling_a_running_job_kills_its_whole_process_tree() {
 }
 
 #[tokio::test]
-async fn a_queued_job_is_cancelled_without_running() {
-    let dir = TestDir::new();
-    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
-    let client = server.client();
-    let marker = dir.path().join("ran");
-    let job = client
-        .submit_job(&command(&format!("touch {}", marker.display())))
-        .await
-        .unwrap();
-    let cancelled = client.cancel_job(&job.id.to_string()).await.unwrap();
-    assert_eq!(cancelled.state, JobState::Cancelled);
-    // A worker that joins afterwards gets nothing to run.
-    let _worker = server.worker(dir.path(), "late", None, &[]).await;
-    WorkerProc::wait_connected(&client, 1).await;
-    let probe = client.submit_job(&command("true")).await.unwrap();
-    client
-        .wait_job(&probe.id.to_string(), |_| {})
-        .await
-        .unwrap();
-    assert!(!marker.exists(), "a cancelled job ran");
-    assert!(
-        client
-            .get_job(&job.id.to_string())
-            .await
-            .unwrap()
-            .runs
-            .is_empty()
-    );
-}
-
-#[tokio::test]
 async fn a_replayed_one_time_token_is_refused() {
     let dir = TestDir::new();
     let d = drover();
