@@ -14,7 +14,7 @@ use std::process::ExitCode;
 #[derive(Subcommand)]
 pub enum JobCommand {
     /// Submit a job; prints its id (or follows it with --follow, waits with --wait).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// A job's state, status code, attempts and exit code.
     Get(JobRef),
     /// Jobs, newest first.
@@ -191,7 +191,7 @@ impl RunArgs {
 pub async fn run(cmd: JobCommand, server: &str, output: Output) -> anyhow::Result<ExitCode> {
     let client = Client::new(server)?;
     match cmd {
-        JobCommand::Run(args) => run_job(&client, args, output).await,
+        JobCommand::Run(args) => run_job(&client, *args, output).await,
         JobCommand::Get(job) => {
             let view = client.get_job(job.id()).await?;
             match output {
