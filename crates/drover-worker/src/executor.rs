@@ -46,7 +46,12 @@ pub enum ExecEvent {
 pub enum Control {
     /// Stop it and report it CANCELLED.
     Cancel,
+    /// Stop it and report it FAILED: the worker lost the control plane for so long that
+    /// the attempt may be running elsewhere by now.
+    Fence,
 }
+
+pub const FENCED: &str = "worker lost contact with the control plane for half its lease; stopped so that it never runs twice";
 
 pub struct Execution {
     pub run_id: RunId,
@@ -187,8 +192,11 @@ pub async fn execute(
             }
             c = control.recv(), if stopped.is_none() => {
                 // A closed control channel means the worker forgot the run: stop it too.
-                let reason = match c { Some(Control::Cancel) => "cancelled", None => "forgotten" };
-                stopped = Some((RunOutcome::Cancelled, reason.to_string()));
+                stopped = Some(match c {
+                    Some(Control::Cancel) => (RunOutcome::Cancelled, "cancelled".to_string()),
+                    Some(Control::Fence) => (RunOutcome::Failed, FENCED.to_string()),
+                    None => (RunOutcome::Cancelled, "forgotten".to_string()),
+                });
                 stop_group(&mut child, pgid, exec.kill_grace).await;
             }
         }

@@ -235,6 +235,10 @@ struct Agent {
     caps: Capabilities,
     runs: HashMap<RunId, HeldRun>,
     events_tx: UnboundedSender<ExecEvent>,
+    /// When the control plane was last heard from, and the lease it grants.
+    last_contact: tokio::time::Instant,
+    lease: Duration,
+    fenced: bool,
 }
 
 enum SessionEnd {
@@ -258,6 +262,9 @@ pub async fn run(
         caps,
         runs: HashMap::new(),
         events_tx,
+        last_contact: tokio::time::Instant::now(),
+        lease: Duration::from_secs(30),
+        fenced: false,
     };
     tokio::pin!(shutdown);
     let mut delay = BACKOFF_MIN;
@@ -278,11 +285,14 @@ pub async fn run(
             let jittered = delay.mul_f64(0.5 + rand::random::<f64>() / 2.0);
             let wait = tokio::time::sleep(jittered);
             tokio::pin!(wait);
-            // Runs go on while disconnected: keep taking their output.
+            // Runs go on while disconnected: keep taking their output, and stop them once
+            // the control plane may have given them to another worker.
+            let mut fence_check = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {
                     _ = &mut wait => break,
                     Some(ev) = events_rx.recv() => agent.on_exec_event(ev, None),
+                    _ = fence_check.tick() => agent.fence_if_stale(),
                     _ = &mut shutdown => { agent.stop_all(); return Ok(()); }
                 }
             }
@@ -349,6 +359,9 @@ impl Agent {
             Err(s) => return Ok(SessionEnd::Disconnected(s.to_string())),
         };
         tracing::info!(runs = self.runs.len(), "connected");
+        self.last_contact = tokio::time::Instant::now();
+        self.lease = Duration::from_millis(welcome.lease_ms.max(100));
+        self.fenced = false;
         self.resend_backlog(&out_tx);
         let mut heartbeat =
             tokio::time::interval(Duration::from_millis(welcome.heartbeat_interval_ms.max(50)));
@@ -356,7 +369,10 @@ impl Agent {
         loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
-                    Ok(Some(v1::ServerMessage { body: Some(body) })) => self.on_server_message(body, &out_tx),
+                    Ok(Some(v1::ServerMessage { body: Some(body) })) => {
+                        self.last_contact = tokio::time::Instant::now();
+                        self.on_server_message(body, &out_tx);
+                    }
                     Ok(Some(_)) => {}
                     Ok(None) => return Ok(SessionEnd::Disconnected("the control plane closed the stream".into())),
                     Err(s) => return Ok(SessionEnd::Disconnected(s.message().to_string())),
@@ -561,6 +577,29 @@ impl Agent {
                     run_id: run_id.to_string(),
                     entries: fresh,
                 }),
+            );
+        }
+    }
+
+    /// The control plane renews leases on heartbeats, every third of a lease. Half a lease
+    /// after the last word from it, its view of this worker's leases may be about to lapse
+    /// and the attempts to be retried elsewhere: stop them here first.
+    fn fence_if_stale(&mut self) {
+        if self.fenced || self.last_contact.elapsed() < self.lease / 2 {
+            return;
+        }
+        self.fenced = true;
+        let mut stopped = 0;
+        for held in self.runs.values() {
+            if let Some(control) = &held.control {
+                let _ = control.send(Control::Fence);
+                stopped += 1;
+            }
+        }
+        if stopped > 0 {
+            tracing::warn!(
+                runs = stopped,
+                "no word from the control plane for half a lease: stopping running jobs"
             );
         }
     }

@@ -1011,3 +1011,49 @@ async fn crash_soak_500_jobs_three_control_plane_kills_and_a_worker_kill() {
         })
         .await;
 }
+
+#[tokio::test]
+async fn a_worker_cut_off_past_its_lease_stops_its_job_before_another_runs_it() {
+    let dir = TestDir::new();
+    let s = ServerProc::start(
+        &drover(),
+        dir.path(),
+        ServerOptions {
+            lease: Duration::from_secs(2),
+            ..Default::default()
+        },
+    )
+    .await;
+    let client = s.client();
+    let proxy = drover_testkit::Proxy::start(&s.url).await;
+    let _cut = s.worker(dir.path(), "cut", Some(&proxy.url), &[]).await;
+    WorkerProc::wait_connected(&client, 1).await;
+    let trace = Trace::new(dir.path());
+    let marker = dir.path().join("m");
+    // The first attempt records when it is stopped (SIGTERM), so overlap can be checked.
+    let command = format!(
+        "if [ -e {m} ]; then {again}; exit 0; fi; touch {m}; \
+         trap 'echo \"first end $(date +%s%N)\" >> {t}; exit 143' TERM; \
+         echo \"first start $(date +%s%N)\" >> {t}; sleep 300 & wait",
+        m = marker.display(),
+        t = trace.0.display(),
+        again = trace.command("second", 0.0),
+    );
+    let id = submit(&client, &job(&command)).await;
+    eventually("the first attempt to start", || async {
+        trace.order().contains(&"first".to_string()).then_some(())
+    })
+    .await;
+    proxy.cut();
+    let _other = s.worker(dir.path(), "other", None, &[]).await;
+    let view = wait(&client, &id).await;
+    assert_eq!(view.job.state, JobState::Succeeded);
+    assert_eq!(view.runs.len(), 2);
+    let spans = trace.spans();
+    let first = spans.iter().find(|s| s.name == "first").unwrap();
+    let second = spans.iter().find(|s| s.name == "second").unwrap();
+    // The cut-off worker stopped its process before the retry began elsewhere.
+    assert!(first.end.is_some(), "{spans:?}");
+    assert!(!overlaps(first, second), "{spans:?}");
+    proxy.restore();
+}
