@@ -3,10 +3,10 @@
 //! conformance suite in `tests/`. Every state change and the event describing it are
 //! written in one transaction (invariant 2).
 
-mod sqlite;
+mod sql;
 
 pub use drover_core::records::*;
-pub use sqlite::SqliteStore;
+pub use sql::{Engine, Migrations, SqlStore};
 
 use async_trait::async_trait;
 use drover_core::{
@@ -31,6 +31,10 @@ pub enum StoreError {
     NotYourRun { run_id: RunId },
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    #[error("cannot open the database {url}: {message}")]
+    Connect { url: String, message: String },
+    #[error("{0}")]
+    Schema(String),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("corrupt record in the store: {0}")]
@@ -43,6 +47,21 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// A nudge from one control-plane replica to the others. Only a wake-up: the receiver
+/// re-reads the store, so a lost one delays, never loses.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind")]
+pub enum Wakeup {
+    /// Work became ready: run a dispatch pass.
+    Dispatch,
+    /// Tell this worker, if connected to you, to stop this run.
+    Cancel { worker_id: WorkerId, run_id: RunId },
+    /// Tell this worker, if connected to you, that this run is no longer its own.
+    Forget { worker_id: WorkerId, run_id: RunId },
+    /// A job reached a final state.
+    Job { job_id: JobId },
+}
 
 /// What the retry policy needs from the server's configuration.
 #[derive(Debug, Clone, Copy)]
@@ -164,22 +183,27 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
     async fn list_deliveries(&self, limit: u32) -> Result<Vec<DeliveryRecord>>;
 
+    // ----------------------------------------------------------- replicas
+    /// Takes or keeps the duty `name` for `holder` for `ttl`: true while `holder` has it.
+    /// Duties that must run once across replicas (lease expiry, webhook delivery) are done
+    /// only by their holder; when it dies, another takes over once the ttl lapses.
+    async fn hold_duty(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool>;
+    /// Tells the other replicas (PostgreSQL NOTIFY); nothing to do on SQLite.
+    async fn publish(&self, wakeup: &Wakeup) -> Result<()>;
+    /// What the other replicas publish; `None` where there can be no other replica.
+    async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Wakeup>>>;
+
     // ----------------------------------------------------------- logs
     async fn log_index(&self, run_id: RunId) -> Result<Option<LogIndex>>;
     /// Records that the run's log file now holds `index` (size, entries, last sequence).
     async fn put_log_index(&self, index: &LogIndex) -> Result<()>;
 }
 
-/// Opens the store named by a URL: `sqlite://PATH` (created if missing).
+/// Opens the store named by a URL (`sqlite://PATH` or `postgres://…`), applying migrations.
 pub async fn open(url: &str) -> Result<std::sync::Arc<dyn Store>> {
-    if let Some(path) = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-    {
-        return Ok(std::sync::Arc::new(SqliteStore::open(path).await?));
-    }
-    Err(StoreError::Invalid {
-        field: "database_url",
-        message: format!("{url:?} is not supported: use sqlite://PATH"),
-    })
+    open_with(url, Migrations::Apply).await
+}
+
+pub async fn open_with(url: &str, migrations: Migrations) -> Result<std::sync::Arc<dyn Store>> {
+    Ok(std::sync::Arc::new(SqlStore::open(url, migrations).await?))
 }

@@ -2,14 +2,20 @@
 
 mod conformance;
 
-use drover_store::SqliteStore;
+use drover_store::{Migrations, SqlStore};
+
+async fn open(path: &std::path::Path) -> SqlStore {
+    SqlStore::open(&format!("sqlite://{}", path.display()), Migrations::Apply)
+        .await
+        .unwrap()
+}
 
 macro_rules! conformance_tests {
     ($($name:ident),+ $(,)?) => {$(
         #[tokio::test]
         async fn $name() {
             let dir = tempfile::tempdir().unwrap();
-            let store = SqliteStore::open(dir.path().join("drover.db")).await.unwrap();
+            let store = open(&dir.path().join("drover.db")).await;
             conformance::$name(&store).await;
         }
     )+};
@@ -32,14 +38,61 @@ conformance_tests!(
     a_finished_run_is_retried_by_hand,
     reservations_expire,
     webhook_events_are_written_with_the_change,
+    duties_are_held_by_one_holder_at_a_time,
 );
+
+#[tokio::test]
+async fn a_database_newer_than_the_binary_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("drover.db");
+    drop(open(&path).await);
+    let url = format!("sqlite://{}", path.display());
+    // Pretend a newer drover applied migration 9999.
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query("INSERT INTO _sqlx_migrations (version, description, installed_on, success, checksum, execution_time) VALUES (9999, 'future', CURRENT_TIMESTAMP, 1, x'00', 0)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+    }
+    let err = SqlStore::open(&url, Migrations::Apply)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("newer than this drover"), "{err}");
+    let err = SqlStore::open(&url, Migrations::Check)
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("newer than this drover"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_database_urls_are_clear_errors() {
+    let err = SqlStore::open("mysql://x", Migrations::Apply)
+        .await
+        .err()
+        .unwrap();
+    assert!(err.to_string().starts_with("database_url:"), "{err}");
+    let err = SqlStore::open("postgres://drover:secret@127.0.0.1:9/x", Migrations::Apply)
+        .await
+        .err()
+        .unwrap();
+    let text = err.to_string();
+    assert!(text.starts_with("cannot open the database"), "{text}");
+    assert!(
+        !text.contains("secret"),
+        "the password must not be shown: {text}"
+    );
+}
 
 #[tokio::test]
 async fn reopening_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("drover.db");
     let id = {
-        let store = SqliteStore::open(&path).await.unwrap();
+        let store = open(&path).await;
         let spec = drover_core::JobSpec {
             command: Some("true".into()),
             ..Default::default()
@@ -50,7 +103,7 @@ async fn reopening_keeps_everything() {
             .0
             .id
     };
-    let store = SqliteStore::open(&path).await.unwrap();
+    let store = open(&path).await;
     let job = drover_store::Store::get_job(&store, id).await.unwrap();
     assert_eq!(job.state, drover_core::JobState::Queued);
 }

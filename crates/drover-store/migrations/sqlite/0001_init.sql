@@ -135,3 +135,11 @@ CREATE TABLE log_files (
     last_seq    INTEGER NOT NULL,            -- highest stored sequence number; 0 = none
     gaps        INTEGER NOT NULL DEFAULT 0   -- sequence numbers that never arrived
 );
+
+-- Duties that one control-plane replica at a time performs (lease expiry, webhook delivery),
+-- held by renewing a lease here.
+CREATE TABLE duties (
+    name       TEXT PRIMARY KEY,
+    holder     TEXT NOT NULL,
+    expires_at INTEGER NOT NULL
+);

@@ -1,6 +1,10 @@
-//! The SQLite engine: one file in WAL mode. Writes go through a single connection so that
-//! they never contend for SQLite's write lock inside the process; reads use a small pool
-//! of read-only connections, which WAL lets run beside the writer.
+//! The SQL engine, one implementation for SQLite and PostgreSQL through sqlx's `Any`
+//! driver: the same statements (`$1` placeholders, which both accept), the same
+//! transactions. What differs is set up in [`SqlStore::open`]: SQLite is one file in WAL
+//! mode written through a single connection (so writes never contend for its lock inside
+//! the process) and read through a pool of read-only connections; PostgreSQL is one pool,
+//! and rows that a transaction will change are locked (`FOR UPDATE`) when read, so that
+//! replicas never overwrite each other's changes.
 
 use crate::{
     Assignment, Cancelled, DeliveryRecord, DeliveryState, EventRecord, Finished, GroupRecord,
@@ -15,18 +19,30 @@ use drover_core::{
 };
 use rand::RngCore;
 use sha2::{Digest, Sha256};
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
-};
-use sqlx::{Row, SqliteConnection, SqlitePool};
-use std::path::Path;
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::{AnyConnection, AnyPool, Executor, Row};
 use std::str::FromStr;
 use std::time::Duration;
 
-pub struct SqliteStore {
-    writer: SqlitePool,
-    reader: SqlitePool,
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Engine {
+    Sqlite,
+    Postgres,
 }
+
+pub struct SqlStore {
+    writer: AnyPool,
+    reader: AnyPool,
+    engine: Engine,
+    url: String,
+}
+
+/// The PostgreSQL channel replicas nudge each other on.
+const CHANNEL: &str = "drover";
 
 const JOB_COLS: &str = "id, name, spec, state, priority, attempts, max_attempts, exit_code, \
     error, not_before, current_run, group_id, group_position, waiting_on, created_at, \
@@ -40,34 +56,161 @@ const RUN_COLS: &str = "id, job_id, attempt, retry_of, worker_id, state, exit_co
     assigned_at, started_at, finished_at, lease_expires_at";
 const WORKER_COLS: &str = "id, name, state, capabilities, created_at, last_seen_at";
 
-impl SqliteStore {
-    /// Opens (creating if needed) the database file and brings its schema up to date.
-    pub async fn open(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| {
-                StoreError::Conflict(format!("cannot create {}: {e}", dir.display()))
-            })?;
+/// What `open` does about the schema.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Migrations {
+    /// Apply what is missing (the default for `drover server`).
+    Apply,
+    /// Refuse to start unless the schema is exactly this binary's.
+    Check,
+}
+
+fn redact(url: &str) -> String {
+    // postgres://user:password@host/db → postgres://user:***@host/db
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
         }
-        // NORMAL in WAL mode survives a crash of the process (what `kill -9` does); only
-        // a power loss can take the last transactions.
-        let options = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(options.clone())
-            .await?;
-        sqlx::migrate!("./migrations/sqlite").run(&writer).await?;
-        let reader = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options.read_only(true))
-            .await?;
-        Ok(Self { writer, reader })
+        _ => url.to_string(),
+    }
+}
+
+async fn sqlite_pragmas(conn: &mut AnyConnection, read_only: bool) -> sqlx::Result<()> {
+    // NORMAL in WAL mode survives a crash of the process (what `kill -9` does); only a
+    // power loss can take the last transactions.
+    for pragma in [
+        "PRAGMA journal_mode = WAL",
+        "PRAGMA synchronous = NORMAL",
+        "PRAGMA busy_timeout = 10000",
+        "PRAGMA foreign_keys = ON",
+    ] {
+        conn.execute(pragma).await?;
+    }
+    if read_only {
+        conn.execute("PRAGMA query_only = ON").await?;
+    }
+    Ok(())
+}
+
+impl SqlStore {
+    /// Opens `sqlite://PATH` (created if missing) or `postgres://…`, and brings the schema
+    /// up to date (or checks it, with [`Migrations::Check`]).
+    pub async fn open(url: &str, migrations: Migrations) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let unreachable = |e: sqlx::Error| StoreError::Connect {
+            url: redact(url),
+            message: e.to_string(),
+        };
+        if let Some(path) = url
+            .strip_prefix("sqlite://")
+            .or_else(|| url.strip_prefix("sqlite:"))
+        {
+            let path = path.split('?').next().unwrap_or(path);
+            if path.is_empty() {
+                return Err(StoreError::Invalid {
+                    field: "database_url",
+                    message: "sqlite:// needs a file path".into(),
+                });
+            }
+            if let Some(dir) = std::path::Path::new(path)
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+            {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Connect {
+                    url: url.to_string(),
+                    message: format!("cannot create {}: {e}", dir.display()),
+                })?;
+            }
+            let url = format!("sqlite://{path}?mode=rwc");
+            let writer = AnyPoolOptions::new()
+                .max_connections(1)
+                .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn, false)))
+                .connect(&url)
+                .await
+                .map_err(unreachable)?;
+            migrate(&SQLITE_MIGRATIONS, &writer, migrations).await?;
+            let reader = AnyPoolOptions::new()
+                .max_connections(4)
+                .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn, true)))
+                .connect(&url)
+                .await
+                .map_err(unreachable)?;
+            return Ok(Self {
+                writer,
+                reader,
+                engine: Engine::Sqlite,
+                url,
+            });
+        }
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            // One plain connection first: a refused connection or a wrong password is told
+            // at once, not after the pool's acquire timeout.
+            use sqlx::Connection;
+            AnyConnection::connect(url)
+                .await
+                .map_err(unreachable)?
+                .close()
+                .await
+                .map_err(unreachable)?;
+            let pool = AnyPoolOptions::new()
+                .max_connections(16)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect(url)
+                .await
+                .map_err(unreachable)?;
+            migrate(&POSTGRES_MIGRATIONS, &pool, migrations).await?;
+            return Ok(Self {
+                writer: pool.clone(),
+                reader: pool,
+                engine: Engine::Postgres,
+                url: url.to_string(),
+            });
+        }
+        Err(StoreError::Invalid {
+            field: "database_url",
+            message: format!(
+                "{:?} is not supported: use sqlite://PATH or postgres://USER:PASSWORD@HOST/DB",
+                redact(url)
+            ),
+        })
+    }
+
+    pub fn engine(&self) -> Engine {
+        self.engine
+    }
+}
+
+async fn migrate(migrator: &Migrator, pool: &AnyPool, mode: Migrations) -> Result<()> {
+    let newest_known = migrator.iter().map(|m| m.version).max().unwrap_or(0);
+    let result = match mode {
+        Migrations::Apply => migrator.run(pool).await,
+        Migrations::Check => {
+            let mut conn = pool.acquire().await?;
+            use sqlx::migrate::Migrate;
+            conn.ensure_migrations_table().await?;
+            let applied = conn.list_applied_migrations().await?;
+            let newest_applied = applied.iter().map(|m| m.version).max().unwrap_or(0);
+            if newest_applied < newest_known {
+                return Err(StoreError::Schema(format!(
+                    "the database schema is at version {newest_applied}, this drover needs {newest_known}: run `drover migrate`"
+                )));
+            }
+            if newest_applied > newest_known {
+                Err(MigrateError::VersionMissing(newest_applied))
+            } else {
+                Ok(())
+            }
+        }
+    };
+    match result {
+        Err(MigrateError::VersionMissing(v)) => Err(StoreError::Schema(format!(
+            "the database has schema version {v}, newer than this drover binary knows ({newest_known}): upgrade drover"
+        ))),
+        other => Ok(other?),
     }
 }
 
@@ -75,7 +218,7 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
 
-fn parse<T: FromStr>(row: &SqliteRow, col: &str) -> Result<T>
+fn parse<T: FromStr>(row: &AnyRow, col: &str) -> Result<T>
 where
     T::Err: std::fmt::Display,
 {
@@ -84,7 +227,7 @@ where
         .map_err(|e| corrupt(format!("{col} {text:?}: {e}")))
 }
 
-fn parse_opt<T: FromStr>(row: &SqliteRow, col: &str) -> Result<Option<T>>
+fn parse_opt<T: FromStr>(row: &AnyRow, col: &str) -> Result<Option<T>>
 where
     T::Err: std::fmt::Display,
 {
@@ -96,15 +239,15 @@ where
     .transpose()
 }
 
-fn ts(row: &SqliteRow, col: &str) -> Result<Timestamp> {
+fn ts(row: &AnyRow, col: &str) -> Result<Timestamp> {
     Ok(Timestamp(row.try_get(col)?))
 }
 
-fn ts_opt(row: &SqliteRow, col: &str) -> Result<Option<Timestamp>> {
+fn ts_opt(row: &AnyRow, col: &str) -> Result<Option<Timestamp>> {
     Ok(row.try_get::<Option<i64>, _>(col)?.map(Timestamp))
 }
 
-fn job_from_row(row: &SqliteRow) -> Result<JobRecord> {
+fn job_from_row(row: &AnyRow) -> Result<JobRecord> {
     let spec: String = row.try_get("spec")?;
     let spec: JobSpec = serde_json::from_str(&spec).map_err(corrupt)?;
     let state: JobState = parse(row, "state")?;
@@ -113,10 +256,12 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord> {
         name: row.try_get("name")?,
         state,
         status_code: state.status_code(),
-        priority: row.try_get("priority")?,
+        priority: row.try_get::<i64, _>("priority")? as i32,
         attempts: row.try_get::<i64, _>("attempts")? as u32,
         max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
-        exit_code: row.try_get("exit_code")?,
+        exit_code: row
+            .try_get::<Option<i64>, _>("exit_code")?
+            .map(|c| c as i32),
         error: row.try_get("error")?,
         not_before: ts(row, "not_before")?,
         current_run: parse_opt(row, "current_run")?,
@@ -132,7 +277,7 @@ fn job_from_row(row: &SqliteRow) -> Result<JobRecord> {
     })
 }
 
-fn run_from_row(row: &SqliteRow) -> Result<RunRecord> {
+fn run_from_row(row: &AnyRow) -> Result<RunRecord> {
     Ok(RunRecord {
         id: parse(row, "id")?,
         job_id: parse(row, "job_id")?,
@@ -140,7 +285,9 @@ fn run_from_row(row: &SqliteRow) -> Result<RunRecord> {
         retry_of: parse_opt(row, "retry_of")?,
         worker_id: parse(row, "worker_id")?,
         state: parse(row, "state")?,
-        exit_code: row.try_get("exit_code")?,
+        exit_code: row
+            .try_get::<Option<i64>, _>("exit_code")?
+            .map(|c| c as i32),
         error: row.try_get("error")?,
         assigned_at: ts(row, "assigned_at")?,
         started_at: ts_opt(row, "started_at")?,
@@ -149,7 +296,7 @@ fn run_from_row(row: &SqliteRow) -> Result<RunRecord> {
     })
 }
 
-fn worker_from_row(row: &SqliteRow) -> Result<WorkerRecord> {
+fn worker_from_row(row: &AnyRow) -> Result<WorkerRecord> {
     let state: String = row.try_get("state")?;
     let caps: String = row.try_get("capabilities")?;
     Ok(WorkerRecord {
@@ -163,7 +310,7 @@ fn worker_from_row(row: &SqliteRow) -> Result<WorkerRecord> {
     })
 }
 
-fn event_from_row(row: &SqliteRow) -> Result<EventRecord> {
+fn event_from_row(row: &AnyRow) -> Result<EventRecord> {
     let data: String = row.try_get("data")?;
     Ok(EventRecord {
         seq: row.try_get("seq")?,
@@ -185,26 +332,40 @@ fn random_hex(bytes: usize) -> String {
 }
 
 async fn insert_event(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     at: Timestamp,
     job_id: Option<JobId>,
     worker_id: Option<WorkerId>,
     kind: &EventKind,
 ) -> Result<()> {
     let data = serde_json::to_string(kind).map_err(corrupt)?;
-    sqlx::query("INSERT INTO events (at, job_id, worker_id, type, data) VALUES (?, ?, ?, ?, ?)")
-        .bind(at.0)
-        .bind(job_id.map(|j| j.to_string()))
-        .bind(worker_id.map(|w| w.to_string()))
-        .bind(kind.type_name())
-        .bind(data)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO events (at, job_id, worker_id, type, data) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(at.0)
+    .bind(job_id.map(|j| j.to_string()))
+    .bind(worker_id.map(|w| w.to_string()))
+    .bind(kind.type_name())
+    .bind(data)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
-async fn load_job(conn: &mut SqliteConnection, id: JobId) -> Result<JobRecord> {
-    let row = sqlx::query(&format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?"))
+/// On PostgreSQL, locks the row for the rest of the transaction: every writer of a job (and
+/// of its runs) reads the job first, so concurrent changes from replicas queue up instead
+/// of overwriting each other.
+fn for_update(conn: &AnyConnection) -> &'static str {
+    if conn.backend_name() == "PostgreSQL" {
+        " FOR UPDATE"
+    } else {
+        ""
+    }
+}
+
+async fn load_job(conn: &mut AnyConnection, id: JobId) -> Result<JobRecord> {
+    let lock = for_update(conn);
+    let row = sqlx::query(&format!("SELECT {JOB_COLS} FROM jobs WHERE id = $1{lock}"))
         .bind(id.to_string())
         .fetch_optional(conn)
         .await?
@@ -215,8 +376,8 @@ async fn load_job(conn: &mut SqliteConnection, id: JobId) -> Result<JobRecord> {
     job_from_row(&row)
 }
 
-async fn load_run(conn: &mut SqliteConnection, id: RunId) -> Result<RunRecord> {
-    let row = sqlx::query(&format!("SELECT {RUN_COLS} FROM runs WHERE id = ?"))
+async fn load_run(conn: &mut AnyConnection, id: RunId) -> Result<RunRecord> {
+    let row = sqlx::query(&format!("SELECT {RUN_COLS} FROM runs WHERE id = $1"))
         .bind(id.to_string())
         .fetch_optional(conn)
         .await?
@@ -228,13 +389,13 @@ async fn load_run(conn: &mut SqliteConnection, id: RunId) -> Result<RunRecord> {
 }
 
 async fn set_job_state(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     job: &JobRecord,
     to: JobState,
     now: Timestamp,
 ) -> Result<()> {
     sqlx::query(
-        "UPDATE jobs SET state = ?, updated_at = ?, finished_at = ? WHERE id = ? AND state = ?",
+        "UPDATE jobs SET state = $1, updated_at = $2, finished_at = $3 WHERE id = $4 AND state = $5",
     )
     .bind(to.as_str())
     .bind(now.0)
@@ -248,7 +409,7 @@ async fn set_job_state(
 
 /// Moves a job through `event`, writing the state and its event in the caller's transaction.
 async fn transition(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     job: &JobRecord,
     event: JobEvent,
     run_id: Option<RunId>,
@@ -264,11 +425,7 @@ async fn transition(
 }
 
 /// Checks that the run exists and is the worker's.
-async fn own_run(
-    conn: &mut SqliteConnection,
-    run_id: RunId,
-    worker: WorkerId,
-) -> Result<RunRecord> {
+async fn own_run(conn: &mut AnyConnection, run_id: RunId, worker: WorkerId) -> Result<RunRecord> {
     let run = load_run(conn, run_id).await?;
     if run.worker_id != worker {
         return Err(StoreError::NotYourRun { run_id });
@@ -280,7 +437,7 @@ fn live_run_conflict(run: &RunRecord) -> StoreError {
     StoreError::Conflict(format!("run {} is already {}", run.id, run.state))
 }
 
-fn reservation_from_row(row: &SqliteRow) -> Result<ReservationRecord> {
+fn reservation_from_row(row: &AnyRow) -> Result<ReservationRecord> {
     let state: String = row.try_get("state")?;
     Ok(ReservationRecord {
         id: parse(row, "id")?,
@@ -295,7 +452,7 @@ fn reservation_from_row(row: &SqliteRow) -> Result<ReservationRecord> {
     })
 }
 
-fn delivery_from_row(row: &SqliteRow) -> Result<DeliveryRecord> {
+fn delivery_from_row(row: &AnyRow) -> Result<DeliveryRecord> {
     let state: String = row.try_get("state")?;
     let payload: String = row.try_get("payload")?;
     Ok(DeliveryRecord {
@@ -318,9 +475,9 @@ fn delivery_from_row(row: &SqliteRow) -> Result<DeliveryRecord> {
     })
 }
 
-async fn load_group(conn: &mut SqliteConnection, id: GroupId) -> Result<GroupView> {
+async fn load_group(conn: &mut AnyConnection, id: GroupId) -> Result<GroupView> {
     let row =
-        sqlx::query("SELECT id, name, state, created_at, finished_at FROM groups WHERE id = ?")
+        sqlx::query("SELECT id, name, state, created_at, finished_at FROM groups WHERE id = $1")
             .bind(id.to_string())
             .fetch_optional(&mut *conn)
             .await?
@@ -337,7 +494,7 @@ async fn load_group(conn: &mut SqliteConnection, id: GroupId) -> Result<GroupVie
         finished_at: ts_opt(&row, "finished_at")?,
     };
     let rows = sqlx::query(&format!(
-        "SELECT {JOB_COLS} FROM jobs WHERE group_id = ? ORDER BY group_position"
+        "SELECT {JOB_COLS} FROM jobs WHERE group_id = $1 ORDER BY group_position"
     ))
     .bind(id.to_string())
     .fetch_all(&mut *conn)
@@ -349,7 +506,7 @@ async fn load_group(conn: &mut SqliteConnection, id: GroupId) -> Result<GroupVie
 /// Inserts a validated job (in the caller's transaction), with its dependencies. A job whose
 /// dependency already failed for good is skipped at once.
 async fn insert_job(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     spec: &JobSpec,
     group: Option<(GroupId, u32)>,
     extra_dependency: Option<JobId>,
@@ -360,10 +517,10 @@ async fn insert_job(
     deps.extend(extra_dependency);
     deps.sort();
     deps.dedup();
-    let mut waiting_on = 0;
+    let mut waiting_on: i64 = 0;
     let mut failed_dependency = None;
     for dep in &deps {
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = ?")
+        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
             .bind(dep.to_string())
             .fetch_optional(&mut *conn)
             .await?;
@@ -382,7 +539,7 @@ async fn insert_job(
     }
     if let Some(reservation) = spec.reservation {
         let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM reservations WHERE id = ?")
+            sqlx::query_scalar("SELECT state FROM reservations WHERE id = $1")
                 .bind(reservation.to_string())
                 .fetch_optional(&mut *conn)
                 .await?;
@@ -406,12 +563,12 @@ async fn insert_job(
     sqlx::query(
         "INSERT INTO jobs (id, name, spec, state, priority, max_attempts, not_before, \
          idempotency_key, group_id, group_position, waiting_on, reservation_id, created_at, \
-         updated_at) VALUES (?, ?, ?, 'QUEUED', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         updated_at) VALUES ($1, $2, $3, 'QUEUED', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
     )
     .bind(id.to_string())
     .bind(&spec.name)
     .bind(spec_json)
-    .bind(spec.priority)
+    .bind(i64::from(spec.priority))
     .bind(spec.max_attempts() as i64)
     .bind(now.0)
     .bind(&spec.idempotency_key)
@@ -424,7 +581,7 @@ async fn insert_job(
     .execute(&mut *conn)
     .await?;
     for dep in &deps {
-        sqlx::query("INSERT INTO job_deps (job_id, depends_on) VALUES (?, ?)")
+        sqlx::query("INSERT INTO job_deps (job_id, depends_on) VALUES ($1, $2)")
             .bind(id.to_string())
             .bind(dep.to_string())
             .execute(&mut *conn)
@@ -443,7 +600,7 @@ async fn insert_job(
 
 /// Writes one outbox row per webhook that wants `event`, in the caller's transaction.
 async fn enqueue_webhooks(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     event: &str,
     key: &str,
     payload: &serde_json::Value,
@@ -462,7 +619,7 @@ async fn enqueue_webhooks(
         let webhook_id: String = hook.try_get("id")?;
         sqlx::query(
             "INSERT INTO webhook_deliveries (webhook_id, event, idempotency_key, payload, state, \
-             next_attempt_at, created_at) VALUES (?, ?, ?, ?, 'PENDING', ?, ?)",
+             next_attempt_at, created_at) VALUES ($1, $2, $3, $4, 'PENDING', $5, $6)",
         )
         .bind(webhook_id)
         .bind(event)
@@ -511,7 +668,7 @@ fn run_event(
 }
 
 async fn skip_job(
-    conn: &mut SqliteConnection,
+    conn: &mut AnyConnection,
     job: &JobRecord,
     dependency: JobId,
     dependency_state: JobState,
@@ -526,7 +683,7 @@ async fn skip_job(
         error: Some(error.clone()),
     };
     transition(&mut *conn, job, JobEvent::Skip, None, Some(kind), now).await?;
-    sqlx::query("UPDATE jobs SET error = ? WHERE id = ?")
+    sqlx::query("UPDATE jobs SET error = $1 WHERE id = $2")
         .bind(&error)
         .bind(job.id.to_string())
         .execute(&mut *conn)
@@ -539,13 +696,13 @@ async fn skip_job(
 
 /// After a job became final: releases or skips the jobs waiting on it (transitively) and
 /// settles the groups involved, all in the caller's transaction.
-async fn settle_final(conn: &mut SqliteConnection, job: &JobRecord, now: Timestamp) -> Result<()> {
+async fn settle_final(conn: &mut AnyConnection, job: &JobRecord, now: Timestamp) -> Result<()> {
     let mut work = vec![(job.id, job.state, job.group_id)];
     let mut groups: Vec<GroupId> = Vec::new();
     while let Some((id, state, group)) = work.pop() {
         groups.extend(group);
         let dependents: Vec<String> =
-            sqlx::query_scalar("SELECT job_id FROM job_deps WHERE depends_on = ?")
+            sqlx::query_scalar("SELECT job_id FROM job_deps WHERE depends_on = $1")
                 .bind(id.to_string())
                 .fetch_all(&mut *conn)
                 .await?;
@@ -553,7 +710,7 @@ async fn settle_final(conn: &mut SqliteConnection, job: &JobRecord, now: Timesta
             let dependent: JobId = dependent.parse().map_err(corrupt)?;
             if state == JobState::Succeeded {
                 sqlx::query(
-                    "UPDATE jobs SET waiting_on = waiting_on - 1 WHERE id = ? AND waiting_on > 0",
+                    "UPDATE jobs SET waiting_on = waiting_on - 1 WHERE id = $1 AND waiting_on > 0",
                 )
                 .bind(dependent.to_string())
                 .execute(&mut *conn)
@@ -577,7 +734,7 @@ async fn settle_final(conn: &mut SqliteConnection, job: &JobRecord, now: Timesta
 
 /// Decides a group's final state once every member is final (in the same transaction as
 /// the last member's change).
-async fn settle_group(conn: &mut SqliteConnection, id: GroupId, now: Timestamp) -> Result<()> {
+async fn settle_group(conn: &mut AnyConnection, id: GroupId, now: Timestamp) -> Result<()> {
     let view = load_group(&mut *conn, id).await?;
     if view.group.state != GroupState::Running || view.jobs.iter().any(|j| !j.state.is_terminal()) {
         return Ok(());
@@ -589,7 +746,7 @@ async fn settle_group(conn: &mut SqliteConnection, id: GroupId, now: Timestamp) 
     } else {
         GroupState::Partial
     };
-    sqlx::query("UPDATE groups SET state = ?, finished_at = ? WHERE id = ?")
+    sqlx::query("UPDATE groups SET state = $1, finished_at = $2 WHERE id = $3")
         .bind(state.as_str())
         .bind(now.0)
         .bind(id.to_string())
@@ -603,13 +760,13 @@ async fn settle_group(conn: &mut SqliteConnection, id: GroupId, now: Timestamp) 
 }
 
 #[async_trait]
-impl Store for SqliteStore {
+impl Store for SqlStore {
     async fn create_job(&self, spec: JobSpec) -> Result<(JobRecord, bool)> {
         let now = Timestamp::now();
         let mut tx = self.writer.begin().await?;
         if let Some(key) = &spec.idempotency_key {
             let existing: Option<String> =
-                sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = ?")
+                sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = $1")
                     .bind(key)
                     .fetch_optional(&mut *tx)
                     .await?;
@@ -627,12 +784,14 @@ impl Store for SqliteStore {
         let now = Timestamp::now();
         let id = GroupId::new();
         let mut tx = self.writer.begin().await?;
-        sqlx::query("INSERT INTO groups (id, name, state, created_at) VALUES (?, ?, 'RUNNING', ?)")
-            .bind(id.to_string())
-            .bind(name)
-            .bind(now.0)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "INSERT INTO groups (id, name, state, created_at) VALUES ($1, $2, 'RUNNING', $3)",
+        )
+        .bind(id.to_string())
+        .bind(name)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?;
         let mut previous = None;
         for (position, spec) in specs.iter().enumerate() {
             let job = insert_job(&mut tx, spec, Some((id, position as u32)), previous, now).await?;
@@ -685,14 +844,14 @@ impl Store for SqliteStore {
         )
         .await?;
         sqlx::query(
-            "UPDATE jobs SET not_before = ?, max_attempts = MAX(max_attempts, attempts + 1)              WHERE id = ?",
+            "UPDATE jobs SET not_before = $1, max_attempts = CASE WHEN max_attempts > attempts THEN max_attempts ELSE attempts + 1 END              WHERE id = $2",
         )
         .bind(now.0)
         .bind(job.id.to_string())
         .execute(&mut *tx)
         .await?;
         if let Some(group) = job.group_id {
-            sqlx::query("UPDATE groups SET state = 'RUNNING', finished_at = NULL WHERE id = ?")
+            sqlx::query("UPDATE groups SET state = 'RUNNING', finished_at = NULL WHERE id = $1")
                 .bind(group.to_string())
                 .execute(&mut *tx)
                 .await?;
@@ -711,7 +870,7 @@ impl Store for SqliteStore {
         let rows = match state {
             Some(s) => {
                 sqlx::query(&format!(
-                    "SELECT {JOB_COLS} FROM jobs WHERE state = ? ORDER BY id DESC LIMIT ?"
+                    "SELECT {JOB_COLS} FROM jobs WHERE state = $1 ORDER BY id DESC LIMIT $2"
                 ))
                 .bind(s.as_str())
                 .bind(limit as i64)
@@ -720,7 +879,7 @@ impl Store for SqliteStore {
             }
             None => {
                 sqlx::query(&format!(
-                    "SELECT {JOB_COLS} FROM jobs ORDER BY id DESC LIMIT ?"
+                    "SELECT {JOB_COLS} FROM jobs ORDER BY id DESC LIMIT $1"
                 ))
                 .bind(limit as i64)
                 .fetch_all(&self.reader)
@@ -732,7 +891,7 @@ impl Store for SqliteStore {
 
     async fn job_runs(&self, id: JobId) -> Result<Vec<RunRecord>> {
         let rows = sqlx::query(&format!(
-            "SELECT {RUN_COLS} FROM runs WHERE job_id = ? ORDER BY attempt"
+            "SELECT {RUN_COLS} FROM runs WHERE job_id = $1 ORDER BY attempt"
         ))
         .bind(id.to_string())
         .fetch_all(&self.reader)
@@ -742,7 +901,7 @@ impl Store for SqliteStore {
 
     async fn job_events(&self, id: JobId) -> Result<Vec<EventRecord>> {
         let rows = sqlx::query(
-            "SELECT seq, at, job_id, worker_id, data FROM events WHERE job_id = ? ORDER BY seq",
+            "SELECT seq, at, job_id, worker_id, data FROM events WHERE job_id = $1 ORDER BY seq",
         )
         .bind(id.to_string())
         .fetch_all(&self.reader)
@@ -770,7 +929,7 @@ impl Store for SqliteStore {
             let live = load_run(&mut tx, run_id).await?;
             if !live.state.is_terminal() {
                 sqlx::query(
-                    "UPDATE runs SET state = 'CANCELLED', error = ?, finished_at = ? WHERE id = ?",
+                    "UPDATE runs SET state = 'CANCELLED', error = $1, finished_at = $2 WHERE id = $3",
                 )
                 .bind(reason)
                 .bind(now.0)
@@ -785,7 +944,7 @@ impl Store for SqliteStore {
             reason: reason.to_string(),
         };
         transition(&mut tx, &job, JobEvent::Cancel, None, Some(kind), now).await?;
-        sqlx::query("UPDATE jobs SET error = ? WHERE id = ?")
+        sqlx::query("UPDATE jobs SET error = $1 WHERE id = $2")
             .bind(reason)
             .bind(id.to_string())
             .execute(&mut *tx)
@@ -802,7 +961,7 @@ impl Store for SqliteStore {
     async fn ready_jobs(&self, now: Timestamp, limit: u32) -> Result<Vec<ReadyJob>> {
         let rows = sqlx::query(
             "SELECT id, priority, spec FROM jobs WHERE state = 'QUEUED' AND waiting_on = 0 \
-             AND not_before <= ? ORDER BY priority DESC, id LIMIT ?",
+             AND not_before <= $1 ORDER BY priority DESC, id LIMIT $2",
         )
         .bind(now.0)
         .bind(limit as i64)
@@ -814,7 +973,7 @@ impl Store for SqliteStore {
                 let spec: JobSpec = serde_json::from_str(&spec).map_err(corrupt)?;
                 Ok(ReadyJob {
                     id: parse(row, "id")?,
-                    priority: row.try_get("priority")?,
+                    priority: row.try_get::<i64, _>("priority")? as i32,
                     labels: spec.labels,
                     resources: spec.resources,
                     reservation: spec.reservation,
@@ -839,7 +998,7 @@ impl Store for SqliteStore {
         let attempt = job.attempts + 1;
         sqlx::query(
             "INSERT INTO runs (id, job_id, attempt, retry_of, worker_id, state, assigned_at, \
-             lease_expires_at) VALUES (?, ?, ?, ?, ?, 'ASSIGNED', ?, ?)",
+             lease_expires_at) VALUES ($1, $2, $3, $4, $5, 'ASSIGNED', $6, $7)",
         )
         .bind(run_id.to_string())
         .bind(job_id.to_string())
@@ -850,7 +1009,7 @@ impl Store for SqliteStore {
         .bind(lease_until.0)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("UPDATE jobs SET attempts = ?, current_run = ? WHERE id = ?")
+        sqlx::query("UPDATE jobs SET attempts = $1, current_run = $2 WHERE id = $3")
             .bind(attempt as i64)
             .bind(run_id.to_string())
             .bind(job_id.to_string())
@@ -906,7 +1065,7 @@ impl Store for SqliteStore {
             return Err(live_run_conflict(&run));
         }
         let job = load_job(&mut tx, run.job_id).await?;
-        sqlx::query("UPDATE runs SET state = 'RUNNING', started_at = ? WHERE id = ?")
+        sqlx::query("UPDATE runs SET state = 'RUNNING', started_at = $1 WHERE id = $2")
             .bind(now.0)
             .bind(run_id.to_string())
             .execute(&mut *tx)
@@ -939,11 +1098,11 @@ impl Store for SqliteStore {
             });
         }
         sqlx::query(
-            "UPDATE runs SET state = ?, exit_code = ?, error = ?, finished_at = ?, \
-             started_at = COALESCE(started_at, ?) WHERE id = ?",
+            "UPDATE runs SET state = $1, exit_code = $2, error = $3, finished_at = $4, \
+             started_at = COALESCE(started_at, $5) WHERE id = $6",
         )
         .bind(end.outcome.run_state().as_str())
-        .bind(end.exit_code)
+        .bind(end.exit_code.map(i64::from))
         .bind(&end.error)
         .bind(now.0)
         .bind(now.0)
@@ -960,8 +1119,8 @@ impl Store for SqliteStore {
             }
             let retrying =
                 end.outcome.is_retryable() && retry::should_retry(run.attempt, job.max_attempts);
-            sqlx::query("UPDATE jobs SET exit_code = ?, error = ? WHERE id = ?")
-                .bind(end.exit_code)
+            sqlx::query("UPDATE jobs SET exit_code = $1, error = $2 WHERE id = $3")
+                .bind(end.exit_code.map(i64::from))
                 .bind(&end.error)
                 .bind(job.id.to_string())
                 .execute(&mut *tx)
@@ -973,7 +1132,7 @@ impl Store for SqliteStore {
                     .map(Duration::from_millis)
                     .unwrap_or(retry.default_backoff_base);
                 let not_before = now.plus(retry::backoff_delay(base, run.attempt, retry.jitter));
-                sqlx::query("UPDATE jobs SET not_before = ? WHERE id = ?")
+                sqlx::query("UPDATE jobs SET not_before = $1 WHERE id = $2")
                     .bind(not_before.0)
                     .bind(job.id.to_string())
                     .execute(&mut *tx)
@@ -1027,14 +1186,14 @@ impl Store for SqliteStore {
 
     async fn renew_leases(&self, worker_id: WorkerId, until: Timestamp) -> Result<u64> {
         let done = sqlx::query(
-            "UPDATE runs SET lease_expires_at = ? WHERE worker_id = ? \
+            "UPDATE runs SET lease_expires_at = $1 WHERE worker_id = $2 \
              AND state IN ('ASSIGNED', 'RUNNING')",
         )
         .bind(until.0)
         .bind(worker_id.to_string())
         .execute(&self.writer)
         .await?;
-        sqlx::query("UPDATE workers SET last_seen_at = ? WHERE id = ?")
+        sqlx::query("UPDATE workers SET last_seen_at = $1 WHERE id = $2")
             .bind(Timestamp::now().0)
             .bind(worker_id.to_string())
             .execute(&self.writer)
@@ -1044,7 +1203,7 @@ impl Store for SqliteStore {
 
     async fn renew_all_leases(&self, until: Timestamp) -> Result<u64> {
         let done = sqlx::query(
-            "UPDATE runs SET lease_expires_at = MAX(lease_expires_at, ?) \
+            "UPDATE runs SET lease_expires_at = CASE WHEN lease_expires_at > $1 THEN lease_expires_at ELSE $1 END \
              WHERE state IN ('ASSIGNED', 'RUNNING')",
         )
         .bind(until.0)
@@ -1056,7 +1215,7 @@ impl Store for SqliteStore {
     async fn expired_runs(&self, now: Timestamp) -> Result<Vec<RunRecord>> {
         let rows = sqlx::query(&format!(
             "SELECT {RUN_COLS} FROM runs WHERE state IN ('ASSIGNED', 'RUNNING') \
-             AND lease_expires_at < ? ORDER BY id"
+             AND lease_expires_at < $1 ORDER BY id"
         ))
         .bind(now.0)
         .fetch_all(&self.reader)
@@ -1066,7 +1225,7 @@ impl Store for SqliteStore {
 
     async fn live_runs_of(&self, worker_id: WorkerId) -> Result<Vec<RunRecord>> {
         let rows = sqlx::query(&format!(
-            "SELECT {RUN_COLS} FROM runs WHERE worker_id = ? \
+            "SELECT {RUN_COLS} FROM runs WHERE worker_id = $1 \
              AND state IN ('ASSIGNED', 'RUNNING') ORDER BY id"
         ))
         .bind(worker_id.to_string())
@@ -1089,7 +1248,7 @@ impl Store for SqliteStore {
         let now = Timestamp::now();
         let expires_at = now.plus(ttl);
         sqlx::query(
-            "INSERT INTO join_tokens (token_hash, created_at, expires_at) VALUES (?, ?, ?)",
+            "INSERT INTO join_tokens (token_hash, created_at, expires_at) VALUES ($1, $2, $3)",
         )
         .bind(sha256_hex(&token))
         .bind(now.0)
@@ -1108,7 +1267,7 @@ impl Store for SqliteStore {
         let now = Timestamp::now();
         let hash = sha256_hex(token);
         let mut tx = self.writer.begin().await?;
-        let row = sqlx::query("SELECT expires_at, used_at FROM join_tokens WHERE token_hash = ?")
+        let row = sqlx::query("SELECT expires_at, used_at FROM join_tokens WHERE token_hash = $1")
             .bind(&hash)
             .fetch_optional(&mut *tx)
             .await?
@@ -1123,7 +1282,7 @@ impl Store for SqliteStore {
         }
         let id = WorkerId::new();
         let secret = random_hex(32);
-        sqlx::query("UPDATE join_tokens SET used_at = ?, used_by = ? WHERE token_hash = ?")
+        sqlx::query("UPDATE join_tokens SET used_at = $1, used_by = $2 WHERE token_hash = $3")
             .bind(now.0)
             .bind(id.to_string())
             .bind(&hash)
@@ -1131,7 +1290,7 @@ impl Store for SqliteStore {
             .await?;
         sqlx::query(
             "INSERT INTO workers (id, name, state, capabilities, credential_hash, created_at, \
-             last_seen_at) VALUES (?, ?, 'REGISTERING', ?, ?, ?, ?)",
+             last_seen_at) VALUES ($1, $2, 'REGISTERING', $3, $4, $5, $6)",
         )
         .bind(id.to_string())
         .bind(name)
@@ -1157,7 +1316,7 @@ impl Store for SqliteStore {
             .ok_or(StoreError::Unauthenticated)?;
         let id: WorkerId = id.parse().map_err(|_| StoreError::Unauthenticated)?;
         let row = sqlx::query(&format!(
-            "SELECT {WORKER_COLS}, credential_hash FROM workers WHERE id = ?"
+            "SELECT {WORKER_COLS}, credential_hash FROM workers WHERE id = $1"
         ))
         .bind(id.to_string())
         .fetch_optional(&self.reader)
@@ -1182,17 +1341,18 @@ impl Store for SqliteStore {
             .map(serde_json::to_string)
             .transpose()
             .map_err(corrupt)?;
-        let previous: Option<String> = sqlx::query_scalar("SELECT state FROM workers WHERE id = ?")
-            .bind(id.to_string())
-            .fetch_optional(&mut *tx)
-            .await?;
+        let previous: Option<String> =
+            sqlx::query_scalar("SELECT state FROM workers WHERE id = $1")
+                .bind(id.to_string())
+                .fetch_optional(&mut *tx)
+                .await?;
         let previous = previous.ok_or_else(|| StoreError::NotFound {
             kind: "worker",
             id: id.to_string(),
         })?;
         sqlx::query(
-            "UPDATE workers SET state = ?, capabilities = COALESCE(?, capabilities), \
-             last_seen_at = ? WHERE id = ?",
+            "UPDATE workers SET state = $1, capabilities = COALESCE($2, capabilities), \
+             last_seen_at = $3 WHERE id = $4",
         )
         .bind(state.as_str())
         .bind(caps)
@@ -1216,7 +1376,7 @@ impl Store for SqliteStore {
     }
 
     async fn get_worker(&self, id: WorkerId) -> Result<WorkerRecord> {
-        let row = sqlx::query(&format!("SELECT {WORKER_COLS} FROM workers WHERE id = ?"))
+        let row = sqlx::query(&format!("SELECT {WORKER_COLS} FROM workers WHERE id = $1"))
             .bind(id.to_string())
             .fetch_optional(&self.reader)
             .await?
@@ -1245,7 +1405,7 @@ impl Store for SqliteStore {
         let id = ReservationId::new();
         sqlx::query(
             "INSERT INTO reservations (id, resource, amount, worker_id, state, created_at, \
-             expires_at) VALUES (?, ?, ?, ?, 'ACTIVE', ?, ?)",
+             expires_at) VALUES ($1, $2, $3, $4, 'ACTIVE', $5, $6)",
         )
         .bind(id.to_string())
         .bind(resource)
@@ -1260,7 +1420,7 @@ impl Store for SqliteStore {
 
     async fn get_reservation(&self, id: ReservationId) -> Result<ReservationRecord> {
         let row = sqlx::query(&format!(
-            "SELECT {RESERVATION_COLS} FROM reservations WHERE id = ?"
+            "SELECT {RESERVATION_COLS} FROM reservations WHERE id = $1"
         ))
         .bind(id.to_string())
         .fetch_optional(&self.writer)
@@ -1281,7 +1441,7 @@ impl Store for SqliteStore {
             )));
         }
         sqlx::query(
-            "UPDATE reservations SET state = 'RELEASED', ended_at = ? WHERE id = ? AND state = 'ACTIVE'",
+            "UPDATE reservations SET state = 'RELEASED', ended_at = $1 WHERE id = $2 AND state = 'ACTIVE'",
         )
         .bind(Timestamp::now().0)
         .bind(id.to_string())
@@ -1293,7 +1453,7 @@ impl Store for SqliteStore {
     async fn active_reservations(&self, now: Timestamp) -> Result<Vec<ReservationRecord>> {
         sqlx::query(
             "UPDATE reservations SET state = 'EXPIRED', ended_at = expires_at \
-             WHERE state = 'ACTIVE' AND expires_at <= ?",
+             WHERE state = 'ACTIVE' AND expires_at <= $1",
         )
         .bind(now.0)
         .execute(&self.writer)
@@ -1315,7 +1475,7 @@ impl Store for SqliteStore {
         let id = WebhookId::new();
         let now = Timestamp::now();
         sqlx::query(
-            "INSERT INTO webhooks (id, url, secret, events, created_at) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO webhooks (id, url, secret, events, created_at) VALUES ($1, $2, $3, $4, $5)",
         )
         .bind(id.to_string())
         .bind(url)
@@ -1357,7 +1517,7 @@ impl Store for SqliteStore {
         let rows = sqlx::query(&format!(
             "SELECT {DELIVERY_COLS}, w.secret FROM webhook_deliveries d \
              JOIN webhooks w ON w.id = d.webhook_id \
-             WHERE d.state = 'PENDING' AND d.next_attempt_at <= ? ORDER BY d.id LIMIT ?"
+             WHERE d.state = 'PENDING' AND d.next_attempt_at <= $1 ORDER BY d.id LIMIT $2"
         ))
         .bind(now.0)
         .bind(limit as i64)
@@ -1383,9 +1543,9 @@ impl Store for SqliteStore {
             (false, None) => DeliveryState::Failed,
         };
         sqlx::query(
-            "UPDATE webhook_deliveries SET attempts = attempts + 1, state = ?, last_status = ?, \
-             last_error = ?, next_attempt_at = COALESCE(?, next_attempt_at), delivered_at = ? \
-             WHERE id = ?",
+            "UPDATE webhook_deliveries SET attempts = attempts + 1, state = $1, last_status = $2, \
+             last_error = $3, next_attempt_at = COALESCE($4, next_attempt_at), delivered_at = $5 \
+             WHERE id = $6",
         )
         .bind(state.as_str())
         .bind(status.map(i64::from))
@@ -1401,7 +1561,7 @@ impl Store for SqliteStore {
     async fn list_deliveries(&self, limit: u32) -> Result<Vec<DeliveryRecord>> {
         let rows = sqlx::query(&format!(
             "SELECT {DELIVERY_COLS} FROM webhook_deliveries d \
-             JOIN webhooks w ON w.id = d.webhook_id ORDER BY d.id DESC LIMIT ?"
+             JOIN webhooks w ON w.id = d.webhook_id ORDER BY d.id DESC LIMIT $1"
         ))
         .bind(limit as i64)
         .fetch_all(&self.reader)
@@ -1409,10 +1569,69 @@ impl Store for SqliteStore {
         rows.iter().map(delivery_from_row).collect()
     }
 
+    async fn hold_duty(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool> {
+        let now = Timestamp::now();
+        let done = sqlx::query(
+            "INSERT INTO duties (name, holder, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, \
+             expires_at = excluded.expires_at \
+             WHERE duties.holder = excluded.holder OR duties.expires_at < $4",
+        )
+        .bind(name)
+        .bind(holder)
+        .bind(now.plus(ttl).0)
+        .bind(now.0)
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn publish(&self, wakeup: &crate::Wakeup) -> Result<()> {
+        if self.engine != Engine::Postgres {
+            return Ok(());
+        }
+        let payload = serde_json::to_string(wakeup).map_err(corrupt)?;
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(CHANNEL)
+            .bind(payload)
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<crate::Wakeup>>> {
+        if self.engine != Engine::Postgres {
+            return Ok(None);
+        }
+        let mut listener = sqlx::postgres::PgListener::connect(&self.url).await?;
+        listener.listen(CHANNEL).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        tokio::spawn(async move {
+            loop {
+                // PgListener reconnects by itself; a notification lost meanwhile only
+                // delays a wake-up.
+                match listener.recv().await {
+                    Ok(n) => {
+                        if let Ok(w) = serde_json::from_str(n.payload())
+                            && tx.send(w).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "replica notifications interrupted");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        });
+        Ok(Some(rx))
+    }
+
     async fn log_index(&self, run_id: RunId) -> Result<Option<LogIndex>> {
         let row = sqlx::query(
             "SELECT run_id, uri, size_bytes, entry_count, last_seq, gaps FROM log_files \
-             WHERE run_id = ?",
+             WHERE run_id = $1",
         )
         .bind(run_id.to_string())
         .fetch_optional(&self.reader)
@@ -1433,7 +1652,7 @@ impl Store for SqliteStore {
     async fn put_log_index(&self, index: &LogIndex) -> Result<()> {
         sqlx::query(
             "INSERT INTO log_files (run_id, uri, size_bytes, entry_count, last_seq, gaps) \
-             VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (run_id) DO UPDATE SET \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (run_id) DO UPDATE SET \
              uri = excluded.uri, size_bytes = excluded.size_bytes, \
              entry_count = excluded.entry_count, last_seq = excluded.last_seq, \
              gaps = excluded.gaps",
