@@ -145,7 +145,8 @@ async fn run_session(
         }
     };
     let caps: Capabilities = hello.capabilities.unwrap_or_default().into();
-    match reattach(&state, &worker, &caps, &hello.active_run_ids, &tx).await {
+    let session = format!("{}/{}", state.replica, drover_core::RunId::new());
+    match reattach(&state, &worker, &caps, &session, &hello.active_run_ids, &tx).await {
         Ok(active) => {
             let session_id = state.sessions.attach(worker.id, tx.clone(), &caps, active);
             tracing::info!(slots = caps.slots, "worker connected");
@@ -155,7 +156,7 @@ async fn run_session(
                 tracing::info!("worker disconnected");
                 if let Err(e) = state
                     .store
-                    .set_worker_state(worker.id, WorkerState::Lost, None)
+                    .set_worker_state(worker.id, WorkerState::Lost, None, &session)
                     .await
                 {
                     tracing::error!(error = %e, "cannot record the worker's loss");
@@ -171,12 +172,13 @@ async fn reattach(
     state: &AppState,
     worker: &WorkerRecord,
     caps: &Capabilities,
+    session: &str,
     listed: &[String],
     tx: &mpsc::UnboundedSender<v1::ServerMessage>,
 ) -> Result<HashMap<RunId, Held>, ApiError> {
     state
         .store
-        .set_worker_state(worker.id, WorkerState::Ready, Some(caps))
+        .set_worker_state(worker.id, WorkerState::Ready, Some(caps), session)
         .await?;
     let listed: HashSet<RunId> = listed.iter().filter_map(|s| s.parse().ok()).collect();
     let live = state.store.live_runs_of(worker.id).await?;

@@ -181,9 +181,11 @@ async fn wait_job(
         if job.state.is_terminal() || tokio::time::Instant::now() >= deadline {
             return Ok(Json(job_view(&state, id).await?));
         }
+        // Re-read at least every second: the change may come from another replica.
+        let next = deadline.min(tokio::time::Instant::now() + FOLLOW_POLL);
         wait_for(
             &mut notices,
-            deadline,
+            next,
             |n| matches!(n, Notice::Job { job_id, .. } if *job_id == id),
         )
         .await;
@@ -385,7 +387,9 @@ async fn create_node_token(
 
 async fn node_view(state: &AppState, worker: WorkerRecord) -> ApiResult<NodeView> {
     let live_runs = state.store.live_runs_of(worker.id).await?.len();
-    let connected = state.sessions.is_connected(worker.id);
+    // Across replicas the store knows: READY and heard from within a lease.
+    let connected = worker.state == drover_core::WorkerState::Ready
+        && drover_core::Timestamp::now().since(worker.last_seen_at) <= state.config.lease;
     Ok(NodeView {
         worker,
         connected,

@@ -16,7 +16,7 @@ pub async fn submit(state: &AppState, spec: JobSpec) -> Result<(JobRecord, bool)
     tracing::info_span!("job", job_id = %job.id)
         .in_scope(|| tracing::info!(name = %job.name, "submitted"));
     state.notify_job(job.id, job.state);
-    state.dispatch.notify_one();
+    state.nudge_dispatch().await;
     state.webhooks.notify_one();
     Ok((job, true))
 }
@@ -24,7 +24,14 @@ pub async fn submit(state: &AppState, spec: JobSpec) -> Result<(JobRecord, bool)
 pub async fn cancel(state: &AppState, id: JobId) -> Result<JobRecord, ApiError> {
     let cancelled = state.store.cancel_job(id, "cancelled by request").await?;
     if let Some(run) = &cancelled.run {
-        // The worker kills the process group; its slot frees when it reports the end.
+        // The worker kills the process group; its slot frees when it reports the end. It
+        // may be connected to another replica: tell them too.
+        state
+            .publish(drover_store::Wakeup::Cancel {
+                worker_id: run.worker_id,
+                run_id: run.id,
+            })
+            .await;
         state.sessions.send(
             run.worker_id,
             v1::server_message::Body::Cancel(v1::CancelRun {

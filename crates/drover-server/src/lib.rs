@@ -30,6 +30,8 @@ pub struct ServerConfig {
     /// Log files and, unless `database_url` is given, the SQLite database.
     pub data_dir: PathBuf,
     pub database_url: Option<String>,
+    /// Apply missing migrations at start (otherwise refuse a schema that is behind).
+    pub migrate: bool,
     /// How long an assignment stays a worker's without a heartbeat.
     pub lease: Duration,
     pub default_backoff_base: Duration,
@@ -45,6 +47,7 @@ impl ServerConfig {
             listen,
             data_dir,
             database_url: None,
+            migrate: true,
             lease: Duration::from_secs(30),
             default_backoff_base: Duration::from_secs(10),
             webhook_backoff_base: Duration::from_secs(1),
@@ -96,11 +99,21 @@ pub(crate) struct AppState {
     /// Runs that were live when this process started: if their lease lapses, it is because
     /// their worker did not come back after the restart.
     pub recovered: std::sync::Mutex<HashSet<RunId>>,
+    /// This replica's name when it holds duties.
+    pub replica: String,
+    last_dispatch_nudge: std::sync::atomic::AtomicI64,
 }
 
 impl AppState {
     pub fn notify_job(&self, job_id: JobId, state: JobState) {
         let _ = self.notices.send(Notice::Job { job_id });
+        if state.is_terminal() {
+            // Waiters on other replicas: best effort, they also re-read every second.
+            let store = self.store.clone();
+            tokio::spawn(async move {
+                let _ = store.publish(&drover_store::Wakeup::Job { job_id }).await;
+            });
+        }
         if state.is_terminal() {
             metrics::counter!("drover_jobs_finished_total", "state" => state.as_str()).increment(1);
         }
@@ -110,6 +123,40 @@ impl AppState {
         RetrySettings {
             default_backoff_base: self.config.default_backoff_base,
             jitter: rand::random::<f64>(),
+        }
+    }
+
+    /// Wakes this replica's dispatcher, and the other replicas' at most every few
+    /// milliseconds, so that bursts of submissions do not become a burst of NOTIFYs.
+    pub async fn nudge_dispatch(&self) {
+        self.dispatch.notify_one();
+        let now = Timestamp::now().as_micros();
+        let last = self
+            .last_dispatch_nudge
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now - last < 5_000 {
+            return;
+        }
+        self.last_dispatch_nudge
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+        self.publish(drover_store::Wakeup::Dispatch).await;
+    }
+
+    /// Tells the other replicas; a failure only delays them (they re-read the store).
+    pub async fn publish(&self, wakeup: drover_store::Wakeup) {
+        if let Err(e) = self.store.publish(&wakeup).await {
+            tracing::warn!(error = %e, "cannot notify the other replicas");
+        }
+    }
+
+    /// Holds `duty` for this replica; true while it is ours.
+    pub async fn hold_duty(&self, duty: &str, ttl: Duration) -> bool {
+        match self.store.hold_duty(duty, &self.replica, ttl).await {
+            Ok(held) => held,
+            Err(e) => {
+                tracing::warn!(error = %e, duty, "cannot hold a duty");
+                false
+            }
         }
     }
 
@@ -156,7 +203,12 @@ impl Server {
             .database_url
             .clone()
             .unwrap_or_else(|| format!("sqlite://{}", config.data_dir.join("drover.db").display()));
-        let store = drover_store::open(&url).await?;
+        let mode = if config.migrate {
+            drover_store::Migrations::Apply
+        } else {
+            drover_store::Migrations::Check
+        };
+        let store = drover_store::open_with(&url, mode).await?;
         // Recovery: runs that were live when the last process died get one whole lease
         // for their workers to come back; the lease sweeper fails the rest.
         let renewed = store
@@ -195,6 +247,8 @@ impl Server {
             webhooks: Notify::new(),
             metrics: prometheus(),
             recovered: std::sync::Mutex::new(recovered),
+            replica: format!("replica-{}", drover_core::JobId::new()),
+            last_dispatch_nudge: std::sync::atomic::AtomicI64::new(0),
         });
         Ok(Self { state, listener })
     }
@@ -219,6 +273,7 @@ impl Server {
             tokio::spawn(scheduler::dispatch_loop(state.clone())),
             tokio::spawn(scheduler::lease_sweeper(state.clone())),
             tokio::spawn(webhooks::delivery_loop(state.clone())),
+            tokio::spawn(listen_to_replicas(state.clone())),
         ];
         let app = http::router(state.clone()).merge(grpc::router(state.clone()));
         let closing = state.clone();
@@ -242,5 +297,45 @@ impl Server {
             task.abort();
         }
         result
+    }
+}
+
+/// Carries out what other replicas ask of this one (PostgreSQL only).
+async fn listen_to_replicas(state: Arc<AppState>) {
+    use drover_proto::v1::server_message::Body;
+    use drover_store::Wakeup;
+    let mut heard = match state.store.listen().await {
+        Ok(Some(rx)) => rx,
+        Ok(None) => return,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen to the other replicas; they will be heard on the next poll");
+            return;
+        }
+    };
+    while let Some(wakeup) = heard.recv().await {
+        match wakeup {
+            Wakeup::Dispatch => state.dispatch.notify_one(),
+            Wakeup::Cancel { worker_id, run_id } => {
+                state.sessions.send(
+                    worker_id,
+                    Body::Cancel(drover_proto::v1::CancelRun {
+                        run_id: run_id.to_string(),
+                        reason: "cancelled by request".into(),
+                    }),
+                );
+            }
+            Wakeup::Forget { worker_id, run_id } => {
+                state.sessions.release(worker_id, run_id);
+                state.sessions.send(
+                    worker_id,
+                    Body::Forget(drover_proto::v1::ForgetRun {
+                        run_id: run_id.to_string(),
+                    }),
+                );
+            }
+            Wakeup::Job { job_id } => {
+                let _ = state.notices.send(Notice::Job { job_id });
+            }
+        }
     }
 }

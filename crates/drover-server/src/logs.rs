@@ -167,7 +167,13 @@ impl LogFiles {
         let Some(index) = self.store.log_index(run_id).await? else {
             return Ok((Vec::new(), 0));
         };
-        let path = self.path(run_id);
+        // The file of the replica that stored it (replicas share a file system, or one
+        // replica serves all).
+        let path = index
+            .uri
+            .strip_prefix("file://")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.path(run_id));
         tokio::task::spawn_blocking(move || read_records(path, offset, index.size_bytes, max_bytes))
             .await
             .map_err(|e| LogError::Io(std::io::Error::other(e)))?

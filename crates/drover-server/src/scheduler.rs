@@ -107,6 +107,10 @@ pub async fn lease_sweeper(state: Arc<AppState>) {
     let every = (state.config.lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
     loop {
         tokio::time::sleep(every).await;
+        // One replica sweeps; if it dies, another takes over within a few periods.
+        if !state.hold_duty("lease-sweeper", every * 4).await {
+            continue;
+        }
         let expired = match state.store.expired_runs(Timestamp::now()).await {
             Ok(runs) => runs,
             Err(e) => {
@@ -138,6 +142,12 @@ pub async fn lease_sweeper(state: Arc<AppState>) {
                     Ok(f) => {
                         tracing::warn!(worker_id = %run.worker_id, job_state = %f.job.state, "lease expired");
                         state.sessions.release(run.worker_id, run.id);
+                        state
+                            .publish(drover_store::Wakeup::Forget {
+                                worker_id: run.worker_id,
+                                run_id: run.id,
+                            })
+                            .await;
                         // A worker still connected but frozen must not carry on with it.
                         state.sessions.send(
                             run.worker_id,

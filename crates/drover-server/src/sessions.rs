@@ -173,9 +173,3 @@ impl Sessions {
         self.lock().clear();
     }
 }
-
-impl Sessions {
-    pub fn is_connected(&self, worker_id: WorkerId) -> bool {
-        self.lock().contains_key(&worker_id)
-    }
-}

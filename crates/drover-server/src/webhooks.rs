@@ -36,6 +36,11 @@ pub async fn delivery_loop(state: Arc<AppState>) {
         }
     };
     loop {
+        // One replica delivers; the outbox rows wait for whichever holds the duty.
+        if !state.hold_duty("webhook-delivery", IDLE_TICK * 3).await {
+            let _ = tokio::time::timeout(IDLE_TICK, state.webhooks.notified()).await;
+            continue;
+        }
         let due = match state.store.due_deliveries(Timestamp::now(), BATCH).await {
             Ok(due) => due,
             Err(e) => {

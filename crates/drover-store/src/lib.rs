@@ -136,11 +136,13 @@ pub trait Store: Send + Sync + 'static {
         capabilities: &Capabilities,
     ) -> Result<(WorkerRecord, String)>;
     async fn authenticate_worker(&self, credential: &str) -> Result<WorkerRecord>;
+    /// Records a node's state as seen by one stream (`session`, unique per connection).
     async fn set_worker_state(
         &self,
         id: WorkerId,
         state: WorkerState,
         capabilities: Option<&Capabilities>,
+        session: &str,
     ) -> Result<()>;
     async fn get_worker(&self, id: WorkerId) -> Result<WorkerRecord>;
     async fn list_workers(&self) -> Result<Vec<WorkerRecord>>;

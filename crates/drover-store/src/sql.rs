@@ -1334,35 +1334,35 @@ impl Store for SqlStore {
         id: WorkerId,
         state: WorkerState,
         capabilities: Option<&Capabilities>,
+        session: &str,
     ) -> Result<()> {
         let now = Timestamp::now();
-        let mut tx = self.writer.begin().await?;
         let caps = capabilities
             .map(serde_json::to_string)
             .transpose()
             .map_err(corrupt)?;
-        let previous: Option<String> =
-            sqlx::query_scalar("SELECT state FROM workers WHERE id = $1")
-                .bind(id.to_string())
-                .fetch_optional(&mut *tx)
-                .await?;
-        let previous = previous.ok_or_else(|| StoreError::NotFound {
-            kind: "worker",
-            id: id.to_string(),
-        })?;
-        sqlx::query(
+        let mut tx = self.writer.begin().await?;
+        // READY takes the node for this session; any other state applies only while the
+        // session is still the node's (an older stream ending on another replica must not
+        // mark a reconnected node lost).
+        let done = sqlx::query(
             "UPDATE workers SET state = $1, capabilities = COALESCE($2, capabilities), \
-             last_seen_at = $3 WHERE id = $4",
+             last_seen_at = $3, session = $4 WHERE id = $5 AND ($6 OR session = $4)",
         )
         .bind(state.as_str())
         .bind(caps)
         .bind(now.0)
+        .bind(session)
         .bind(id.to_string())
+        .bind(state == WorkerState::Ready)
         .execute(&mut *tx)
         .await?;
+        if done.rows_affected() == 0 {
+            return Ok(());
+        }
         let kind = match state {
             WorkerState::Ready => Some(EventKind::WorkerConnected { worker_id: id }),
-            WorkerState::Lost if previous != state.as_str() => Some(EventKind::WorkerLost {
+            WorkerState::Lost => Some(EventKind::WorkerLost {
                 worker_id: id,
                 reason: "stream ended".into(),
             }),

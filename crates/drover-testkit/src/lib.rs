@@ -188,6 +188,9 @@ pub struct ServerOptions {
     pub lease: Duration,
     pub backoff_base: Duration,
     pub extra: Vec<String>,
+    /// None: SQLite in the data directory, or a fresh PostgreSQL database when
+    /// DROVER_TEST_ENGINE=postgres.
+    pub database_url: Option<String>,
 }
 
 impl Default for ServerOptions {
@@ -196,8 +199,39 @@ impl Default for ServerOptions {
             lease: Duration::from_secs(5),
             backoff_base: Duration::from_millis(200),
             extra: Vec::new(),
+            database_url: None,
         }
     }
+}
+
+/// A fresh database on the test PostgreSQL cluster (DROVER_TEST_POSTGRES_URL, which
+/// `scripts/test` sets up). None when there is none: callers skip, except under CI=true,
+/// where this fails the test.
+pub async fn postgres_database() -> Option<String> {
+    let Ok(admin) = std::env::var("DROVER_TEST_POSTGRES_URL") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "DROVER_TEST_POSTGRES_URL is not set: PostgreSQL tests cannot run (scripts/test sets it up)"
+        );
+        eprintln!("skipped: DROVER_TEST_POSTGRES_URL is not set (scripts/test sets it up)");
+        return None;
+    };
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(&admin)
+        .await
+        .expect("connect to the test PostgreSQL cluster");
+    let name = format!("e2e_{}", drover_core::JobId::new().0.simple());
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&mut conn)
+        .await
+        .expect("create a test database");
+    let (base, _) = admin.rsplit_once('/').expect("a database name in the URL");
+    Some(format!("{base}/{name}"))
+}
+
+/// True when the end-to-end suites run with PostgreSQL behind every control plane.
+pub fn on_postgres() -> bool {
+    std::env::var("DROVER_TEST_ENGINE").is_ok_and(|e| e == "postgres")
 }
 
 /// A `drover server` process on its own data directory and a free port.
@@ -243,7 +277,24 @@ async fn wait_ready(url: &str, proc: &Proc) {
 
 impl ServerProc {
     pub async fn start(drover: &Drover, dir: &Path, options: ServerOptions) -> Self {
-        let data_dir = dir.join("server");
+        Self::start_named(drover, dir, "server", options).await
+    }
+
+    /// A control plane with its own data directory `dir/name` (replicas side by side).
+    pub async fn start_named(
+        drover: &Drover,
+        dir: &Path,
+        name: &str,
+        mut options: ServerOptions,
+    ) -> Self {
+        if options.database_url.is_none() && on_postgres() {
+            options.database_url = Some(
+                postgres_database()
+                    .await
+                    .expect("DROVER_TEST_ENGINE=postgres needs DROVER_TEST_POSTGRES_URL"),
+            );
+        }
+        let data_dir = dir.join(name);
         std::fs::create_dir_all(&data_dir).expect("data dir");
         let (proc, url) = Self::launch(drover, &data_dir, &options, "127.0.0.1:0", 0).await;
         Self {
@@ -276,6 +327,9 @@ impl ServerProc {
             "--backoff-base".into(),
             format!("{}ms", options.backoff_base.as_millis()),
         ];
+        if let Some(url) = &options.database_url {
+            args.extend(["--database-url".into(), url.clone()]);
+        }
         args.extend(options.extra.iter().cloned());
         let log = data_dir.join(format!("server-{n}.log"));
         let proc = Proc::spawn(&drover.bin, &args, log, "drover server");
@@ -449,7 +503,17 @@ struct ProxyState {
 
 impl Proxy {
     pub async fn start(target_url: &str) -> Self {
-        let target = target_url.trim_start_matches("http://").to_string();
+        Self::balance(&[target_url]).await
+    }
+
+    /// A proxy in front of several targets, as a load balancer would be: each connection
+    /// goes to the next target in turn, skipping those that refuse.
+    pub async fn balance(target_urls: &[&str]) -> Self {
+        let targets: Vec<String> = target_urls
+            .iter()
+            .map(|t| t.trim_start_matches("http://").to_string())
+            .collect();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind proxy");
         let url = format!("http://{}", listener.local_addr().expect("proxy addr"));
         let state: Arc<Mutex<ProxyState>> = Arc::default();
@@ -461,10 +525,17 @@ impl Proxy {
                     drop(inbound);
                     continue;
                 }
-                let target = target.clone();
+                let (targets, next) = (targets.clone(), next.clone());
                 let task = tokio::spawn(async move {
-                    if let Ok(mut outbound) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    for _ in 0..targets.len() {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if let Ok(mut outbound) =
+                            TcpStream::connect(&targets[i % targets.len()]).await
+                        {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                            return;
+                        }
                     }
                 });
                 st.connections.push(task.abort_handle());

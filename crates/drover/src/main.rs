@@ -35,6 +35,9 @@ enum Command {
     Server(serve::ServerArgs),
     /// A worker (node agent) that joins a control plane.
     Worker(serve::WorkerArgs),
+    /// Apply the database schema migrations (the server does it at start unless
+    /// --no-migrate).
+    Migrate(serve::MigrateArgs),
     /// Submit, inspect, follow and cancel jobs.
     #[command(subcommand)]
     Job(job::JobCommand),
@@ -73,6 +76,7 @@ async fn main() -> ExitCode {
         Command::Up(args) => serve::up(args).await,
         Command::Server(args) => serve::server(args).await,
         Command::Worker(args) => serve::worker(args, &cli.server).await,
+        Command::Migrate(args) => serve::migrate(args).await,
         Command::Job(cmd) => job::run(cmd, &cli.server, cli.output).await,
         Command::Node(cmd) => node::run(cmd, &cli.server, cli.output).await,
         Command::Group(cmd) => sched::group(cmd, &cli.server, cli.output).await,

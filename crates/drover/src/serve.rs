@@ -20,9 +20,12 @@ pub struct ServerArgs {
     /// Log files and the SQLite database.
     #[arg(long, env = "DROVER_DATA_DIR", default_value = ".drover")]
     data_dir: PathBuf,
-    /// sqlite://PATH (default: DATA_DIR/drover.db).
+    /// sqlite://PATH (default: DATA_DIR/drover.db) or postgres://USER:PASSWORD@HOST/DB.
     #[arg(long, env = "DROVER_DATABASE_URL")]
     database_url: Option<String>,
+    /// Do not apply migrations at start; refuse a schema that is behind (`drover migrate`).
+    #[arg(long)]
+    no_migrate: bool,
     /// How long an assignment survives without a heartbeat from its worker.
     #[arg(long, env = "DROVER_LEASE", default_value = "30s", value_parser = parse_duration)]
     lease: Duration,
@@ -41,6 +44,7 @@ impl ServerArgs {
     fn config(&self) -> ServerConfig {
         let mut c = ServerConfig::new(self.listen, self.data_dir.clone());
         c.database_url = self.database_url.clone();
+        c.migrate = !self.no_migrate;
         c.lease = self.lease;
         c.default_backoff_base = self.backoff_base;
         c.webhook_backoff_base = self.webhook_backoff;
@@ -231,5 +235,19 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     })
     .await;
     result?;
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// sqlite://PATH or postgres://USER:PASSWORD@HOST/DB.
+    #[arg(long, env = "DROVER_DATABASE_URL")]
+    database_url: String,
+}
+
+/// Applies the schema migrations this binary carries, and nothing else.
+pub async fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
+    drover_store::open_with(&args.database_url, drover_store::Migrations::Apply).await?;
+    println!("schema up to date");
     Ok(ExitCode::SUCCESS)
 }

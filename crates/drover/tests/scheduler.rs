@@ -881,6 +881,7 @@ async fn crash_soak_500_jobs_three_control_plane_kills_and_a_worker_kill() {
             lease: Duration::from_secs(4),
             backoff_base: Duration::from_millis(50),
             extra: vec!["--webhook-backoff".into(), "100ms".into()],
+            ..Default::default()
         },
     )
     .await;

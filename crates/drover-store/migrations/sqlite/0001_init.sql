@@ -115,6 +115,7 @@ CREATE TABLE workers (
     state           TEXT NOT NULL,
     capabilities    TEXT NOT NULL,
     credential_hash TEXT NOT NULL,
+    session         TEXT,                    -- the stream (replica and connection) it is on
     created_at      INTEGER NOT NULL,
     last_seen_at    INTEGER NOT NULL
 );
