@@ -7,63 +7,15 @@ mod conformance;
 use drover_store::{Migrations, SqlStore, Store, Wakeup};
 use std::time::Duration;
 
-/// A fresh database on the test cluster, or None (skip) outside CI.
-async fn fresh_database() -> Option<String> {
-    let Ok(admin) = std::env::var("DROVER_TEST_POSTGRES_URL") else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "DROVER_TEST_POSTGRES_URL is not set: PostgreSQL tests cannot run (scripts/test sets it up)"
-        );
-        eprintln!("skipped: DROVER_TEST_POSTGRES_URL is not set (scripts/test sets it up)");
-        return None;
-    };
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&admin)
-        .await
-        .expect("connect to the test cluster");
-    let name = format!("store_{}", uuid_like());
-    sqlx::query(&format!("CREATE DATABASE {name}"))
-        .execute(&mut conn)
-        .await
-        .expect("create a test database");
-    let (base, _) = admin.rsplit_once('/').expect("a database name in the URL");
-    Some(format!("{base}/{name}"))
+use drover_testkit::postgres_database as fresh_database;
+
+/// A store on a fresh database of the test cluster, or None (skipped) without one.
+async fn fresh() -> Option<(SqlStore, ())> {
+    let url = fresh_database().await?;
+    Some((SqlStore::open(&url, Migrations::Apply).await.unwrap(), ()))
 }
 
-fn uuid_like() -> String {
-    drover_core::JobId::new().to_string().replace('-', "")
-}
-
-macro_rules! conformance_tests {
-    ($($name:ident),+ $(,)?) => {$(
-        #[tokio::test]
-        async fn $name() {
-            let Some(url) = fresh_database().await else { return };
-            let store = SqlStore::open(&url, Migrations::Apply).await.unwrap();
-            conformance::$name(&store).await;
-        }
-    )+};
-}
-
-conformance_tests!(
-    happy_path_writes_events_in_order,
-    failures_retry_with_backoff_and_chain_runs,
-    a_worker_ends_only_its_own_runs,
-    cancellation,
-    queue_order_is_priority_then_fifo,
-    join_tokens_work_once,
-    leases_expire_unless_renewed,
-    log_index_round_trips,
-    missing_things_are_not_found,
-    idempotency_keys_return_the_first_job,
-    groups_run_in_order_and_stop_on_failure,
-    a_group_that_succeeds_completes,
-    dependencies_form_a_dag,
-    a_finished_run_is_retried_by_hand,
-    reservations_expire,
-    webhook_events_are_written_with_the_change,
-    duties_are_held_by_one_holder_at_a_time,
-);
+conformance_suite!(fresh());
 
 #[tokio::test]
 async fn replicas_hear_each_other() {

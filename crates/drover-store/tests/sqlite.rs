@@ -10,82 +10,14 @@ async fn open(path: &std::path::Path) -> SqlStore {
         .unwrap()
 }
 
-macro_rules! conformance_tests {
-    ($($name:ident),+ $(,)?) => {$(
-        #[tokio::test]
-        async fn $name() {
-            let dir = tempfile::tempdir().unwrap();
-            let store = open(&dir.path().join("drover.db")).await;
-            conformance::$name(&store).await;
-        }
-    )+};
-}
-
-conformance_tests!(
-    happy_path_writes_events_in_order,
-    failures_retry_with_backoff_and_chain_runs,
-    a_worker_ends_only_its_own_runs,
-    cancellation,
-    queue_order_is_priority_then_fifo,
-    join_tokens_work_once,
-    leases_expire_unless_renewed,
-    log_index_round_trips,
-    missing_things_are_not_found,
-    idempotency_keys_return_the_first_job,
-    groups_run_in_order_and_stop_on_failure,
-    a_group_that_succeeds_completes,
-    dependencies_form_a_dag,
-    a_finished_run_is_retried_by_hand,
-    reservations_expire,
-    webhook_events_are_written_with_the_change,
-    duties_are_held_by_one_holder_at_a_time,
-);
-
-#[tokio::test]
-async fn a_database_newer_than_the_binary_is_refused() {
+/// A store on a fresh SQLite file; the directory lives as long as the guard.
+async fn fresh() -> Option<(SqlStore, tempfile::TempDir)> {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("drover.db");
-    drop(open(&path).await);
-    let url = format!("sqlite://{}", path.display());
-    // Pretend a newer drover applied migration 9999.
-    {
-        use sqlx::Connection;
-        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-        sqlx::query("INSERT INTO _sqlx_migrations (version, description, installed_on, success, checksum, execution_time) VALUES (9999, 'future', CURRENT_TIMESTAMP, 1, x'00', 0)")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-    }
-    let err = SqlStore::open(&url, Migrations::Apply)
-        .await
-        .err()
-        .expect("refused");
-    assert!(err.to_string().contains("newer than this drover"), "{err}");
-    let err = SqlStore::open(&url, Migrations::Check)
-        .await
-        .err()
-        .expect("refused");
-    assert!(err.to_string().contains("newer than this drover"), "{err}");
+    let store = open(&dir.path().join("drover.db")).await;
+    Some((store, dir))
 }
 
-#[tokio::test]
-async fn bad_database_urls_are_clear_errors() {
-    let err = SqlStore::open("mysql://x", Migrations::Apply)
-        .await
-        .err()
-        .unwrap();
-    assert!(err.to_string().starts_with("database_url:"), "{err}");
-    let err = SqlStore::open("postgres://drover:secret@127.0.0.1:9/x", Migrations::Apply)
-        .await
-        .err()
-        .unwrap();
-    let text = err.to_string();
-    assert!(text.starts_with("cannot open the database"), "{text}");
-    assert!(
-        !text.contains("secret"),
-        "the password must not be shown: {text}"
-    );
-}
+conformance_suite!(fresh());
 
 #[tokio::test]
 async fn reopening_keeps_everything() {

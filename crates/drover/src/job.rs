@@ -208,16 +208,9 @@ pub async fn run(cmd: JobCommand, server: &str, output: Output) -> anyhow::Resul
                     let mut t =
                         output::table(&["ID", "NAME", "STATE", "ATTEMPTS", "EXIT", "CREATED"]);
                     for j in &jobs {
-                        t.add_row(vec![
-                            j.id.to_string(),
-                            j.name.chars().take(40).collect(),
-                            j.state.to_string(),
-                            format!("{}/{}", j.attempts, j.max_attempts),
-                            j.exit_code
-                                .map(|c| c.to_string())
-                                .unwrap_or_else(|| "-".into()),
-                            output::time(j.created_at),
-                        ]);
+                        let mut row = output::job_cells(j);
+                        row.push(output::time(j.created_at));
+                        t.add_row(row);
                     }
                     println!("{t}");
                 }

@@ -99,6 +99,19 @@ pub fn parse_pairs(s: &str) -> Result<Vec<(String, String)>, String> {
     Ok(pairs)
 }
 
+/// The cells every job table shares: id, name, state, attempts, exit code.
+pub fn job_cells(j: &drover_client::records::JobRecord) -> Vec<String> {
+    vec![
+        j.id.to_string(),
+        j.name.chars().take(40).collect(),
+        j.state.to_string(),
+        format!("{}/{}", j.attempts, j.max_attempts),
+        j.exit_code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into()),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

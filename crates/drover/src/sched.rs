@@ -100,16 +100,9 @@ fn print_group(view: &GroupView, output: Output) -> anyhow::Result<()> {
     println!("Ended:   {}", output::time_opt(view.group.finished_at));
     let mut t = output::table(&["#", "JOB", "NAME", "STATE", "ATTEMPTS", "EXIT"]);
     for j in &view.jobs {
-        t.add_row(vec![
-            j.group_position.map(|p| p.to_string()).unwrap_or_default(),
-            j.id.to_string(),
-            j.name.chars().take(40).collect(),
-            j.state.to_string(),
-            format!("{}/{}", j.attempts, j.max_attempts),
-            j.exit_code
-                .map(|c| c.to_string())
-                .unwrap_or_else(|| "-".into()),
-        ]);
+        let mut row = vec![j.group_position.map(|p| p.to_string()).unwrap_or_default()];
+        row.extend(output::job_cells(j));
+        t.add_row(row);
     }
     println!("{t}");
     if let Some(j) = view

@@ -108,6 +108,15 @@ async fn server(dir: &TestDir) -> ServerProc {
     ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await
 }
 
+/// A server whose leases lapse after two seconds, for tests of lost workers.
+async fn short_lease_server(dir: &TestDir) -> ServerProc {
+    let options = ServerOptions {
+        lease: Duration::from_secs(2),
+        ..Default::default()
+    };
+    ServerProc::start(&drover(), dir.path(), options).await
+}
+
 #[tokio::test]
 async fn e2e_norm_01_single_job_lifecycle() {
     let dir = TestDir::new();
@@ -360,38 +369,39 @@ async fn e2e_retry_03_the_retry_chain_is_linked() {
     assert!(get.stdout.contains("RETRY OF"), "{get:?}");
 }
 
-/// Kills the control plane and the worker while a job runs; restarts the control plane
-/// alone. Returns the job id and the server.
-async fn crash_during_running(dir: &TestDir, marker: &Path) -> (ServerProc, String) {
-    let d = drover();
-    let mut s = ServerProc::start(
-        &d,
-        dir.path(),
-        ServerOptions {
-            lease: Duration::from_secs(2),
-            ..Default::default()
-        },
-    )
-    .await;
-    let mut w = s.worker(dir.path(), "doomed", None, &[]).await;
-    let client = s.client();
-    let pidfile = dir.path().join("pid");
+/// Submits a job that, the first time, records its pid and sleeps; any later attempt
+/// succeeds at once. Returns the job id and the first attempt's pid once it runs.
+async fn submit_first_sleeps(client: &Client, dir: &Path) -> (String, i32) {
+    let (marker, pidfile) = (dir.join("m"), dir.join("pid"));
     let command = format!(
-        "if [ -e {m} ]; then echo recovered; exit 0; fi; touch {m}; echo $$ > {p}; exec sleep 300",
+        "if [ -e {m} ]; then echo again; exit 0; fi; touch {m}; echo $$ > {p}; exec sleep 300",
         m = marker.display(),
         p = pidfile.display()
     );
-    let id = submit(&client, &job(&command)).await;
+    let id = submit(client, &job(&command)).await;
     let pid: i32 = eventually("the job to start", || async {
         std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
     })
     .await;
-    s.kill9();
-    w.proc.kill9();
+    (id, pid)
+}
+
+async fn assert_process_gone(pid: i32) {
     eventually("the job's process to die with its worker", || async {
         (!process_exists(pid)).then_some(())
     })
     .await;
+}
+
+/// Kills the control plane and the worker while a job runs; restarts the control plane
+/// alone. Returns the job id and the server.
+async fn crash_during_running(dir: &TestDir) -> (ServerProc, String) {
+    let mut s = short_lease_server(dir).await;
+    let mut w = s.worker(dir.path(), "doomed", None, &[]).await;
+    let (id, pid) = submit_first_sleeps(&s.client(), dir.path()).await;
+    s.kill9();
+    w.proc.kill9();
+    assert_process_gone(pid).await;
     s.restart().await;
     (s, id)
 }
@@ -399,7 +409,7 @@ async fn crash_during_running(dir: &TestDir, marker: &Path) -> (ServerProc, Stri
 #[tokio::test]
 async fn e2e_recovery_01_a_running_job_is_recorded_failed_after_a_crash() {
     let dir = TestDir::new();
-    let (s, id) = crash_during_running(&dir, &dir.path().join("m")).await;
+    let (s, id) = crash_during_running(&dir).await;
     let client = s.client();
     let failed = eventually("recovery to fail the lost attempt", || async {
         let view = client.get_job(&id).await.ok()?;
@@ -414,7 +424,7 @@ async fn e2e_recovery_01_a_running_job_is_recorded_failed_after_a_crash() {
 #[tokio::test]
 async fn e2e_recovery_02_the_recovered_job_is_retried() {
     let dir = TestDir::new();
-    let (s, id) = crash_during_running(&dir, &dir.path().join("m")).await;
+    let (s, id) = crash_during_running(&dir).await;
     let client = s.client();
     let _fresh = s.worker(dir.path(), "fresh", None, &[]).await;
     let view = wait(&client, &id).await;
@@ -793,23 +803,9 @@ async fn pipe_05_crash_during_execution_in_drover_up() {
     let d = drover();
     let mut up = UpProc::start(&d, dir.path(), &["--lease", "2s"]).await;
     let client = Client::new(&up.url).unwrap();
-    let marker = dir.path().join("m");
-    let pidfile = dir.path().join("pid");
-    let command = format!(
-        "if [ -e {m} ]; then echo second; exit 0; fi; touch {m}; echo $$ > {p}; exec sleep 300",
-        m = marker.display(),
-        p = pidfile.display()
-    );
-    let id = submit(&client, &job(&command)).await;
-    let pid: i32 = eventually("the job to start", || async {
-        std::fs::read_to_string(&pidfile).ok()?.trim().parse().ok()
-    })
-    .await;
+    let (id, pid) = submit_first_sleeps(&client, dir.path()).await;
     up.proc.kill9();
-    eventually("the job's process to die with drover", || async {
-        (!process_exists(pid)).then_some(())
-    })
-    .await;
+    assert_process_gone(pid).await;
     let up = UpProc::start(&d, dir.path(), &["--lease", "2s"]).await;
     let client = Client::new(&up.url).unwrap();
     let view = wait(&client, &id).await;
@@ -826,15 +822,7 @@ async fn pipe_05_crash_during_execution_in_drover_up() {
 #[tokio::test]
 async fn a_frozen_worker_loses_its_job_to_another() {
     let dir = TestDir::new();
-    let s = ServerProc::start(
-        &drover(),
-        dir.path(),
-        ServerOptions {
-            lease: Duration::from_secs(2),
-            ..Default::default()
-        },
-    )
-    .await;
+    let s = short_lease_server(&dir).await;
     let client = s.client();
     let frozen = s.worker(dir.path(), "frozen", None, &[]).await;
     WorkerProc::wait_connected(&client, 1).await;
@@ -1016,15 +1004,7 @@ async fn crash_soak_500_jobs_three_control_plane_kills_and_a_worker_kill() {
 #[tokio::test]
 async fn a_worker_cut_off_past_its_lease_stops_its_job_before_another_runs_it() {
     let dir = TestDir::new();
-    let s = ServerProc::start(
-        &drover(),
-        dir.path(),
-        ServerOptions {
-            lease: Duration::from_secs(2),
-            ..Default::default()
-        },
-    )
-    .await;
+    let s = short_lease_server(&dir).await;
     let client = s.client();
     let proxy = drover_testkit::Proxy::start(&s.url).await;
     let _cut = s.worker(dir.path(), "cut", Some(&proxy.url), &[]).await;

@@ -1,4 +1,37 @@
 //! The store conformance suite: every engine runs these same checks.
+//! `conformance_suite!(open)` makes one test per check, each on a store `open` returns.
+
+#[macro_export]
+macro_rules! conformance_suite {
+    ($open:expr) => {
+        $crate::conformance_suite!(@tests $open;
+            happy_path_writes_events_in_order,
+            failures_retry_with_backoff_and_chain_runs,
+            a_worker_ends_only_its_own_runs,
+            cancellation,
+            queue_order_is_priority_then_fifo,
+            join_tokens_work_once,
+            leases_expire_unless_renewed,
+            log_index_round_trips,
+            missing_things_are_not_found,
+            idempotency_keys_return_the_first_job,
+            groups_run_in_order_and_stop_on_failure,
+            a_group_that_succeeds_completes,
+            dependencies_form_a_dag,
+            a_finished_run_is_retried_by_hand,
+            reservations_expire,
+            webhook_events_are_written_with_the_change,
+            duties_are_held_by_one_holder_at_a_time,
+        );
+    };
+    (@tests $open:expr; $($name:ident),+ $(,)?) => {$(
+        #[tokio::test]
+        async fn $name() {
+            let Some((store, _guard)) = $open.await else { return };
+            conformance::$name(&store).await;
+        }
+    )+};
+}
 
 use drover_core::{Capabilities, JobSpec, JobState, RunOutcome, RunState, Timestamp, WorkerId};
 use drover_store::{LogIndex, RetrySettings, RunEnd, Store, StoreError};
