@@ -39,3 +39,40 @@ async fn reopening_keeps_everything() {
     let job = drover_store::Store::get_job(&store, id).await.unwrap();
     assert_eq!(job.state, drover_core::JobState::Queued);
 }
+
+#[tokio::test]
+async fn a_database_newer_than_the_binary_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("drover.db");
+    drop(open(&path).await);
+    let url = format!("sqlite://{}", path.display());
+    // Pretend a newer drover applied migration 9999.
+    {
+        use sqlx::Connection;
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, installed_on, success, \
+             checksum, execution_time) VALUES (9999, 'future', CURRENT_TIMESTAMP, 1, x'00', 0)",
+        )
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    let err = SqlStore::open(&url, Migrations::Apply).await.err().expect("refused");
+    assert!(err.to_string().contains("newer than this drover"), "{err}");
+    let err = SqlStore::open(&url, Migrations::Check).await.err().expect("refused");
+    assert!(err.to_string().contains("newer than this drover"), "{err}");
+}
+
+#[tokio::test]
+async fn bad_database_urls_are_clear_errors() {
+    let err = SqlStore::open("mysql://x", Migrations::Apply).await.err().unwrap();
+    assert!(err.to_string().starts_with("database_url:"), "{err}");
+    let err = SqlStore::open("postgres://drover:secret@127.0.0.1:9/x", Migrations::Apply)
+        .await
+        .err()
+        .unwrap();
+    let text = err.to_string();
+    assert!(text.starts_with("cannot open the database"), "{text}");
+    assert!(!text.contains("secret"), "the password must not be shown: {text}");
+}
