@@ -209,7 +209,7 @@ async fn reattach(
     }
     state
         .store
-        .renew_leases(worker.id, state.lease_until())
+        .renew_leases(&[worker.id], state.lease_until())
         .await?;
     send(
         tx,
@@ -268,12 +268,8 @@ async fn handle(
 ) -> Result<(), ApiError> {
     match body {
         In::Hello(_) => {}
-        In::Heartbeat(_) => {
-            state
-                .store
-                .renew_leases(worker.id, state.lease_until())
-                .await?;
-        }
+        // Heard (above); the lease renewer writes every heard worker's leases at once.
+        In::Heartbeat(_) => {}
         In::Accepted(m) => {
             let id = run_id(&m.run_id)?;
             if let Err(e) = state.store.accept_run(id, worker.id).await {

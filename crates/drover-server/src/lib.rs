@@ -272,6 +272,7 @@ impl Server {
         let background = [
             tokio::spawn(scheduler::dispatch_loop(state.clone())),
             tokio::spawn(scheduler::lease_sweeper(state.clone())),
+            tokio::spawn(scheduler::lease_renewer(state.clone())),
             tokio::spawn(webhooks::delivery_loop(state.clone())),
             tokio::spawn(listen_to_replicas(state.clone())),
         ];

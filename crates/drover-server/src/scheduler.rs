@@ -167,3 +167,17 @@ pub async fn lease_sweeper(state: Arc<AppState>) {
         }
     }
 }
+
+/// Renews, in one write per round, the leases of every worker heard from since the last
+/// round (heartbeats only mark a worker heard).
+pub async fn lease_renewer(state: Arc<AppState>) {
+    let every = state.config.heartbeat_interval();
+    loop {
+        tokio::time::sleep(every).await;
+        // A little overlap so that no heartbeat falls between two rounds.
+        let heard = state.sessions.heard_within(every + every / 2);
+        if let Err(e) = state.store.renew_leases(&heard, state.lease_until()).await {
+            tracing::error!(error = %e, workers = heard.len(), "cannot renew leases");
+        }
+    }
+}

@@ -97,6 +97,15 @@ impl Sessions {
         self.lock().len()
     }
 
+    /// Workers heard from within `window`.
+    pub fn heard_within(&self, window: std::time::Duration) -> Vec<WorkerId> {
+        self.lock()
+            .iter()
+            .filter(|(_, s)| s.last_heard.elapsed() <= window)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
     /// The worker said something: it is alive.
     pub fn heard_from(&self, worker_id: WorkerId) {
         if let Some(s) = self.lock().get_mut(&worker_id) {

@@ -115,8 +115,8 @@ pub trait Store: Send + Sync + 'static {
         end: RunEnd,
         retry: RetrySettings,
     ) -> Result<Finished>;
-    /// Extends the leases of every live run of a worker.
-    async fn renew_leases(&self, worker_id: WorkerId, until: Timestamp) -> Result<u64>;
+    /// Extends the leases of every live run of these workers, and notes them seen.
+    async fn renew_leases(&self, workers: &[WorkerId], until: Timestamp) -> Result<u64>;
     /// Extends every live lease (at start, so that workers get a whole lease to come back).
     async fn renew_all_leases(&self, until: Timestamp) -> Result<u64>;
     /// Live runs (ASSIGNED or RUNNING) whose lease ended before `now`.

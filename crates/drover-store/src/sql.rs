@@ -1184,20 +1184,33 @@ impl Store for SqlStore {
         })
     }
 
-    async fn renew_leases(&self, worker_id: WorkerId, until: Timestamp) -> Result<u64> {
-        let done = sqlx::query(
-            "UPDATE runs SET lease_expires_at = $1 WHERE worker_id = $2 \
-             AND state IN ('ASSIGNED', 'RUNNING')",
-        )
-        .bind(until.0)
-        .bind(worker_id.to_string())
-        .execute(&self.writer)
-        .await?;
-        sqlx::query("UPDATE workers SET last_seen_at = $1 WHERE id = $2")
-            .bind(Timestamp::now().0)
-            .bind(worker_id.to_string())
-            .execute(&self.writer)
-            .await?;
+    async fn renew_leases(&self, workers: &[WorkerId], until: Timestamp) -> Result<u64> {
+        if workers.is_empty() {
+            return Ok(0);
+        }
+        // One statement for every worker heard since the last round: heartbeats of a large
+        // fleet cost one write per interval, not one per worker.
+        let list = (0..workers.len())
+            .map(|i| format!("${}", i + 2))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut tx = self.writer.begin().await?;
+        let sql = format!(
+            "UPDATE runs SET lease_expires_at = $1 WHERE worker_id IN ({list}) \
+             AND state IN ('ASSIGNED', 'RUNNING')"
+        );
+        let mut runs = sqlx::query(&sql).bind(until.0);
+        for w in workers {
+            runs = runs.bind(w.to_string());
+        }
+        let done = runs.execute(&mut *tx).await?;
+        let sql = format!("UPDATE workers SET last_seen_at = $1 WHERE id IN ({list})");
+        let mut seen = sqlx::query(&sql).bind(Timestamp::now().0);
+        for w in workers {
+            seen = seen.bind(w.to_string());
+        }
+        seen.execute(&mut *tx).await?;
+        tx.commit().await?;
         Ok(done.rows_affected())
     }
 

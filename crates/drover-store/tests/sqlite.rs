@@ -58,15 +58,24 @@ async fn a_database_newer_than_the_binary_is_refused() {
         .await
         .unwrap();
     }
-    let err = SqlStore::open(&url, Migrations::Apply).await.err().expect("refused");
+    let err = SqlStore::open(&url, Migrations::Apply)
+        .await
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("newer than this drover"), "{err}");
-    let err = SqlStore::open(&url, Migrations::Check).await.err().expect("refused");
+    let err = SqlStore::open(&url, Migrations::Check)
+        .await
+        .err()
+        .expect("refused");
     assert!(err.to_string().contains("newer than this drover"), "{err}");
 }
 
 #[tokio::test]
 async fn bad_database_urls_are_clear_errors() {
-    let err = SqlStore::open("mysql://x", Migrations::Apply).await.err().unwrap();
+    let err = SqlStore::open("mysql://x", Migrations::Apply)
+        .await
+        .err()
+        .unwrap();
     assert!(err.to_string().starts_with("database_url:"), "{err}");
     let err = SqlStore::open("postgres://drover:secret@127.0.0.1:9/x", Migrations::Apply)
         .await
@@ -74,5 +83,8 @@ async fn bad_database_urls_are_clear_errors() {
         .unwrap();
     let text = err.to_string();
     assert!(text.starts_with("cannot open the database"), "{text}");
-    assert!(!text.contains("secret"), "the password must not be shown: {text}");
+    assert!(
+        !text.contains("secret"),
+        "the password must not be shown: {text}"
+    );
 }

@@ -4,8 +4,8 @@
 use drover_client::Client;
 use drover_core::{JobSpec, JobState};
 use drover_testkit::{
-    Drover, Proxy, ServerOptions, ServerProc, TestDir, WorkerProc, drover_client, eventually,
-    postgres_database,
+    Drover, Proxy, ServerOptions, ServerProc, TestDir, WebhookReceiver, WorkerProc, drover_client,
+    eventually, postgres_database,
 };
 use std::time::Duration;
 
@@ -47,6 +47,11 @@ async fn three_replicas_1000_jobs_one_replica_killed() {
         .await;
     WorkerProc::wait_connected(&servers[0].client(), 2).await;
     let clients: Vec<Client> = servers.iter().map(|s| s.client()).collect();
+    let receiver = WebhookReceiver::start(0).await;
+    clients[0]
+        .add_webhook(&receiver.url, &["job.run.completed".into()], None)
+        .await
+        .unwrap();
     let spec = JobSpec {
         command: Some("true".into()),
         ..Default::default()
@@ -85,6 +90,16 @@ async fn three_replicas_1000_jobs_one_replica_killed() {
         }
     }
     eprintln!("all final after {:?}", started.elapsed());
+    // Whichever replica held the delivery duty, every completion was delivered.
+    receiver
+        .wait_until("a completion for every job", |got| {
+            let jobs: std::collections::HashSet<String> = got
+                .iter()
+                .filter_map(|r| r.json()["job_id"].as_str().map(String::from))
+                .collect();
+            ids.iter().all(|id| jobs.contains(id))
+        })
+        .await;
     // The workers of the dead replica are back, on the others.
     eventually("both workers reattached", || async {
         let nodes = clients[2].list_nodes().await.ok()?;
@@ -172,6 +187,21 @@ async fn migrate_and_bad_database_urls() {
     let Some(url) = postgres_database().await else {
         return;
     };
+    // A wrong password is told as such, without the password.
+    let wrong = url.replacen("drover-test@", "not-the-password@", 1);
+    assert_ne!(
+        wrong, url,
+        "the test cluster uses a password (scripts/test)"
+    );
+    let out = tokio::process::Command::new(&d.bin)
+        .args(["migrate", "--database-url", &wrong])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("password authentication failed"), "{err}");
+    assert!(!err.contains("not-the-password"), "{err}");
     // --no-migrate refuses an empty database; `drover migrate` prepares it.
     let refused = tokio::process::Command::new(&d.bin)
         .args([

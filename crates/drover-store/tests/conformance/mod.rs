@@ -314,7 +314,13 @@ pub async fn leases_expire_unless_renewed(store: &dyn Store) {
             .iter()
             .any(|r| r.id == run.id)
     );
-    assert_eq!(store.renew_leases(w, later()).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .renew_leases(&[w, worker(store).await], later())
+            .await
+            .unwrap(),
+        1
+    );
     assert!(
         store
             .expired_runs(probe)
