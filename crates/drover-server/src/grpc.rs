@@ -233,7 +233,7 @@ async fn reattach(
 }
 
 async fn serve_session(
-    state: &AppState,
+    state: &Arc<AppState>,
     worker: &WorkerRecord,
     inbound: &mut Streaming<v1::WorkerMessage>,
     tx: &mpsc::UnboundedSender<v1::ServerMessage>,
@@ -249,6 +249,20 @@ async fn serve_session(
         };
         state.sessions.heard_from(worker.id);
         let Some(body) = msg.body else { continue };
+        if matches!(body, In::Finished(_)) {
+            // Run ends are written in batches: do not hold the stream up meanwhile. The
+            // run's own messages all came before its end, so nothing overtakes it.
+            let (state, worker, tx) = (state.clone(), worker.clone(), tx.clone());
+            tokio::spawn(
+                async move {
+                    if let Err(e) = handle(&state, &worker, body, &tx).await {
+                        tracing::warn!(error = %e, "run end refused");
+                    }
+                }
+                .in_current_span(),
+            );
+            continue;
+        }
         if let Err(e) = handle(state, worker, body, tx).await {
             tracing::warn!(error = %e, "worker message refused");
         }
@@ -342,10 +356,12 @@ async fn handle(
                 exit_code: m.exit_code,
                 error: m.error,
             };
-            let f = state
-                .store
-                .finish_run(id, Some(worker.id), end, state.retry_settings())
-                .await?;
+            let request = drover_store::FinishRequest {
+                run_id: id,
+                worker_id: Some(worker.id),
+                end,
+            };
+            let f = crate::finisher::finish(state, request).await?;
             state.sessions.release(worker.id, id);
             state.logs.close(id);
             send(tx, Out::FinishAck(v1::FinishAck { run_id: m.run_id }));

@@ -3,6 +3,7 @@
 //! from the store and rebuilt on start.
 
 mod error;
+mod finisher;
 mod grpc;
 mod http;
 mod jobs;
@@ -93,6 +94,8 @@ pub(crate) struct AppState {
     pub notices: broadcast::Sender<Notice>,
     pub logs: logs::LogFiles,
     pub dispatch: Notify,
+    /// Where sessions hand run ends to be written in batches.
+    pub finisher: finisher::Queue,
     /// Wakes the webhook sender when an event was written.
     pub webhooks: Notify,
     pub metrics: PrometheusHandle,
@@ -190,6 +193,8 @@ fn prometheus() -> PrometheusHandle {
 pub struct Server {
     state: Arc<AppState>,
     listener: TcpListener,
+    finish_queue:
+        tokio::sync::mpsc::UnboundedReceiver<(drover_store::FinishRequest, finisher::Reply)>,
 }
 
 impl Server {
@@ -237,6 +242,7 @@ impl Server {
                 }
             })?;
         let (notices, _) = broadcast::channel(4096);
+        let (finisher, finish_queue) = tokio::sync::mpsc::unbounded_channel();
         let state = Arc::new(AppState {
             store,
             config,
@@ -244,13 +250,18 @@ impl Server {
             notices,
             logs,
             dispatch: Notify::new(),
+            finisher,
             webhooks: Notify::new(),
             metrics: prometheus(),
             recovered: std::sync::Mutex::new(recovered),
             replica: format!("replica-{}", drover_core::JobId::new()),
             last_dispatch_nudge: std::sync::atomic::AtomicI64::new(0),
         });
-        Ok(Self { state, listener })
+        Ok(Self {
+            state,
+            listener,
+            finish_queue,
+        })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -275,6 +286,7 @@ impl Server {
             tokio::spawn(scheduler::lease_renewer(state.clone())),
             tokio::spawn(webhooks::delivery_loop(state.clone())),
             tokio::spawn(listen_to_replicas(state.clone())),
+            tokio::spawn(finisher::run(state.clone(), self.finish_queue)),
         ];
         let app = http::router(state.clone()).merge(grpc::router(state.clone()));
         let closing = state.clone();

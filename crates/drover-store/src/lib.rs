@@ -63,6 +63,14 @@ pub enum Wakeup {
     Job { job_id: JobId },
 }
 
+/// One attempt's end, as reported.
+#[derive(Debug, Clone)]
+pub struct FinishRequest {
+    pub run_id: RunId,
+    pub worker_id: Option<WorkerId>,
+    pub end: RunEnd,
+}
+
 /// What the retry policy needs from the server's configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct RetrySettings {
@@ -114,7 +122,24 @@ pub trait Store: Send + Sync + 'static {
         worker_id: Option<WorkerId>,
         end: RunEnd,
         retry: RetrySettings,
-    ) -> Result<Finished>;
+    ) -> Result<Finished> {
+        let request = FinishRequest {
+            run_id,
+            worker_id,
+            end,
+        };
+        self.finish_runs(vec![request], retry)
+            .await?
+            .pop()
+            .unwrap_or_else(|| Err(StoreError::Corrupt("an empty batch answer".into())))
+    }
+    /// [`Store::finish_run`] for many runs in one transaction (completions come in bursts);
+    /// each gets its own answer.
+    async fn finish_runs(
+        &self,
+        batch: Vec<FinishRequest>,
+        retry: RetrySettings,
+    ) -> Result<Vec<Result<Finished>>>;
     /// Extends the leases of every live run of these workers, and notes them seen.
     async fn renew_leases(&self, workers: &[WorkerId], until: Timestamp) -> Result<u64>;
     /// Extends every live lease (at start, so that workers get a whole lease to come back).

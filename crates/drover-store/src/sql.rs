@@ -7,10 +7,10 @@
 //! replicas never overwrite each other's changes.
 
 use crate::{
-    Assignment, Cancelled, DeliveryRecord, DeliveryState, EventRecord, Finished, GroupRecord,
-    GroupState, GroupView, JobRecord, JoinToken, LogIndex, ReadyJob, ReservationRecord,
-    ReservationState, Result, RetrySettings, RunEnd, RunRecord, Store, StoreError, WebhookRecord,
-    WorkerRecord, webhook_events,
+    Assignment, Cancelled, DeliveryRecord, DeliveryState, EventRecord, FinishRequest, Finished,
+    GroupRecord, GroupState, GroupView, JobRecord, JoinToken, LogIndex, ReadyJob,
+    ReservationRecord, ReservationState, Result, RetrySettings, RunEnd, RunRecord, Store,
+    StoreError, WebhookRecord, WorkerRecord, webhook_events,
 };
 use async_trait::async_trait;
 use drover_core::{
@@ -759,6 +759,112 @@ async fn settle_group(conn: &mut AnyConnection, id: GroupId, now: Timestamp) -> 
     insert_event(conn, now, None, None, &kind).await
 }
 
+/// Records how an attempt ended, in the caller's transaction (see `Store::finish_run`).
+async fn finish_in(
+    tx: &mut AnyConnection,
+    run_id: RunId,
+    worker_id: Option<WorkerId>,
+    end: RunEnd,
+    retry: RetrySettings,
+) -> Result<Finished> {
+    let now = Timestamp::now();
+    let run = match worker_id {
+        Some(w) => own_run(&mut *tx, run_id, w).await?,
+        None => load_run(&mut *tx, run_id).await?,
+    };
+    let mut job = load_job(&mut *tx, run.job_id).await?;
+    if run.state.is_terminal() {
+        return Ok(Finished {
+            job,
+            run,
+            changed: false,
+        });
+    }
+    sqlx::query(
+        "UPDATE runs SET state = $1, exit_code = $2, error = $3, finished_at = $4, \
+         started_at = COALESCE(started_at, $5) WHERE id = $6",
+    )
+    .bind(end.outcome.run_state().as_str())
+    .bind(end.exit_code.map(i64::from))
+    .bind(&end.error)
+    .bind(now.0)
+    .bind(now.0)
+    .bind(run_id.to_string())
+    .execute(&mut *tx)
+    .await?;
+    // Only the job's current attempt moves the job; a stale run just ends.
+    if job.current_run == Some(run_id) && !job.state.is_terminal() {
+        // A result whose start was never recorded still passes through RUNNING, so
+        // that the event history stays a walk of the transition table.
+        if job.state == JobState::Assigned && end.outcome != drover_core::RunOutcome::Failed {
+            transition(&mut *tx, &job, JobEvent::Start, Some(run_id), None, now).await?;
+            job = load_job(&mut *tx, job.id).await?;
+        }
+        let retrying =
+            end.outcome.is_retryable() && retry::should_retry(run.attempt, job.max_attempts);
+        sqlx::query("UPDATE jobs SET exit_code = $1, error = $2 WHERE id = $3")
+            .bind(end.exit_code.map(i64::from))
+            .bind(&end.error)
+            .bind(job.id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if retrying {
+            let base = job
+                .spec
+                .backoff_base_ms
+                .map(Duration::from_millis)
+                .unwrap_or(retry.default_backoff_base);
+            let not_before = now.plus(retry::backoff_delay(base, run.attempt, retry.jitter));
+            sqlx::query("UPDATE jobs SET not_before = $1 WHERE id = $2")
+                .bind(not_before.0)
+                .bind(job.id.to_string())
+                .execute(&mut *tx)
+                .await?;
+            let kind = EventKind::JobRetryScheduled {
+                run_id,
+                next_attempt: run.attempt + 1,
+                not_before,
+                error: end.error.clone(),
+            };
+            transition(
+                &mut *tx,
+                &job,
+                JobEvent::Retry,
+                Some(run_id),
+                Some(kind),
+                now,
+            )
+            .await?;
+        } else {
+            let event = end.outcome.final_event();
+            let to = job.state.apply(event)?;
+            let kind = EventKind::for_transition(
+                job.state,
+                event,
+                to,
+                Some(run_id),
+                end.exit_code,
+                end.error.clone(),
+            );
+            transition(&mut *tx, &job, event, Some(run_id), Some(kind), now).await?;
+        }
+    }
+    let job = load_job(&mut *tx, run.job_id).await?;
+    let run = load_run(&mut *tx, run_id).await?;
+    let will_retry = job.state == JobState::Queued;
+    let (event, key, payload) = run_event(&job, Some(&run), run.state.as_str(), will_retry, now);
+    enqueue_webhooks(&mut *tx, event, &key, &payload, now).await?;
+    if job.state.is_terminal() && job.current_run == Some(run_id) {
+        settle_final(&mut *tx, &job, now).await?;
+    }
+    let job = load_job(&mut *tx, run.job_id).await?;
+    Ok(Finished {
+        job,
+        run,
+        changed: true,
+    })
+}
+
 #[async_trait]
 impl Store for SqlStore {
     async fn create_job(&self, spec: JobSpec) -> Result<(JobRecord, bool)> {
@@ -1075,113 +1181,29 @@ impl Store for SqlStore {
         Ok(())
     }
 
-    async fn finish_run(
+    async fn finish_runs(
         &self,
-        run_id: RunId,
-        worker_id: Option<WorkerId>,
-        end: RunEnd,
+        batch: Vec<FinishRequest>,
         retry: RetrySettings,
-    ) -> Result<Finished> {
-        let now = Timestamp::now();
+    ) -> Result<Vec<Result<Finished>>> {
         let mut tx = self.writer.begin().await?;
-        let run = match worker_id {
-            Some(w) => own_run(&mut tx, run_id, w).await?,
-            None => load_run(&mut tx, run_id).await?,
-        };
-        let mut job = load_job(&mut tx, run.job_id).await?;
-        if run.state.is_terminal() {
-            tx.commit().await?;
-            return Ok(Finished {
-                job,
-                run,
-                changed: false,
-            });
-        }
-        sqlx::query(
-            "UPDATE runs SET state = $1, exit_code = $2, error = $3, finished_at = $4, \
-             started_at = COALESCE(started_at, $5) WHERE id = $6",
-        )
-        .bind(end.outcome.run_state().as_str())
-        .bind(end.exit_code.map(i64::from))
-        .bind(&end.error)
-        .bind(now.0)
-        .bind(now.0)
-        .bind(run_id.to_string())
-        .execute(&mut *tx)
-        .await?;
-        // Only the job's current attempt moves the job; a stale run just ends.
-        if job.current_run == Some(run_id) && !job.state.is_terminal() {
-            // A result whose start was never recorded still passes through RUNNING, so
-            // that the event history stays a walk of the transition table.
-            if job.state == JobState::Assigned && end.outcome != drover_core::RunOutcome::Failed {
-                transition(&mut tx, &job, JobEvent::Start, Some(run_id), None, now).await?;
-                job = load_job(&mut tx, job.id).await?;
-            }
-            let retrying =
-                end.outcome.is_retryable() && retry::should_retry(run.attempt, job.max_attempts);
-            sqlx::query("UPDATE jobs SET exit_code = $1, error = $2 WHERE id = $3")
-                .bind(end.exit_code.map(i64::from))
-                .bind(&end.error)
-                .bind(job.id.to_string())
-                .execute(&mut *tx)
-                .await?;
-            if retrying {
-                let base = job
-                    .spec
-                    .backoff_base_ms
-                    .map(Duration::from_millis)
-                    .unwrap_or(retry.default_backoff_base);
-                let not_before = now.plus(retry::backoff_delay(base, run.attempt, retry.jitter));
-                sqlx::query("UPDATE jobs SET not_before = $1 WHERE id = $2")
-                    .bind(not_before.0)
-                    .bind(job.id.to_string())
-                    .execute(&mut *tx)
-                    .await?;
-                let kind = EventKind::JobRetryScheduled {
-                    run_id,
-                    next_attempt: run.attempt + 1,
-                    not_before,
-                    error: end.error.clone(),
-                };
-                transition(
-                    &mut tx,
-                    &job,
-                    JobEvent::Retry,
-                    Some(run_id),
-                    Some(kind),
-                    now,
-                )
-                .await?;
-            } else {
-                let event = end.outcome.final_event();
-                let to = job.state.apply(event)?;
-                let kind = EventKind::for_transition(
-                    job.state,
-                    event,
-                    to,
-                    Some(run_id),
-                    end.exit_code,
-                    end.error.clone(),
-                );
-                transition(&mut tx, &job, event, Some(run_id), Some(kind), now).await?;
+        let mut results = Vec::with_capacity(batch.len());
+        for req in batch {
+            // Each in a savepoint: one refused report does not undo the others.
+            let mut one = sqlx::Connection::begin(&mut *tx).await?;
+            match finish_in(&mut one, req.run_id, req.worker_id, req.end, retry).await {
+                Ok(f) => {
+                    one.commit().await?;
+                    results.push(Ok(f));
+                }
+                Err(e) => {
+                    one.rollback().await?;
+                    results.push(Err(e));
+                }
             }
         }
-        let job = load_job(&mut tx, run.job_id).await?;
-        let run = load_run(&mut tx, run_id).await?;
-        let will_retry = job.state == JobState::Queued;
-        let (event, key, payload) =
-            run_event(&job, Some(&run), run.state.as_str(), will_retry, now);
-        enqueue_webhooks(&mut tx, event, &key, &payload, now).await?;
-        if job.state.is_terminal() && job.current_run == Some(run_id) {
-            settle_final(&mut tx, &job, now).await?;
-        }
-        let job = load_job(&mut tx, run.job_id).await?;
         tx.commit().await?;
-        Ok(Finished {
-            job,
-            run,
-            changed: true,
-        })
+        Ok(results)
     }
 
     async fn renew_leases(&self, workers: &[WorkerId], until: Timestamp) -> Result<u64> {
