@@ -310,6 +310,12 @@ impl Client {
             .await
     }
 
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> Result<String> {
+        let response = self.send(self.request(Method::GET, &["metrics"])).await?;
+        response.text().await.map_err(|e| self.unreachable(e))
+    }
+
     /// True once the server answers `/readyz` with 200.
     pub async fn ready(&self) -> bool {
         matches!(

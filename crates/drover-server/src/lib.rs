@@ -297,7 +297,14 @@ impl Server {
             closing.sessions.close_all();
             let _ = stopped_tx.send(());
         };
-        let serve = axum::serve(self.listener, app).with_graceful_shutdown(graceful);
+        // Small messages (assignments, acks) must not wait for Nagle's algorithm.
+        use axum::serve::ListenerExt;
+        let listener = self.listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
+        let serve = axum::serve(listener, app).with_graceful_shutdown(graceful);
         // Live followers (SSE) do not end by themselves: give in-flight requests a moment.
         let result = tokio::select! {
             r = serve => r.map_err(ServerError::Serve),

@@ -44,6 +44,19 @@ pub struct WorkerConfig {
     pub slots: u32,
     /// Between SIGTERM and SIGKILL when a job is stopped.
     pub kill_grace: Duration,
+    /// How jobs run: real processes, or `noop` (benchmarks and tests of the control plane).
+    pub executor: ExecutorKind,
+}
+
+/// How a worker runs what it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExecutorKind {
+    /// Each job a process group (`/bin/sh -c`, or the program with its arguments).
+    #[default]
+    Process,
+    /// Every job succeeds at once, without running anything. Kept for benchmarking the
+    /// control plane, the store and the protocol (`drover bench throughput --executor noop`).
+    Noop,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -497,7 +510,22 @@ impl Agent {
             kill_grace: self.config.kill_grace,
         };
         let span = tracing::info_span!("job", job_id = %a.job_id, run_id = %run_id);
-        tokio::spawn(executor::execute(exec, self.events_tx.clone(), control_rx).instrument(span));
+        match self.config.executor {
+            ExecutorKind::Process => {
+                tokio::spawn(
+                    executor::execute(exec, self.events_tx.clone(), control_rx).instrument(span),
+                );
+            }
+            ExecutorKind::Noop => {
+                let _ = self.events_tx.send(ExecEvent::Started { run_id });
+                let _ = self.events_tx.send(ExecEvent::Exited {
+                    run_id,
+                    outcome: drover_core::RunOutcome::Succeeded,
+                    exit_code: Some(0),
+                    error: None,
+                });
+            }
+        }
     }
 
     fn on_exec_event(&mut self, ev: ExecEvent, out: Option<&UnboundedSender<v1::WorkerMessage>>) {

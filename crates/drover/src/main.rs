@@ -1,5 +1,6 @@
 //! `drover`: the one binary. The CLI parses, the crates do the work.
 
+mod bench;
 mod job;
 mod node;
 mod output;
@@ -53,6 +54,9 @@ enum Command {
     /// Webhooks: HTTP callbacks when job runs end.
     #[command(subcommand)]
     Webhook(sched::WebhookCommand),
+    /// Measure throughput, latency and log streaming; prints figures.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 fn init_tracing(default: &str) {
@@ -82,6 +86,7 @@ async fn main() -> ExitCode {
         Command::Group(cmd) => sched::group(cmd, &cli.server, cli.output).await,
         Command::Reserve(args) => sched::reserve(args, &cli.server, cli.output).await,
         Command::Webhook(cmd) => sched::webhook(cmd, &cli.server, cli.output).await,
+        Command::Bench(cmd) => bench::run(cmd, cli.output).await,
     };
     match result {
         Ok(code) => code,

@@ -70,6 +70,16 @@ pub struct WorkerOptions {
     /// Between SIGTERM and SIGKILL when a job is stopped.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     kill_grace: Duration,
+    /// `process` runs jobs; `noop` completes every job at once without running it (for
+    /// benchmarks of the control plane).
+    #[arg(long, value_enum, default_value_t = Executor::Process)]
+    executor: Executor,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Executor {
+    Process,
+    Noop,
 }
 
 #[derive(Args)]
@@ -128,6 +138,10 @@ fn worker_config(
         resources,
         slots: o.slots,
         kill_grace: o.kill_grace,
+        executor: match o.executor {
+            Executor::Process => drover_worker::ExecutorKind::Process,
+            Executor::Noop => drover_worker::ExecutorKind::Noop,
+        },
     })
 }
 

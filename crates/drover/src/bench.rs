@@ -1,0 +1,502 @@
+//! `drover bench …`: workloads that print figures. No test asserts a duration; these are
+//! what the figures in docs/benchmarks.md come from.
+//!
+//! Unless `--server` is given, a bench starts its own control plane (`drover server`) and
+//! workers (`drover worker`) as child processes on a temporary directory, so that the
+//! control plane's memory and CPU can be read from /proc.
+
+use crate::output::{self, Output, print_json};
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use drover_client::{Client, FollowEvent};
+use drover_core::{JobSpec, Timestamp};
+use futures::StreamExt;
+use serde::Serialize;
+use std::path::Path;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// N jobs through the queue: jobs/s from first submit to last completion.
+    Throughput {
+        #[arg(long, default_value_t = 100_000)]
+        jobs: usize,
+        /// noop: workers complete jobs without running them (measures the control plane,
+        /// the store and the protocol); process: each job runs `true`.
+        #[arg(long, value_enum, default_value_t = crate::serve::Executor::Noop)]
+        executor: crate::serve::Executor,
+        #[command(flatten)]
+        setup: Setup,
+    },
+    /// One job at a time on an idle warm worker: submit → RUNNING and submit → final.
+    Latency {
+        #[arg(long, default_value_t = 1000)]
+        jobs: usize,
+        #[command(flatten)]
+        setup: Setup,
+    },
+    /// One job printing many lines: lines/s stored, and the delay a live follower sees.
+    Logs {
+        #[arg(long, default_value_t = 1_000_000)]
+        lines: usize,
+        #[command(flatten)]
+        setup: Setup,
+    },
+}
+
+#[derive(Args, Clone)]
+pub struct Setup {
+    /// Measure a running control plane instead of starting one (its memory is not read).
+    #[arg(long = "target")]
+    target: Option<String>,
+    /// Database of the control plane the bench starts (default: SQLite in a temp dir).
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Workers the bench starts.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Slots per worker.
+    #[arg(long, default_value_t = 16)]
+    slots: u32,
+    /// Submissions in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+}
+
+/// The processes a bench started, killed when it ends.
+struct Fleet {
+    client: Client,
+    server_pid: Option<u32>,
+    children: Vec<Child>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn spawn(args: &[String], log: &Path) -> anyhow::Result<Child> {
+    let exe = std::env::current_exe().context("cannot find the drover binary")?;
+    let log = std::fs::File::create(log)?;
+    Ok(Command::new(exe)
+        .args(args)
+        .env("DROVER_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?)
+}
+
+async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Result<Fleet> {
+    if let Some(url) = &setup.target {
+        return Ok(Fleet {
+            client: Client::new(url)?,
+            server_pid: None,
+            children: Vec::new(),
+            _dir: None,
+        });
+    }
+    let dir = tempfile::Builder::new().prefix("drover-bench-").tempdir()?;
+    let data = dir.path().join("server");
+    let mut args: Vec<String> = vec![
+        "server".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--data-dir".into(),
+        data.display().to_string(),
+    ];
+    if let Some(db) = &setup.database_url {
+        args.extend(["--database-url".into(), db.clone()]);
+    }
+    std::fs::create_dir_all(&data)?;
+    let server = spawn(&args, &dir.path().join("server.log"))?;
+    let server_pid = server.id();
+    let mut children = vec![server];
+    let addr_file = data.join("api.addr");
+    let started = Instant::now();
+    let url = loop {
+        if let Ok(text) = std::fs::read_to_string(&addr_file)
+            && text.ends_with('\n')
+        {
+            break text.trim().to_string();
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!(
+                "the control plane did not start; see {}",
+                dir.path().join("server.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let client = Client::new(&url)?;
+    for i in 0..setup.workers {
+        let token = client
+            .create_node_token(Duration::from_secs(600))
+            .await?
+            .token;
+        let executor = match executor {
+            crate::serve::Executor::Noop => "noop",
+            crate::serve::Executor::Process => "process",
+        };
+        let args: Vec<String> = [
+            "worker",
+            "--server",
+            &url,
+            "--token",
+            &token,
+            "--name",
+            &format!("bench-{i}"),
+            "--slots",
+            &setup.slots.to_string(),
+            "--executor",
+            executor,
+            "--state-dir",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([dir.path().join(format!("worker-{i}")).display().to_string()])
+        .collect();
+        children.push(spawn(&args, &dir.path().join(format!("worker-{i}.log")))?);
+    }
+    while client
+        .list_nodes()
+        .await
+        .map(|n| n.iter().filter(|n| n.connected).count())
+        .unwrap_or(0)
+        < setup.workers
+    {
+        if started.elapsed() > Duration::from_secs(60) {
+            bail!("the workers did not connect");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(Fleet {
+        client,
+        server_pid: Some(server_pid),
+        children,
+        _dir: Some(dir),
+    })
+}
+
+/// Peak resident memory (MiB) and CPU seconds of a process, from /proc.
+fn process_usage(pid: Option<u32>) -> (Option<f64>, Option<f64>) {
+    let Some(pid) = pid else { return (None, None) };
+    let peak = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0);
+    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let rest = s.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name;
+            // Linux reports them in USER_HZ, which is 100.
+            let ticks =
+                fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+            Some(ticks / 100.0)
+        });
+    (peak, cpu)
+}
+
+#[derive(Serialize)]
+struct Figures {
+    scenario: String,
+    database: String,
+    figures: Vec<Figure>,
+}
+
+#[derive(Serialize)]
+struct Figure {
+    name: String,
+    value: String,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// Submits `n` copies of `spec` with `concurrency` in flight; returns the ids.
+async fn submit_all(
+    client: &Client,
+    spec: &JobSpec,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<Vec<String>> {
+    let spec = Arc::new(spec.clone());
+    let ids: Vec<anyhow::Result<String>> = futures::stream::iter(0..n)
+        .map(|_| {
+            let (client, spec) = (client.clone(), spec.clone());
+            async move { Ok(client.submit_job(&spec).await?.id.to_string()) }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    ids.into_iter().collect()
+}
+
+/// Waits until `n` more jobs than `before` finished, reading the server's counter.
+async fn wait_finished(client: &Client, before: u64, n: u64) -> anyhow::Result<()> {
+    let bar = output::spinner("waiting for the jobs to finish");
+    loop {
+        let done = finished_count(client).await?.saturating_sub(before);
+        if let Some(bar) = &bar {
+            bar.set_message(format!("{done}/{n} jobs finished"));
+        }
+        if done >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    Ok(())
+}
+
+/// `drover_jobs_finished_total` summed over states, from /metrics.
+async fn finished_count(client: &Client) -> anyhow::Result<u64> {
+    let text = client.metrics().await?;
+    Ok(text
+        .lines()
+        .filter(|l| l.starts_with("drover_jobs_finished_total"))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum::<f64>() as u64)
+}
+
+pub async fn run(cmd: BenchCommand, output: Output) -> anyhow::Result<ExitCode> {
+    let figures = match cmd {
+        BenchCommand::Throughput {
+            jobs,
+            executor,
+            setup,
+        } => throughput(jobs, executor, &setup).await?,
+        BenchCommand::Latency { jobs, setup } => latency(jobs, &setup).await?,
+        BenchCommand::Logs { lines, setup } => logs(lines, &setup).await?,
+    };
+    match output {
+        Output::Json => print_json(&figures)?,
+        Output::Text => {
+            println!("{} ({})", figures.scenario, figures.database);
+            let mut t = output::table(&["FIGURE", "VALUE"]);
+            for f in &figures.figures {
+                t.add_row(vec![f.name.clone(), f.value.clone()]);
+            }
+            println!("{t}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn database_name(setup: &Setup) -> String {
+    match (&setup.target, &setup.database_url) {
+        (Some(t), _) => format!("target {t}"),
+        (None, Some(db)) if db.starts_with("postgres") => "PostgreSQL".into(),
+        _ => "SQLite".into(),
+    }
+}
+
+fn usage_figures(fleet: &Fleet, figures: &mut Vec<(String, String)>) {
+    let (peak, cpu) = process_usage(fleet.server_pid);
+    if let Some(peak) = peak {
+        figures.push(("control plane peak memory".into(), format!("{peak:.1} MiB")));
+    }
+    if let Some(cpu) = cpu {
+        figures.push(("control plane CPU time".into(), format!("{cpu:.2} s")));
+    }
+}
+
+async fn throughput(
+    jobs: usize,
+    executor: crate::serve::Executor,
+    setup: &Setup,
+) -> anyhow::Result<Figures> {
+    let fleet = fleet(setup, executor).await?;
+    let before = finished_count(&fleet.client).await?;
+    let spec = JobSpec {
+        command: Some("true".into()),
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    let started = Instant::now();
+    submit_all(&fleet.client, &spec, jobs, setup.concurrency).await?;
+    let submitted = started.elapsed();
+    wait_finished(&fleet.client, before, jobs as u64).await?;
+    let total = started.elapsed();
+    let mut figures = vec![
+        ("jobs".into(), jobs.to_string()),
+        (
+            "executor".into(),
+            format!(
+                "{}",
+                if executor == crate::serve::Executor::Noop {
+                    "noop"
+                } else {
+                    "process"
+                }
+            ),
+        ),
+        (
+            "submit rate".into(),
+            format!("{:.0} jobs/s", jobs as f64 / submitted.as_secs_f64()),
+        ),
+        (
+            "first submit → last completion".into(),
+            format!("{:.2} s", total.as_secs_f64()),
+        ),
+        (
+            "throughput".into(),
+            format!("{:.0} jobs/s", jobs as f64 / total.as_secs_f64()),
+        ),
+    ];
+    usage_figures(&fleet, &mut figures);
+    Ok(Figures {
+        scenario: "throughput".into(),
+        database: database_name(setup),
+        figures: figures
+            .into_iter()
+            .map(|(name, value)| Figure { name, value })
+            .collect(),
+    })
+}
+
+async fn latency(jobs: usize, setup: &Setup) -> anyhow::Result<Figures> {
+    let mut one = setup.clone();
+    one.workers = 1;
+    let fleet = fleet(&one, crate::serve::Executor::Process).await?;
+    let spec = JobSpec {
+        command: Some("true".into()),
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    let (mut to_running, mut to_final, mut seen) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..jobs {
+        let t0 = Instant::now();
+        let job = fleet.client.submit_job(&spec).await?;
+        let view = fleet.client.wait_job(&job.id.to_string(), |_| {}).await?;
+        seen.push(t0.elapsed());
+        // The server's own clock: from the job's creation to its run's start and end.
+        if let Some(run) = view.runs.first() {
+            if let Some(started) = run.run.started_at {
+                to_running.push(started.since(view.job.created_at));
+            }
+            if let Some(finished) = run.run.finished_at {
+                to_final.push(finished.since(view.job.created_at));
+            }
+        }
+    }
+    let mut figures = vec![("jobs".into(), jobs.to_string())];
+    for (name, list) in [
+        ("submit → RUNNING", &mut to_running),
+        ("submit → final", &mut to_final),
+        ("client round trip (submit, wait)", &mut seen),
+    ] {
+        list.sort();
+        figures.push((
+            name.to_string(),
+            format!(
+                "p50 {} · p90 {} · p99 {} · max {}",
+                ms(percentile(list, 0.5)),
+                ms(percentile(list, 0.9)),
+                ms(percentile(list, 0.99)),
+                ms(list.last().copied().unwrap_or_default())
+            ),
+        ));
+    }
+    usage_figures(&fleet, &mut figures);
+    Ok(Figures {
+        scenario: "latency".into(),
+        database: database_name(setup),
+        figures: figures
+            .into_iter()
+            .map(|(name, value)| Figure { name, value })
+            .collect(),
+    })
+}
+
+async fn logs(lines: usize, setup: &Setup) -> anyhow::Result<Figures> {
+    let mut one = setup.clone();
+    one.workers = 1;
+    let fleet = fleet(&one, crate::serve::Executor::Process).await?;
+    let spec = JobSpec {
+        command: Some(format!("seq 1 {lines}")),
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    let job = fleet.client.submit_job(&spec).await?;
+    let id = job.id.to_string();
+    let mut follow = Box::pin(fleet.client.follow_logs(&id, None).await?);
+    let mut delays = Vec::with_capacity(lines);
+    let mut received = 0usize;
+    while let Some(ev) = follow.next().await {
+        match ev? {
+            FollowEvent::Entry(e) => {
+                received += 1;
+                delays.push(Timestamp::now().since(e.timestamp));
+            }
+            FollowEvent::End(_) => break,
+        }
+    }
+    let view = fleet.client.get_job(&id).await?;
+    let run = view.runs.first().context("the job never ran")?;
+    let stored = run.log.as_ref().map(|l| l.entry_count).unwrap_or(0);
+    let took = match (run.run.started_at, run.run.finished_at) {
+        (Some(s), Some(f)) => f.since(s),
+        _ => Duration::ZERO,
+    };
+    delays.sort();
+    let mut figures = vec![
+        ("lines printed".into(), lines.to_string()),
+        ("lines stored".into(), stored.to_string()),
+        ("lines followed".into(), received.to_string()),
+        (
+            "job run time".into(),
+            format!("{:.2} s", took.as_secs_f64()),
+        ),
+        (
+            "stored rate".into(),
+            format!(
+                "{:.0} lines/s",
+                stored as f64 / took.as_secs_f64().max(1e-9)
+            ),
+        ),
+        (
+            "follower delay".into(),
+            format!(
+                "p50 {} · p99 {} · max {}",
+                ms(percentile(&delays, 0.5)),
+                ms(percentile(&delays, 0.99)),
+                ms(delays.last().copied().unwrap_or_default())
+            ),
+        ),
+    ];
+    usage_figures(&fleet, &mut figures);
+    Ok(Figures {
+        scenario: "logs".into(),
+        database: database_name(setup),
+        figures: figures
+            .into_iter()
+            .map(|(name, value)| Figure { name, value })
+            .collect(),
+    })
+}

@@ -1,0 +1,59 @@
+//! Smoke tests of `drover bench`: each scenario with tiny sizes, so that the command itself
+//! cannot rot. They check that figures come out, never how large they are.
+
+use std::process::Command;
+
+fn bench(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_drover"))
+        .arg("bench")
+        .args(args)
+        .args(["--output", "json"])
+        .env_remove("DROVER_SERVER")
+        .output()
+        .expect("run drover bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON figures")
+}
+
+fn figure<'a>(v: &'a serde_json::Value, name: &str) -> &'a str {
+    v["figures"]
+        .as_array()
+        .and_then(|f| f.iter().find(|f| f["name"] == name))
+        .and_then(|f| f["value"].as_str())
+        .unwrap_or_else(|| panic!("no figure {name:?} in {v}"))
+}
+
+#[test]
+fn bench_throughput_noop_and_process_smoke() {
+    let v = bench(&["throughput", "--jobs", "30", "--workers", "1"]);
+    assert_eq!(v["scenario"], "throughput");
+    assert!(figure(&v, "throughput").ends_with("jobs/s"));
+    assert!(figure(&v, "control plane peak memory").ends_with("MiB"));
+    let v = bench(&[
+        "throughput",
+        "--jobs",
+        "10",
+        "--executor",
+        "process",
+        "--workers",
+        "1",
+    ]);
+    assert_eq!(figure(&v, "executor"), "process");
+}
+
+#[test]
+fn bench_latency_smoke() {
+    let v = bench(&["latency", "--jobs", "5"]);
+    assert!(figure(&v, "submit → RUNNING").starts_with("p50 "));
+}
+
+#[test]
+fn bench_logs_smoke() {
+    let v = bench(&["logs", "--lines", "500"]);
+    assert_eq!(figure(&v, "lines stored"), "500");
+    assert_eq!(figure(&v, "lines followed"), "500");
+}
