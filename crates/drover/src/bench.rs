@@ -347,14 +347,12 @@ async fn throughput(
         ("jobs".into(), jobs.to_string()),
         (
             "executor".into(),
-            format!(
-                "{}",
-                if executor == crate::serve::Executor::Noop {
-                    "noop"
-                } else {
-                    "process"
-                }
-            ),
+            if executor == crate::serve::Executor::Noop {
+                "noop"
+            } else {
+                "process"
+            }
+            .to_string(),
         ),
         (
             "submit rate".into(),
