@@ -12,8 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
-/// Looked at per pass; more waiting jobs are picked up by the next pass.
+/// Queue page size; a pass reads at most PAGES_PER_PASS pages.
 const CANDIDATES_PER_PASS: u32 = 512;
+const PAGES_PER_PASS: usize = 16;
 /// Wakes even when nothing notifies, for jobs whose retry backoff has passed.
 const IDLE_TICK: Duration = Duration::from_millis(250);
 
@@ -37,8 +38,11 @@ async fn dispatch_pass(state: &AppState) -> Result<usize, drover_store::StoreErr
         return Ok(0);
     }
     let now = Timestamp::now();
-    let ready = state.store.ready_jobs(now, CANDIDATES_PER_PASS).await?;
-    if ready.is_empty() {
+    let first = state
+        .store
+        .ready_jobs(now, None, CANDIDATES_PER_PASS)
+        .await?;
+    if first.is_empty() {
         return Ok(0);
     }
     let holds: Vec<Hold> = state
@@ -54,16 +58,31 @@ async fn dispatch_pass(state: &AppState) -> Result<usize, drover_store::StoreErr
             amount: r.amount,
         })
         .collect();
-    let candidates = ready
-        .into_iter()
-        .map(|r| Candidate {
+    // Read the queue page by page until the free slots are spoken for: jobs that fit no
+    // worker (labels, resources) must not hide the ones behind them.
+    let free_slots: usize = free.iter().map(|w| w.free_slots as usize).sum();
+    let mut candidates: Vec<Candidate> = Vec::new();
+    let mut page = first;
+    for _ in 0..PAGES_PER_PASS {
+        let last_page = page.len() < CANDIDATES_PER_PASS as usize;
+        let after = page.last().map(|r| (r.priority, r.id));
+        candidates.extend(page.into_iter().map(|r| Candidate {
             job_id: r.id,
             priority: r.priority,
             labels: r.labels,
             resources: r.resources,
             reservation: r.reservation,
-        })
-        .collect();
+        }));
+        if last_page
+            || schedule::assign(candidates.clone(), free.clone(), holds.clone()).len() >= free_slots
+        {
+            break;
+        }
+        page = state
+            .store
+            .ready_jobs(now, after, CANDIDATES_PER_PASS)
+            .await?;
+    }
     let plan = schedule::assign(candidates, free, holds.clone());
     let mut assigned = 0;
     for (job_id, worker_id) in plan {

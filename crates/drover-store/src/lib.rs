@@ -101,8 +101,14 @@ pub trait Store: Send + Sync + 'static {
     async fn cancel_job(&self, id: JobId, reason: &str) -> Result<Cancelled>;
 
     // ----------------------------------------------------------- scheduling
-    /// QUEUED jobs whose backoff has passed, highest priority then oldest first.
-    async fn ready_jobs(&self, now: Timestamp, limit: u32) -> Result<Vec<ReadyJob>>;
+    /// QUEUED jobs whose backoff has passed and whose dependencies succeeded, highest
+    /// priority then oldest first; `after` continues from the last (priority, id) seen.
+    async fn ready_jobs(
+        &self,
+        now: Timestamp,
+        after: Option<(i32, JobId)>,
+        limit: u32,
+    ) -> Result<Vec<ReadyJob>>;
     /// Hands a QUEUED job to a worker: a new run with a lease, `JobAssigned`. `None` when
     /// the job is no longer QUEUED (someone else took or cancelled it).
     async fn assign_job(

@@ -1064,12 +1064,24 @@ impl Store for SqlStore {
         Ok(Cancelled { job, run })
     }
 
-    async fn ready_jobs(&self, now: Timestamp, limit: u32) -> Result<Vec<ReadyJob>> {
+    async fn ready_jobs(
+        &self,
+        now: Timestamp,
+        after: Option<(i32, JobId)>,
+        limit: u32,
+    ) -> Result<Vec<ReadyJob>> {
+        // Keyset pages in queue order: (priority, id) of the last job seen.
+        let (priority, id) = after
+            .map(|(p, id)| (i64::from(p), id.to_string()))
+            .unwrap_or((i64::MAX, String::new()));
         let rows = sqlx::query(
             "SELECT id, priority, spec FROM jobs WHERE state = 'QUEUED' AND waiting_on = 0 \
-             AND not_before <= $1 ORDER BY priority DESC, id LIMIT $2",
+             AND not_before <= $1 AND (priority < $2 OR (priority = $2 AND id > $3)) \
+             ORDER BY priority DESC, id LIMIT $4",
         )
         .bind(now.0)
+        .bind(priority)
+        .bind(id)
         .bind(limit as i64)
         .fetch_all(&self.reader)
         .await?;

@@ -1038,3 +1038,24 @@ async fn a_worker_cut_off_past_its_lease_stops_its_job_before_another_runs_it() 
     assert!(!overlaps(first, second), "{spans:?}");
     proxy.restore();
 }
+
+#[tokio::test]
+async fn jobs_no_worker_can_run_do_not_block_the_queue() {
+    let dir = TestDir::new();
+    let s = server(&dir).await;
+    let client = s.client();
+    // More unrunnable jobs than one page of the queue, all ahead of a runnable one.
+    let mut gpu = job("true");
+    gpu.labels.insert("gpu".into(), "h100".into());
+    gpu.priority = 5;
+    let specs = vec![gpu; 700];
+    for spec in &specs {
+        client.submit_job(spec).await.unwrap();
+    }
+    let runnable = submit(&client, &job("echo finally")).await;
+    let _w = s.worker(dir.path(), "cpu-only", None, &[]).await;
+    assert_eq!(
+        wait(&client, &runnable).await.job.state,
+        JobState::Succeeded
+    );
+}

@@ -150,14 +150,14 @@ pub async fn failures_retry_with_backoff_and_chain_runs(store: &dyn Store) {
     assert!(f.job.not_before > Timestamp::now().plus(Duration::from_secs(4)));
     assert!(
         store
-            .ready_jobs(Timestamp::now(), 10)
+            .ready_jobs(Timestamp::now(), None, 10)
             .await
             .unwrap()
             .iter()
             .all(|r| r.id != job.id),
         "a job in backoff is not ready"
     );
-    let ready_later = store.ready_jobs(later(), 10).await.unwrap();
+    let ready_later = store.ready_jobs(later(), None, 10).await.unwrap();
     assert!(ready_later.iter().any(|r| r.id == job.id));
     let second = store
         .assign_job(job.id, w, later())
@@ -243,7 +243,7 @@ pub async fn queue_order_is_priority_then_fifo(store: &dyn Store) {
         ids.push(store.create_job(s).await.unwrap().0.id);
     }
     let ready: Vec<_> = store
-        .ready_jobs(Timestamp::now(), 100)
+        .ready_jobs(Timestamp::now(), None, 100)
         .await
         .unwrap()
         .into_iter()
@@ -251,6 +251,25 @@ pub async fn queue_order_is_priority_then_fifo(store: &dyn Store) {
         .filter(|id| ids.contains(id))
         .collect();
     assert_eq!(ready, vec![ids[1], ids[3], ids[0], ids[2]]);
+    // Pages continue where the last one stopped.
+    let first = store.ready_jobs(Timestamp::now(), None, 1).await.unwrap();
+    let next = store
+        .ready_jobs(
+            Timestamp::now(),
+            Some((first[0].priority, first[0].id)),
+            100,
+        )
+        .await
+        .unwrap();
+    assert!(next.iter().all(|r| r.id != first[0].id));
+    assert_eq!(
+        next.len() + 1,
+        store
+            .ready_jobs(Timestamp::now(), None, 1000)
+            .await
+            .unwrap()
+            .len()
+    );
 }
 
 pub async fn join_tokens_work_once(store: &dyn Store) {
@@ -406,10 +425,10 @@ pub async fn groups_run_in_order_and_stop_on_failure(store: &dyn Store) {
     let g = store.create_group("g", specs).await.unwrap();
     let ids: Vec<_> = g.jobs.iter().map(|j| j.id).collect();
     assert_eq!(g.group.state, drover_store::GroupState::Running);
-    let ready = store.ready_jobs(later(), 100).await.unwrap();
+    let ready = store.ready_jobs(later(), None, 100).await.unwrap();
     assert!(is_ready(&ready, ids[0]) && !is_ready(&ready, ids[1]) && !is_ready(&ready, ids[2]));
     run_to_end(store, ids[0], w, RunOutcome::Succeeded).await;
-    let ready = store.ready_jobs(later(), 100).await.unwrap();
+    let ready = store.ready_jobs(later(), None, 100).await.unwrap();
     assert!(is_ready(&ready, ids[1]) && !is_ready(&ready, ids[2]));
     run_to_end(store, ids[1], w, RunOutcome::Failed).await;
     let g = store.get_group(g.group.id).await.unwrap();
@@ -445,12 +464,12 @@ pub async fn dependencies_form_a_dag(store: &dyn Store) {
     assert_eq!(c.waiting_on, 2);
     run_to_end(store, a.id, w, RunOutcome::Succeeded).await;
     assert!(!is_ready(
-        &store.ready_jobs(later(), 100).await.unwrap(),
+        &store.ready_jobs(later(), None, 100).await.unwrap(),
         c.id
     ));
     run_to_end(store, b.id, w, RunOutcome::Succeeded).await;
     assert!(is_ready(
-        &store.ready_jobs(later(), 100).await.unwrap(),
+        &store.ready_jobs(later(), None, 100).await.unwrap(),
         c.id
     ));
     let mut bad = spec("x");
