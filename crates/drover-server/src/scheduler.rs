@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
-/// Queue page size; a pass reads at most PAGES_PER_PASS pages.
+/// Largest queue page; a pass reads at most PAGES_PER_PASS pages.
 const CANDIDATES_PER_PASS: u32 = 512;
-const PAGES_PER_PASS: usize = 16;
+const PAGES_PER_PASS: usize = 64;
 /// Wakes even when nothing notifies, for jobs whose retry backoff has passed.
 const IDLE_TICK: Duration = Duration::from_millis(250);
 
@@ -38,10 +38,11 @@ async fn dispatch_pass(state: &AppState) -> Result<usize, drover_store::StoreErr
         return Ok(0);
     }
     let now = Timestamp::now();
-    let first = state
-        .store
-        .ready_jobs(now, None, CANDIDATES_PER_PASS)
-        .await?;
+    // Read about as many jobs as there are free slots: reading (and parsing) a whole deep
+    // queue to fill a few slots is where a dispatcher's time goes.
+    let free_slots: usize = free.iter().map(|w| w.free_slots as usize).sum();
+    let page_size = (free_slots as u32 * 2).clamp(16, CANDIDATES_PER_PASS);
+    let first = state.store.ready_jobs(now, None, page_size).await?;
     if first.is_empty() {
         return Ok(0);
     }
@@ -60,11 +61,10 @@ async fn dispatch_pass(state: &AppState) -> Result<usize, drover_store::StoreErr
         .collect();
     // Read the queue page by page until the free slots are spoken for: jobs that fit no
     // worker (labels, resources) must not hide the ones behind them.
-    let free_slots: usize = free.iter().map(|w| w.free_slots as usize).sum();
     let mut candidates: Vec<Candidate> = Vec::new();
     let mut page = first;
     for _ in 0..PAGES_PER_PASS {
-        let last_page = page.len() < CANDIDATES_PER_PASS as usize;
+        let last_page = page.len() < page_size as usize;
         let after = page.last().map(|r| (r.priority, r.id));
         candidates.extend(page.into_iter().map(|r| Candidate {
             job_id: r.id,
