@@ -66,6 +66,55 @@ pub struct JobSpec {
     /// Runs inside this reservation: at once, in submission order, on the reserved node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reservation: Option<ReservationId>,
+    /// How the job is isolated on its worker; only workers offering the mode run it.
+    #[serde(default, skip_serializing_if = "Isolation::is_default")]
+    pub isolation: Isolation,
+    /// The container image, for `isolation: container`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+/// How a job is isolated on its worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    /// A process group of the worker's user, with the worker's view of the machine.
+    #[default]
+    Process,
+    /// No network (a loopback of its own), a read-only root, its own pid namespace, a
+    /// writable scratch directory; dies with the worker (bubblewrap).
+    Sandbox,
+    /// A container of `image`, with no network unless the worker allows it.
+    Container,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Process => "process",
+            Self::Sandbox => "sandbox",
+            Self::Container => "container",
+        }
+    }
+
+    fn is_default(&self) -> bool {
+        *self == Self::Process
+    }
+}
+
+impl FromStr for Isolation {
+    type Err = ValidationError;
+    fn from_str(s: &str) -> Result<Self, ValidationError> {
+        match s {
+            "process" => Ok(Self::Process),
+            "sandbox" => Ok(Self::Sandbox),
+            "container" => Ok(Self::Container),
+            other => Err(ValidationError::new(
+                "isolation",
+                format!("unknown isolation {other:?}; one of process, sandbox, container"),
+            )),
+        }
+    }
 }
 
 pub const MAX_DEPENDENCIES: usize = 1000;
@@ -283,6 +332,31 @@ impl JobSpec {
                 "idempotency_key",
                 "must be 1-256 bytes without control characters",
             ));
+        }
+        match (self.isolation, &self.image) {
+            (Isolation::Container, None) => {
+                return Err(ValidationError::new(
+                    "image",
+                    "is required with isolation container",
+                ));
+            }
+            (Isolation::Container, Some(image))
+                if image.is_empty()
+                    || image.len() > 512
+                    || image.chars().any(char::is_whitespace) =>
+            {
+                return Err(ValidationError::new(
+                    "image",
+                    "must be an image reference without spaces",
+                ));
+            }
+            (Isolation::Process | Isolation::Sandbox, Some(_)) => {
+                return Err(ValidationError::new(
+                    "image",
+                    "goes with isolation container",
+                ));
+            }
+            _ => {}
         }
         if self.name.trim().is_empty() {
             self.name = self.default_name();

@@ -13,7 +13,7 @@ pub mod worker;
 pub use event::EventKind;
 pub use ids::{GroupId, IdError, JobId, ReservationId, RunId, WebhookId, WorkerId};
 pub use job::{
-    JobEvent, JobSpec, JobState, RunOutcome, RunState, TransitionError, ValidationError,
+    Isolation, JobEvent, JobSpec, JobState, RunOutcome, RunState, TransitionError, ValidationError,
 };
 pub use time::Timestamp;
 pub use worker::{Capabilities, WorkerState};

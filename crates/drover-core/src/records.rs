@@ -92,6 +92,7 @@ pub struct ReadyJob {
     pub labels: BTreeMap<String, String>,
     pub resources: BTreeMap<String, u32>,
     pub reservation: Option<ReservationId>,
+    pub isolation: crate::Isolation,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -3,6 +3,7 @@
 //! decides.
 
 use crate::ids::{JobId, ReservationId, WorkerId};
+use crate::job::Isolation;
 use std::collections::BTreeMap;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -15,6 +16,7 @@ pub struct Candidate {
     pub resources: BTreeMap<String, u32>,
     /// The active reservation the job was submitted into, if any.
     pub reservation: Option<ReservationId>,
+    pub isolation: Isolation,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +27,8 @@ pub struct FreeWorker {
     /// Capacity of each named resource not used by running jobs (reservations not yet
     /// subtracted: [`assign`] does that).
     pub free_resources: BTreeMap<String, u32>,
+    /// Isolation modes the worker offers (`process`, `sandbox`, `container`).
+    pub isolation_modes: Vec<String>,
 }
 
 /// An active reservation: `amount` of `resource` on one worker, held for the jobs
@@ -48,6 +52,11 @@ impl Hold {
 impl FreeWorker {
     fn fits(&self, job: &Candidate, skip: Option<&str>) -> bool {
         self.free_slots > 0
+            && (job.isolation == Isolation::Process
+                || self
+                    .isolation_modes
+                    .iter()
+                    .any(|m| m == job.isolation.as_str()))
             && job
                 .labels
                 .iter()
@@ -162,6 +171,7 @@ mod tests {
             free_slots: slots,
             labels: BTreeMap::new(),
             free_resources: BTreeMap::new(),
+            isolation_modes: vec!["process".into()],
         }
     }
 
@@ -193,6 +203,19 @@ mod tests {
         let w = worker(1);
         let got = assign(vec![gpu, plain.clone()], vec![w.clone()], vec![]);
         assert_eq!(got, vec![(plain.job_id, w.worker_id)]);
+    }
+
+    #[test]
+    fn isolation_goes_only_where_it_is_offered() {
+        let mut sandboxed = job(0);
+        sandboxed.isolation = Isolation::Sandbox;
+        let plain = worker(2);
+        let mut bwrap = worker(2);
+        bwrap.isolation_modes.push("sandbox".into());
+        let got = assign(vec![sandboxed.clone()], vec![plain.clone()], vec![]);
+        assert!(got.is_empty());
+        let got = assign(vec![sandboxed.clone()], vec![plain, bwrap.clone()], vec![]);
+        assert_eq!(got, vec![(sandboxed.job_id, bwrap.worker_id)]);
     }
 
     #[test]

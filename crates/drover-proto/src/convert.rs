@@ -30,6 +30,8 @@ impl From<&JobSpec> for v1::JobSpec {
             depends_on: s.depends_on.iter().map(ToString::to_string).collect(),
             idempotency_key: s.idempotency_key.clone(),
             reservation: s.reservation.map(|r| r.to_string()),
+            isolation: s.isolation.as_str().to_string(),
+            image: s.image.clone(),
         }
     }
 }
@@ -69,6 +71,17 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                     message: e.to_string(),
                 })?,
             idempotency_key: s.idempotency_key,
+            isolation: if s.isolation.is_empty() {
+                drover_core::Isolation::Process
+            } else {
+                s.isolation
+                    .parse()
+                    .map_err(|e: drover_core::ValidationError| ConvertError::Invalid {
+                        field: "isolation",
+                        message: e.message,
+                    })?
+            },
+            image: s.image,
             reservation: s.reservation.map(|r| r.parse()).transpose().map_err(
                 |e: drover_core::IdError| ConvertError::Invalid {
                     field: "reservation",

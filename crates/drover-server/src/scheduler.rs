@@ -72,6 +72,7 @@ async fn dispatch_pass(state: &AppState) -> Result<usize, drover_store::StoreErr
             labels: r.labels,
             resources: r.resources,
             reservation: r.reservation,
+            isolation: r.isolation,
         }));
         if last_page
             || schedule::assign(candidates.clone(), free.clone(), holds.clone()).len() >= free_slots

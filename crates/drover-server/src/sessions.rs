@@ -24,6 +24,7 @@ struct Session {
     slots: u32,
     labels: BTreeMap<String, String>,
     capacity: BTreeMap<String, u32>,
+    isolation_modes: Vec<String>,
     /// When the worker last said anything: a silent (frozen, cut off) worker gets no work.
     last_heard: std::time::Instant,
     /// Runs the worker holds, counted against its slots and resources until it reports
@@ -72,6 +73,7 @@ impl Sessions {
             slots: caps.slots.max(1),
             labels: caps.labels.clone(),
             capacity: caps.resources.clone(),
+            isolation_modes: caps.isolation_modes.clone(),
             last_heard: std::time::Instant::now(),
             active,
         };
@@ -124,6 +126,7 @@ impl Sessions {
                 free_slots: s.slots - s.active.len() as u32,
                 labels: s.labels.clone(),
                 free_resources: s.free_resources(),
+                isolation_modes: s.isolation_modes.clone(),
             })
             .collect()
     }

@@ -1095,6 +1095,7 @@ impl Store for SqlStore {
                     labels: spec.labels,
                     resources: spec.resources,
                     reservation: spec.reservation,
+                    isolation: spec.isolation,
                 })
             })
             .collect()

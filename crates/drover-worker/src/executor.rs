@@ -1,7 +1,7 @@
 //! Runs one job as a process in its own process group, so that a timeout or a cancel
 //! reaches every process it started. Output is read line by line, as bytes.
 
-use drover_core::{JobSpec, RunId, RunOutcome, Timestamp};
+use drover_core::{Isolation, JobSpec, RunId, RunOutcome, Timestamp};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::os::unix::process::ExitStatusExt;
@@ -89,47 +89,37 @@ pub async fn execute(
         exit_code,
         error,
     };
-    let mut cmd = match (&exec.spec.command, &exec.spec.program) {
-        (Some(command), _) => {
-            let mut c = Command::new("/bin/sh");
-            c.arg("-c").arg(command);
-            c
-        }
-        (None, Some(program)) => {
-            let mut c = Command::new(program);
-            c.args(&exec.spec.args);
-            c
-        }
-        (None, None) => {
-            let _ = events.send(exited(
-                RunOutcome::Failed,
-                None,
-                Some("the job has neither command nor program".into()),
-            ));
-            return;
-        }
-    };
-    let uses_scratch = exec.spec.working_dir.is_none();
-    let dir = match &exec.spec.working_dir {
-        Some(d) => PathBuf::from(d),
-        None => exec.scratch_dir.clone(),
-    };
-    if uses_scratch && let Err(e) = std::fs::create_dir_all(&dir) {
+    // Every run gets a scratch directory (the only writable place in a sandbox); it is the
+    // working directory unless the job names one.
+    let scratch = exec.scratch_dir.clone();
+    if let Err(e) = std::fs::create_dir_all(&scratch) {
         let _ = events.send(exited(
             RunOutcome::Failed,
             None,
             Some(format!(
                 "cannot create the scratch directory {}: {e}",
-                dir.display()
+                scratch.display()
             )),
         ));
         return;
     }
+    let dir = match &exec.spec.working_dir {
+        Some(d) => PathBuf::from(d),
+        None => scratch.clone(),
+    };
+    let Some(mut cmd) = command(&exec, &dir) else {
+        let _ = events.send(exited(
+            RunOutcome::Failed,
+            None,
+            Some("the job has neither command nor program".into()),
+        ));
+        return;
+    };
     cmd.envs(&exec.spec.env)
         .env("DROVER_JOB_ID", &exec.job_id)
         .env("DROVER_RUN_ID", run_id.to_string())
         .env("DROVER_ATTEMPT", exec.attempt.to_string())
-        .current_dir(&dir)
+        .env("DROVER_SCRATCH", &scratch)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -147,13 +137,16 @@ pub async fn execute(
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => {
-            let what = exec.spec.program.as_deref().unwrap_or("/bin/sh");
+            let what = match exec.spec.isolation {
+                Isolation::Sandbox => "bwrap",
+                _ => exec.spec.program.as_deref().unwrap_or("/bin/sh"),
+            };
             let _ = events.send(exited(
                 RunOutcome::Failed,
                 Some(127),
                 Some(format!("cannot start {what}: {e}")),
             ));
-            remove_scratch(uses_scratch, &dir);
+            let _ = std::fs::remove_dir_all(&scratch);
             return;
         }
     };
@@ -209,7 +202,7 @@ pub async fn execute(
             abort.abort();
         }
     }
-    remove_scratch(uses_scratch, &dir);
+    let _ = std::fs::remove_dir_all(&scratch);
     let event = match (status, stopped) {
         (_, Some((outcome, why))) => exited(outcome, None, Some(why)),
         (Ok(s), None) => match (s.code(), s.signal()) {
@@ -239,10 +232,68 @@ pub async fn execute(
     let _ = events.send(event);
 }
 
-fn remove_scratch(uses_scratch: bool, dir: &std::path::Path) {
-    if uses_scratch {
-        let _ = std::fs::remove_dir_all(dir);
-    }
+/// The command line for the job's isolation mode; None when the spec names nothing to run.
+fn command(exec: &Execution, dir: &std::path::Path) -> Option<Command> {
+    let argv: Vec<&str> = match (&exec.spec.command, &exec.spec.program) {
+        (Some(command), _) => vec!["/bin/sh", "-c", command],
+        (None, Some(program)) => std::iter::once(program.as_str())
+            .chain(exec.spec.args.iter().map(String::as_str))
+            .collect(),
+        (None, None) => return None,
+    };
+    let mut cmd = match exec.spec.isolation {
+        Isolation::Sandbox => {
+            let mut c = Command::new("bwrap");
+            c.args(SANDBOX_ARGS)
+                .arg("--bind")
+                .arg(&exec.scratch_dir)
+                .arg(&exec.scratch_dir)
+                .arg("--chdir")
+                .arg(dir)
+                .arg("--")
+                .args(&argv)
+                .current_dir(&exec.scratch_dir);
+            c
+        }
+        // Only offered by workers that can run it; refused here otherwise.
+        Isolation::Process | Isolation::Container => {
+            let mut c = Command::new(argv[0]);
+            c.args(&argv[1..]).current_dir(dir);
+            c
+        }
+    };
+    cmd.env("DROVER_ISOLATION", exec.spec.isolation.as_str());
+    Some(cmd)
+}
+
+/// No network but a loopback of its own, its own pid (and every other) namespace, a
+/// read-only view of the host's files, private /dev, /proc and /tmp, and death with the
+/// worker. The run's scratch directory is bound writable on top.
+const SANDBOX_ARGS: &[&str] = &[
+    "--unshare-all",
+    "--die-with-parent",
+    "--new-session",
+    "--ro-bind",
+    "/",
+    "/",
+    "--dev",
+    "/dev",
+    "--proc",
+    "/proc",
+    "--tmpfs",
+    "/tmp",
+];
+
+/// True when bubblewrap is installed and can build a sandbox here.
+pub fn sandbox_available() -> bool {
+    std::process::Command::new("bwrap")
+        .args(SANDBOX_ARGS)
+        .args(["--", "/bin/true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn humanize(d: Duration) -> String {

@@ -129,10 +129,28 @@ pub fn capabilities(config: &WorkerConfig) -> Capabilities {
         } else {
             config.slots
         },
-        isolation_modes: vec!["process".into()],
+        isolation_modes: isolation_modes(),
         version: env!("CARGO_PKG_VERSION").into(),
         resources: config.resources.clone(),
     }
+}
+
+/// The isolation modes this machine can give jobs (probed once).
+fn isolation_modes() -> Vec<String> {
+    static MODES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    MODES
+        .get_or_init(|| {
+            let mut modes = vec!["process".to_string()];
+            if executor::sandbox_available() {
+                modes.push("sandbox".into());
+            } else {
+                tracing::info!(
+                    "bubblewrap (bwrap) is not usable here: no sandboxed jobs on this node"
+                );
+            }
+            modes
+        })
+        .clone()
 }
 
 fn total_memory() -> u64 {

@@ -112,6 +112,13 @@ pub struct RunArgs {
     /// Run inside this reservation (`drover reserve`).
     #[arg(long)]
     reservation: Option<String>,
+    /// process (default), sandbox (no network, read-only root, own pid namespace) or
+    /// container (with --image).
+    #[arg(long)]
+    isolation: Option<String>,
+    /// Container image, for --isolation container.
+    #[arg(long)]
+    image: Option<String>,
     /// Wait until the job ends and exit with its exit code.
     #[arg(long, conflicts_with = "follow")]
     wait: bool,
@@ -170,6 +177,12 @@ impl RunArgs {
             );
         }
         spec.idempotency_key = self.idempotency_key.clone();
+        if let Some(i) = &self.isolation {
+            spec.isolation = i.parse().map_err(|e: drover_core::ValidationError| {
+                anyhow::anyhow!("--isolation: {}", e.message)
+            })?;
+        }
+        spec.image = self.image.clone();
         if let Some(r) = &self.reservation {
             spec.reservation = Some(
                 r.parse()

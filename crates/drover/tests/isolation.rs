@@ -1,0 +1,214 @@
+//! Sandboxed jobs (bubblewrap): no network, a read-only root, their own pid namespace, a
+//! writable scratch directory. Under CI=true a machine without a usable bwrap fails these
+//! tests; elsewhere they are skipped with a message.
+
+use drover_client::records::LogEntryView;
+use drover_core::{Isolation, JobSpec, JobState};
+use drover_testkit::{Drover, ServerOptions, ServerProc, TestDir, WorkerProc, drover_client};
+
+fn drover() -> Drover {
+    Drover::new(env!("CARGO_BIN_EXE_drover"))
+}
+
+fn bwrap_usable() -> bool {
+    let ok = std::process::Command::new("bwrap")
+        .args(["--unshare-all", "--ro-bind", "/", "/", "--", "/bin/true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").is_err(),
+            "bubblewrap is missing or unusable: sandbox tests cannot run (scripts/test installs it)"
+        );
+        eprintln!("skipped: bubblewrap (bwrap) is not usable here");
+    }
+    ok
+}
+
+fn sandboxed(command: &str) -> JobSpec {
+    JobSpec {
+        command: Some(command.into()),
+        isolation: Isolation::Sandbox,
+        max_attempts: Some(1),
+        ..Default::default()
+    }
+}
+
+struct Node {
+    _dir: TestDir,
+    server: ServerProc,
+    worker: WorkerProc,
+}
+
+async fn node() -> Node {
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let worker = server.worker(dir.path(), "w", None, &[]).await;
+    WorkerProc::wait_connected(&server.client(), 1).await;
+    Node {
+        _dir: dir,
+        server,
+        worker,
+    }
+}
+
+async fn run(node: &Node, spec: &JobSpec) -> (JobState, Vec<String>) {
+    let client = node.server.client();
+    let job = client.submit_job(spec).await.unwrap();
+    let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    let lines = client
+        .job_logs(&job.id.to_string(), None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e: LogEntryView| e.text)
+        .collect();
+    (view.job.state, lines)
+}
+
+#[tokio::test]
+async fn a_sandboxed_job_runs_and_the_node_reports_the_mode() {
+    if !bwrap_usable() {
+        return;
+    }
+    let n = node().await;
+    let nodes = n.server.client().list_nodes().await.unwrap();
+    assert!(
+        nodes[0]
+            .worker
+            .capabilities
+            .isolation_modes
+            .contains(&"sandbox".to_string())
+    );
+    let (state, lines) = run(
+        &n,
+        &sandboxed("echo hello from the sandbox; echo $DROVER_ISOLATION"),
+    )
+    .await;
+    assert_eq!(state, JobState::Succeeded);
+    assert_eq!(lines, ["hello from the sandbox", "sandbox"]);
+    let out = drover()
+        .cli(
+            &n.server.url,
+            &[
+                "job",
+                "run",
+                "--isolation",
+                "sandbox",
+                "--command",
+                "echo cli",
+                "--follow",
+            ],
+        )
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(out.stdout, "cli\n");
+}
+
+#[tokio::test]
+async fn a_sandboxed_job_cannot_reach_the_network() {
+    if !bwrap_usable() {
+        return;
+    }
+    let n = node().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let probe = format!("bash -c 'echo > /dev/tcp/127.0.0.1/{port}' && echo connected");
+    // The same probe reaches the port from an ordinary job …
+    let mut plain = sandboxed(&probe);
+    plain.isolation = Isolation::Process;
+    let (state, lines) = run(&n, &plain).await;
+    assert_eq!(
+        (state, lines),
+        (JobState::Succeeded, vec!["connected".to_string()])
+    );
+    // … and not from a sandbox.
+    let (state, lines) = run(&n, &sandboxed(&probe)).await;
+    assert_eq!(state, JobState::Failed, "{lines:?}");
+    assert!(!lines.contains(&"connected".to_string()));
+}
+
+#[tokio::test]
+async fn a_sandboxed_job_writes_only_its_scratch_directory() {
+    if !bwrap_usable() {
+        return;
+    }
+    let n = node().await;
+    // A place the host may write (the test's own /tmp directory would be on the sandbox's
+    // private /tmp, which proves nothing).
+    let outside =
+        std::path::PathBuf::from(format!("/var/tmp/drover-escape-{}", std::process::id()));
+    let (state, lines) = run(
+        &n,
+        &sandboxed(&format!(
+            "echo kept > $DROVER_SCRATCH/file && cat $DROVER_SCRATCH/file; touch {} || echo refused",
+            outside.display()
+        )),
+    )
+    .await;
+    assert_eq!(state, JobState::Succeeded);
+    assert_eq!(lines.first().map(String::as_str), Some("kept"));
+    assert!(lines.contains(&"refused".to_string()), "{lines:?}");
+    assert!(
+        !outside.exists(),
+        "the sandbox wrote outside its scratch directory"
+    );
+}
+
+#[tokio::test]
+async fn a_sandboxed_job_cannot_see_the_workers_processes() {
+    if !bwrap_usable() {
+        return;
+    }
+    let n = node().await;
+    let worker_pid = n.worker.proc.pid();
+    let (state, lines) = run(
+        &n,
+        &sandboxed(&format!(
+            "test -e /proc/{worker_pid} && echo visible || echo hidden; echo pid $$"
+        )),
+    )
+    .await;
+    assert_eq!(state, JobState::Succeeded);
+    assert_eq!(lines[0], "hidden");
+    let pid: i32 = lines[1].trim_start_matches("pid ").parse().unwrap();
+    assert!(pid < 10, "the job has its own pid namespace: {lines:?}");
+}
+
+#[tokio::test]
+async fn bad_isolation_input_is_refused() {
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let d = drover();
+    let out = d
+        .cli(
+            &server.url,
+            &["job", "run", "--command", "true", "--isolation", "vm"],
+        )
+        .await;
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("--isolation"), "{out:?}");
+    let out = d
+        .cli(
+            &server.url,
+            &[
+                "job",
+                "run",
+                "--command",
+                "true",
+                "--isolation",
+                "container",
+            ],
+        )
+        .await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("image"), "{out:?}");
+    assert!(
+        server
+            .client()
+            .list_jobs(None, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
