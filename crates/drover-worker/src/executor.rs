@@ -139,7 +139,8 @@ pub async fn execute(
         Err(e) => {
             let what = match exec.spec.isolation {
                 Isolation::Sandbox => "bwrap",
-                _ => exec.spec.program.as_deref().unwrap_or("/bin/sh"),
+                Isolation::Container => "docker",
+                Isolation::Process => exec.spec.program.as_deref().unwrap_or("/bin/sh"),
             };
             let _ = events.send(exited(
                 RunOutcome::Failed,
@@ -196,6 +197,9 @@ pub async fn execute(
     };
     // Whatever the main process left behind in its group goes with it.
     signal_group(pgid, Signal::SIGKILL);
+    if exec.spec.isolation == Isolation::Container {
+        remove_container(run_id).await;
+    }
     for reader in readers.into_iter().flatten() {
         let abort = reader.abort_handle();
         if tokio::time::timeout(DRAIN_LIMIT, reader).await.is_err() {
@@ -255,8 +259,25 @@ fn command(exec: &Execution, dir: &std::path::Path) -> Option<Command> {
                 .current_dir(&exec.scratch_dir);
             c
         }
-        // Only offered by workers that can run it; refused here otherwise.
-        Isolation::Process | Isolation::Container => {
+        Isolation::Container => {
+            // `docker run` attaches: the container's output and exit code are its own.
+            let mut c = Command::new("docker");
+            c.args(["run", "--rm", "--network", "none", "--name"])
+                .arg(container_name(exec.run_id))
+                .args(["--label", "drover.managed=true", "--label"])
+                .arg(format!("drover.run={}", exec.run_id));
+            for (k, v) in &exec.spec.env {
+                c.arg("--env").arg(format!("{k}={v}"));
+            }
+            if let Some(wd) = &exec.spec.working_dir {
+                c.arg("--workdir").arg(wd);
+            }
+            c.arg(exec.spec.image.as_deref().unwrap_or_default())
+                .args(&argv)
+                .current_dir(&exec.scratch_dir);
+            c
+        }
+        Isolation::Process => {
             let mut c = Command::new(argv[0]);
             c.args(&argv[1..]).current_dir(dir);
             c
@@ -283,6 +304,34 @@ const SANDBOX_ARGS: &[&str] = &[
     "--tmpfs",
     "/tmp",
 ];
+
+pub fn container_name(run_id: RunId) -> String {
+    format!("drover-run-{run_id}")
+}
+
+/// Removes the run's container, running or not: the docker client going away (cancel,
+/// timeout) does not stop the container by itself.
+async fn remove_container(run_id: RunId) {
+    let _ = Command::new("docker")
+        .args(["rm", "--force"])
+        .arg(container_name(run_id))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+}
+
+/// True when a Docker engine answers here.
+pub fn docker_available() -> bool {
+    std::process::Command::new("docker")
+        .args(["version", "--format", "{{.Server.Version}}"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
 
 /// True when bubblewrap is installed and can build a sandbox here.
 pub fn sandbox_available() -> bool {

@@ -148,6 +148,11 @@ fn isolation_modes() -> Vec<String> {
                     "bubblewrap (bwrap) is not usable here: no sandboxed jobs on this node"
                 );
             }
+            if executor::docker_available() {
+                modes.push("container".into());
+            } else {
+                tracing::info!("no Docker engine answers here: no container jobs on this node");
+            }
             modes
         })
         .clone()

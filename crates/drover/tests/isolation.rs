@@ -212,3 +212,128 @@ async fn bad_isolation_input_is_refused() {
             .is_empty()
     );
 }
+
+const IMAGE: &str = "drover-busybox:latest";
+
+/// True when the Docker engine answers and the locally built image exists (scripts/test
+/// builds it with scripts/build-images). Under CI=true a missing one fails the test.
+fn docker_usable() -> bool {
+    let ok = std::process::Command::new("docker")
+        .args(["image", "inspect", IMAGE])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("CI").is_err(),
+            "no Docker engine or no {IMAGE}: container tests cannot run (scripts/test builds it)"
+        );
+        eprintln!("skipped: no Docker engine or no {IMAGE} (scripts/build-images)");
+    }
+    ok
+}
+
+fn containerised(command: &str) -> JobSpec {
+    JobSpec {
+        command: Some(command.into()),
+        isolation: Isolation::Container,
+        image: Some(IMAGE.into()),
+        max_attempts: Some(1),
+        ..Default::default()
+    }
+}
+
+fn containers_of(run_id: &str) -> String {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "--all", "--quiet", "--filter"])
+        .arg(format!("label=drover.run={run_id}"))
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+async fn a_container_job_streams_its_output_and_exit_code_without_network() {
+    if !docker_usable() {
+        return;
+    }
+    let n = node().await;
+    let nodes = n.server.client().list_nodes().await.unwrap();
+    assert!(
+        nodes[0]
+            .worker
+            .capabilities
+            .isolation_modes
+            .contains(&"container".to_string())
+    );
+    let mut spec = containerised("echo hello from $WHERE; ls /sys/class/net; exit 3");
+    spec.env.insert("WHERE".into(), "a container".into());
+    let client = n.server.client();
+    let job = client.submit_job(&spec).await.unwrap();
+    let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::Failed);
+    assert_eq!(view.job.exit_code, Some(3));
+    let lines: Vec<String> = client
+        .job_logs(&job.id.to_string(), None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    assert_eq!(
+        lines,
+        ["hello from a container", "lo"],
+        "only a loopback: no network"
+    );
+    assert_eq!(
+        containers_of(&view.runs[0].run.id.to_string()),
+        "",
+        "removed when it ended"
+    );
+}
+
+async fn stop_removes_the_container(timeout: bool) {
+    if !docker_usable() {
+        return;
+    }
+    let n = node().await;
+    let client = n.server.client();
+    let mut spec = containerised("echo started; sleep 300");
+    if timeout {
+        spec.timeout_ms = Some(3000);
+    }
+    let job = client.submit_job(&spec).await.unwrap();
+    let id = job.id.to_string();
+    let run_id = drover_testkit::eventually("the container to start", || async {
+        let logs = client.job_logs(&id, None).await.ok()?;
+        let view = client.get_job(&id).await.ok()?;
+        (!logs.is_empty()).then(|| view.runs[0].run.id.to_string())
+    })
+    .await;
+    assert_ne!(containers_of(&run_id), "", "the container runs");
+    if !timeout {
+        client.cancel_job(&id).await.unwrap();
+    }
+    let view = client.wait_job(&id, |_| {}).await.unwrap();
+    let want = if timeout {
+        JobState::TimedOut
+    } else {
+        JobState::Cancelled
+    };
+    assert_eq!(view.job.state, want);
+    drover_testkit::eventually("the container to be removed", || async {
+        containers_of(&run_id).is_empty().then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cancelling_a_container_job_removes_its_container() {
+    stop_removes_the_container(false).await;
+}
+
+#[tokio::test]
+async fn a_container_job_that_times_out_is_removed() {
+    stop_removes_the_container(true).await;
+}
