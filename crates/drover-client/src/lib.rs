@@ -194,26 +194,28 @@ impl Client {
             request = request.query(&[("attempt", a)]);
         }
         let response = self.send(request).await?;
-        Ok(
-            sse_events(response.bytes_stream()).filter_map(|ev| async move {
-                match ev {
-                    Ok((name, data)) => match name.as_str() {
-                        "entry" => Some(
-                            serde_json::from_str(&data)
-                                .map(FollowEvent::Entry)
-                                .map_err(|e| ClientError::Protocol(e.to_string())),
-                        ),
-                        "end" => Some(
-                            serde_json::from_str(&data)
-                                .map(|j| FollowEvent::End(Box::new(j)))
-                                .map_err(|e| ClientError::Protocol(e.to_string())),
-                        ),
-                        _ => None,
-                    },
-                    Err(e) => Some(Err(e)),
-                }
-            }),
-        )
+        // Entries come in batches (`entries`: a JSON array); each is handed on alone.
+        let decoded = sse_events(response.bytes_stream()).map(|ev| {
+            let (name, data) = ev?;
+            let protocol = |e: serde_json::Error| ClientError::Protocol(e.to_string());
+            Ok(match name.as_str() {
+                "entries" => serde_json::from_str::<Vec<LogEntryView>>(&data)
+                    .map_err(protocol)?
+                    .into_iter()
+                    .map(FollowEvent::Entry)
+                    .collect(),
+                "end" => vec![FollowEvent::End(Box::new(
+                    serde_json::from_str(&data).map_err(protocol)?,
+                ))],
+                _ => Vec::new(),
+            })
+        });
+        Ok(decoded.flat_map(|batch: Result<Vec<FollowEvent>>| {
+            futures::stream::iter(match batch {
+                Ok(events) => events.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            })
+        }))
     }
 
     /// Retries a finished attempt by hand.

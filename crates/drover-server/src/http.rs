@@ -32,6 +32,8 @@ const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
 /// A follower re-reads the store at least this often, even without a notice.
 const FOLLOW_POLL: Duration = Duration::from_secs(1);
 const READ_CHUNK: u64 = 1 << 20;
+/// Log entries per server-sent event when following.
+const FOLLOW_BATCH: usize = 1000;
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -317,12 +319,12 @@ async fn follow_logs(
             match state.logs.read_from(run.id, offset, READ_CHUNK).await {
                 Ok((entries, next)) => {
                     drained = entries.is_empty();
-                    for e in entries {
-                        if tx
-                            .send(sse_json("entry", &entry_view(run, e)))
-                            .await
-                            .is_err()
-                        {
+                    // One event per batch: a follower of a fast producer must not pay an
+                    // event per line.
+                    let views: Vec<LogEntryView> =
+                        entries.into_iter().map(|e| entry_view(run, e)).collect();
+                    for batch in views.chunks(FOLLOW_BATCH) {
+                        if tx.send(sse_json("entries", &batch)).await.is_err() {
                             return;
                         }
                     }
