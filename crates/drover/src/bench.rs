@@ -37,6 +37,32 @@ pub enum BenchCommand {
         #[command(flatten)]
         setup: Setup,
     },
+    /// Latency and submit rate with a deep queue: N jobs queued (that no worker takes),
+    /// then higher-priority jobs one at a time, against the same on an empty queue.
+    Backlog {
+        /// Jobs left queued (the figure is 1,000,000; filling takes a while).
+        #[arg(long, default_value_t = 1_000_000)]
+        queued: usize,
+        /// Probe jobs timed on the empty queue, then on the deep one.
+        #[arg(long, default_value_t = 200)]
+        jobs: usize,
+        #[command(flatten)]
+        setup: Setup,
+    },
+    /// M simulated workers connected and heartbeating (completing jobs at once): the control
+    /// plane's CPU while idle, and dispatch latency meanwhile.
+    Workers {
+        /// Simulated workers to connect.
+        #[arg(long, default_value_t = 1000)]
+        simulated: usize,
+        /// How long the idle CPU is measured.
+        #[arg(long, default_value = "10s", value_parser = crate::output::parse_duration)]
+        idle: Duration,
+        #[arg(long, default_value_t = 200)]
+        jobs: usize,
+        #[command(flatten)]
+        setup: Setup,
+    },
     /// One job printing many lines: lines/s stored, and the delay a live follower sees.
     Logs {
         #[arg(long, default_value_t = 1_000_000)]
@@ -224,6 +250,50 @@ struct Figure {
     value: String,
 }
 
+/// Runs `jobs` copies of `spec` one at a time; figures for submit → RUNNING, submit → final
+/// (the server's clock) and the client's round trip, each name prefixed by `label`.
+async fn probe(
+    client: &Client,
+    spec: &JobSpec,
+    jobs: usize,
+    label: &str,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let (mut to_running, mut to_final, mut seen) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..jobs {
+        let t0 = Instant::now();
+        let job = client.submit_job(spec).await?;
+        let view = client.wait_job(&job.id.to_string(), |_| {}).await?;
+        seen.push(t0.elapsed());
+        if let Some(run) = view.runs.first() {
+            if let Some(started) = run.run.started_at {
+                to_running.push(started.since(view.job.created_at));
+            }
+            if let Some(finished) = run.run.finished_at {
+                to_final.push(finished.since(view.job.created_at));
+            }
+        }
+    }
+    let mut figures = Vec::new();
+    for (name, list) in [
+        ("submit → RUNNING", &mut to_running),
+        ("submit → final", &mut to_final),
+        ("client round trip (submit, wait)", &mut seen),
+    ] {
+        list.sort();
+        figures.push((
+            format!("{label}{name}"),
+            format!(
+                "p50 {} · p90 {} · p99 {} · max {}",
+                ms(percentile(list, 0.5)),
+                ms(percentile(list, 0.9)),
+                ms(percentile(list, 0.99)),
+                ms(list.last().copied().unwrap_or_default())
+            ),
+        ));
+    }
+    Ok(figures)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -293,6 +363,17 @@ pub async fn run(cmd: BenchCommand, output: Output) -> anyhow::Result<ExitCode> 
         } => throughput(jobs, executor, &setup).await?,
         BenchCommand::Latency { jobs, setup } => latency(jobs, &setup).await?,
         BenchCommand::Logs { lines, setup } => logs(lines, &setup).await?,
+        BenchCommand::Backlog {
+            queued,
+            jobs,
+            setup,
+        } => backlog(queued, jobs, &setup).await?,
+        BenchCommand::Workers {
+            simulated,
+            idle,
+            jobs,
+            setup,
+        } => simulated_workers(simulated, idle, jobs, &setup).await?,
     };
     match output {
         Output::Json => print_json(&figures)?,
@@ -387,40 +468,8 @@ async fn latency(jobs: usize, setup: &Setup) -> anyhow::Result<Figures> {
         max_attempts: Some(1),
         ..Default::default()
     };
-    let (mut to_running, mut to_final, mut seen) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..jobs {
-        let t0 = Instant::now();
-        let job = fleet.client.submit_job(&spec).await?;
-        let view = fleet.client.wait_job(&job.id.to_string(), |_| {}).await?;
-        seen.push(t0.elapsed());
-        // The server's own clock: from the job's creation to its run's start and end.
-        if let Some(run) = view.runs.first() {
-            if let Some(started) = run.run.started_at {
-                to_running.push(started.since(view.job.created_at));
-            }
-            if let Some(finished) = run.run.finished_at {
-                to_final.push(finished.since(view.job.created_at));
-            }
-        }
-    }
     let mut figures = vec![("jobs".into(), jobs.to_string())];
-    for (name, list) in [
-        ("submit → RUNNING", &mut to_running),
-        ("submit → final", &mut to_final),
-        ("client round trip (submit, wait)", &mut seen),
-    ] {
-        list.sort();
-        figures.push((
-            name.to_string(),
-            format!(
-                "p50 {} · p90 {} · p99 {} · max {}",
-                ms(percentile(list, 0.5)),
-                ms(percentile(list, 0.9)),
-                ms(percentile(list, 0.99)),
-                ms(list.last().copied().unwrap_or_default())
-            ),
-        ));
-    }
+    figures.extend(probe(&fleet.client, &spec, jobs, "").await?);
     usage_figures(&fleet, &mut figures);
     Ok(Figures {
         scenario: "latency".into(),
@@ -491,6 +540,184 @@ async fn logs(lines: usize, setup: &Setup) -> anyhow::Result<Figures> {
     usage_figures(&fleet, &mut figures);
     Ok(Figures {
         scenario: "logs".into(),
+        database: database_name(setup),
+        figures: figures
+            .into_iter()
+            .map(|(name, value)| Figure { name, value })
+            .collect(),
+    })
+}
+
+async fn backlog(queued: usize, jobs: usize, setup: &Setup) -> anyhow::Result<Figures> {
+    let mut one = setup.clone();
+    one.workers = 1;
+    let fleet = fleet(&one, crate::serve::Executor::Process).await?;
+    let probe_spec = JobSpec {
+        command: Some("true".into()),
+        max_attempts: Some(1),
+        priority: 1,
+        ..Default::default()
+    };
+    let mut figures = vec![
+        ("queued".into(), queued.to_string()),
+        ("probes".into(), jobs.to_string()),
+    ];
+    figures.extend(probe(&fleet.client, &probe_spec, jobs, "empty queue: ").await?);
+    // Jobs no worker takes (a label none has), so the queue stays deep.
+    let mut stuck = JobSpec {
+        command: Some("true".into()),
+        ..Default::default()
+    };
+    stuck.labels.insert("bench".into(), "backlog".into());
+    let started = Instant::now();
+    submit_all(&fleet.client, &stuck, queued, setup.concurrency).await?;
+    let took = started.elapsed();
+    figures.push((
+        "submit rate while filling".into(),
+        format!("{:.0} jobs/s", queued as f64 / took.as_secs_f64()),
+    ));
+    figures.extend(probe(&fleet.client, &probe_spec, jobs, "deep queue: ").await?);
+    usage_figures(&fleet, &mut figures);
+    Ok(Figures {
+        scenario: "backlog".into(),
+        database: database_name(setup),
+        figures: figures
+            .into_iter()
+            .map(|(name, value)| Figure { name, value })
+            .collect(),
+    })
+}
+
+/// A worker simulated inside the bench: registers, keeps its stream, heartbeats, and
+/// completes every assignment at once.
+async fn simulated_worker(server: String, token: String, name: String) -> anyhow::Result<()> {
+    use drover_proto::v1::{self, server_message::Body as In, worker_message::Body as Out};
+    let channel = tonic::transport::Endpoint::from_shared(server)?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut client = v1::worker_service_client::WorkerServiceClient::new(channel);
+    let caps = v1::Capabilities {
+        hostname: name.clone(),
+        cpus: 1,
+        slots: 4,
+        isolation_modes: vec!["process".into()],
+        ..Default::default()
+    };
+    let reg = client
+        .register(v1::RegisterRequest {
+            token,
+            name,
+            capabilities: Some(caps.clone()),
+        })
+        .await?
+        .into_inner();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let send = |body| {
+        let _ = tx.send(v1::WorkerMessage { body: Some(body) });
+    };
+    send(Out::Hello(v1::Hello {
+        capabilities: Some(caps),
+        active_run_ids: Vec::new(),
+    }));
+    let mut request = tonic::Request::new(tokio_stream::wrappers::UnboundedReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", reg.credential).parse()?,
+    );
+    let mut inbound = client.session(request).await?.into_inner();
+    let mut beat = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            msg = inbound.message() => match msg? {
+                Some(v1::ServerMessage { body: Some(In::Welcome(w)) }) => {
+                    beat = tokio::time::interval(Duration::from_millis(w.heartbeat_interval_ms.max(100)));
+                }
+                Some(v1::ServerMessage { body: Some(In::Assignment(a)) }) => {
+                    send(Out::Accepted(v1::RunAccepted { run_id: a.run_id.clone() }));
+                    send(Out::Started(v1::RunStarted { run_id: a.run_id.clone() }));
+                    send(Out::Finished(v1::RunFinished {
+                        run_id: a.run_id,
+                        outcome: v1::RunOutcome::Succeeded as i32,
+                        exit_code: Some(0),
+                        error: None,
+                        last_seq: 0,
+                    }));
+                }
+                Some(_) => {}
+                None => return Ok(()),
+            },
+            _ = beat.tick() => send(Out::Heartbeat(v1::Heartbeat {})),
+        }
+    }
+}
+
+async fn simulated_workers(
+    workers: usize,
+    idle: Duration,
+    jobs: usize,
+    setup: &Setup,
+) -> anyhow::Result<Figures> {
+    let mut none = setup.clone();
+    none.workers = 0;
+    let fleet = fleet(&none, crate::serve::Executor::Noop).await?;
+    let server = fleet.client.server().trim_end_matches('/').to_string();
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..workers {
+        let token = fleet
+            .client
+            .create_node_token(Duration::from_secs(600))
+            .await?
+            .token;
+        tasks.push(tokio::spawn(simulated_worker(
+            server.clone(),
+            token,
+            format!("sim-{i}"),
+        )));
+    }
+    while fleet
+        .client
+        .list_nodes()
+        .await
+        .map(|n| n.iter().filter(|n| n.connected).count())
+        .unwrap_or(0)
+        < workers
+    {
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("the simulated workers did not all connect");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let connect_time = started.elapsed();
+    let (_, cpu_before) = process_usage(fleet.server_pid);
+    tokio::time::sleep(idle).await;
+    let (_, cpu_after) = process_usage(fleet.server_pid);
+    let mut figures = vec![
+        ("simulated workers".into(), workers.to_string()),
+        (
+            "all connected after".into(),
+            format!("{:.1} s", connect_time.as_secs_f64()),
+        ),
+    ];
+    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+        figures.push((
+            format!("control plane CPU while idle ({} s)", idle.as_secs()),
+            format!("{:.1} % of one core", (b - a) / idle.as_secs_f64() * 100.0),
+        ));
+    }
+    let spec = JobSpec {
+        command: Some("true".into()),
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    figures.extend(probe(&fleet.client, &spec, jobs, "").await?);
+    usage_figures(&fleet, &mut figures);
+    for t in tasks {
+        t.abort();
+    }
+    Ok(Figures {
+        scenario: "workers".into(),
         database: database_name(setup),
         figures: figures
             .into_iter()

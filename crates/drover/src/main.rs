@@ -99,3 +99,13 @@ async fn main() -> ExitCode {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every subcommand's flags are consistent (clap checks names, conflicts, defaults).
+    #[test]
+    fn the_cli_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
+}

@@ -57,3 +57,25 @@ fn bench_logs_smoke() {
     assert_eq!(figure(&v, "lines stored"), "500");
     assert_eq!(figure(&v, "lines followed"), "500");
 }
+
+#[test]
+fn bench_backlog_smoke() {
+    let v = bench(&["backlog", "--queued", "100", "--jobs", "3"]);
+    assert!(figure(&v, "submit rate while filling").ends_with("jobs/s"));
+    assert!(figure(&v, "deep queue: submit → RUNNING").starts_with("p50 "));
+}
+
+#[test]
+fn bench_workers_smoke() {
+    let v = bench(&[
+        "workers",
+        "--simulated",
+        "10",
+        "--idle",
+        "1s",
+        "--jobs",
+        "3",
+    ]);
+    assert_eq!(figure(&v, "simulated workers"), "10");
+    assert!(figure(&v, "control plane CPU while idle (1 s)").ends_with("of one core"));
+}
