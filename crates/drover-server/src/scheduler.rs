@@ -74,8 +74,10 @@ async fn dispatch_pass(state: &AppState) -> Result<usize, drover_store::StoreErr
             reservation: r.reservation,
             isolation: r.isolation,
         }));
+        // Stop at the first page that gives work: what fits goes out now, and the next pass
+        // starts again from the head of the queue.
         if last_page
-            || schedule::assign(candidates.clone(), free.clone(), holds.clone()).len() >= free_slots
+            || !schedule::assign(candidates.clone(), free.clone(), holds.clone()).is_empty()
         {
             break;
         }

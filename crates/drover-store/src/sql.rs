@@ -1070,21 +1070,39 @@ impl Store for SqlStore {
         after: Option<(i32, JobId)>,
         limit: u32,
     ) -> Result<Vec<ReadyJob>> {
-        // Keyset pages in queue order: (priority, id) of the last job seen.
-        let (priority, id) = after
-            .map(|(p, id)| (i64::from(p), id.to_string()))
-            .unwrap_or((i64::MAX, String::new()));
-        let rows = sqlx::query(
-            "SELECT id, priority, spec FROM jobs WHERE state = 'QUEUED' AND waiting_on = 0 \
-             AND not_before <= $1 AND (priority < $2 OR (priority = $2 AND id > $3)) \
-             ORDER BY priority DESC, id LIMIT $4",
-        )
-        .bind(now.0)
-        .bind(priority)
-        .bind(id)
-        .bind(limit as i64)
-        .fetch_all(&self.reader)
-        .await?;
+        const READY: &str = "state = 'QUEUED' AND waiting_on = 0 AND not_before <= $1";
+        let rows = match after {
+            None => {
+                sqlx::query(&format!(
+                    "SELECT id, priority, spec FROM jobs WHERE {READY} \
+                     ORDER BY priority DESC, id LIMIT $2"
+                ))
+                .bind(now.0)
+                .bind(limit as i64)
+                .fetch_all(&self.reader)
+                .await?
+            }
+            // Keyset pages in queue order, from (priority, id) of the last job seen: the rest
+            // of that priority, then the lower ones, each an index range (an OR of the two
+            // would scan the whole queue).
+            Some((priority, id)) => {
+                sqlx::query(&format!(
+                    "SELECT id, priority, spec FROM ( \
+                       SELECT * FROM (SELECT id, priority, spec FROM jobs WHERE {READY} \
+                         AND priority = $2 AND id > $3 ORDER BY id LIMIT $4) AS same \
+                       UNION ALL \
+                       SELECT * FROM (SELECT id, priority, spec FROM jobs WHERE {READY} \
+                         AND priority < $2 ORDER BY priority DESC, id LIMIT $4) AS lower \
+                     ) AS page ORDER BY priority DESC, id LIMIT $4"
+                ))
+                .bind(now.0)
+                .bind(i64::from(priority))
+                .bind(id.to_string())
+                .bind(limit as i64)
+                .fetch_all(&self.reader)
+                .await?
+            }
+        };
         rows.iter()
             .map(|row| {
                 let spec: String = row.try_get("spec")?;
