@@ -204,18 +204,33 @@ impl Default for ServerOptions {
     }
 }
 
+/// Whether a test that needs an outside service may run: true when the service is there.
+/// When it is not, the test fails under CI=true (a missing service must never pass for a
+/// green run) and is skipped elsewhere, with a message saying what would provide it.
+pub fn service_available(available: bool, what: &str, provided_by: &str) -> bool {
+    if !available {
+        assert!(
+            std::env::var("CI").is_err(),
+            "{what} is missing: these tests cannot run ({provided_by})"
+        );
+        eprintln!("skipped: {what} is missing ({provided_by})");
+    }
+    available
+}
+
 /// A fresh database on the test PostgreSQL cluster (DROVER_TEST_POSTGRES_URL, which
 /// `scripts/test` sets up). None when there is none: callers skip, except under CI=true,
 /// where this fails the test.
 pub async fn postgres_database() -> Option<String> {
-    let Ok(admin) = std::env::var("DROVER_TEST_POSTGRES_URL") else {
-        assert!(
-            std::env::var("CI").is_err(),
-            "DROVER_TEST_POSTGRES_URL is not set: PostgreSQL tests cannot run (scripts/test sets it up)"
-        );
-        eprintln!("skipped: DROVER_TEST_POSTGRES_URL is not set (scripts/test sets it up)");
+    let admin = std::env::var("DROVER_TEST_POSTGRES_URL").ok();
+    if !service_available(
+        admin.is_some(),
+        "DROVER_TEST_POSTGRES_URL",
+        "scripts/test starts a PostgreSQL cluster and sets it",
+    ) {
         return None;
-    };
+    }
+    let admin = admin.unwrap_or_default();
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(&admin)
         .await

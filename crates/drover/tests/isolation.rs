@@ -4,7 +4,9 @@
 
 use drover_client::records::LogEntryView;
 use drover_core::{Isolation, JobSpec, JobState};
-use drover_testkit::{Drover, ServerOptions, ServerProc, TestDir, WorkerProc, drover_client};
+use drover_testkit::{
+    Drover, ServerOptions, ServerProc, TestDir, WorkerProc, drover_client, service_available,
+};
 
 fn drover() -> Drover {
     Drover::new(env!("CARGO_BIN_EXE_drover"))
@@ -15,14 +17,11 @@ fn bwrap_usable() -> bool {
         .args(["--unshare-all", "--ro-bind", "/", "/", "--", "/bin/true"])
         .status()
         .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").is_err(),
-            "bubblewrap is missing or unusable: sandbox tests cannot run (scripts/test installs it)"
-        );
-        eprintln!("skipped: bubblewrap (bwrap) is not usable here");
-    }
-    ok
+    service_available(
+        ok,
+        "a usable bubblewrap (bwrap)",
+        "scripts/test installs it",
+    )
 }
 
 fn sandboxed(command: &str) -> JobSpec {
@@ -224,14 +223,11 @@ fn docker_usable() -> bool {
         .stderr(std::process::Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !ok {
-        assert!(
-            std::env::var("CI").is_err(),
-            "no Docker engine or no {IMAGE}: container tests cannot run (scripts/test builds it)"
-        );
-        eprintln!("skipped: no Docker engine or no {IMAGE} (scripts/build-images)");
-    }
-    ok
+    service_available(
+        ok,
+        &format!("a Docker engine with {IMAGE}"),
+        "scripts/test builds it with scripts/build-images",
+    )
 }
 
 fn containerised(command: &str) -> JobSpec {
