@@ -285,10 +285,13 @@ enum SessionEnd {
 /// Runs the worker until `shutdown` resolves. Running jobs are stopped at shutdown; their
 /// leases lapse on the control plane and the retry policy takes over.
 pub async fn run(
-    config: WorkerConfig,
+    mut config: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), WorkerError> {
     std::fs::create_dir_all(&config.state_dir).map_err(state_dir_error(&config.state_dir))?;
+    // Absolute, because jobs run in other directories (and sandboxes bind it by path).
+    config.state_dir =
+        std::fs::canonicalize(&config.state_dir).map_err(state_dir_error(&config.state_dir))?;
     let caps = capabilities(&config);
     let cred = ensure_registered(&config, &caps).await?;
     let span = tracing::info_span!("worker", node_id = %cred.node_id);

@@ -333,3 +333,37 @@ async fn cancelling_a_container_job_removes_its_container() {
 async fn a_container_job_that_times_out_is_removed() {
     stop_removes_the_container(true).await;
 }
+
+/// `drover up` keeps its worker's state in ./.drover/worker, a relative path: sandboxes bind
+/// the run's scratch directory by path, so the worker must make it absolute.
+#[tokio::test]
+async fn a_worker_with_a_relative_state_dir_runs_sandboxed_jobs() {
+    if !bwrap_usable() {
+        return;
+    }
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let token = server.token().await;
+    let mut worker = tokio::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args([
+            "worker",
+            "--server",
+            &server.url,
+            "--token",
+            &token,
+            "--state-dir",
+            "relative/state",
+        ])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    WorkerProc::wait_connected(&server.client(), 1).await;
+    let client = server.client();
+    let job = client.submit_job(&sandboxed("echo inside")).await.unwrap();
+    let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::Succeeded, "{:?}", view.job.error);
+    let _ = worker.kill().await;
+}
