@@ -12,15 +12,22 @@ use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
 
-/// Largest queue page; a pass reads at most PAGES_PER_PASS pages.
+/// Largest queue page.
 const CANDIDATES_PER_PASS: u32 = 512;
-const PAGES_PER_PASS: usize = 64;
+/// Pages past the head a pass reads when the head holds nothing any free worker can run.
+const DEEP_PAGES_PER_PASS: usize = 8;
+
+/// Where the search past the head of the queue goes on from, pass after pass: a deep queue
+/// of jobs no worker can run is walked a few pages per pass, so a pass stays cheap and a
+/// runnable job behind them is still found.
+type DeepCursor = Option<(i32, drover_core::JobId)>;
 /// Wakes even when nothing notifies, for jobs whose retry backoff has passed.
 const IDLE_TICK: Duration = Duration::from_millis(250);
 
 pub async fn dispatch_loop(state: Arc<AppState>) {
+    let mut cursor: DeepCursor = None;
     loop {
-        match dispatch_pass(&state).await {
+        match dispatch_pass(&state, &mut cursor).await {
             Ok(assigned) if assigned > 0 => continue,
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "dispatch pass failed"),
@@ -30,7 +37,10 @@ pub async fn dispatch_loop(state: Arc<AppState>) {
 }
 
 /// One round: snapshot, decide, assign. Returns how many jobs were assigned.
-async fn dispatch_pass(state: &AppState) -> Result<usize, drover_store::StoreError> {
+async fn dispatch_pass(
+    state: &AppState,
+    cursor: &mut DeepCursor,
+) -> Result<usize, drover_store::StoreError> {
     // Two missed heartbeats and a worker gets no new work until it is heard from again.
     let silence = state.config.heartbeat_interval() * 2 + Duration::from_millis(500);
     let free = state.sessions.free_workers(silence);
@@ -59,32 +69,49 @@ async fn dispatch_pass(state: &AppState) -> Result<usize, drover_store::StoreErr
             amount: r.amount,
         })
         .collect();
-    // Read the queue page by page until the free slots are spoken for: jobs that fit no
-    // worker (labels, resources) must not hide the ones behind them.
-    let mut candidates: Vec<Candidate> = Vec::new();
-    let mut page = first;
-    for _ in 0..PAGES_PER_PASS {
-        let last_page = page.len() < page_size as usize;
-        let after = page.last().map(|r| (r.priority, r.id));
-        candidates.extend(page.into_iter().map(|r| Candidate {
-            job_id: r.id,
-            priority: r.priority,
-            labels: r.labels,
-            resources: r.resources,
-            reservation: r.reservation,
-            isolation: r.isolation,
-        }));
-        // Stop at the first page that gives work: what fits goes out now, and the next pass
-        // starts again from the head of the queue.
-        if last_page
-            || !schedule::assign(candidates.clone(), free.clone(), holds.clone()).is_empty()
-        {
-            break;
+    let to_candidates = |page: Vec<drover_store::ReadyJob>| -> Vec<Candidate> {
+        page.into_iter()
+            .map(|r| Candidate {
+                job_id: r.id,
+                priority: r.priority,
+                labels: r.labels,
+                resources: r.resources,
+                reservation: r.reservation,
+                isolation: r.isolation,
+            })
+            .collect()
+    };
+    let fits =
+        |c: &[Candidate]| !schedule::assign(c.to_vec(), free.clone(), holds.clone()).is_empty();
+    // The head of the queue first; if nothing there fits a free worker (labels, resources,
+    // isolation), a few pages further on, from where the last pass stopped.
+    let head_end = first.last().map(|r| (r.priority, r.id));
+    let head_is_all = first.len() < page_size as usize;
+    let mut candidates = to_candidates(first);
+    if !fits(&candidates) && !head_is_all {
+        candidates.clear();
+        let mut after = cursor.or(head_end);
+        for _ in 0..DEEP_PAGES_PER_PASS {
+            let page = state.store.ready_jobs(now, after, page_size).await?;
+            let end_of_queue = page.len() < page_size as usize;
+            let page_start = after;
+            after = page.last().map(|r| (r.priority, r.id));
+            let page = to_candidates(page);
+            if fits(&page) {
+                // Start there again next time: the page may hold more that fits.
+                *cursor = page_start;
+                candidates = page;
+                break;
+            }
+            if end_of_queue {
+                after = None;
+                break;
+            }
         }
-        page = state
-            .store
-            .ready_jobs(now, after, CANDIDATES_PER_PASS)
-            .await?;
+        if candidates.is_empty() {
+            *cursor = after;
+            return Ok(0);
+        }
     }
     let plan = schedule::assign(candidates, free, holds.clone());
     let mut assigned = 0;
