@@ -2,7 +2,6 @@
 
 use crate::{ApiError, AppState};
 use drover_core::{JobId, JobSpec, JobState};
-use drover_proto::v1;
 use drover_store::JobRecord;
 
 /// Stores a job; `false` when its idempotency key returned an earlier one.
@@ -24,21 +23,12 @@ pub async fn submit(state: &AppState, spec: JobSpec) -> Result<(JobRecord, bool)
 pub async fn cancel(state: &AppState, id: JobId) -> Result<JobRecord, ApiError> {
     let cancelled = state.store.cancel_job(id, "cancelled by request").await?;
     if let Some(run) = &cancelled.run {
-        // The worker kills the process group; its slot frees when it reports the end. It
-        // may be connected to another replica: tell them too.
         state
-            .publish(drover_store::Wakeup::Cancel {
+            .tell_everywhere(drover_store::Wakeup::Cancel {
                 worker_id: run.worker_id,
                 run_id: run.id,
             })
             .await;
-        state.sessions.send(
-            run.worker_id,
-            v1::server_message::Body::Cancel(v1::CancelRun {
-                run_id: run.id.to_string(),
-                reason: "cancelled by request".into(),
-            }),
-        );
     }
     tracing::info_span!("job", job_id = %id).in_scope(|| tracing::info!("cancelled"));
     state.notify_job(id, cancelled.job.state);

@@ -145,6 +145,44 @@ impl AppState {
         self.publish(drover_store::Wakeup::Dispatch).await;
     }
 
+    /// Carries out a wake-up on this replica: it acts only on the workers connected here.
+    pub fn apply_here(&self, wakeup: &drover_store::Wakeup) {
+        use drover_proto::v1::{self, server_message::Body};
+        use drover_store::Wakeup;
+        match *wakeup {
+            Wakeup::Dispatch => self.dispatch.notify_one(),
+            Wakeup::Cancel { worker_id, run_id } => {
+                // The worker kills the process group; its slot frees when it reports the end.
+                self.sessions.send(
+                    worker_id,
+                    Body::Cancel(v1::CancelRun {
+                        run_id: run_id.to_string(),
+                        reason: "cancelled by request".into(),
+                    }),
+                );
+            }
+            Wakeup::Forget { worker_id, run_id } => {
+                self.sessions.release(worker_id, run_id);
+                self.sessions.send(
+                    worker_id,
+                    Body::Forget(v1::ForgetRun {
+                        run_id: run_id.to_string(),
+                    }),
+                );
+            }
+            Wakeup::Job { job_id } => {
+                let _ = self.notices.send(Notice::Job { job_id });
+            }
+        }
+    }
+
+    /// Carries out a wake-up here and on every other replica (the worker it names may be
+    /// connected to any of them).
+    pub async fn tell_everywhere(&self, wakeup: drover_store::Wakeup) {
+        self.apply_here(&wakeup);
+        self.publish(wakeup).await;
+    }
+
     /// Tells the other replicas; a failure only delays them (they re-read the store).
     pub async fn publish(&self, wakeup: drover_store::Wakeup) {
         if let Err(e) = self.store.publish(&wakeup).await {
@@ -322,8 +360,6 @@ impl Server {
 
 /// Carries out what other replicas ask of this one (PostgreSQL only).
 async fn listen_to_replicas(state: Arc<AppState>) {
-    use drover_proto::v1::server_message::Body;
-    use drover_store::Wakeup;
     let mut heard = match state.store.listen().await {
         Ok(Some(rx)) => rx,
         Ok(None) => return,
@@ -333,29 +369,6 @@ async fn listen_to_replicas(state: Arc<AppState>) {
         }
     };
     while let Some(wakeup) = heard.recv().await {
-        match wakeup {
-            Wakeup::Dispatch => state.dispatch.notify_one(),
-            Wakeup::Cancel { worker_id, run_id } => {
-                state.sessions.send(
-                    worker_id,
-                    Body::Cancel(drover_proto::v1::CancelRun {
-                        run_id: run_id.to_string(),
-                        reason: "cancelled by request".into(),
-                    }),
-                );
-            }
-            Wakeup::Forget { worker_id, run_id } => {
-                state.sessions.release(worker_id, run_id);
-                state.sessions.send(
-                    worker_id,
-                    Body::Forget(drover_proto::v1::ForgetRun {
-                        run_id: run_id.to_string(),
-                    }),
-                );
-            }
-            Wakeup::Job { job_id } => {
-                let _ = state.notices.send(Notice::Job { job_id });
-            }
-        }
+        state.apply_here(&wakeup);
     }
 }

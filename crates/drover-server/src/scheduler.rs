@@ -81,26 +81,23 @@ async fn dispatch_pass(
             })
             .collect()
     };
-    let fits =
-        |c: &[Candidate]| !schedule::assign(c.to_vec(), free.clone(), holds.clone()).is_empty();
+    let plan_for = |c: Vec<Candidate>| schedule::assign(c, free.clone(), holds.clone());
     // The head of the queue first; if nothing there fits a free worker (labels, resources,
     // isolation), a few pages further on, from where the last pass stopped.
     let head_end = first.last().map(|r| (r.priority, r.id));
     let head_is_all = first.len() < page_size as usize;
-    let mut candidates = to_candidates(first);
-    if !fits(&candidates) && !head_is_all {
-        candidates.clear();
+    let mut plan = plan_for(to_candidates(first));
+    if plan.is_empty() && !head_is_all {
         let mut after = cursor.or(head_end);
         for _ in 0..DEEP_PAGES_PER_PASS {
             let page = state.store.ready_jobs(now, after, page_size).await?;
             let end_of_queue = page.len() < page_size as usize;
             let page_start = after;
             after = page.last().map(|r| (r.priority, r.id));
-            let page = to_candidates(page);
-            if fits(&page) {
+            plan = plan_for(to_candidates(page));
+            if !plan.is_empty() {
                 // Start there again next time: the page may hold more that fits.
-                *cursor = page_start;
-                candidates = page;
+                after = page_start;
                 break;
             }
             if end_of_queue {
@@ -108,12 +105,8 @@ async fn dispatch_pass(
                 break;
             }
         }
-        if candidates.is_empty() {
-            *cursor = after;
-            return Ok(0);
-        }
+        *cursor = after;
     }
-    let plan = schedule::assign(candidates, free, holds.clone());
     let mut assigned = 0;
     for (job_id, worker_id) in plan {
         let Some(a) = state
@@ -190,20 +183,14 @@ pub async fn lease_sweeper(state: Arc<AppState>) {
                 {
                     Ok(f) => {
                         tracing::warn!(worker_id = %run.worker_id, job_state = %f.job.state, "lease expired");
-                        state.sessions.release(run.worker_id, run.id);
+                        // A worker still connected (here or elsewhere) but frozen must not
+                        // carry on with it.
                         state
-                            .publish(drover_store::Wakeup::Forget {
+                            .tell_everywhere(drover_store::Wakeup::Forget {
                                 worker_id: run.worker_id,
                                 run_id: run.id,
                             })
                             .await;
-                        // A worker still connected but frozen must not carry on with it.
-                        state.sessions.send(
-                            run.worker_id,
-                            v1::server_message::Body::Forget(v1::ForgetRun {
-                                run_id: run.id.to_string(),
-                            }),
-                        );
                         state.notify_job(f.job.id, f.job.state);
                         state.dispatch.notify_one();
                         state.webhooks.notify_one();

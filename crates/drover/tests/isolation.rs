@@ -51,7 +51,8 @@ async fn node() -> Node {
     }
 }
 
-async fn run(node: &Node, spec: &JobSpec) -> (JobState, Vec<String>) {
+/// Runs a job to its end: the job with its runs, and its output lines.
+async fn run_view(node: &Node, spec: &JobSpec) -> (drover_client::records::JobView, Vec<String>) {
     let client = node.server.client();
     let job = client.submit_job(spec).await.unwrap();
     let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
@@ -62,6 +63,11 @@ async fn run(node: &Node, spec: &JobSpec) -> (JobState, Vec<String>) {
         .into_iter()
         .map(|e: LogEntryView| e.text)
         .collect();
+    (view, lines)
+}
+
+async fn run(node: &Node, spec: &JobSpec) -> (JobState, Vec<String>) {
+    let (view, lines) = run_view(node, spec).await;
     (view.job.state, lines)
 }
 
@@ -265,18 +271,9 @@ async fn a_container_job_streams_its_output_and_exit_code_without_network() {
     );
     let mut spec = containerised("echo hello from $WHERE; ls /sys/class/net; exit 3");
     spec.env.insert("WHERE".into(), "a container".into());
-    let client = n.server.client();
-    let job = client.submit_job(&spec).await.unwrap();
-    let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    let (view, lines) = run_view(&n, &spec).await;
     assert_eq!(view.job.state, JobState::Failed);
     assert_eq!(view.job.exit_code, Some(3));
-    let lines: Vec<String> = client
-        .job_logs(&job.id.to_string(), None)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.text)
-        .collect();
     assert_eq!(
         lines,
         ["hello from a container", "lo"],
