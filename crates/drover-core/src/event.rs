@@ -64,6 +64,43 @@ pub enum EventKind {
         worker_id: WorkerId,
         reason: String,
     },
+    /// A provider was asked for this worker (its record exists before the worker does).
+    ProvisioningStarted {
+        provider: String,
+    },
+    /// One step of provisioning: `token_minted`, `resource_created`, `worker_registered`.
+    ProvisioningStepCompleted {
+        step: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resource_id: Option<String>,
+    },
+    /// A step failed; `will_retry` says whether another attempt follows.
+    ProvisioningStepFailed {
+        step: String,
+        attempt: u32,
+        error: String,
+        will_retry: bool,
+    },
+    /// Provisioning gave up; nothing it created is left.
+    ProvisioningFailed {
+        error: String,
+    },
+    /// What provisioning created was destroyed because the worker never registered (or
+    /// could not start).
+    ProvisioningCompensated {
+        reason: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        resource_id: Option<String>,
+    },
+    /// The provider stopped the worker and removed what ran it.
+    WorkerTerminated {
+        reason: String,
+    },
+    /// Reconciliation removed a provider resource that no live worker record owns.
+    OrphanRemoved {
+        provider: String,
+        resource_id: String,
+    },
 }
 
 impl EventKind {
@@ -80,6 +117,13 @@ impl EventKind {
             Self::WorkerRegistered { .. } => "WorkerRegistered",
             Self::WorkerConnected { .. } => "WorkerConnected",
             Self::WorkerLost { .. } => "WorkerLost",
+            Self::ProvisioningStarted { .. } => "ProvisioningStarted",
+            Self::ProvisioningStepCompleted { .. } => "ProvisioningStepCompleted",
+            Self::ProvisioningStepFailed { .. } => "ProvisioningStepFailed",
+            Self::ProvisioningFailed { .. } => "ProvisioningFailed",
+            Self::ProvisioningCompensated { .. } => "ProvisioningCompensated",
+            Self::WorkerTerminated { .. } => "WorkerTerminated",
+            Self::OrphanRemoved { .. } => "OrphanRemoved",
         }
     }
 

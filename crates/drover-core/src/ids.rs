@@ -25,6 +25,14 @@ macro_rules! id_type {
             pub fn new() -> Self {
                 Self(Uuid::now_v7())
             }
+
+            /// When the id was made (UUIDv7 carries its creation time in milliseconds).
+            pub fn created_at(&self) -> Option<crate::Timestamp> {
+                let (secs, nanos) = self.0.get_timestamp()?.to_unix();
+                Some(crate::Timestamp(
+                    secs as i64 * 1_000_000 + i64::from(nanos / 1_000),
+                ))
+            }
         }
 
         impl Default for $name {

@@ -72,6 +72,10 @@ pub struct JobSpec {
     /// The container image, for `isolation: container`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Runs only on a worker this provider started (`local`, `docker`); absent means any
+    /// worker, and the control plane's first provider starts one when none fits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
 }
 
 /// How a job is isolated on its worker.
@@ -357,6 +361,14 @@ impl JobSpec {
                 ));
             }
             _ => {}
+        }
+        if let Some(provider) = &self.provider
+            && !valid_resource_name(provider)
+        {
+            return Err(ValidationError::new(
+                "provider",
+                "a provider name is 1-64 characters of letters, digits, '-', '_' or '.'",
+            ));
         }
         if self.name.trim().is_empty() {
             self.name = self.default_name();

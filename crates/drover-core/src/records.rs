@@ -69,6 +69,12 @@ pub struct WorkerRecord {
     pub capabilities: Capabilities,
     pub created_at: Timestamp,
     pub last_seen_at: Timestamp,
+    /// The provider that started the node (`local`, `docker`); absent when it joined by hand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+    /// The provider's id of what runs the node (a process id, a container id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_id: Option<String>,
 }
 
 /// Where a run's log lives and how much of it is stored.
@@ -93,6 +99,7 @@ pub struct ReadyJob {
     pub resources: BTreeMap<String, u32>,
     pub reservation: Option<ReservationId>,
     pub isolation: crate::Isolation,
+    pub provider: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

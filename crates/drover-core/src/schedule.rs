@@ -17,6 +17,8 @@ pub struct Candidate {
     /// The active reservation the job was submitted into, if any.
     pub reservation: Option<ReservationId>,
     pub isolation: Isolation,
+    /// The provider whose workers alone may run the job.
+    pub provider: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +31,8 @@ pub struct FreeWorker {
     pub free_resources: BTreeMap<String, u32>,
     /// Isolation modes the worker offers (`process`, `sandbox`, `container`).
     pub isolation_modes: Vec<String>,
+    /// The provider that started the worker; `None` for a worker that joined by hand.
+    pub provider: Option<String>,
 }
 
 /// An active reservation: `amount` of `resource` on one worker, held for the jobs
@@ -52,6 +56,7 @@ impl Hold {
 impl FreeWorker {
     fn fits(&self, job: &Candidate, skip: Option<&str>) -> bool {
         self.free_slots > 0
+            && (job.provider.is_none() || job.provider == self.provider)
             && (job.isolation == Isolation::Process
                 || self
                     .isolation_modes
@@ -172,6 +177,7 @@ mod tests {
             labels: BTreeMap::new(),
             free_resources: BTreeMap::new(),
             isolation_modes: vec!["process".into()],
+            provider: None,
         }
     }
 
@@ -182,6 +188,21 @@ mod tests {
 
     fn ids(plan: &[(JobId, WorkerId)]) -> Vec<JobId> {
         plan.iter().map(|(j, _)| *j).collect()
+    }
+
+    #[test]
+    fn a_job_for_a_provider_runs_only_on_that_providers_workers() {
+        let mut docker_job = job(0);
+        docker_job.provider = Some("docker".into());
+        let plain = worker(4);
+        let mut local = worker(4);
+        local.provider = Some("local".into());
+        let got = assign(vec![docker_job.clone()], vec![plain, local], vec![]);
+        assert!(got.is_empty(), "no docker worker is free: {got:?}");
+        let mut docker = worker(1);
+        docker.provider = Some("docker".into());
+        let got = assign(vec![docker_job.clone(), job(0)], vec![docker.clone()], vec![]);
+        assert_eq!(got, vec![(docker_job.job_id, docker.worker_id)]);
     }
 
     #[test]

@@ -38,6 +38,7 @@ impl WorkerState {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(default)]
 pub struct Capabilities {
     pub hostname: String,
     pub cpus: u32,

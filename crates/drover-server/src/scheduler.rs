@@ -78,6 +78,7 @@ async fn dispatch_pass(
                 resources: r.resources,
                 reservation: r.reservation,
                 isolation: r.isolation,
+                provider: r.provider,
             })
             .collect()
     };

@@ -25,6 +25,10 @@ struct Session {
     labels: BTreeMap<String, String>,
     capacity: BTreeMap<String, u32>,
     isolation_modes: Vec<String>,
+    /// The provider that started the worker, if one did.
+    provider: Option<String>,
+    /// Being stopped by its provider: no new work.
+    draining: bool,
     /// When the worker last said anything: a silent (frozen, cut off) worker gets no work.
     last_heard: std::time::Instant,
     /// Runs the worker holds, counted against its slots and resources until it reports
@@ -64,6 +68,7 @@ impl Sessions {
         worker_id: WorkerId,
         tx: UnboundedSender<ServerMessage>,
         caps: &drover_core::Capabilities,
+        provider: Option<String>,
         active: HashMap<RunId, Held>,
     ) -> u64 {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -74,6 +79,8 @@ impl Sessions {
             labels: caps.labels.clone(),
             capacity: caps.resources.clone(),
             isolation_modes: caps.isolation_modes.clone(),
+            provider,
+            draining: false,
             last_heard: std::time::Instant::now(),
             active,
         };
@@ -119,7 +126,7 @@ impl Sessions {
     pub fn free_workers(&self, silence: std::time::Duration) -> Vec<FreeWorker> {
         self.lock()
             .iter()
-            .filter(|(_, s)| (s.active.len() as u32) < s.slots)
+            .filter(|(_, s)| (s.active.len() as u32) < s.slots && !s.draining)
             .filter(|(_, s)| s.last_heard.elapsed() <= silence)
             .map(|(id, s)| FreeWorker {
                 worker_id: *id,
@@ -127,6 +134,7 @@ impl Sessions {
                 labels: s.labels.clone(),
                 free_resources: s.free_resources(),
                 isolation_modes: s.isolation_modes.clone(),
+                provider: s.provider.clone(),
             })
             .collect()
     }
@@ -166,6 +174,13 @@ impl Sessions {
         };
         s.active.insert(run_id, held);
         s.tx.send(ServerMessage { body: Some(msg) }).is_ok()
+    }
+
+    /// The worker's provider is about to stop it: it gets no new work from now on.
+    pub fn drain(&self, worker_id: WorkerId) {
+        if let Some(s) = self.lock().get_mut(&worker_id) {
+            s.draining = true;
+        }
     }
 
     pub fn release(&self, worker_id: WorkerId, run_id: RunId) {

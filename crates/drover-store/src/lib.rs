@@ -10,7 +10,7 @@ pub use sql::{Engine, Migrations, SqlStore};
 
 use async_trait::async_trait;
 use drover_core::{
-    Capabilities, GroupId, JobId, JobSpec, JobState, ReservationId, RunId, Timestamp,
+    Capabilities, EventKind, GroupId, JobId, JobSpec, JobState, ReservationId, RunId, Timestamp,
     TransitionError, WorkerId, WorkerState,
 };
 use std::time::Duration;
@@ -177,6 +177,33 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<()>;
     async fn get_worker(&self, id: WorkerId) -> Result<WorkerRecord>;
     async fn list_workers(&self) -> Result<Vec<WorkerRecord>>;
+    /// What happened to a worker: registration, connections, provisioning steps, its end.
+    async fn worker_events(&self, id: WorkerId) -> Result<Vec<EventRecord>>;
+
+    // ----------------------------------------------------------- providers
+    /// This installation's id, made on first use and shared by every replica: providers
+    /// label what they create with it.
+    async fn cluster_id(&self) -> Result<String>;
+    /// Starts provisioning a worker of `provider`: a REGISTERING worker record (it exists
+    /// before the worker does) and a one-time token that registers that very record,
+    /// valid until `register_by`. Events `ProvisioningStarted` and the `token_minted` step.
+    async fn begin_provisioning(
+        &self,
+        provider: &str,
+        name: &str,
+        register_by: Timestamp,
+    ) -> Result<(WorkerRecord, JoinToken)>;
+    /// Records what the provider created for the worker (the `resource_created` step).
+    async fn set_worker_resource(&self, id: WorkerId, resource_id: &str) -> Result<()>;
+    /// Appends an event that changes no state (a failed step, a removed orphan).
+    async fn record_worker_event(&self, id: Option<WorkerId>, kind: &EventKind) -> Result<()>;
+    /// Ends a worker for good (`TERMINATED`, or `LOST` when its resource vanished): its
+    /// credential and unused token stop working, `event` is written. False if it had
+    /// already ended.
+    async fn end_worker(&self, id: WorkerId, state: WorkerState, event: &EventKind)
+    -> Result<bool>;
+    /// Workers of `provider` that have not ended, oldest first.
+    async fn provided_workers(&self, provider: &str) -> Result<Vec<WorkerRecord>>;
 
     // ----------------------------------------------------------- reservations
     async fn create_reservation(

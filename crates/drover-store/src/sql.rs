@@ -54,7 +54,8 @@ const DELIVERY_COLS: &str = "d.id, d.webhook_id, w.url, d.event, d.idempotency_k
     d.delivered_at";
 const RUN_COLS: &str = "id, job_id, attempt, retry_of, worker_id, state, exit_code, error, \
     assigned_at, started_at, finished_at, lease_expires_at";
-const WORKER_COLS: &str = "id, name, state, capabilities, created_at, last_seen_at";
+const WORKER_COLS: &str =
+    "id, name, state, capabilities, created_at, last_seen_at, provider, resource_id";
 
 /// What `open` does about the schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -307,6 +308,8 @@ fn worker_from_row(row: &AnyRow) -> Result<WorkerRecord> {
         capabilities: serde_json::from_str(&caps).map_err(corrupt)?,
         created_at: ts(row, "created_at")?,
         last_seen_at: ts(row, "last_seen_at")?,
+        provider: row.try_get("provider")?,
+        resource_id: row.try_get("resource_id")?,
     })
 }
 
@@ -1114,6 +1117,7 @@ impl Store for SqlStore {
                     resources: spec.resources,
                     reservation: spec.reservation,
                     isolation: spec.isolation,
+                    provider: spec.provider,
                 })
             })
             .collect()
@@ -1333,11 +1337,13 @@ impl Store for SqlStore {
         let now = Timestamp::now();
         let hash = sha256_hex(token);
         let mut tx = self.writer.begin().await?;
-        let row = sqlx::query("SELECT expires_at, used_at FROM join_tokens WHERE token_hash = $1")
-            .bind(&hash)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or(StoreError::TokenRefused("unknown token"))?;
+        let row = sqlx::query(
+            "SELECT expires_at, used_at, worker_id FROM join_tokens WHERE token_hash = $1",
+        )
+        .bind(&hash)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::TokenRefused("unknown token"))?;
         if row.try_get::<Option<i64>, _>("used_at")?.is_some() {
             return Err(StoreError::TokenRefused(
                 "this one-time token was already used",
@@ -1346,7 +1352,8 @@ impl Store for SqlStore {
         if row.try_get::<i64, _>("expires_at")? < now.0 {
             return Err(StoreError::TokenRefused("token expired"));
         }
-        let id = WorkerId::new();
+        let provisioned: Option<WorkerId> = parse_opt(&row, "worker_id")?;
+        let id = provisioned.unwrap_or_default();
         let secret = random_hex(32);
         sqlx::query("UPDATE join_tokens SET used_at = $1, used_by = $2 WHERE token_hash = $3")
             .bind(now.0)
@@ -1354,23 +1361,52 @@ impl Store for SqlStore {
             .bind(&hash)
             .execute(&mut *tx)
             .await?;
-        sqlx::query(
-            "INSERT INTO workers (id, name, state, capabilities, credential_hash, created_at, \
-             last_seen_at) VALUES ($1, $2, 'REGISTERING', $3, $4, $5, $6)",
-        )
-        .bind(id.to_string())
-        .bind(name)
-        .bind(serde_json::to_string(capabilities).map_err(corrupt)?)
-        .bind(sha256_hex(&secret))
-        .bind(now.0)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await?;
+        let caps = serde_json::to_string(capabilities).map_err(corrupt)?;
+        if provisioned.is_some() {
+            // The record the provider made: it takes the node's name, capabilities and
+            // credential, unless provisioning was given up meanwhile.
+            let done = sqlx::query(
+                "UPDATE workers SET name = $1, capabilities = $2, credential_hash = $3, \
+                 last_seen_at = $4 WHERE id = $5 AND ended_at IS NULL",
+            )
+            .bind(name)
+            .bind(&caps)
+            .bind(sha256_hex(&secret))
+            .bind(now.0)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::TokenRefused(
+                    "the provisioning of this worker was given up",
+                ));
+            }
+        } else {
+            sqlx::query(
+                "INSERT INTO workers (id, name, state, capabilities, credential_hash, \
+                 created_at, last_seen_at) VALUES ($1, $2, 'REGISTERING', $3, $4, $5, $6)",
+            )
+            .bind(id.to_string())
+            .bind(name)
+            .bind(&caps)
+            .bind(sha256_hex(&secret))
+            .bind(now.0)
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await?;
+        }
         let kind = EventKind::WorkerRegistered {
             worker_id: id,
             name: name.to_string(),
         };
         insert_event(&mut tx, now, None, Some(id), &kind).await?;
+        if provisioned.is_some() {
+            let step = EventKind::ProvisioningStepCompleted {
+                step: "worker_registered".into(),
+                resource_id: None,
+            };
+            insert_event(&mut tx, now, None, Some(id), &step).await?;
+        }
         tx.commit().await?;
         let worker = self.get_worker(id).await?;
         Ok((worker, format!("{id}.{secret}")))
@@ -1382,7 +1418,8 @@ impl Store for SqlStore {
             .ok_or(StoreError::Unauthenticated)?;
         let id: WorkerId = id.parse().map_err(|_| StoreError::Unauthenticated)?;
         let row = sqlx::query(&format!(
-            "SELECT {WORKER_COLS}, credential_hash FROM workers WHERE id = $1"
+            "SELECT {WORKER_COLS}, credential_hash FROM workers WHERE id = $1 \
+             AND ended_at IS NULL"
         ))
         .bind(id.to_string())
         .fetch_optional(&self.reader)
@@ -1413,7 +1450,8 @@ impl Store for SqlStore {
         // mark a reconnected node lost).
         let done = sqlx::query(
             "UPDATE workers SET state = $1, capabilities = COALESCE($2, capabilities), \
-             last_seen_at = $3, session = $4 WHERE id = $5 AND ($6 OR session = $4)",
+             last_seen_at = $3, session = $4 WHERE id = $5 AND ($6 OR session = $4) \
+             AND ended_at IS NULL",
         )
         .bind(state.as_str())
         .bind(caps)
@@ -1457,6 +1495,151 @@ impl Store for SqlStore {
         let rows = sqlx::query(&format!("SELECT {WORKER_COLS} FROM workers ORDER BY id"))
             .fetch_all(&self.reader)
             .await?;
+        rows.iter().map(worker_from_row).collect()
+    }
+
+    async fn worker_events(&self, id: WorkerId) -> Result<Vec<EventRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, at, job_id, worker_id, data FROM events WHERE worker_id = $1 \
+             ORDER BY seq",
+        )
+        .bind(id.to_string())
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn cluster_id(&self) -> Result<String> {
+        sqlx::query(
+            "INSERT INTO settings (name, value) VALUES ('cluster_id', $1) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(random_hex(8))
+        .execute(&self.writer)
+        .await?;
+        let row = sqlx::query("SELECT value FROM settings WHERE name = 'cluster_id'")
+            .fetch_one(&self.writer)
+            .await?;
+        Ok(row.try_get("value")?)
+    }
+
+    async fn begin_provisioning(
+        &self,
+        provider: &str,
+        name: &str,
+        register_by: Timestamp,
+    ) -> Result<(WorkerRecord, JoinToken)> {
+        let now = Timestamp::now();
+        let id = WorkerId::new();
+        let token = format!("drover-join-{}", random_hex(20));
+        let mut tx = self.writer.begin().await?;
+        // No credential until it registers: an empty hash matches no secret.
+        sqlx::query(
+            "INSERT INTO workers (id, name, state, capabilities, credential_hash, created_at, \
+             last_seen_at, provider) VALUES ($1, $2, 'REGISTERING', '{}', '', $3, $3, $4)",
+        )
+        .bind(id.to_string())
+        .bind(name)
+        .bind(now.0)
+        .bind(provider)
+        .execute(&mut *tx)
+        .await?;
+        let started = EventKind::ProvisioningStarted {
+            provider: provider.to_string(),
+        };
+        insert_event(&mut tx, now, None, Some(id), &started).await?;
+        sqlx::query(
+            "INSERT INTO join_tokens (token_hash, created_at, expires_at, worker_id) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(sha256_hex(&token))
+        .bind(now.0)
+        .bind(register_by.0)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        let minted = EventKind::ProvisioningStepCompleted {
+            step: "token_minted".into(),
+            resource_id: None,
+        };
+        insert_event(&mut tx, now, None, Some(id), &minted).await?;
+        tx.commit().await?;
+        let worker = self.get_worker(id).await?;
+        Ok((
+            worker,
+            JoinToken {
+                token,
+                expires_at: register_by,
+            },
+        ))
+    }
+
+    async fn set_worker_resource(&self, id: WorkerId, resource_id: &str) -> Result<()> {
+        let now = Timestamp::now();
+        let mut tx = self.writer.begin().await?;
+        let done = sqlx::query("UPDATE workers SET resource_id = $1 WHERE id = $2")
+            .bind(resource_id)
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound {
+                kind: "worker",
+                id: id.to_string(),
+            });
+        }
+        let step = EventKind::ProvisioningStepCompleted {
+            step: "resource_created".into(),
+            resource_id: Some(resource_id.to_string()),
+        };
+        insert_event(&mut tx, now, None, Some(id), &step).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn record_worker_event(&self, id: Option<WorkerId>, kind: &EventKind) -> Result<()> {
+        let mut conn = self.writer.acquire().await?;
+        insert_event(&mut conn, Timestamp::now(), None, id, kind).await
+    }
+
+    async fn end_worker(
+        &self,
+        id: WorkerId,
+        state: WorkerState,
+        event: &EventKind,
+    ) -> Result<bool> {
+        let now = Timestamp::now();
+        let mut tx = self.writer.begin().await?;
+        let done = sqlx::query(
+            "UPDATE workers SET state = $1, ended_at = $2, session = NULL \
+             WHERE id = $3 AND ended_at IS NULL",
+        )
+        .bind(state.as_str())
+        .bind(now.0)
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
+        }
+        // A token not yet used must not register a worker that was given up.
+        sqlx::query("DELETE FROM join_tokens WHERE worker_id = $1 AND used_at IS NULL")
+            .bind(id.to_string())
+            .execute(&mut *tx)
+            .await?;
+        insert_event(&mut tx, now, None, Some(id), event).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn provided_workers(&self, provider: &str) -> Result<Vec<WorkerRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {WORKER_COLS} FROM workers WHERE provider = $1 AND ended_at IS NULL \
+             ORDER BY id"
+        ))
+        .bind(provider)
+        .fetch_all(&self.writer)
+        .await?;
         rows.iter().map(worker_from_row).collect()
     }
 

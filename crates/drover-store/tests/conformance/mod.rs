@@ -22,6 +22,8 @@ macro_rules! conformance_suite {
             reservations_expire,
             webhook_events_are_written_with_the_change,
             duties_are_held_by_one_holder_at_a_time,
+            provisioning_is_a_recorded_workflow,
+            a_given_up_provisioning_refuses_its_token,
         );
     };
     (@tests $open:expr; $($name:ident),+ $(,)?) => {$(
@@ -617,4 +619,94 @@ pub async fn duties_are_held_by_one_holder_at_a_time(store: &dyn Store) {
         "taken over after the ttl"
     );
     assert!(!store.hold_duty("sweeper", "a", ttl).await.unwrap());
+}
+
+fn event_types(events: &[drover_store::EventRecord]) -> Vec<&'static str> {
+    events.iter().map(|e| e.kind.type_name()).collect()
+}
+
+pub async fn provisioning_is_a_recorded_workflow(store: &impl Store) {
+    let cluster = store.cluster_id().await.expect("cluster id");
+    assert_eq!(store.cluster_id().await.expect("again"), cluster, "stable");
+    let by = Timestamp::now().plus(Duration::from_secs(60));
+    let (worker, token) = store
+        .begin_provisioning("docker", "docker-1", by)
+        .await
+        .expect("begin");
+    assert_eq!(worker.state, drover_core::WorkerState::Registering);
+    assert_eq!(worker.provider.as_deref(), Some("docker"));
+    assert_eq!(store.provided_workers("docker").await.expect("list").len(), 1);
+    assert!(store.provided_workers("local").await.expect("list").is_empty());
+    store
+        .set_worker_resource(worker.id, "c0ffee")
+        .await
+        .expect("resource");
+    let (registered, credential) = store
+        .register_worker(&token.token, "in-container", &Capabilities::default())
+        .await
+        .expect("register the provisioned record");
+    assert_eq!(registered.id, worker.id, "the token registers that very record");
+    assert_eq!(registered.resource_id.as_deref(), Some("c0ffee"));
+    store
+        .authenticate_worker(&credential)
+        .await
+        .expect("credential works");
+    let ended = drover_core::EventKind::WorkerTerminated {
+        reason: "idle".into(),
+    };
+    assert!(
+        store
+            .end_worker(worker.id, drover_core::WorkerState::Terminated, &ended)
+            .await
+            .expect("end")
+    );
+    assert!(
+        !store
+            .end_worker(worker.id, drover_core::WorkerState::Terminated, &ended)
+            .await
+            .expect("end twice"),
+        "ending twice changes nothing"
+    );
+    assert!(matches!(
+        store.authenticate_worker(&credential).await,
+        Err(StoreError::Unauthenticated)
+    ));
+    assert!(store.provided_workers("docker").await.expect("list").is_empty());
+    let got = store.get_worker(worker.id).await.expect("get");
+    assert_eq!(got.state, drover_core::WorkerState::Terminated);
+    let events = store.worker_events(worker.id).await.expect("events");
+    assert_eq!(
+        event_types(&events),
+        vec![
+            "ProvisioningStarted",
+            "ProvisioningStepCompleted",
+            "ProvisioningStepCompleted",
+            "WorkerRegistered",
+            "ProvisioningStepCompleted",
+            "WorkerTerminated",
+        ]
+    );
+}
+
+pub async fn a_given_up_provisioning_refuses_its_token(store: &impl Store) {
+    let by = Timestamp::now().plus(Duration::from_secs(60));
+    let (worker, token) = store
+        .begin_provisioning("local", "local-1", by)
+        .await
+        .expect("begin");
+    let compensated = drover_core::EventKind::ProvisioningCompensated {
+        reason: "never registered".into(),
+        resource_id: None,
+    };
+    store
+        .end_worker(worker.id, drover_core::WorkerState::Terminated, &compensated)
+        .await
+        .expect("end");
+    let refused = store
+        .register_worker(&token.token, "late", &Capabilities::default())
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::TokenRefused(_))),
+        "{refused:?}"
+    );
 }
