@@ -312,6 +312,18 @@ impl Client {
             .await
     }
 
+    pub async fn node_events(&self, id: &str) -> Result<Vec<EventRecord>> {
+        self.json(self.request(Method::GET, &["v1", "nodes", id, "events"]))
+            .await
+    }
+
+    /// The providers of the control plane and its cluster id (what their resources are
+    /// labelled with).
+    pub async fn providers(&self) -> Result<serde_json::Value> {
+        self.json(self.request(Method::GET, &["v1", "providers"]))
+            .await
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self) -> Result<String> {
         let response = self.send(self.request(Method::GET, &["metrics"])).await?;

@@ -201,7 +201,11 @@ mod tests {
         assert!(got.is_empty(), "no docker worker is free: {got:?}");
         let mut docker = worker(1);
         docker.provider = Some("docker".into());
-        let got = assign(vec![docker_job.clone(), job(0)], vec![docker.clone()], vec![]);
+        let got = assign(
+            vec![docker_job.clone(), job(0)],
+            vec![docker.clone()],
+            vec![],
+        );
         assert_eq!(got, vec![(docker_job.job_id, docker.worker_id)]);
     }
 

@@ -32,6 +32,7 @@ impl From<&JobSpec> for v1::JobSpec {
             reservation: s.reservation.map(|r| r.to_string()),
             isolation: s.isolation.as_str().to_string(),
             image: s.image.clone(),
+            provider: s.provider.clone(),
         }
     }
 }
@@ -82,6 +83,7 @@ impl TryFrom<v1::JobSpec> for JobSpec {
                     })?
             },
             image: s.image,
+            provider: s.provider,
             reservation: s.reservation.map(|r| r.parse()).transpose().map_err(
                 |e: drover_core::IdError| ConvertError::Invalid {
                     field: "reservation",

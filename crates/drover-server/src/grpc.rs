@@ -148,9 +148,13 @@ async fn run_session(
     let session = format!("{}/{}", state.replica, drover_core::RunId::new());
     match reattach(&state, &worker, &caps, &session, &hello.active_run_ids, &tx).await {
         Ok(active) => {
-            let session_id = state
-                .sessions
-                .attach(worker.id, tx.clone(), &caps, worker.provider.clone(), active);
+            let session_id = state.sessions.attach(
+                worker.id,
+                tx.clone(),
+                &caps,
+                worker.provider.clone(),
+                active,
+            );
             tracing::info!(slots = caps.slots, "worker connected");
             state.dispatch.notify_one();
             serve_session(&state, &worker, &mut inbound, &tx).await;

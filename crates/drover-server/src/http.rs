@@ -58,6 +58,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/node-tokens", post(create_node_token))
         .route("/v1/nodes", get(list_nodes))
         .route("/v1/nodes/{id}", get(get_node))
+        .route("/v1/nodes/{id}/events", get(node_events))
+        .route("/v1/providers", get(list_providers))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -415,6 +417,38 @@ async fn get_node(State(state): St, Path(id): Path<String>) -> ApiResult<Json<No
     Ok(Json(node_view(&state, worker).await?))
 }
 
+async fn node_events(
+    State(state): St,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<drover_store::EventRecord>>> {
+    let id: WorkerId = parse_path_id(&id)?;
+    state.store.get_worker(id).await?;
+    Ok(Json(state.store.worker_events(id).await?))
+}
+
+/// The providers configured on this control plane, with the cluster id their resources
+/// are labelled with.
+async fn list_providers(State(state): St) -> ApiResult<Json<serde_json::Value>> {
+    let cluster_id = state.store.cluster_id().await?;
+    let mut providers = Vec::new();
+    for config in &state.config.providers {
+        let mut p = crate::providers::describe(config);
+        let workers: Vec<String> = state
+            .store
+            .provided_workers(config.name())
+            .await?
+            .iter()
+            .map(|w| w.id.to_string())
+            .collect();
+        p["workers"] = serde_json::json!(workers);
+        providers.push(p);
+    }
+    Ok(Json(serde_json::json!({
+        "cluster_id": cluster_id,
+        "providers": providers,
+    })))
+}
+
 fn parse_path_id<T: std::str::FromStr<Err = drover_core::IdError>>(s: &str) -> ApiResult<T> {
     s.parse::<T>()
         .map_err(|e| ApiError::invalid("id", e.to_string()))
@@ -459,6 +493,7 @@ async fn create_group(State(state): St, body: Bytes) -> ApiResult<(StatusCode, J
     for (i, spec) in req.jobs.into_iter().enumerate() {
         let spec = spec
             .validated()
+            .and_then(|spec| jobs::check_provider(&state, spec))
             .map_err(|e| ApiError::invalid(format!("jobs[{i}].{}", e.field), e.message))?;
         if spec.idempotency_key.is_some() {
             return Err(ApiError::invalid(

@@ -1,12 +1,12 @@
 //! Job operations shared by the HTTP and gRPC APIs.
 
 use crate::{ApiError, AppState};
-use drover_core::{JobId, JobSpec, JobState};
+use drover_core::{JobId, JobSpec, JobState, ValidationError};
 use drover_store::JobRecord;
 
 /// Stores a job; `false` when its idempotency key returned an earlier one.
 pub async fn submit(state: &AppState, spec: JobSpec) -> Result<(JobRecord, bool), ApiError> {
-    let spec = spec.validated()?;
+    let spec = check_provider(state, spec.validated()?)?;
     let (job, created) = state.store.create_job(spec).await?;
     if !created {
         return Ok((job, false));
@@ -18,6 +18,27 @@ pub async fn submit(state: &AppState, spec: JobSpec) -> Result<(JobRecord, bool)
     state.nudge_dispatch().await;
     state.webhooks.notify_one();
     Ok((job, true))
+}
+
+/// A job may name only a provider this control plane has: otherwise it would wait forever.
+pub fn check_provider(state: &AppState, spec: JobSpec) -> Result<JobSpec, ValidationError> {
+    match &spec.provider {
+        Some(p) if !state.config.providers.iter().any(|c| c.name() == p) => {
+            let configured: Vec<&str> = state.config.providers.iter().map(|c| c.name()).collect();
+            Err(ValidationError::new(
+                "provider",
+                format!(
+                    "{p:?} is not a provider of this control plane (configured: {})",
+                    if configured.is_empty() {
+                        "none".to_string()
+                    } else {
+                        configured.join(", ")
+                    }
+                ),
+            ))
+        }
+        _ => Ok(spec),
+    }
 }
 
 pub async fn cancel(state: &AppState, id: JobId) -> Result<JobRecord, ApiError> {

@@ -8,6 +8,7 @@ mod grpc;
 mod http;
 mod jobs;
 mod logs;
+pub mod providers;
 mod scheduler;
 mod sessions;
 mod webhooks;
@@ -40,6 +41,10 @@ pub struct ServerConfig {
     pub webhook_backoff_base: Duration,
     /// Attempts per delivery before it is marked FAILED.
     pub webhook_max_attempts: u32,
+    /// Providers that start workers on demand; the first also serves jobs that name none.
+    pub providers: Vec<providers::ProviderConfig>,
+    /// How often providers' records are reconciled with what they run (default 30 s).
+    pub reconcile_interval: Option<Duration>,
 }
 
 impl ServerConfig {
@@ -53,6 +58,8 @@ impl ServerConfig {
             default_backoff_base: Duration::from_secs(10),
             webhook_backoff_base: Duration::from_secs(1),
             webhook_max_attempts: 12,
+            providers: Vec::new(),
+            reconcile_interval: None,
         }
     }
 
@@ -77,6 +84,11 @@ pub enum ServerError {
     },
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    #[error("--provider {provider}: {source}")]
+    Provider {
+        provider: &'static str,
+        source: providers::ProviderError,
+    },
 }
 
 /// Something changed; followers re-read the store. Notices only wake readers: the data
@@ -104,6 +116,8 @@ pub(crate) struct AppState {
     pub recovered: std::sync::Mutex<HashSet<RunId>>,
     /// This replica's name when it holds duties.
     pub replica: String,
+    /// The address this control plane is reached at, for workers it starts.
+    pub advertised: String,
     last_dispatch_nudge: std::sync::atomic::AtomicI64,
 }
 
@@ -173,6 +187,7 @@ impl AppState {
             Wakeup::Job { job_id } => {
                 let _ = self.notices.send(Notice::Job { job_id });
             }
+            Wakeup::Drain { worker_id } => self.sessions.drain(worker_id),
         }
     }
 
@@ -209,6 +224,10 @@ impl AppState {
             .unwrap_or(false)
     }
 
+    pub fn advertise_url(&self) -> String {
+        self.advertised.clone()
+    }
+
     pub fn lease_until(&self) -> Timestamp {
         Timestamp::now().plus(self.config.lease)
     }
@@ -233,6 +252,7 @@ pub struct Server {
     listener: TcpListener,
     finish_queue:
         tokio::sync::mpsc::UnboundedReceiver<(drover_store::FinishRequest, finisher::Reply)>,
+    providers: Vec<providers::Configured>,
 }
 
 impl Server {
@@ -279,6 +299,29 @@ impl Server {
                     source,
                 }
             })?;
+        let providers = if config.providers.is_empty() {
+            Vec::new()
+        } else {
+            let cluster_id = store.cluster_id().await?;
+            let mut connected = Vec::new();
+            for p in &config.providers {
+                let mut one =
+                    providers::connect(std::slice::from_ref(p), &cluster_id, &config.data_dir)
+                        .await
+                        .map_err(|source| ServerError::Provider {
+                            provider: p.name(),
+                            source,
+                        })?;
+                connected.append(&mut one);
+            }
+            connected
+        };
+        let bound = listener.local_addr().unwrap_or(config.listen);
+        let advertised = if bound.ip().is_unspecified() {
+            format!("http://127.0.0.1:{}", bound.port())
+        } else {
+            format!("http://{bound}")
+        };
         let (notices, _) = broadcast::channel(4096);
         let (finisher, finish_queue) = tokio::sync::mpsc::unbounded_channel();
         let state = Arc::new(AppState {
@@ -293,12 +336,14 @@ impl Server {
             metrics: prometheus(),
             recovered: std::sync::Mutex::new(recovered),
             replica: format!("replica-{}", drover_core::JobId::new()),
+            advertised,
             last_dispatch_nudge: std::sync::atomic::AtomicI64::new(0),
         });
         Ok(Self {
             state,
             listener,
             finish_queue,
+            providers,
         })
     }
 
@@ -325,6 +370,7 @@ impl Server {
             tokio::spawn(webhooks::delivery_loop(state.clone())),
             tokio::spawn(listen_to_replicas(state.clone())),
             tokio::spawn(finisher::run(state.clone(), self.finish_queue)),
+            tokio::spawn(providers::run(state.clone(), self.providers)),
         ];
         let app = http::router(state.clone()).merge(grpc::router(state.clone()));
         let closing = state.clone();

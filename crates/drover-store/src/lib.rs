@@ -61,6 +61,8 @@ pub enum Wakeup {
     Forget { worker_id: WorkerId, run_id: RunId },
     /// A job reached a final state.
     Job { job_id: JobId },
+    /// This worker is being stopped by its provider: give it no new work.
+    Drain { worker_id: WorkerId },
 }
 
 /// One attempt's end, as reported.

@@ -116,6 +116,9 @@ pub struct RunArgs {
     /// container (with --image).
     #[arg(long)]
     isolation: Option<String>,
+    /// Run only on a worker this provider started (local, docker).
+    #[arg(long)]
+    provider: Option<String>,
     /// Container image, for --isolation container.
     #[arg(long)]
     image: Option<String>,
@@ -183,6 +186,7 @@ impl RunArgs {
             })?;
         }
         spec.image = self.image.clone();
+        spec.provider = self.provider.clone();
         if let Some(r) = &self.reservation {
             spec.reservation = Some(
                 r.parse()
@@ -246,25 +250,7 @@ pub async fn run(cmd: JobCommand, server: &str, output: Output) -> anyhow::Resul
         }
         JobCommand::Events(job) => {
             let events = client.job_events(job.id()).await?;
-            match output {
-                Output::Json => print_json(&events)?,
-                Output::Text => {
-                    let mut t = output::table(&["SEQ", "TIME", "EVENT", "DETAILS"]);
-                    for e in &events {
-                        let mut details = serde_json::to_value(&e.kind)?;
-                        if let Some(map) = details.as_object_mut() {
-                            map.remove("type");
-                        }
-                        t.add_row(vec![
-                            e.seq.to_string(),
-                            output::time(e.at),
-                            e.kind.type_name().to_string(),
-                            details.to_string(),
-                        ]);
-                    }
-                    println!("{t}");
-                }
-            }
+            output::print_events(&events, output)?;
             Ok(ExitCode::SUCCESS)
         }
         JobCommand::Cancel(job) => {

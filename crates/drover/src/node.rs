@@ -15,6 +15,10 @@ pub enum NodeCommand {
     List,
     /// One node.
     Get { id: String },
+    /// What happened to a node: provisioning steps, registration, connections, its end.
+    Events { id: String },
+    /// The providers that start and stop nodes on demand.
+    Providers,
 }
 
 #[derive(Subcommand)]
@@ -67,6 +71,37 @@ pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Resu
                 }
             }
         }
+        NodeCommand::Events { id } => {
+            let events = client.node_events(&id).await?;
+            output::print_events(&events, output)?;
+        }
+        NodeCommand::Providers => {
+            let providers = client.providers().await?;
+            match output {
+                Output::Json => print_json(&providers)?,
+                Output::Text => {
+                    let mut t = output::table(&["PROVIDER", "MIN", "MAX", "IDLE", "WORKERS"]);
+                    let list = providers["providers"]
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default();
+                    for p in &list {
+                        t.add_row(vec![
+                            p["name"].as_str().unwrap_or("?").to_string(),
+                            p["min"].to_string(),
+                            p["max"].to_string(),
+                            format!("{}s", p["idle_seconds"]),
+                            p["workers"].as_array().map_or(0, Vec::len).to_string(),
+                        ]);
+                    }
+                    println!("{t}");
+                    println!(
+                        "cluster id: {}",
+                        providers["cluster_id"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+        }
         NodeCommand::Get { id } => {
             let n = client.get_node(&id).await?;
             match output {
@@ -97,6 +132,12 @@ pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Resu
                             labels.join(",")
                         }
                     );
+                    if let Some(p) = &n.worker.provider {
+                        println!(
+                            "Provider:   {p} ({})",
+                            n.worker.resource_id.as_deref().unwrap_or("no resource yet")
+                        );
+                    }
                     println!("Registered: {}", output::time(n.worker.created_at));
                     println!("Last seen:  {}", output::time(n.worker.last_seen_at));
                 }

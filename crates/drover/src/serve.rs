@@ -3,6 +3,7 @@
 use crate::output::{parse_duration, parse_pairs};
 use anyhow::Context;
 use clap::Args;
+use drover_server::providers::{ProviderConfig, ProviderKind};
 use drover_server::{Server, ServerConfig};
 use drover_worker::WorkerConfig;
 use std::net::SocketAddr;
@@ -38,6 +39,54 @@ pub struct ServerArgs {
     /// Attempts per webhook delivery before it is marked FAILED.
     #[arg(long, env = "DROVER_WEBHOOK_MAX_ATTEMPTS", default_value_t = 12)]
     webhook_max_attempts: u32,
+    /// Start workers on demand: `local` or `docker`, with settings after a colon:
+    /// `docker:min=0,max=4,idle=60s,slots=1,register-within=60s,image=drover-worker:latest,
+    /// network=host,server=URL` (local also takes binary=PATH). Repeatable; the first one
+    /// also serves jobs that name no provider.
+    #[arg(long = "provider", value_parser = parse_provider)]
+    providers: Vec<ProviderConfig>,
+    /// How often provider records are checked against what really runs (also at start).
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    reconcile_every: Duration,
+}
+
+fn parse_provider(s: &str) -> Result<ProviderConfig, String> {
+    let (kind, settings) = s.split_once(':').unwrap_or((s, ""));
+    let kind = match kind.trim() {
+        "local" => ProviderKind::Local,
+        "docker" => ProviderKind::Docker,
+        other => return Err(format!("unknown provider {other:?}; one of local, docker")),
+    };
+    let mut c = ProviderConfig::new(kind);
+    let count = |k: &str, v: &str| {
+        v.trim()
+            .parse::<u32>()
+            .map_err(|_| format!("{k}={v}: give a whole number"))
+    };
+    for (k, v) in parse_pairs(settings)? {
+        match k.as_str() {
+            "min" => c.min = count(&k, &v)?,
+            "max" => c.max = count(&k, &v)?,
+            "slots" => c.slots = count(&k, &v)?.max(1),
+            "idle" => c.idle = parse_duration(&v).map_err(|e| format!("idle: {e}"))?,
+            "register-within" => {
+                c.register_within =
+                    parse_duration(&v).map_err(|e| format!("register-within: {e}"))?
+            }
+            "server" => c.server_url = Some(v),
+            "image" if kind == ProviderKind::Docker => c.image = v,
+            "network" if kind == ProviderKind::Docker => c.network = v,
+            "binary" if kind == ProviderKind::Local => c.binary = Some(PathBuf::from(v)),
+            other => return Err(format!("unknown {} provider setting {other:?}", c.name())),
+        }
+    }
+    if c.max == 0 || c.min > c.max {
+        return Err(format!(
+            "min={} max={}: max must be at least 1 and at least min",
+            c.min, c.max
+        ));
+    }
+    Ok(c)
 }
 
 impl ServerArgs {
@@ -49,6 +98,8 @@ impl ServerArgs {
         c.default_backoff_base = self.backoff_base;
         c.webhook_backoff_base = self.webhook_backoff;
         c.webhook_max_attempts = self.webhook_max_attempts.max(1);
+        c.providers = self.providers.clone();
+        c.reconcile_interval = Some(self.reconcile_every);
         c
     }
 }

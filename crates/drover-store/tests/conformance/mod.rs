@@ -635,8 +635,17 @@ pub async fn provisioning_is_a_recorded_workflow(store: &impl Store) {
         .expect("begin");
     assert_eq!(worker.state, drover_core::WorkerState::Registering);
     assert_eq!(worker.provider.as_deref(), Some("docker"));
-    assert_eq!(store.provided_workers("docker").await.expect("list").len(), 1);
-    assert!(store.provided_workers("local").await.expect("list").is_empty());
+    assert_eq!(
+        store.provided_workers("docker").await.expect("list").len(),
+        1
+    );
+    assert!(
+        store
+            .provided_workers("local")
+            .await
+            .expect("list")
+            .is_empty()
+    );
     store
         .set_worker_resource(worker.id, "c0ffee")
         .await
@@ -645,7 +654,10 @@ pub async fn provisioning_is_a_recorded_workflow(store: &impl Store) {
         .register_worker(&token.token, "in-container", &Capabilities::default())
         .await
         .expect("register the provisioned record");
-    assert_eq!(registered.id, worker.id, "the token registers that very record");
+    assert_eq!(
+        registered.id, worker.id,
+        "the token registers that very record"
+    );
     assert_eq!(registered.resource_id.as_deref(), Some("c0ffee"));
     store
         .authenticate_worker(&credential)
@@ -671,7 +683,13 @@ pub async fn provisioning_is_a_recorded_workflow(store: &impl Store) {
         store.authenticate_worker(&credential).await,
         Err(StoreError::Unauthenticated)
     ));
-    assert!(store.provided_workers("docker").await.expect("list").is_empty());
+    assert!(
+        store
+            .provided_workers("docker")
+            .await
+            .expect("list")
+            .is_empty()
+    );
     let got = store.get_worker(worker.id).await.expect("get");
     assert_eq!(got.state, drover_core::WorkerState::Terminated);
     let events = store.worker_events(worker.id).await.expect("events");
@@ -699,7 +717,11 @@ pub async fn a_given_up_provisioning_refuses_its_token(store: &impl Store) {
         resource_id: None,
     };
     store
-        .end_worker(worker.id, drover_core::WorkerState::Terminated, &compensated)
+        .end_worker(
+            worker.id,
+            drover_core::WorkerState::Terminated,
+            &compensated,
+        )
         .await
         .expect("end");
     let refused = store
