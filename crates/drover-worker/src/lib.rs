@@ -293,7 +293,15 @@ pub async fn run(
     config.state_dir =
         std::fs::canonicalize(&config.state_dir).map_err(state_dir_error(&config.state_dir))?;
     let caps = capabilities(&config);
-    let cred = ensure_registered(&config, &caps).await?;
+    tokio::pin!(shutdown);
+    // A worker that cannot register yet (control plane unreachable) still stops when told.
+    let cred = tokio::select! {
+        cred = ensure_registered(&config, &caps) => cred?,
+        _ = &mut shutdown => {
+            tracing::info!("stopped before registering");
+            return Ok(());
+        }
+    };
     let span = tracing::info_span!("worker", node_id = %cred.node_id);
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
     let mut agent = Agent {
@@ -305,7 +313,6 @@ pub async fn run(
         lease: Duration::from_secs(30),
         fenced: false,
     };
-    tokio::pin!(shutdown);
     let mut delay = BACKOFF_MIN;
     async {
         loop {

@@ -453,8 +453,10 @@ async fn provision(state: &AppState, p: &Configured) -> Result<(), TickError> {
     Ok(())
 }
 
-/// Stops a worker: no new work, then its resource goes, then its record ends. False when
-/// it picked up work meanwhile (it is stopped once idle again).
+/// Stops a worker: no new work, then its record ends (so that its stream closing is not
+/// taken for a loss), then its resource goes. False when it picked up work meanwhile (it is
+/// stopped once idle again). A resource that outlives a failed removal belongs to an ended
+/// worker, which is what reconciliation removes: the record is what carries the retry.
 async fn terminate(
     state: &AppState,
     p: &Configured,
@@ -467,9 +469,20 @@ async fn terminate(
     if !state.store.live_runs_of(w.id).await?.is_empty() {
         return Ok(false);
     }
+    let event = EventKind::WorkerTerminated {
+        reason: format!("{why} for {}", humantime_secs(p.config.idle)),
+    };
+    if !state
+        .store
+        .end_worker(w.id, WorkerState::Terminated, &event)
+        .await?
+    {
+        return Ok(true);
+    }
     if let Some(rid) = &w.resource_id
         && let Err(e) = p.provider.destroy(rid).await
     {
+        tracing::warn!(worker_id = %w.id, error = %e, "cannot remove the worker's resource yet");
         let failed = EventKind::ProvisioningStepFailed {
             step: "destroy".into(),
             attempt: 1,
@@ -477,15 +490,7 @@ async fn terminate(
             will_retry: true,
         };
         state.store.record_worker_event(Some(w.id), &failed).await?;
-        return Ok(false);
     }
-    let event = EventKind::WorkerTerminated {
-        reason: format!("{why} for {}", humantime_secs(p.config.idle)),
-    };
-    state
-        .store
-        .end_worker(w.id, WorkerState::Terminated, &event)
-        .await?;
     tracing::info!(worker_id = %w.id, "worker terminated");
     Ok(true)
 }
