@@ -61,6 +61,8 @@ pub struct Execution {
     /// Created for the run when the job names no working directory; removed after it.
     pub scratch_dir: PathBuf,
     pub kill_grace: Duration,
+    /// The node running it: job containers carry it, to be found after a crash.
+    pub node_id: String,
 }
 
 fn signal_group(pgid: i32, signal: Signal) {
@@ -265,7 +267,9 @@ fn command(exec: &Execution, dir: &std::path::Path) -> Option<Command> {
             c.args(["run", "--rm", "--network", "none", "--name"])
                 .arg(container_name(exec.run_id))
                 .args(["--label", "drover.managed=true", "--label"])
-                .arg(format!("drover.run={}", exec.run_id));
+                .arg(format!("drover.run={}", exec.run_id))
+                .arg("--label")
+                .arg(format!("drover.node={}", exec.node_id));
             for (k, v) in &exec.spec.env {
                 c.arg("--env").arg(format!("{k}={v}"));
             }
@@ -315,6 +319,37 @@ async fn remove_container(run_id: RunId) {
     let _ = Command::new("docker")
         .args(["rm", "--force"])
         .arg(container_name(run_id))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+}
+
+/// Removes every job container labelled with this node, running or not.
+pub async fn remove_containers_of_node(node_id: &str) {
+    let listed = Command::new("docker")
+        .args(["ps", "--all", "--quiet", "--filter"])
+        .arg(format!("label=drover.node={node_id}"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .await;
+    let Ok(listed) = listed else { return };
+    let ids: Vec<String> = String::from_utf8_lossy(&listed.stdout)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    if ids.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        containers = ids.len(),
+        "removing job containers left by an earlier run of this node"
+    );
+    let _ = Command::new("docker")
+        .args(["rm", "--force"])
+        .args(&ids)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -268,6 +268,7 @@ struct HeldRun {
 
 struct Agent {
     config: WorkerConfig,
+    node_id: String,
     caps: Capabilities,
     runs: HashMap<RunId, HeldRun>,
     events_tx: UnboundedSender<ExecEvent>,
@@ -284,6 +285,10 @@ enum SessionEnd {
 
 /// Runs the worker until `shutdown` resolves. Running jobs are stopped at shutdown; their
 /// leases lapse on the control plane and the retry policy takes over.
+fn agent_uses_containers(caps: &Capabilities) -> bool {
+    caps.isolation_modes.iter().any(|m| m == "container")
+}
+
 pub async fn run(
     mut config: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()>,
@@ -304,8 +309,14 @@ pub async fn run(
     };
     let span = tracing::info_span!("worker", node_id = %cred.node_id);
     let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    if agent_uses_containers(&caps) {
+        // Job containers of an earlier life of this node (killed with -9) have no one to
+        // report to: remove them before taking new work.
+        executor::remove_containers_of_node(&cred.node_id).await;
+    }
     let mut agent = Agent {
         config,
+        node_id: cred.node_id.clone(),
         caps,
         runs: HashMap::new(),
         events_tx,
@@ -540,6 +551,7 @@ impl Agent {
             attempt: a.attempt,
             spec,
             scratch_dir: self.config.state_dir.join("runs").join(run_id.to_string()),
+            node_id: self.node_id.clone(),
             kill_grace: self.config.kill_grace,
         };
         let span = tracing::info_span!("job", job_id = %a.job_id, run_id = %run_id);

@@ -112,6 +112,31 @@ pub fn job_cells(j: &drover_client::records::JobRecord) -> Vec<String> {
     ]
 }
 
+/// Events as a table (or JSON): one row each, the event's fields as its details.
+pub fn print_events(
+    events: &[drover_client::records::EventRecord],
+    output: Output,
+) -> anyhow::Result<()> {
+    if output == Output::Json {
+        return print_json(&events);
+    }
+    let mut t = table(&["SEQ", "TIME", "EVENT", "DETAILS"]);
+    for e in events {
+        let mut details = serde_json::to_value(&e.kind)?;
+        if let Some(map) = details.as_object_mut() {
+            map.remove("type");
+        }
+        t.add_row(vec![
+            e.seq.to_string(),
+            time(e.at),
+            e.kind.type_name().to_string(),
+            details.to_string(),
+        ]);
+    }
+    println!("{t}");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,29 +166,4 @@ mod tests {
         );
         assert!(parse_pairs("oops").is_err());
     }
-}
-
-/// Events as a table (or JSON): one row each, the event's fields as its details.
-pub fn print_events(
-    events: &[drover_client::records::EventRecord],
-    output: Output,
-) -> anyhow::Result<()> {
-    if output == Output::Json {
-        return print_json(&events);
-    }
-    let mut t = table(&["SEQ", "TIME", "EVENT", "DETAILS"]);
-    for e in events {
-        let mut details = serde_json::to_value(&e.kind)?;
-        if let Some(map) = details.as_object_mut() {
-            map.remove("type");
-        }
-        t.add_row(vec![
-            e.seq.to_string(),
-            time(e.at),
-            e.kind.type_name().to_string(),
-            details.to_string(),
-        ]);
-    }
-    println!("{t}");
-    Ok(())
 }

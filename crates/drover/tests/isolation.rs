@@ -364,3 +364,34 @@ async fn a_worker_with_a_relative_state_dir_runs_sandboxed_jobs() {
     assert_eq!(view.job.state, JobState::Succeeded, "{:?}", view.job.error);
     let _ = worker.kill().await;
 }
+
+#[tokio::test]
+async fn job_containers_of_a_killed_worker_are_removed_when_it_comes_back() {
+    if !docker_usable() {
+        return;
+    }
+    let mut n = node().await;
+    let client = n.server.client();
+    let job = client
+        .submit_job(&containerised("echo started; sleep 300"))
+        .await
+        .unwrap();
+    let id = job.id.to_string();
+    let run_id = drover_testkit::eventually("the container to start", || async {
+        let logs = client.job_logs(&id, None).await.ok()?;
+        let view = client.get_job(&id).await.ok()?;
+        (!logs.is_empty()).then(|| view.runs[0].run.id.to_string())
+    })
+    .await;
+    n.worker.proc.kill9();
+    assert_ne!(
+        containers_of(&run_id),
+        "",
+        "the engine keeps the container of a killed worker"
+    );
+    let _back = WorkerProc::start(&drover(), &n.server.url, n._dir.path(), "w", None, &[]);
+    drover_testkit::eventually("the left-over container to be removed", || async {
+        containers_of(&run_id).is_empty().then_some(())
+    })
+    .await;
+}
