@@ -30,6 +30,9 @@ pub struct JobRecord {
     pub updated_at: Timestamp,
     pub finished_at: Option<Timestamp>,
     pub spec: JobSpec,
+    /// The user who submitted it (absent for jobs from before users existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -284,6 +287,8 @@ pub struct ReservationRecord {
     pub created_at: Timestamp,
     pub expires_at: Timestamp,
     pub ended_at: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -347,4 +352,74 @@ pub mod webhook_events {
     pub const CANCELLED: &str = "job.run.cancelled";
     pub const SKIPPED: &str = "job.run.skipped";
     pub const ALL: &[&str] = &[COMPLETED, FAILED, TIMED_OUT, CANCELLED, SKIPPED];
+}
+
+/// What a user may do: a `user` sees and controls their own jobs, groups and reservations;
+/// an `admin` everything, and manages nodes, users, tokens, webhooks and providers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    User,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::User => "user",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "admin" => Some(Self::Admin),
+            "user" => Some(Self::User),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserRecord {
+    pub id: String,
+    pub name: String,
+    pub role: Role,
+    pub created_at: Timestamp,
+}
+
+/// A token for automation, as listed (the secret is shown once, at creation).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiTokenRecord {
+    pub id: String,
+    pub name: String,
+    pub user: String,
+    pub created_at: Timestamp,
+    pub expires_at: Timestamp,
+    pub last_used_at: Option<Timestamp>,
+    pub revoked_at: Option<Timestamp>,
+}
+
+/// What a login or a refresh hands out (`POST /v1/auth/login`, `/v1/auth/refresh`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IssuedTokens {
+    pub access_token: String,
+    pub refresh_token: String,
+    pub token_type: String,
+    /// Seconds the access token is valid.
+    pub expires_in: u64,
+}
+
+/// One line of the audit trail: who did (or tried) what.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    pub seq: i64,
+    pub at: Timestamp,
+    pub actor: Option<String>,
+    pub action: String,
+    pub target: Option<String>,
+    /// `ok` or `refused`.
+    pub outcome: String,
+    pub address: Option<String>,
+    pub detail: Option<String>,
 }

@@ -27,6 +27,8 @@ pub enum StoreError {
     TokenRefused(&'static str),
     #[error("node credential refused")]
     Unauthenticated,
+    #[error("{0}")]
+    TokenRejected(&'static str),
     #[error("run {run_id} belongs to another worker")]
     NotYourRun { run_id: RunId },
     #[error("database error: {0}")]
@@ -87,14 +89,36 @@ pub trait Store: Send + Sync + 'static {
     // ----------------------------------------------------------- jobs
     /// Stores a validated spec as a QUEUED job with its `JobCreated` event. With an
     /// idempotency key already used, returns the first job and `false`.
-    async fn create_job(&self, spec: JobSpec) -> Result<(JobRecord, bool)>;
+    async fn create_job(&self, spec: JobSpec) -> Result<(JobRecord, bool)> {
+        self.create_job_for(spec, None).await
+    }
+    /// [`Store::create_job`] on behalf of a user, who then owns the job.
+    async fn create_job_for(&self, spec: JobSpec, owner: Option<&str>)
+    -> Result<(JobRecord, bool)>;
     /// Stores a group: its members run in order, each waiting for the one before.
-    async fn create_group(&self, name: &str, specs: Vec<JobSpec>) -> Result<GroupView>;
+    async fn create_group(&self, name: &str, specs: Vec<JobSpec>) -> Result<GroupView> {
+        self.create_group_for(name, specs, None).await
+    }
+    async fn create_group_for(
+        &self,
+        name: &str,
+        specs: Vec<JobSpec>,
+        owner: Option<&str>,
+    ) -> Result<GroupView>;
     async fn get_group(&self, id: GroupId) -> Result<GroupView>;
     /// Retries a finished attempt by hand: the job goes back to QUEUED for one more attempt.
     async fn resubmit_run(&self, run_id: RunId) -> Result<JobRecord>;
     async fn get_job(&self, id: JobId) -> Result<JobRecord>;
-    async fn list_jobs(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobRecord>>;
+    async fn list_jobs(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobRecord>> {
+        self.list_jobs_of(state, None, limit).await
+    }
+    /// Newest first; only `owner`'s when given.
+    async fn list_jobs_of(
+        &self,
+        state: Option<JobState>,
+        owner: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>>;
     async fn job_runs(&self, id: JobId) -> Result<Vec<RunRecord>>;
     async fn job_events(&self, id: JobId) -> Result<Vec<EventRecord>>;
     async fn get_run(&self, id: RunId) -> Result<RunRecord>;
@@ -214,6 +238,7 @@ pub trait Store: Send + Sync + 'static {
         amount: u32,
         worker_id: WorkerId,
         ttl: Duration,
+        owner: Option<&str>,
     ) -> Result<ReservationRecord>;
     async fn get_reservation(&self, id: ReservationId) -> Result<ReservationRecord>;
     async fn release_reservation(&self, id: ReservationId) -> Result<ReservationRecord>;
@@ -254,6 +279,47 @@ pub trait Store: Send + Sync + 'static {
     async fn publish(&self, wakeup: &Wakeup) -> Result<()>;
     /// What the other replicas publish; `None` where there can be no other replica.
     async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Wakeup>>>;
+
+    // ----------------------------------------------------------- users and tokens
+    async fn count_users(&self) -> Result<u64>;
+    /// A new user; a taken name is a conflict.
+    async fn create_user(&self, name: &str, role: Role, password_hash: &str)
+    -> Result<UserRecord>;
+    /// The user and their password hash.
+    async fn user_by_name(&self, name: &str) -> Result<Option<(UserRecord, String)>>;
+    async fn list_users(&self) -> Result<Vec<UserRecord>>;
+    /// A login: an access and a refresh token in a new family.
+    async fn issue_tokens(
+        &self,
+        user_id: &str,
+        access_ttl: Duration,
+        refresh_ttl: Duration,
+    ) -> Result<IssuedTokens>;
+    /// Trades a refresh token for a new pair in its family. A refresh token presented a
+    /// second time was stolen or replayed: the whole family is revoked and refused.
+    async fn rotate_refresh(
+        &self,
+        refresh_token: &str,
+        access_ttl: Duration,
+        refresh_ttl: Duration,
+    ) -> Result<(UserRecord, IssuedTokens)>;
+    /// Logout: revokes the family of this access or refresh token. Returns its user.
+    async fn revoke_family(&self, token: &str) -> Result<UserRecord>;
+    /// The user an access or API token speaks for, if it is valid now.
+    async fn authenticate_token(&self, token: &str) -> Result<UserRecord>;
+    async fn create_api_token(
+        &self,
+        user_id: &str,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<(ApiTokenRecord, String)>;
+    /// API tokens, of one user or (None) everyone's.
+    async fn list_api_tokens(&self, user_id: Option<&str>) -> Result<Vec<ApiTokenRecord>>;
+    /// Revokes an API token; `user_id` restricts it to that user's tokens.
+    async fn revoke_api_token(&self, id: &str, user_id: Option<&str>) -> Result<ApiTokenRecord>;
+    async fn audit(&self, entry: &AuditRecord) -> Result<()>;
+    /// The newest `limit` audit records, newest last.
+    async fn list_audit(&self, limit: u32) -> Result<Vec<AuditRecord>>;
 
     // ----------------------------------------------------------- logs
     async fn log_index(&self, run_id: RunId) -> Result<Option<LogIndex>>;

@@ -7,10 +7,10 @@
 //! replicas never overwrite each other's changes.
 
 use crate::{
-    Assignment, Cancelled, DeliveryRecord, DeliveryState, EventRecord, FinishRequest, Finished,
-    GroupRecord, GroupState, GroupView, JobRecord, JoinToken, LogIndex, ReadyJob,
+    ApiTokenRecord, Assignment, AuditRecord, Cancelled, DeliveryRecord, DeliveryState, EventRecord, FinishRequest, Finished,
+    GroupRecord, GroupState, GroupView, IssuedTokens, JobRecord, JoinToken, LogIndex, ReadyJob,
     ReservationRecord, ReservationState, Result, RetrySettings, RunEnd, RunRecord, Store,
-    StoreError, WebhookRecord, WorkerRecord, webhook_events,
+    Role, StoreError, UserRecord, WebhookRecord, WorkerRecord, webhook_events,
 };
 use async_trait::async_trait;
 use drover_core::{
@@ -46,9 +46,9 @@ const CHANNEL: &str = "drover";
 
 const JOB_COLS: &str = "id, name, spec, state, priority, attempts, max_attempts, exit_code, \
     error, not_before, current_run, group_id, group_position, waiting_on, created_at, \
-    updated_at, finished_at";
+    updated_at, finished_at, owner";
 const RESERVATION_COLS: &str =
-    "id, resource, amount, worker_id, state, created_at, expires_at, ended_at";
+    "id, resource, amount, worker_id, state, created_at, expires_at, ended_at, owner";
 const DELIVERY_COLS: &str = "d.id, d.webhook_id, w.url, d.event, d.idempotency_key, d.payload, \
     d.state, d.attempts, d.next_attempt_at, d.last_status, d.last_error, d.created_at, \
     d.delivered_at";
@@ -275,6 +275,7 @@ fn job_from_row(row: &AnyRow) -> Result<JobRecord> {
         updated_at: ts(row, "updated_at")?,
         finished_at: ts_opt(row, "finished_at")?,
         spec,
+        owner: row.try_get("owner")?,
     })
 }
 
@@ -322,6 +323,93 @@ fn event_from_row(row: &AnyRow) -> Result<EventRecord> {
         worker_id: parse_opt(row, "worker_id")?,
         kind: serde_json::from_str(&data).map_err(corrupt)?,
     })
+}
+
+fn user_from_row(row: &AnyRow) -> Result<UserRecord> {
+    let role: String = row.try_get("role")?;
+    Ok(UserRecord {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        role: Role::parse(&role).ok_or_else(|| corrupt(format!("role {role}")))?,
+        created_at: ts(row, "created_at")?,
+    })
+}
+
+fn api_token_from_row(row: &AnyRow) -> Result<ApiTokenRecord> {
+    Ok(ApiTokenRecord {
+        id: row.try_get("id")?,
+        name: row.try_get::<Option<String>, _>("name")?.unwrap_or_default(),
+        user: row.try_get("user_name")?,
+        created_at: ts(row, "created_at")?,
+        expires_at: ts(row, "expires_at")?,
+        last_used_at: ts_opt(row, "last_used_at")?,
+        revoked_at: ts_opt(row, "revoked_at")?,
+    })
+}
+
+const API_TOKEN_COLS: &str = "t.id, t.name, u.name AS user_name, t.created_at, t.expires_at, \
+    t.last_used_at, t.revoked_at";
+
+/// Inserts one token of `kind` and returns its secret.
+async fn insert_token(
+    conn: &mut AnyConnection,
+    kind: &str,
+    user_id: &str,
+    family: Option<&str>,
+    name: Option<&str>,
+    ttl: Duration,
+    now: Timestamp,
+) -> Result<(String, String)> {
+    let prefix = match kind {
+        "access" => "drover_at_",
+        "refresh" => "drover_rt_",
+        _ => "drover_pat_",
+    };
+    let token = format!("{prefix}{}", random_hex(24));
+    let id = JobId::new().to_string();
+    sqlx::query(
+        "INSERT INTO auth_tokens (token_hash, id, kind, user_id, family, name, created_at, \
+         expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+    )
+    .bind(sha256_hex(&token))
+    .bind(&id)
+    .bind(kind)
+    .bind(user_id)
+    .bind(family)
+    .bind(name)
+    .bind(now.0)
+    .bind(now.plus(ttl).0)
+    .execute(conn)
+    .await?;
+    Ok((id, token))
+}
+
+async fn issue_pair(
+    conn: &mut AnyConnection,
+    user_id: &str,
+    family: &str,
+    access_ttl: Duration,
+    refresh_ttl: Duration,
+    now: Timestamp,
+) -> Result<IssuedTokens> {
+    let (_, access) = insert_token(conn, "access", user_id, Some(family), None, access_ttl, now).await?;
+    let (_, refresh) =
+        insert_token(conn, "refresh", user_id, Some(family), None, refresh_ttl, now).await?;
+    Ok(IssuedTokens {
+        access_token: access,
+        refresh_token: refresh,
+        token_type: "Bearer".into(),
+        expires_in: access_ttl.as_secs(),
+    })
+}
+
+async fn load_user(conn: &mut AnyConnection, id: &str) -> Result<UserRecord> {
+    let row = sqlx::query("SELECT id, name, role, created_at FROM users WHERE id = $1")
+        .bind(id)
+        .fetch_optional(conn)
+        .await?
+        .ok_or(StoreError::TokenRejected("the token's user no longer exists"))?;
+    user_from_row(&row)
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -452,6 +540,7 @@ fn reservation_from_row(row: &AnyRow) -> Result<ReservationRecord> {
         created_at: ts(row, "created_at")?,
         expires_at: ts(row, "expires_at")?,
         ended_at: ts_opt(row, "ended_at")?,
+        owner: row.try_get("owner")?,
     })
 }
 
@@ -513,6 +602,7 @@ async fn insert_job(
     spec: &JobSpec,
     group: Option<(GroupId, u32)>,
     extra_dependency: Option<JobId>,
+    owner: Option<&str>,
     now: Timestamp,
 ) -> Result<JobRecord> {
     let id = JobId::new();
@@ -566,7 +656,8 @@ async fn insert_job(
     sqlx::query(
         "INSERT INTO jobs (id, name, spec, state, priority, max_attempts, not_before, \
          idempotency_key, group_id, group_position, waiting_on, reservation_id, created_at, \
-         updated_at) VALUES ($1, $2, $3, 'QUEUED', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+         updated_at, owner) \
+         VALUES ($1, $2, $3, 'QUEUED', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
     )
     .bind(id.to_string())
     .bind(&spec.name)
@@ -581,6 +672,7 @@ async fn insert_job(
     .bind(spec.reservation.map(|r| r.to_string()))
     .bind(now.0)
     .bind(now.0)
+    .bind(owner)
     .execute(&mut *conn)
     .await?;
     for dep in &deps {
@@ -870,7 +962,11 @@ async fn finish_in(
 
 #[async_trait]
 impl Store for SqlStore {
-    async fn create_job(&self, spec: JobSpec) -> Result<(JobRecord, bool)> {
+    async fn create_job_for(
+        &self,
+        spec: JobSpec,
+        owner: Option<&str>,
+    ) -> Result<(JobRecord, bool)> {
         let now = Timestamp::now();
         let mut tx = self.writer.begin().await?;
         if let Some(key) = &spec.idempotency_key {
@@ -884,26 +980,41 @@ impl Store for SqlStore {
                 return Ok((job, false));
             }
         }
-        let job = insert_job(&mut tx, &spec, None, None, now).await?;
+        let job = insert_job(&mut tx, &spec, None, None, owner, now).await?;
         tx.commit().await?;
         Ok((job, true))
     }
 
-    async fn create_group(&self, name: &str, specs: Vec<JobSpec>) -> Result<GroupView> {
+    async fn create_group_for(
+        &self,
+        name: &str,
+        specs: Vec<JobSpec>,
+        owner: Option<&str>,
+    ) -> Result<GroupView> {
         let now = Timestamp::now();
         let id = GroupId::new();
         let mut tx = self.writer.begin().await?;
         sqlx::query(
-            "INSERT INTO groups (id, name, state, created_at) VALUES ($1, $2, 'RUNNING', $3)",
+            "INSERT INTO groups (id, name, state, created_at, owner) \
+             VALUES ($1, $2, 'RUNNING', $3, $4)",
         )
         .bind(id.to_string())
         .bind(name)
         .bind(now.0)
+        .bind(owner)
         .execute(&mut *tx)
         .await?;
         let mut previous = None;
         for (position, spec) in specs.iter().enumerate() {
-            let job = insert_job(&mut tx, spec, Some((id, position as u32)), previous, now).await?;
+            let job = insert_job(
+                &mut tx,
+                spec,
+                Some((id, position as u32)),
+                previous,
+                owner,
+                now,
+            )
+            .await?;
             previous = Some(job.id);
         }
         settle_group(&mut tx, id, now).await?;
@@ -975,26 +1086,21 @@ impl Store for SqlStore {
         load_job(&mut conn, id).await
     }
 
-    async fn list_jobs(&self, state: Option<JobState>, limit: u32) -> Result<Vec<JobRecord>> {
-        let rows = match state {
-            Some(s) => {
-                sqlx::query(&format!(
-                    "SELECT {JOB_COLS} FROM jobs WHERE state = $1 ORDER BY id DESC LIMIT $2"
-                ))
-                .bind(s.as_str())
-                .bind(limit as i64)
-                .fetch_all(&self.reader)
-                .await?
-            }
-            None => {
-                sqlx::query(&format!(
-                    "SELECT {JOB_COLS} FROM jobs ORDER BY id DESC LIMIT $1"
-                ))
-                .bind(limit as i64)
-                .fetch_all(&self.reader)
-                .await?
-            }
-        };
+    async fn list_jobs_of(
+        &self,
+        state: Option<JobState>,
+        owner: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<JobRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {JOB_COLS} FROM jobs WHERE ($1 IS NULL OR state = $1) \
+             AND ($2 IS NULL OR owner = $2) ORDER BY id DESC LIMIT $3"
+        ))
+        .bind(state.map(|s| s.as_str()))
+        .bind(owner)
+        .bind(limit as i64)
+        .fetch_all(&self.reader)
+        .await?;
         rows.iter().map(job_from_row).collect()
     }
 
@@ -1643,18 +1749,308 @@ impl Store for SqlStore {
         rows.iter().map(worker_from_row).collect()
     }
 
+    async fn count_users(&self) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(&self.writer)
+            .await?;
+        Ok(n as u64)
+    }
+
+    async fn create_user(
+        &self,
+        name: &str,
+        role: Role,
+        password_hash: &str,
+    ) -> Result<UserRecord> {
+        let now = Timestamp::now();
+        let id = JobId::new().to_string();
+        let taken: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.writer)
+            .await?;
+        if taken.is_some() {
+            return Err(StoreError::Conflict(format!("user {name:?} already exists")));
+        }
+        sqlx::query(
+            "INSERT INTO users (id, name, role, password_hash, created_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&id)
+        .bind(name)
+        .bind(role.as_str())
+        .bind(password_hash)
+        .bind(now.0)
+        .execute(&self.writer)
+        .await?;
+        Ok(UserRecord {
+            id,
+            name: name.to_string(),
+            role,
+            created_at: now,
+        })
+    }
+
+    async fn user_by_name(&self, name: &str) -> Result<Option<(UserRecord, String)>> {
+        let row = sqlx::query(
+            "SELECT id, name, role, created_at, password_hash FROM users WHERE name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.reader)
+        .await?;
+        match row {
+            Some(row) => Ok(Some((user_from_row(&row)?, row.try_get("password_hash")?))),
+            None => Ok(None),
+        }
+    }
+
+    async fn list_users(&self) -> Result<Vec<UserRecord>> {
+        let rows = sqlx::query("SELECT id, name, role, created_at FROM users ORDER BY name")
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(user_from_row).collect()
+    }
+
+    async fn issue_tokens(
+        &self,
+        user_id: &str,
+        access_ttl: Duration,
+        refresh_ttl: Duration,
+    ) -> Result<IssuedTokens> {
+        let now = Timestamp::now();
+        let family = JobId::new().to_string();
+        let mut tx = self.writer.begin().await?;
+        let pair = issue_pair(&mut tx, user_id, &family, access_ttl, refresh_ttl, now).await?;
+        tx.commit().await?;
+        Ok(pair)
+    }
+
+    async fn rotate_refresh(
+        &self,
+        refresh_token: &str,
+        access_ttl: Duration,
+        refresh_ttl: Duration,
+    ) -> Result<(UserRecord, IssuedTokens)> {
+        let now = Timestamp::now();
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(
+            "SELECT user_id, family, expires_at, used_at, revoked_at FROM auth_tokens \
+             WHERE token_hash = $1 AND kind = 'refresh'",
+        )
+        .bind(sha256_hex(refresh_token))
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::TokenRejected("unknown refresh token"))?;
+        let family: String = row.try_get("family")?;
+        let user_id: String = row.try_get("user_id")?;
+        if row.try_get::<Option<i64>, _>("revoked_at")?.is_some() {
+            return Err(StoreError::TokenRejected("this refresh token was revoked"));
+        }
+        if row.try_get::<Option<i64>, _>("used_at")?.is_some() {
+            // Reuse: whoever holds the newer one and whoever replays this one are the same
+            // login; neither is trusted any more.
+            sqlx::query("UPDATE auth_tokens SET revoked_at = $1 WHERE family = $2 AND revoked_at IS NULL")
+                .bind(now.0)
+                .bind(&family)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Err(StoreError::TokenRejected(
+                "this refresh token was already used; every token of its login is now revoked",
+            ));
+        }
+        if row.try_get::<i64, _>("expires_at")? < now.0 {
+            return Err(StoreError::TokenRejected("this refresh token expired"));
+        }
+        sqlx::query("UPDATE auth_tokens SET used_at = $1 WHERE token_hash = $2")
+            .bind(now.0)
+            .bind(sha256_hex(refresh_token))
+            .execute(&mut *tx)
+            .await?;
+        let user = load_user(&mut tx, &user_id).await?;
+        let pair = issue_pair(&mut tx, &user_id, &family, access_ttl, refresh_ttl, now).await?;
+        tx.commit().await?;
+        Ok((user, pair))
+    }
+
+    async fn revoke_family(&self, token: &str) -> Result<UserRecord> {
+        let now = Timestamp::now();
+        let mut tx = self.writer.begin().await?;
+        let row = sqlx::query(
+            "SELECT user_id, family FROM auth_tokens WHERE token_hash = $1 \
+             AND kind IN ('access', 'refresh')",
+        )
+        .bind(sha256_hex(token))
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(StoreError::TokenRejected("unknown token"))?;
+        let family: String = row.try_get("family")?;
+        let user_id: String = row.try_get("user_id")?;
+        sqlx::query(
+            "UPDATE auth_tokens SET revoked_at = $1 WHERE family = $2 AND revoked_at IS NULL",
+        )
+        .bind(now.0)
+        .bind(&family)
+        .execute(&mut *tx)
+        .await?;
+        let user = load_user(&mut tx, &user_id).await?;
+        tx.commit().await?;
+        Ok(user)
+    }
+
+    async fn authenticate_token(&self, token: &str) -> Result<UserRecord> {
+        let now = Timestamp::now();
+        let row = sqlx::query(
+            "SELECT t.kind, t.expires_at, t.revoked_at, t.last_used_at, t.token_hash, \
+             u.id, u.name, u.role, u.created_at FROM auth_tokens t \
+             JOIN users u ON u.id = t.user_id WHERE t.token_hash = $1",
+        )
+        .bind(sha256_hex(token))
+        .fetch_optional(&self.reader)
+        .await?
+        .ok_or(StoreError::TokenRejected("unknown token"))?;
+        let kind: String = row.try_get("kind")?;
+        if kind == "refresh" {
+            return Err(StoreError::TokenRejected(
+                "a refresh token only buys new tokens (POST /v1/auth/refresh)",
+            ));
+        }
+        if row.try_get::<Option<i64>, _>("revoked_at")?.is_some() {
+            return Err(StoreError::TokenRejected("this token was revoked"));
+        }
+        if row.try_get::<i64, _>("expires_at")? < now.0 {
+            return Err(StoreError::TokenRejected("this token expired"));
+        }
+        if kind == "api" {
+            // Last use to the minute: one write a minute per token, not one per request.
+            let last: Option<i64> = row.try_get("last_used_at")?;
+            if last.is_none_or(|t| now.0 - t > 60_000_000) {
+                sqlx::query("UPDATE auth_tokens SET last_used_at = $1 WHERE token_hash = $2")
+                    .bind(now.0)
+                    .bind(row.try_get::<String, _>("token_hash")?)
+                    .execute(&self.writer)
+                    .await?;
+            }
+        }
+        user_from_row(&row)
+    }
+
+    async fn create_api_token(
+        &self,
+        user_id: &str,
+        name: &str,
+        ttl: Duration,
+    ) -> Result<(ApiTokenRecord, String)> {
+        let now = Timestamp::now();
+        let mut conn = self.writer.acquire().await?;
+        let (id, token) = insert_token(&mut conn, "api", user_id, None, Some(name), ttl, now).await?;
+        let row = sqlx::query(&format!(
+            "SELECT {API_TOKEN_COLS} FROM auth_tokens t JOIN users u ON u.id = t.user_id \
+             WHERE t.id = $1"
+        ))
+        .bind(&id)
+        .fetch_one(&mut *conn)
+        .await?;
+        Ok((api_token_from_row(&row)?, token))
+    }
+
+    async fn list_api_tokens(&self, user_id: Option<&str>) -> Result<Vec<ApiTokenRecord>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {API_TOKEN_COLS} FROM auth_tokens t JOIN users u ON u.id = t.user_id \
+             WHERE t.kind = 'api' AND ($1 IS NULL OR t.user_id = $1) ORDER BY t.id"
+        ))
+        .bind(user_id)
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(api_token_from_row).collect()
+    }
+
+    async fn revoke_api_token(&self, id: &str, user_id: Option<&str>) -> Result<ApiTokenRecord> {
+        let now = Timestamp::now();
+        let done = sqlx::query(
+            "UPDATE auth_tokens SET revoked_at = $1 WHERE id = $2 AND kind = 'api' \
+             AND ($3 IS NULL OR user_id = $3) AND revoked_at IS NULL",
+        )
+        .bind(now.0)
+        .bind(id)
+        .bind(user_id)
+        .execute(&self.writer)
+        .await?;
+        let row = sqlx::query(&format!(
+            "SELECT {API_TOKEN_COLS} FROM auth_tokens t JOIN users u ON u.id = t.user_id \
+             WHERE t.id = $1 AND t.kind = 'api' AND ($2 IS NULL OR t.user_id = $2)"
+        ))
+        .bind(id)
+        .bind(user_id)
+        .fetch_optional(&self.writer)
+        .await?
+        .ok_or_else(|| StoreError::NotFound {
+            kind: "token",
+            id: id.to_string(),
+        })?;
+        let token = api_token_from_row(&row)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Conflict(format!("token {id} is already revoked")));
+        }
+        Ok(token)
+    }
+
+    async fn audit(&self, entry: &AuditRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO audit (at, actor, action, target, outcome, address, detail) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+        )
+        .bind(entry.at.0)
+        .bind(&entry.actor)
+        .bind(&entry.action)
+        .bind(&entry.target)
+        .bind(&entry.outcome)
+        .bind(&entry.address)
+        .bind(&entry.detail)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_audit(&self, limit: u32) -> Result<Vec<AuditRecord>> {
+        let rows = sqlx::query(
+            "SELECT seq, at, actor, action, target, outcome, address, detail FROM audit \
+             ORDER BY seq DESC LIMIT $1",
+        )
+        .bind(limit as i64)
+        .fetch_all(&self.reader)
+        .await?;
+        let mut out = rows
+            .iter()
+            .map(|row| {
+                Ok(AuditRecord {
+                    seq: row.try_get("seq")?,
+                    at: ts(row, "at")?,
+                    actor: row.try_get("actor")?,
+                    action: row.try_get("action")?,
+                    target: row.try_get("target")?,
+                    outcome: row.try_get("outcome")?,
+                    address: row.try_get("address")?,
+                    detail: row.try_get("detail")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
     async fn create_reservation(
         &self,
         resource: &str,
         amount: u32,
         worker_id: WorkerId,
         ttl: Duration,
+        owner: Option<&str>,
     ) -> Result<ReservationRecord> {
         let now = Timestamp::now();
         let id = ReservationId::new();
         sqlx::query(
             "INSERT INTO reservations (id, resource, amount, worker_id, state, created_at, \
-             expires_at) VALUES ($1, $2, $3, $4, 'ACTIVE', $5, $6)",
+             expires_at, owner) VALUES ($1, $2, $3, $4, 'ACTIVE', $5, $6, $7)",
         )
         .bind(id.to_string())
         .bind(resource)
@@ -1662,6 +2058,7 @@ impl Store for SqlStore {
         .bind(worker_id.to_string())
         .bind(now.0)
         .bind(now.plus(ttl).0)
+        .bind(owner)
         .execute(&self.writer)
         .await?;
         self.get_reservation(id).await
