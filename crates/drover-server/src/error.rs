@@ -19,6 +19,8 @@ pub enum ApiError {
     Unauthenticated(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    TooManyRequests(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -38,6 +40,7 @@ impl ApiError {
             Self::Conflict(_) => "conflict",
             Self::Unauthenticated(_) => "unauthenticated",
             Self::PermissionDenied(_) => "permission_denied",
+            Self::TooManyRequests(_) => "resource_exhausted",
             Self::Internal(_) => "internal",
         }
     }
@@ -49,6 +52,7 @@ impl ApiError {
             Self::Conflict(_) => StatusCode::CONFLICT,
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
+            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -76,7 +80,9 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(m) => Self::Conflict(m),
             StoreError::Invalid { field, message } => Self::invalid(field, message),
             StoreError::Transition(t) => Self::Conflict(t.to_string()),
-            StoreError::TokenRefused(_) | StoreError::Unauthenticated => {
+            StoreError::TokenRefused(_)
+            | StoreError::Unauthenticated
+            | StoreError::TokenRejected(_) => {
                 Self::Unauthenticated(e.to_string())
             }
             StoreError::NotYourRun { .. } => Self::PermissionDenied(e.to_string()),
@@ -114,6 +120,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::Conflict(_) => Self::failed_precondition(message),
             ApiError::Unauthenticated(_) => Self::unauthenticated(message),
             ApiError::PermissionDenied(_) => Self::permission_denied(message),
+            ApiError::TooManyRequests(_) => Self::resource_exhausted(message),
             ApiError::Internal(_) => Self::internal(message),
         }
     }

@@ -1,6 +1,7 @@
 //! The gRPC API: the worker service (registration and the one stream per worker) and the
 //! job service, with reflection and the standard health service.
 
+use crate::auth::Caller;
 use crate::sessions::Held;
 use crate::{ApiError, AppState, jobs, logs};
 use drover_core::{Capabilities, JobSpec, RunId, RunOutcome, Timestamp, WorkerState};
@@ -399,18 +400,53 @@ fn to_wire(job: &JobRecord) -> v1::Job {
     }
 }
 
+impl JobApi {
+    /// The caller of a request, from its `authorization: Bearer TOKEN` metadata.
+    async fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Status> {
+        let token = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        Ok(self.state.authenticate(token).await?)
+    }
+
+    /// The job, if the caller may see it.
+    async fn owned_job(&self, caller: &Caller, id: &str) -> Result<JobRecord, Status> {
+        let id = jobs::parse_id(id)?;
+        let job = self.state.store.get_job(id).await.map_err(ApiError::from)?;
+        if !caller.may_touch(job.owner.as_deref()) {
+            self.state
+                .audit(
+                    Some(&caller.user.name),
+                    "grpc",
+                    Some(format!("job {id}")),
+                    true,
+                    None,
+                    Some("belongs to another user".into()),
+                )
+                .await;
+            return Err(Status::permission_denied(format!(
+                "job {id} belongs to another user"
+            )));
+        }
+        Ok(job)
+    }
+}
+
 #[tonic::async_trait]
 impl JobService for JobApi {
     async fn submit_job(
         &self,
         request: Request<v1::SubmitJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
+        let caller = self.caller(&request).await?;
         let spec = request
             .into_inner()
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
         let spec = JobSpec::try_from(spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (job, _) = jobs::submit(&self.state, spec).await?;
+        let (job, _) = jobs::submit(&self.state, spec, Some(&caller.user.id)).await?;
         Ok(Response::new(to_wire(&job)))
     }
 
@@ -418,8 +454,8 @@ impl JobService for JobApi {
         &self,
         request: Request<v1::GetJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
-        let id = jobs::parse_id(&request.into_inner().id)?;
-        let job = self.state.store.get_job(id).await.map_err(ApiError::from)?;
+        let caller = self.caller(&request).await?;
+        let job = self.owned_job(&caller, &request.into_inner().id).await?;
         Ok(Response::new(to_wire(&job)))
     }
 
@@ -427,6 +463,7 @@ impl JobService for JobApi {
         &self,
         request: Request<v1::ListJobsRequest>,
     ) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let caller = self.caller(&request).await?;
         let req = request.into_inner();
         let state = jobs::parse_state(&req.state)?;
         let limit = if req.limit == 0 {
@@ -437,7 +474,7 @@ impl JobService for JobApi {
         let list = self
             .state
             .store
-            .list_jobs(state, limit)
+            .list_jobs_of(state, caller.owner_filter(), limit)
             .await
             .map_err(ApiError::from)?;
         Ok(Response::new(v1::ListJobsResponse {
@@ -449,8 +486,9 @@ impl JobService for JobApi {
         &self,
         request: Request<v1::CancelJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
-        let id = jobs::parse_id(&request.into_inner().id)?;
-        let job = jobs::cancel(&self.state, id).await?;
+        let caller = self.caller(&request).await?;
+        let job = self.owned_job(&caller, &request.into_inner().id).await?;
+        let job = jobs::cancel(&self.state, job.id).await?;
         Ok(Response::new(to_wire(&job)))
     }
 }

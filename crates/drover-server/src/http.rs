@@ -9,7 +9,8 @@ use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use crate::auth::{Caller, hash_password, verify_password};
 use base64::Engine;
 use drover_core::records::{
     DeliveryRecord, GroupView, JobView, LogEntryView, NodeView, ReservationRecord, RunView,
@@ -35,31 +36,115 @@ const READ_CHUNK: u64 = 1 << 20;
 /// Log entries per server-sent event when following.
 const FOLLOW_BATCH: usize = 1000;
 
-pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/jobs", post(submit_job).get(list_jobs))
-        .route("/v1/jobs/{id}", get(get_job))
-        .route("/v1/jobs/{id}/events", get(job_events))
-        .route("/v1/jobs/{id}/logs", get(job_logs))
-        .route("/v1/jobs/{id}/wait", get(wait_job))
-        .route("/v1/jobs/{id}/cancel", post(cancel_job))
-        .route("/v1/runs/{id}/retry", post(retry_run))
-        .route("/v1/groups", post(create_group))
-        .route("/v1/groups/{id}", get(get_group))
-        .route("/v1/groups/{id}/cancel", post(cancel_group))
-        .route("/v1/reservations", post(create_reservation))
-        .route("/v1/reservations/{id}", get(get_reservation))
-        .route("/v1/reservations/{id}/release", post(release_reservation))
-        .route("/v1/webhooks", post(add_webhook).get(list_webhooks))
-        .route("/v1/webhooks/deliveries", get(list_deliveries))
-        .route("/v1/node-tokens", post(create_node_token))
-        .route("/v1/nodes", get(list_nodes))
-        .route("/v1/nodes/{id}", get(get_node))
-        .route("/v1/nodes/{id}/events", get(node_events))
-        .route("/v1/providers", get(list_providers))
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Health, metrics, login and refresh.
+    Public,
+    /// Any signed-in user; jobs, runs, groups and reservations only their own.
+    User,
+    /// Admins only.
+    Admin,
+}
+
+/// One route of the API and who may call it.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteInfo {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub access: Access,
+}
+
+type AppRouter = Router<Arc<AppState>>;
+
+/// The routes, grouped by access, and the table describing them: a route can only be added
+/// with its access level, and tests walk the table.
+struct Routes {
+    public: AppRouter,
+    user: AppRouter,
+    admin: AppRouter,
+    table: Vec<RouteInfo>,
+}
+
+impl Routes {
+    fn add(
+        mut self,
+        access: Access,
+        path: &'static str,
+        methods: &[&'static str],
+        route: axum::routing::MethodRouter<Arc<AppState>>,
+    ) -> Self {
+        for method in methods {
+            self.table.push(RouteInfo {
+                method,
+                path,
+                access,
+            });
+        }
+        let group = match access {
+            Access::Public => &mut self.public,
+            Access::User => &mut self.user,
+            Access::Admin => &mut self.admin,
+        };
+        *group = std::mem::take(group).route(path, route);
+        self
+    }
+}
+
+fn routes() -> Routes {
+    use Access::{Admin, Public, User};
+    Routes {
+        public: Router::new(),
+        user: Router::new(),
+        admin: Router::new(),
+        table: Vec::new(),
+    }
+    .add(Public, "/healthz", &["GET"], get(|| async { "ok\n" }))
+    .add(Public, "/readyz", &["GET"], get(readyz))
+    .add(Public, "/metrics", &["GET"], get(metrics))
+    .add(Public, "/v1/auth/login", &["POST"], post(login))
+    .add(Public, "/v1/auth/refresh", &["POST"], post(refresh))
+    .add(User, "/v1/auth/logout", &["POST"], post(logout))
+    .add(User, "/v1/auth/whoami", &["GET"], get(whoami))
+    .add(User, "/v1/tokens", &["POST", "GET"], post(create_api_token).get(list_api_tokens))
+    .add(User, "/v1/tokens/{id}/revoke", &["POST"], post(revoke_api_token))
+    .add(User, "/v1/jobs", &["POST", "GET"], post(submit_job).get(list_jobs))
+    .add(User, "/v1/jobs/{id}", &["GET"], get(get_job))
+    .add(User, "/v1/jobs/{id}/events", &["GET"], get(job_events))
+    .add(User, "/v1/jobs/{id}/logs", &["GET"], get(job_logs))
+    .add(User, "/v1/jobs/{id}/wait", &["GET"], get(wait_job))
+    .add(User, "/v1/jobs/{id}/cancel", &["POST"], post(cancel_job))
+    .add(User, "/v1/runs/{id}/retry", &["POST"], post(retry_run))
+    .add(User, "/v1/groups", &["POST"], post(create_group))
+    .add(User, "/v1/groups/{id}", &["GET"], get(get_group))
+    .add(User, "/v1/groups/{id}/cancel", &["POST"], post(cancel_group))
+    .add(User, "/v1/reservations", &["POST"], post(create_reservation))
+    .add(User, "/v1/reservations/{id}", &["GET"], get(get_reservation))
+    .add(User, "/v1/reservations/{id}/release", &["POST"], post(release_reservation))
+    .add(Admin, "/v1/users", &["POST", "GET"], post(create_user).get(list_users))
+    .add(Admin, "/v1/audit", &["GET"], get(list_audit))
+    .add(Admin, "/v1/webhooks", &["POST", "GET"], post(add_webhook).get(list_webhooks))
+    .add(Admin, "/v1/webhooks/deliveries", &["GET"], get(list_deliveries))
+    .add(Admin, "/v1/node-tokens", &["POST"], post(create_node_token))
+    .add(Admin, "/v1/nodes", &["GET"], get(list_nodes))
+    .add(Admin, "/v1/nodes/{id}", &["GET"], get(get_node))
+    .add(Admin, "/v1/nodes/{id}/events", &["GET"], get(node_events))
+    .add(Admin, "/v1/nodes/{id}/revoke", &["POST"], post(revoke_node))
+    .add(Admin, "/v1/providers", &["GET"], get(list_providers))
+}
+
+/// Every route with its access level, for tests and documentation.
+pub fn route_table() -> Vec<RouteInfo> {
+    routes().table
+}
+
+pub(crate) fn router(state: Arc<AppState>) -> Router {
+    let r = routes();
+    let user = axum::middleware::from_fn_with_state(state.clone(), crate::auth::require_user);
+    let admin = axum::middleware::from_fn_with_state(state.clone(), crate::auth::require_admin);
+    r.public
+        .merge(r.user.route_layer(user))
+        .merge(r.admin.route_layer(admin))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -106,9 +191,13 @@ async fn metrics(State(state): St) -> Response {
         .into_response()
 }
 
-async fn submit_job(State(state): St, body: Bytes) -> ApiResult<(StatusCode, Json<JobRecord>)> {
+async fn submit_job(
+    State(state): St,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<JobRecord>)> {
     let spec: JobSpec = parse_body(&body)?;
-    let (job, created) = jobs::submit(&state, spec).await?;
+    let (job, created) = jobs::submit(&state, spec, Some(&caller.user.id)).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -127,12 +216,18 @@ struct ListQuery {
 
 async fn list_jobs(
     State(state): St,
+    Extension(caller): Extension<Caller>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<JobRecord>>> {
     let q = query(q)?;
     let filter = jobs::parse_state(&q.state)?;
     let limit = q.limit.unwrap_or(100).clamp(1, 10_000);
-    Ok(Json(state.store.list_jobs(filter, limit).await?))
+    Ok(Json(
+        state
+            .store
+            .list_jobs_of(filter, caller.owner_filter(), limit)
+            .await?,
+    ))
 }
 
 async fn job_view(state: &AppState, id: JobId) -> ApiResult<JobView> {
@@ -475,7 +570,11 @@ struct GroupRequest {
 
 const MAX_GROUP_JOBS: usize = 1000;
 
-async fn create_group(State(state): St, body: Bytes) -> ApiResult<(StatusCode, Json<GroupView>)> {
+async fn create_group(
+    State(state): St,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<GroupView>)> {
     let req: GroupRequest = parse_body(&body)?;
     if req.jobs.is_empty() || req.jobs.len() > MAX_GROUP_JOBS {
         return Err(ApiError::invalid(
@@ -508,7 +607,10 @@ async fn create_group(State(state): St, body: Bytes) -> ApiResult<(StatusCode, J
     } else {
         req.name
     };
-    let view = state.store.create_group(&name, specs).await?;
+    let view = state
+        .store
+        .create_group_for(&name, specs, Some(&caller.user.id))
+        .await?;
     for job in &view.jobs {
         state.notify_job(job.id, job.state);
     }
@@ -556,6 +658,7 @@ fn default_reservation_ttl() -> u64 {
 
 async fn create_reservation(
     State(state): St,
+    Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<ReservationRecord>)> {
     let req: ReservationRequest = parse_body(&body)?;
@@ -604,6 +707,7 @@ async fn create_reservation(
             req.amount,
             worker,
             Duration::from_secs(req.ttl_seconds),
+            Some(&caller.user.id),
         )
         .await?;
     tracing::info!(reservation = %r.id, resource = %r.resource, worker_id = %worker, "reservation taken");
@@ -706,4 +810,256 @@ async fn list_deliveries(
 ) -> ApiResult<Json<Vec<DeliveryRecord>>> {
     let limit = query(q)?.limit.unwrap_or(100).clamp(1, 10_000);
     Ok(Json(state.store.list_deliveries(limit).await?))
+}
+
+// ----------------------------------------------------------------- auth
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LoginRequest {
+    username: String,
+    password: String,
+}
+
+async fn login(
+    State(state): St,
+    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    body: Bytes,
+) -> ApiResult<Json<drover_store::IssuedTokens>> {
+    let req: LoginRequest = parse_body(&body)?;
+    let address = Some(peer.ip().to_string());
+    if let Some(wait) = state.logins.blocked(&req.username, address.as_deref()) {
+        state
+            .audit(Some(&req.username), "login", None, true, address, Some("rate limited".into()))
+            .await;
+        return Err(ApiError::TooManyRequests(format!(
+            "too many failed logins; try again in {wait} s"
+        )));
+    }
+    let found = state.store.user_by_name(&req.username).await?;
+    let password = req.password.clone();
+    let user = match found {
+        Some((user, hash)) => {
+            let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+                .await
+                .unwrap_or(false);
+            ok.then_some(user)
+        }
+        None => None,
+    };
+    let Some(user) = user else {
+        state.logins.failed(&req.username, address.as_deref());
+        state
+            .audit(Some(&req.username), "login", None, true, address, Some("wrong user name or password".into()))
+            .await;
+        return Err(ApiError::Unauthenticated(
+            "wrong user name or password".into(),
+        ));
+    };
+    state.logins.succeeded(&req.username);
+    let tokens = state
+        .store
+        .issue_tokens(&user.id, state.config.access_ttl, state.config.refresh_ttl)
+        .await?;
+    state.audit(Some(&user.name), "login", None, false, address, None).await;
+    Ok(Json(tokens))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RefreshRequest {
+    refresh_token: String,
+}
+
+async fn refresh(State(state): St, body: Bytes) -> ApiResult<Json<drover_store::IssuedTokens>> {
+    let req: RefreshRequest = parse_body(&body)?;
+    match state
+        .store
+        .rotate_refresh(&req.refresh_token, state.config.access_ttl, state.config.refresh_ttl)
+        .await
+    {
+        Ok((_, tokens)) => Ok(Json(tokens)),
+        Err(e) => {
+            state
+                .audit(None, "token.refresh", None, true, None, Some(e.to_string()))
+                .await;
+            Err(e.into())
+        }
+    }
+}
+
+async fn logout(
+    State(state): St,
+    Extension(caller): Extension<Caller>,
+    headers: axum::http::HeaderMap,
+) -> ApiResult<StatusCode> {
+    if let Some(token) = crate::auth::bearer(&headers)
+        && token.starts_with("drover_at_")
+    {
+        state.store.revoke_family(token).await?;
+    }
+    state.audit(Some(&caller.user.name), "logout", None, false, None, None).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn whoami(Extension(caller): Extension<Caller>) -> Json<drover_store::UserRecord> {
+    Json(caller.user)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiTokenRequest {
+    name: String,
+    #[serde(default = "default_token_ttl")]
+    expires_in_seconds: u64,
+}
+
+fn default_token_ttl() -> u64 {
+    90 * 24 * 3600
+}
+
+#[derive(Serialize)]
+struct CreatedToken {
+    #[serde(flatten)]
+    record: drover_store::ApiTokenRecord,
+    /// Shown once: only its hash is kept.
+    token: String,
+}
+
+async fn create_api_token(
+    State(state): St,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
+    let req: ApiTokenRequest = parse_body(&body)?;
+    if req.name.trim().is_empty() || req.name.len() > 128 || req.name.chars().any(char::is_control) {
+        return Err(ApiError::invalid("name", "1-128 characters, no control characters"));
+    }
+    if req.expires_in_seconds == 0 || req.expires_in_seconds > 5 * 365 * 24 * 3600 {
+        return Err(ApiError::invalid("expires_in_seconds", "between 1 and 5 years"));
+    }
+    let (record, token) = state
+        .store
+        .create_api_token(&caller.user.id, &req.name, Duration::from_secs(req.expires_in_seconds))
+        .await?;
+    state
+        .audit(Some(&caller.user.name), "token.create", Some(record.id.clone()), false, None, Some(req.name))
+        .await;
+    Ok((StatusCode::CREATED, Json(CreatedToken { record, token })))
+}
+
+async fn list_api_tokens(
+    State(state): St,
+    Extension(caller): Extension<Caller>,
+) -> ApiResult<Json<Vec<drover_store::ApiTokenRecord>>> {
+    Ok(Json(state.store.list_api_tokens(caller.owner_filter()).await?))
+}
+
+async fn revoke_api_token(
+    State(state): St,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<drover_store::ApiTokenRecord>> {
+    let record = state.store.revoke_api_token(&id, caller.owner_filter()).await?;
+    state
+        .audit(Some(&caller.user.name), "token.revoke", Some(id), false, None, None)
+        .await;
+    Ok(Json(record))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserRequest {
+    name: String,
+    password: String,
+    #[serde(default = "default_role")]
+    role: String,
+}
+
+fn default_role() -> String {
+    "user".into()
+}
+
+async fn create_user(
+    State(state): St,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<drover_store::UserRecord>)> {
+    let req: UserRequest = parse_body(&body)?;
+    let valid_name = !req.name.is_empty()
+        && req.name.len() <= 64
+        && req.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
+    if !valid_name {
+        return Err(ApiError::invalid("name", "1-64 letters, digits, '-', '_', '.' or '@'"));
+    }
+    if req.password.len() < 8 || req.password.len() > 1024 {
+        return Err(ApiError::invalid("password", "8 to 1024 bytes"));
+    }
+    let role = drover_store::Role::parse(&req.role)
+        .ok_or_else(|| ApiError::invalid("role", "admin or user"))?;
+    let password = req.password.clone();
+    let hash = tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))??;
+    let user = state.store.create_user(&req.name, role, &hash).await?;
+    state
+        .audit(Some(&caller.user.name), "user.create", Some(user.name.clone()), false, None, Some(role.as_str().into()))
+        .await;
+    Ok((StatusCode::CREATED, Json(user)))
+}
+
+async fn list_users(State(state): St) -> ApiResult<Json<Vec<drover_store::UserRecord>>> {
+    Ok(Json(state.store.list_users().await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuditQuery {
+    limit: Option<u32>,
+}
+
+async fn list_audit(
+    State(state): St,
+    q: Result<Query<AuditQuery>, QueryRejection>,
+) -> ApiResult<Json<Vec<drover_store::AuditRecord>>> {
+    let q = query(q)?;
+    let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
+    Ok(Json(state.store.list_audit(limit).await?))
+}
+
+/// Revokes a node: its credential stops working, its stream is dropped, and its runs fail
+/// over to other nodes through the retry policy.
+async fn revoke_node(
+    State(state): St,
+    Extension(caller): Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<NodeView>> {
+    let id: WorkerId = parse_path_id(&id)?;
+    state.store.get_worker(id).await?;
+    let event = drover_core::EventKind::WorkerTerminated {
+        reason: format!("revoked by {}", caller.user.name),
+    };
+    state
+        .store
+        .end_worker(id, drover_core::WorkerState::Terminated, &event)
+        .await?;
+    state.tell_everywhere(drover_store::Wakeup::Revoke { worker_id: id }).await;
+    for run in state.store.live_runs_of(id).await? {
+        let end = drover_store::RunEnd {
+            outcome: drover_core::RunOutcome::Failed,
+            exit_code: None,
+            error: Some("node revoked".into()),
+        };
+        let finished = state
+            .store
+            .finish_run(run.id, None, end, state.retry_settings())
+            .await?;
+        state.notify_job(run.job_id, finished.job.state);
+    }
+    state.dispatch.notify_one();
+    state
+        .audit(Some(&caller.user.name), "node.revoke", Some(id.to_string()), false, None, None)
+        .await;
+    let worker = state.store.get_worker(id).await?;
+    Ok(Json(node_view(&state, worker).await?))
 }

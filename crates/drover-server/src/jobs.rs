@@ -5,9 +5,13 @@ use drover_core::{JobId, JobSpec, JobState, ValidationError};
 use drover_store::JobRecord;
 
 /// Stores a job; `false` when its idempotency key returned an earlier one.
-pub async fn submit(state: &AppState, spec: JobSpec) -> Result<(JobRecord, bool), ApiError> {
+pub async fn submit(
+    state: &AppState,
+    spec: JobSpec,
+    owner: Option<&str>,
+) -> Result<(JobRecord, bool), ApiError> {
     let spec = check_provider(state, spec.validated()?)?;
-    let (job, created) = state.store.create_job(spec).await?;
+    let (job, created) = state.store.create_job_for(spec, owner).await?;
     if !created {
         return Ok((job, false));
     }

@@ -2,6 +2,7 @@
 //! sessions with their leases, and the log files. Everything it holds in memory is derived
 //! from the store and rebuilt on start.
 
+mod auth;
 mod error;
 mod finisher;
 mod grpc;
@@ -14,6 +15,7 @@ mod sessions;
 mod webhooks;
 
 pub use error::ApiError;
+pub use http::{Access, RouteInfo, route_table};
 
 use drover_core::{JobId, JobState, RunId, Timestamp};
 use drover_store::{RetrySettings, Store};
@@ -45,6 +47,12 @@ pub struct ServerConfig {
     pub providers: Vec<providers::ProviderConfig>,
     /// How often providers' records are reconciled with what they run (default 30 s).
     pub reconcile_interval: Option<Duration>,
+    /// How long an access token lives (15 minutes by default) and a refresh token (30 days).
+    pub access_ttl: Duration,
+    pub refresh_ttl: Duration,
+    /// The first admin's password, when the store has no user yet; `None` generates one
+    /// and prints it once.
+    pub admin_password: Option<String>,
 }
 
 impl ServerConfig {
@@ -60,6 +68,9 @@ impl ServerConfig {
             webhook_max_attempts: 12,
             providers: Vec::new(),
             reconcile_interval: None,
+            access_ttl: Duration::from_secs(15 * 60),
+            refresh_ttl: Duration::from_secs(30 * 24 * 3600),
+            admin_password: None,
         }
     }
 
@@ -84,6 +95,8 @@ pub enum ServerError {
     },
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    #[error("cannot create the first admin: {0}")]
+    Admin(String),
     #[error("--provider {provider}: {source}")]
     Provider {
         provider: &'static str,
@@ -118,6 +131,8 @@ pub(crate) struct AppState {
     pub replica: String,
     /// The address this control plane is reached at, for workers it starts.
     pub advertised: String,
+    /// Failed logins, to slow password guessing.
+    pub logins: auth::LoginLimiter,
     last_dispatch_nudge: std::sync::atomic::AtomicI64,
 }
 
@@ -188,6 +203,7 @@ impl AppState {
                 let _ = self.notices.send(Notice::Job { job_id });
             }
             Wakeup::Drain { worker_id } => self.sessions.drain(worker_id),
+            Wakeup::Revoke { worker_id } => self.sessions.drop_worker(worker_id),
         }
     }
 
@@ -299,6 +315,7 @@ impl Server {
                     source,
                 }
             })?;
+        ensure_first_admin(store.as_ref(), config.admin_password.as_deref()).await?;
         let providers = if config.providers.is_empty() {
             Vec::new()
         } else {
@@ -337,6 +354,7 @@ impl Server {
             recovered: std::sync::Mutex::new(recovered),
             replica: format!("replica-{}", drover_core::JobId::new()),
             advertised,
+            logins: auth::LoginLimiter::default(),
             last_dispatch_nudge: std::sync::atomic::AtomicI64::new(0),
         });
         Ok(Self {
@@ -388,6 +406,7 @@ impl Server {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
         });
+        let app = app.into_make_service_with_connect_info::<SocketAddr>();
         let serve = axum::serve(listener, app).with_graceful_shutdown(graceful);
         // Live followers (SSE) do not end by themselves: give in-flight requests a moment.
         let result = tokio::select! {
@@ -402,6 +421,42 @@ impl Server {
         }
         result
     }
+}
+
+/// The first start makes the first admin: with the configured password, or a generated one
+/// printed once (on stderr, not into the logs).
+async fn ensure_first_admin(
+    store: &dyn Store,
+    password: Option<&str>,
+) -> Result<(), ServerError> {
+    if store.count_users().await? > 0 {
+        return Ok(());
+    }
+    let (password, generated) = match password {
+        Some(p) => (p.to_string(), false),
+        None => {
+            let bytes: [u8; 12] = rand::random();
+            (hex::encode(bytes), true)
+        }
+    };
+    let hash = auth::hash_password(&password).map_err(|e| ServerError::Admin(e.to_string()))?;
+    match store
+        .create_user("admin", drover_store::Role::Admin, &hash)
+        .await
+    {
+        Ok(_) => {}
+        // Another replica made it first.
+        Err(drover_store::StoreError::Conflict(_)) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    }
+    if generated {
+        eprintln!(
+            "drover: created the first admin: user `admin`, password `{password}` \
+             (shown once; `drover login --username admin` uses it)"
+        );
+    }
+    tracing::info!("created the first admin user `admin`");
+    Ok(())
 }
 
 /// Carries out what other replicas ask of this one (PostgreSQL only).

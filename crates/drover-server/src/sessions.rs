@@ -176,6 +176,11 @@ impl Sessions {
         s.tx.send(ServerMessage { body: Some(msg) }).is_ok()
     }
 
+    /// Drops the worker's stream (its credential was revoked).
+    pub fn drop_worker(&self, worker_id: WorkerId) {
+        self.lock().remove(&worker_id);
+    }
+
     /// The worker's provider is about to stop it: it gets no new work from now on.
     pub fn drain(&self, worker_id: WorkerId) {
         if let Some(s) = self.lock().get_mut(&worker_id) {

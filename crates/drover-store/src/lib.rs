@@ -65,6 +65,8 @@ pub enum Wakeup {
     Job { job_id: JobId },
     /// This worker is being stopped by its provider: give it no new work.
     Drain { worker_id: WorkerId },
+    /// This worker's credential was revoked: drop its stream.
+    Revoke { worker_id: WorkerId },
 }
 
 /// One attempt's end, as reported.
