@@ -3,8 +3,9 @@
 
 use drover_core::JobSpec;
 use drover_core::records::{
-    DeliveryRecord, ErrorBody, EventRecord, GroupView, JobRecord, JobView, JoinToken, LogEntryView,
-    NodeView, ReservationRecord, WebhookRecord,
+    ApiTokenRecord, AuditRecord, DeliveryRecord, ErrorBody, EventRecord, GroupView, IssuedTokens,
+    JobRecord, JobView, JoinToken, LogEntryView, NodeView, ReservationRecord, UserRecord,
+    WebhookRecord,
 };
 use futures::{Stream, StreamExt};
 use reqwest::{Method, StatusCode, Url};
@@ -42,6 +43,8 @@ pub type Result<T> = std::result::Result<T, ClientError>;
 pub struct Client {
     http: reqwest::Client,
     base: Url,
+    /// Sent as `Authorization: Bearer …` with every request.
+    token: Option<String>,
 }
 
 /// What a live log follower receives.
@@ -62,7 +65,21 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
-        Ok(Self { http, base })
+        Ok(Self {
+            http,
+            base,
+            token: None,
+        })
+    }
+
+    /// The same client, speaking for the user of `token` (an access or API token).
+    pub fn with_token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    pub fn token(&self) -> Option<&str> {
+        self.token.as_deref()
     }
 
     pub fn server(&self) -> &str {
@@ -116,7 +133,101 @@ impl Client {
     }
 
     fn request(&self, method: Method, segments: &[&str]) -> reqwest::RequestBuilder {
-        self.http.request(method, self.url(segments))
+        let request = self.http.request(method, self.url(segments));
+        match &self.token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
+    }
+
+    /// Raw access to any route, for tools and tests that walk the API.
+    pub async fn call(
+        &self,
+        method: Method,
+        segments: &[&str],
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value> {
+        let mut request = self.request(method, segments);
+        if let Some(b) = body {
+            request = request.json(&b);
+        }
+        let response = self.send(request).await?;
+        let text = response.text().await.map_err(|e| self.unreachable(e))?;
+        Ok(serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
+    }
+
+    pub async fn login(&self, username: &str, password: &str) -> Result<IssuedTokens> {
+        let body = serde_json::json!({"username": username, "password": password});
+        self.json(
+            self.request(Method::POST, &["v1", "auth", "login"])
+                .json(&body),
+        )
+        .await
+    }
+
+    pub async fn refresh(&self, refresh_token: &str) -> Result<IssuedTokens> {
+        let body = serde_json::json!({"refresh_token": refresh_token});
+        self.json(
+            self.request(Method::POST, &["v1", "auth", "refresh"])
+                .json(&body),
+        )
+        .await
+    }
+
+    /// Revokes the login the client's access token belongs to.
+    pub async fn logout(&self) -> Result<()> {
+        self.send(self.request(Method::POST, &["v1", "auth", "logout"]))
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn whoami(&self) -> Result<UserRecord> {
+        self.json(self.request(Method::GET, &["v1", "auth", "whoami"]))
+            .await
+    }
+
+    /// A new API token: its record and, shown once, its secret (`token`).
+    pub async fn create_api_token(
+        &self,
+        name: &str,
+        expires_in: Duration,
+    ) -> Result<serde_json::Value> {
+        let body = serde_json::json!({"name": name, "expires_in_seconds": expires_in.as_secs()});
+        self.json(self.request(Method::POST, &["v1", "tokens"]).json(&body))
+            .await
+    }
+
+    pub async fn list_api_tokens(&self) -> Result<Vec<ApiTokenRecord>> {
+        self.json(self.request(Method::GET, &["v1", "tokens"]))
+            .await
+    }
+
+    pub async fn revoke_api_token(&self, id: &str) -> Result<ApiTokenRecord> {
+        self.json(self.request(Method::POST, &["v1", "tokens", id, "revoke"]))
+            .await
+    }
+
+    pub async fn create_user(&self, name: &str, password: &str, role: &str) -> Result<UserRecord> {
+        let body = serde_json::json!({"name": name, "password": password, "role": role});
+        self.json(self.request(Method::POST, &["v1", "users"]).json(&body))
+            .await
+    }
+
+    pub async fn list_users(&self) -> Result<Vec<UserRecord>> {
+        self.json(self.request(Method::GET, &["v1", "users"])).await
+    }
+
+    pub async fn audit(&self, limit: u32) -> Result<Vec<AuditRecord>> {
+        self.json(
+            self.request(Method::GET, &["v1", "audit"])
+                .query(&[("limit", limit)]),
+        )
+        .await
+    }
+
+    pub async fn revoke_node(&self, id: &str) -> Result<NodeView> {
+        self.json(self.request(Method::POST, &["v1", "nodes", id, "revoke"]))
+            .await
     }
 
     pub async fn submit_job(&self, spec: &JobSpec) -> Result<JobRecord> {

@@ -4,8 +4,8 @@
 //! revocation takes effect at once on every replica.
 
 use crate::{ApiError, AppState};
-use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -139,7 +139,14 @@ async fn guard(state: Arc<AppState>, mut req: Request, next: Next, admin: bool) 
         Err(e) => {
             if token.is_some() {
                 state
-                    .audit(None, "request", Some(what), true, address, Some(e.to_string()))
+                    .audit(
+                        None,
+                        "request",
+                        Some(what),
+                        true,
+                        address,
+                        Some(e.to_string()),
+                    )
                     .await;
             }
             return e.into_response();

@@ -82,9 +82,7 @@ impl From<StoreError> for ApiError {
             StoreError::Transition(t) => Self::Conflict(t.to_string()),
             StoreError::TokenRefused(_)
             | StoreError::Unauthenticated
-            | StoreError::TokenRejected(_) => {
-                Self::Unauthenticated(e.to_string())
-            }
+            | StoreError::TokenRejected(_) => Self::Unauthenticated(e.to_string()),
             StoreError::NotYourRun { .. } => Self::PermissionDenied(e.to_string()),
             other => {
                 tracing::error!(error = %other, "store failure");

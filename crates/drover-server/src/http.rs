@@ -1,5 +1,6 @@
 //! The HTTP JSON API (`/v1/...`), live logs over server-sent events, health and metrics.
 
+use crate::auth::{Caller, hash_password, verify_password};
 use crate::logs::Entry;
 use crate::{ApiError, AppState, Notice, jobs};
 use axum::body::Bytes;
@@ -10,7 +11,6 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use crate::auth::{Caller, hash_password, verify_password};
 use base64::Engine;
 use drover_core::records::{
     DeliveryRecord, GroupView, JobView, LogEntryView, NodeView, ReservationRecord, RunView,
@@ -106,9 +106,24 @@ fn routes() -> Routes {
     .add(Public, "/v1/auth/refresh", &["POST"], post(refresh))
     .add(User, "/v1/auth/logout", &["POST"], post(logout))
     .add(User, "/v1/auth/whoami", &["GET"], get(whoami))
-    .add(User, "/v1/tokens", &["POST", "GET"], post(create_api_token).get(list_api_tokens))
-    .add(User, "/v1/tokens/{id}/revoke", &["POST"], post(revoke_api_token))
-    .add(User, "/v1/jobs", &["POST", "GET"], post(submit_job).get(list_jobs))
+    .add(
+        User,
+        "/v1/tokens",
+        &["POST", "GET"],
+        post(create_api_token).get(list_api_tokens),
+    )
+    .add(
+        User,
+        "/v1/tokens/{id}/revoke",
+        &["POST"],
+        post(revoke_api_token),
+    )
+    .add(
+        User,
+        "/v1/jobs",
+        &["POST", "GET"],
+        post(submit_job).get(list_jobs),
+    )
     .add(User, "/v1/jobs/{id}", &["GET"], get(get_job))
     .add(User, "/v1/jobs/{id}/events", &["GET"], get(job_events))
     .add(User, "/v1/jobs/{id}/logs", &["GET"], get(job_logs))
@@ -117,14 +132,49 @@ fn routes() -> Routes {
     .add(User, "/v1/runs/{id}/retry", &["POST"], post(retry_run))
     .add(User, "/v1/groups", &["POST"], post(create_group))
     .add(User, "/v1/groups/{id}", &["GET"], get(get_group))
-    .add(User, "/v1/groups/{id}/cancel", &["POST"], post(cancel_group))
-    .add(User, "/v1/reservations", &["POST"], post(create_reservation))
-    .add(User, "/v1/reservations/{id}", &["GET"], get(get_reservation))
-    .add(User, "/v1/reservations/{id}/release", &["POST"], post(release_reservation))
-    .add(Admin, "/v1/users", &["POST", "GET"], post(create_user).get(list_users))
+    .add(
+        User,
+        "/v1/groups/{id}/cancel",
+        &["POST"],
+        post(cancel_group),
+    )
+    .add(
+        User,
+        "/v1/reservations",
+        &["POST"],
+        post(create_reservation),
+    )
+    .add(
+        User,
+        "/v1/reservations/{id}",
+        &["GET"],
+        get(get_reservation),
+    )
+    .add(
+        User,
+        "/v1/reservations/{id}/release",
+        &["POST"],
+        post(release_reservation),
+    )
+    .add(
+        Admin,
+        "/v1/users",
+        &["POST", "GET"],
+        post(create_user).get(list_users),
+    )
     .add(Admin, "/v1/audit", &["GET"], get(list_audit))
-    .add(Admin, "/v1/webhooks", &["POST", "GET"], post(add_webhook).get(list_webhooks))
-    .add(Admin, "/v1/webhooks/deliveries", &["GET"], get(list_deliveries))
+    .add(
+        Admin,
+        "/v1/webhooks",
+        &["POST", "GET"],
+        post(add_webhook).get(list_webhooks),
+    )
+    .add(
+        Admin,
+        "/v1/webhooks/deliveries",
+        &["GET"],
+        get(list_deliveries),
+    )
     .add(Admin, "/v1/node-tokens", &["POST"], post(create_node_token))
     .add(Admin, "/v1/nodes", &["GET"], get(list_nodes))
     .add(Admin, "/v1/nodes/{id}", &["GET"], get(get_node))
@@ -830,7 +880,14 @@ async fn login(
     let address = Some(peer.ip().to_string());
     if let Some(wait) = state.logins.blocked(&req.username, address.as_deref()) {
         state
-            .audit(Some(&req.username), "login", None, true, address, Some("rate limited".into()))
+            .audit(
+                Some(&req.username),
+                "login",
+                None,
+                true,
+                address,
+                Some("rate limited".into()),
+            )
             .await;
         return Err(ApiError::TooManyRequests(format!(
             "too many failed logins; try again in {wait} s"
@@ -850,7 +907,14 @@ async fn login(
     let Some(user) = user else {
         state.logins.failed(&req.username, address.as_deref());
         state
-            .audit(Some(&req.username), "login", None, true, address, Some("wrong user name or password".into()))
+            .audit(
+                Some(&req.username),
+                "login",
+                None,
+                true,
+                address,
+                Some("wrong user name or password".into()),
+            )
             .await;
         return Err(ApiError::Unauthenticated(
             "wrong user name or password".into(),
@@ -861,7 +925,9 @@ async fn login(
         .store
         .issue_tokens(&user.id, state.config.access_ttl, state.config.refresh_ttl)
         .await?;
-    state.audit(Some(&user.name), "login", None, false, address, None).await;
+    state
+        .audit(Some(&user.name), "login", None, false, address, None)
+        .await;
     Ok(Json(tokens))
 }
 
@@ -875,7 +941,11 @@ async fn refresh(State(state): St, body: Bytes) -> ApiResult<Json<drover_store::
     let req: RefreshRequest = parse_body(&body)?;
     match state
         .store
-        .rotate_refresh(&req.refresh_token, state.config.access_ttl, state.config.refresh_ttl)
+        .rotate_refresh(
+            &req.refresh_token,
+            state.config.access_ttl,
+            state.config.refresh_ttl,
+        )
         .await
     {
         Ok((_, tokens)) => Ok(Json(tokens)),
@@ -898,7 +968,9 @@ async fn logout(
     {
         state.store.revoke_family(token).await?;
     }
-    state.audit(Some(&caller.user.name), "logout", None, false, None, None).await;
+    state
+        .audit(Some(&caller.user.name), "logout", None, false, None, None)
+        .await;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -932,18 +1004,36 @@ async fn create_api_token(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
     let req: ApiTokenRequest = parse_body(&body)?;
-    if req.name.trim().is_empty() || req.name.len() > 128 || req.name.chars().any(char::is_control) {
-        return Err(ApiError::invalid("name", "1-128 characters, no control characters"));
+    if req.name.trim().is_empty() || req.name.len() > 128 || req.name.chars().any(char::is_control)
+    {
+        return Err(ApiError::invalid(
+            "name",
+            "1-128 characters, no control characters",
+        ));
     }
     if req.expires_in_seconds == 0 || req.expires_in_seconds > 5 * 365 * 24 * 3600 {
-        return Err(ApiError::invalid("expires_in_seconds", "between 1 and 5 years"));
+        return Err(ApiError::invalid(
+            "expires_in_seconds",
+            "between 1 and 5 years",
+        ));
     }
     let (record, token) = state
         .store
-        .create_api_token(&caller.user.id, &req.name, Duration::from_secs(req.expires_in_seconds))
+        .create_api_token(
+            &caller.user.id,
+            &req.name,
+            Duration::from_secs(req.expires_in_seconds),
+        )
         .await?;
     state
-        .audit(Some(&caller.user.name), "token.create", Some(record.id.clone()), false, None, Some(req.name))
+        .audit(
+            Some(&caller.user.name),
+            "token.create",
+            Some(record.id.clone()),
+            false,
+            None,
+            Some(req.name),
+        )
         .await;
     Ok((StatusCode::CREATED, Json(CreatedToken { record, token })))
 }
@@ -952,7 +1042,9 @@ async fn list_api_tokens(
     State(state): St,
     Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<Vec<drover_store::ApiTokenRecord>>> {
-    Ok(Json(state.store.list_api_tokens(caller.owner_filter()).await?))
+    Ok(Json(
+        state.store.list_api_tokens(caller.owner_filter()).await?,
+    ))
 }
 
 async fn revoke_api_token(
@@ -960,9 +1052,19 @@ async fn revoke_api_token(
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<drover_store::ApiTokenRecord>> {
-    let record = state.store.revoke_api_token(&id, caller.owner_filter()).await?;
+    let record = state
+        .store
+        .revoke_api_token(&id, caller.owner_filter())
+        .await?;
     state
-        .audit(Some(&caller.user.name), "token.revoke", Some(id), false, None, None)
+        .audit(
+            Some(&caller.user.name),
+            "token.revoke",
+            Some(id),
+            false,
+            None,
+            None,
+        )
         .await;
     Ok(Json(record))
 }
@@ -988,9 +1090,15 @@ async fn create_user(
     let req: UserRequest = parse_body(&body)?;
     let valid_name = !req.name.is_empty()
         && req.name.len() <= 64
-        && req.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
+        && req
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
     if !valid_name {
-        return Err(ApiError::invalid("name", "1-64 letters, digits, '-', '_', '.' or '@'"));
+        return Err(ApiError::invalid(
+            "name",
+            "1-64 letters, digits, '-', '_', '.' or '@'",
+        ));
     }
     if req.password.len() < 8 || req.password.len() > 1024 {
         return Err(ApiError::invalid("password", "8 to 1024 bytes"));
@@ -1003,7 +1111,14 @@ async fn create_user(
         .map_err(|e| ApiError::Internal(e.to_string()))??;
     let user = state.store.create_user(&req.name, role, &hash).await?;
     state
-        .audit(Some(&caller.user.name), "user.create", Some(user.name.clone()), false, None, Some(role.as_str().into()))
+        .audit(
+            Some(&caller.user.name),
+            "user.create",
+            Some(user.name.clone()),
+            false,
+            None,
+            Some(role.as_str().into()),
+        )
         .await;
     Ok((StatusCode::CREATED, Json(user)))
 }
@@ -1043,7 +1158,9 @@ async fn revoke_node(
         .store
         .end_worker(id, drover_core::WorkerState::Terminated, &event)
         .await?;
-    state.tell_everywhere(drover_store::Wakeup::Revoke { worker_id: id }).await;
+    state
+        .tell_everywhere(drover_store::Wakeup::Revoke { worker_id: id })
+        .await;
     for run in state.store.live_runs_of(id).await? {
         let end = drover_store::RunEnd {
             outcome: drover_core::RunOutcome::Failed,
@@ -1058,7 +1175,14 @@ async fn revoke_node(
     }
     state.dispatch.notify_one();
     state
-        .audit(Some(&caller.user.name), "node.revoke", Some(id.to_string()), false, None, None)
+        .audit(
+            Some(&caller.user.name),
+            "node.revoke",
+            Some(id.to_string()),
+            false,
+            None,
+            None,
+        )
         .await;
     let worker = state.store.get_worker(id).await?;
     Ok(Json(node_view(&state, worker).await?))

@@ -425,10 +425,7 @@ impl Server {
 
 /// The first start makes the first admin: with the configured password, or a generated one
 /// printed once (on stderr, not into the logs).
-async fn ensure_first_admin(
-    store: &dyn Store,
-    password: Option<&str>,
-) -> Result<(), ServerError> {
+async fn ensure_first_admin(store: &dyn Store, password: Option<&str>) -> Result<(), ServerError> {
     if store.count_users().await? > 0 {
         return Ok(());
     }

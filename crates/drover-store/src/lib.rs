@@ -285,8 +285,7 @@ pub trait Store: Send + Sync + 'static {
     // ----------------------------------------------------------- users and tokens
     async fn count_users(&self) -> Result<u64>;
     /// A new user; a taken name is a conflict.
-    async fn create_user(&self, name: &str, role: Role, password_hash: &str)
-    -> Result<UserRecord>;
+    async fn create_user(&self, name: &str, role: Role, password_hash: &str) -> Result<UserRecord>;
     /// The user and their password hash.
     async fn user_by_name(&self, name: &str) -> Result<Option<(UserRecord, String)>>;
     async fn list_users(&self) -> Result<Vec<UserRecord>>;

@@ -7,10 +7,11 @@
 //! replicas never overwrite each other's changes.
 
 use crate::{
-    ApiTokenRecord, Assignment, AuditRecord, Cancelled, DeliveryRecord, DeliveryState, EventRecord, FinishRequest, Finished,
-    GroupRecord, GroupState, GroupView, IssuedTokens, JobRecord, JoinToken, LogIndex, ReadyJob,
-    ReservationRecord, ReservationState, Result, RetrySettings, RunEnd, RunRecord, Store,
-    Role, StoreError, UserRecord, WebhookRecord, WorkerRecord, webhook_events,
+    ApiTokenRecord, Assignment, AuditRecord, Cancelled, DeliveryRecord, DeliveryState, EventRecord,
+    FinishRequest, Finished, GroupRecord, GroupState, GroupView, IssuedTokens, JobRecord,
+    JoinToken, LogIndex, ReadyJob, ReservationRecord, ReservationState, Result, RetrySettings,
+    Role, RunEnd, RunRecord, Store, StoreError, UserRecord, WebhookRecord, WorkerRecord,
+    webhook_events,
 };
 use async_trait::async_trait;
 use drover_core::{
@@ -338,7 +339,9 @@ fn user_from_row(row: &AnyRow) -> Result<UserRecord> {
 fn api_token_from_row(row: &AnyRow) -> Result<ApiTokenRecord> {
     Ok(ApiTokenRecord {
         id: row.try_get("id")?,
-        name: row.try_get::<Option<String>, _>("name")?.unwrap_or_default(),
+        name: row
+            .try_get::<Option<String>, _>("name")?
+            .unwrap_or_default(),
         user: row.try_get("user_name")?,
         created_at: ts(row, "created_at")?,
         expires_at: ts(row, "expires_at")?,
@@ -392,9 +395,18 @@ async fn issue_pair(
     refresh_ttl: Duration,
     now: Timestamp,
 ) -> Result<IssuedTokens> {
-    let (_, access) = insert_token(conn, "access", user_id, Some(family), None, access_ttl, now).await?;
-    let (_, refresh) =
-        insert_token(conn, "refresh", user_id, Some(family), None, refresh_ttl, now).await?;
+    let (_, access) =
+        insert_token(conn, "access", user_id, Some(family), None, access_ttl, now).await?;
+    let (_, refresh) = insert_token(
+        conn,
+        "refresh",
+        user_id,
+        Some(family),
+        None,
+        refresh_ttl,
+        now,
+    )
+    .await?;
     Ok(IssuedTokens {
         access_token: access,
         refresh_token: refresh,
@@ -408,7 +420,9 @@ async fn load_user(conn: &mut AnyConnection, id: &str) -> Result<UserRecord> {
         .bind(id)
         .fetch_optional(conn)
         .await?
-        .ok_or(StoreError::TokenRejected("the token's user no longer exists"))?;
+        .ok_or(StoreError::TokenRejected(
+            "the token's user no longer exists",
+        ))?;
     user_from_row(&row)
 }
 
@@ -1756,12 +1770,7 @@ impl Store for SqlStore {
         Ok(n as u64)
     }
 
-    async fn create_user(
-        &self,
-        name: &str,
-        role: Role,
-        password_hash: &str,
-    ) -> Result<UserRecord> {
+    async fn create_user(&self, name: &str, role: Role, password_hash: &str) -> Result<UserRecord> {
         let now = Timestamp::now();
         let id = JobId::new().to_string();
         let taken: Option<String> = sqlx::query_scalar("SELECT id FROM users WHERE name = $1")
@@ -1769,7 +1778,9 @@ impl Store for SqlStore {
             .fetch_optional(&self.writer)
             .await?;
         if taken.is_some() {
-            return Err(StoreError::Conflict(format!("user {name:?} already exists")));
+            return Err(StoreError::Conflict(format!(
+                "user {name:?} already exists"
+            )));
         }
         sqlx::query(
             "INSERT INTO users (id, name, role, password_hash, created_at) \
@@ -1848,11 +1859,13 @@ impl Store for SqlStore {
         if row.try_get::<Option<i64>, _>("used_at")?.is_some() {
             // Reuse: whoever holds the newer one and whoever replays this one are the same
             // login; neither is trusted any more.
-            sqlx::query("UPDATE auth_tokens SET revoked_at = $1 WHERE family = $2 AND revoked_at IS NULL")
-                .bind(now.0)
-                .bind(&family)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE auth_tokens SET revoked_at = $1 WHERE family = $2 AND revoked_at IS NULL",
+            )
+            .bind(now.0)
+            .bind(&family)
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
             return Err(StoreError::TokenRejected(
                 "this refresh token was already used; every token of its login is now revoked",
@@ -1942,7 +1955,8 @@ impl Store for SqlStore {
     ) -> Result<(ApiTokenRecord, String)> {
         let now = Timestamp::now();
         let mut conn = self.writer.acquire().await?;
-        let (id, token) = insert_token(&mut conn, "api", user_id, None, Some(name), ttl, now).await?;
+        let (id, token) =
+            insert_token(&mut conn, "api", user_id, None, Some(name), ttl, now).await?;
         let row = sqlx::query(&format!(
             "SELECT {API_TOKEN_COLS} FROM auth_tokens t JOIN users u ON u.id = t.user_id \
              WHERE t.id = $1"
@@ -1989,7 +2003,9 @@ impl Store for SqlStore {
         })?;
         let token = api_token_from_row(&row)?;
         if done.rows_affected() == 0 {
-            return Err(StoreError::Conflict(format!("token {id} is already revoked")));
+            return Err(StoreError::Conflict(format!(
+                "token {id} is already revoked"
+            )));
         }
         Ok(token)
     }

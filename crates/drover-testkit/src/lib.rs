@@ -67,10 +67,14 @@ pub struct Proc {
 impl Proc {
     fn spawn(bin: &Path, args: &[String], log: PathBuf, name: &str) -> Self {
         let stderr = std::fs::File::create(&log).expect("create the process log");
+        // The test's own config dir: `drover up` stores its login there, not in the user's.
+        let config = log.parent().unwrap_or(Path::new(".")).join("config");
         let child = Command::new(bin)
             .args(args)
             .env("DROVER_LOG", "info,drover=debug")
+            .env("XDG_CONFIG_HOME", &config)
             .env_remove("DROVER_SERVER")
+            .env_remove("DROVER_API_TOKEN")
             .stdin(Stdio::null())
             .stdout(stderr.try_clone().expect("clone the log handle"))
             .stderr(stderr)
@@ -159,10 +163,21 @@ impl Drover {
 
     /// Runs one CLI command against `server` and returns (exit code, stdout, stderr).
     pub async fn cli(&self, server: &str, args: &[&str]) -> CliOutput {
-        let out = tokio::process::Command::new(&self.bin)
+        let mut command = tokio::process::Command::new(&self.bin);
+        command
             .args(args)
             .env("DROVER_SERVER", server)
             .env("DROVER_LOG", "warn")
+            // Never the login of the person running the tests.
+            .env(
+                "XDG_CONFIG_HOME",
+                std::env::temp_dir().join("drover-test-no-config"),
+            );
+        match token_for(server) {
+            Some(t) => command.env("DROVER_API_TOKEN", t),
+            None => command.env_remove("DROVER_API_TOKEN"),
+        };
+        let out = command
             .stdin(Stdio::null())
             .output()
             .await
@@ -180,6 +195,47 @@ pub struct CliOutput {
     pub code: i32,
     pub stdout: String,
     pub stderr: String,
+}
+
+/// The admin password of every control plane the testkit starts.
+pub const ADMIN_PASSWORD: &str = "drover-test-admin";
+
+/// API tokens of the control planes started by this test process, by URL.
+static TOKENS: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+fn register_token(url: &str, token: &str) {
+    let mut tokens = TOKENS.lock().unwrap_or_else(|p| p.into_inner());
+    tokens.push((url.trim_end_matches('/').to_string(), token.to_string()));
+}
+
+/// The admin API token for the control plane at `url` (the last one started when the URL
+/// is another path to it, such as a proxy).
+pub fn token_for(url: &str) -> Option<String> {
+    let tokens = TOKENS.lock().unwrap_or_else(|p| p.into_inner());
+    let url = url.trim_end_matches('/');
+    tokens
+        .iter()
+        .rev()
+        .find(|(u, _)| u == url)
+        .or(tokens.last())
+        .map(|(_, t)| t.clone())
+}
+
+/// Signs in as the admin and mints an API token for the rest of the test.
+async fn admin_token(url: &str) -> String {
+    let client = Client::new(url).expect("client");
+    let tokens = client
+        .login("admin", ADMIN_PASSWORD)
+        .await
+        .expect("log in as the test admin");
+    let created = client
+        .with_token(tokens.access_token)
+        .create_api_token("tests", Duration::from_secs(24 * 3600))
+        .await
+        .expect("mint an API token");
+    let token = created["token"].as_str().expect("token").to_string();
+    register_token(url, &token);
+    token
 }
 
 /// Options for a control plane under test.
@@ -254,6 +310,8 @@ pub struct ServerProc {
     pub proc: Proc,
     pub url: String,
     pub data_dir: PathBuf,
+    /// An admin API token.
+    pub token: String,
     drover: Drover,
     options: ServerOptions,
     starts: u32,
@@ -312,10 +370,12 @@ impl ServerProc {
         let data_dir = dir.join(name);
         std::fs::create_dir_all(&data_dir).expect("data dir");
         let (proc, url) = Self::launch(drover, &data_dir, &options, "127.0.0.1:0", 0).await;
+        let token = admin_token(&url).await;
         Self {
             proc,
             url,
             data_dir,
+            token,
             drover: drover.clone(),
             options,
             starts: 1,
@@ -341,6 +401,8 @@ impl ServerProc {
             format!("{}ms", options.lease.as_millis()),
             "--backoff-base".into(),
             format!("{}ms", options.backoff_base.as_millis()),
+            "--admin-password".into(),
+            ADMIN_PASSWORD.into(),
         ];
         if let Some(url) = &options.database_url {
             args.extend(["--database-url".into(), url.clone()]);
@@ -353,8 +415,11 @@ impl ServerProc {
         (proc, url)
     }
 
+    /// A client speaking as the admin.
     pub fn client(&self) -> Client {
-        Client::new(&self.url).expect("client")
+        Client::new(&self.url)
+            .expect("client")
+            .with_token(self.token.clone())
     }
 
     /// `kill -9` of the control plane.
@@ -470,6 +535,7 @@ pub struct UpProc {
     pub proc: Proc,
     pub url: String,
     pub data_dir: PathBuf,
+    pub token: String,
 }
 
 impl UpProc {
@@ -494,11 +560,30 @@ impl UpProc {
         );
         let url = wait_for_addr_file(&data_dir.join("api.addr"), &proc).await;
         wait_ready(&url, &proc).await;
+        // `drover up` signed the local user in by itself: its token is in the config dir.
+        let credentials = dir.join("config/drover/credentials.json");
+        let token = eventually("drover up to store its login", || async {
+            let text = std::fs::read_to_string(&credentials).ok()?;
+            let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+            json["servers"][url.trim_end_matches('/')]["api_token"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .await;
+        register_token(&url, &token);
         Self {
             proc,
             url,
             data_dir,
+            token,
         }
+    }
+
+    /// A client speaking as the admin, with the login `drover up` stored.
+    pub fn client(&self) -> Client {
+        Client::new(&self.url)
+            .expect("client")
+            .with_token(self.token.clone())
     }
 }
 

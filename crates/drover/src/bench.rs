@@ -123,7 +123,7 @@ fn spawn(args: &[String], log: &Path) -> anyhow::Result<Child> {
 async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Result<Fleet> {
     if let Some(url) = &setup.target {
         return Ok(Fleet {
-            client: Client::new(url)?,
+            client: crate::login::client(url).await?,
             server_pid: None,
             children: Vec::new(),
             _dir: None,
@@ -131,12 +131,16 @@ async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Resul
     }
     let dir = tempfile::Builder::new().prefix("drover-bench-").tempdir()?;
     let data = dir.path().join("server");
+    // A throwaway control plane on loopback: 74 random bits of a UUIDv7 are plenty.
+    let admin_password = drover_core::JobId::new().to_string();
     let mut args: Vec<String> = vec![
         "server".into(),
         "--listen".into(),
         "127.0.0.1:0".into(),
         "--data-dir".into(),
         data.display().to_string(),
+        "--admin-password".into(),
+        admin_password.clone(),
     ];
     if let Some(db) = &setup.database_url {
         args.extend(["--database-url".into(), db.clone()]);
@@ -162,6 +166,8 @@ async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Resul
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let client = Client::new(&url)?;
+    let tokens = client.login("admin", &admin_password).await?;
+    let client = client.with_token(tokens.access_token);
     for i in 0..setup.workers {
         let token = client
             .create_node_token(Duration::from_secs(600))

@@ -206,7 +206,7 @@ impl RunArgs {
 }
 
 pub async fn run(cmd: JobCommand, server: &str, output: Output) -> anyhow::Result<ExitCode> {
-    let client = Client::new(server)?;
+    let client = crate::login::client(server).await?;
     match cmd {
         JobCommand::Run(args) => run_job(&client, *args, output).await,
         JobCommand::Get(job) => {

@@ -2,6 +2,7 @@
 
 mod bench;
 mod job;
+mod login;
 mod node;
 mod output;
 mod sched;
@@ -21,6 +22,14 @@ struct Cli {
     /// The control plane to talk to.
     #[arg(long, global = true, env = "DROVER_SERVER", default_value = drover_client::DEFAULT_SERVER)]
     server: String,
+    /// Speak for the user of this access or API token (default: what `drover login` stored).
+    #[arg(
+        long = "api-token",
+        global = true,
+        env = "DROVER_API_TOKEN",
+        hide_env_values = true
+    )]
+    token: Option<String>,
     /// How to print results.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -54,6 +63,21 @@ enum Command {
     /// Webhooks: HTTP callbacks when job runs end.
     #[command(subcommand)]
     Webhook(sched::WebhookCommand),
+    /// Sign in; the tokens are kept in the config dir for this server.
+    Login(login::LoginArgs),
+    /// Sign out: the stored tokens are revoked and forgotten.
+    Logout,
+    /// API tokens for automation.
+    #[command(subcommand, name = "token")]
+    ApiToken(login::TokenCommand),
+    /// Users (admins only).
+    #[command(subcommand)]
+    User(login::UserCommand),
+    /// The audit trail: logins, tokens, node registrations and revocations, refusals.
+    Audit {
+        #[arg(long, default_value_t = 200)]
+        limit: u32,
+    },
     /// Measure throughput, latency and log streaming; prints figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -76,6 +100,7 @@ async fn main() -> ExitCode {
         Command::Up(_) | Command::Server(_) | Command::Worker(_)
     );
     init_tracing(if long_running { "info" } else { "warn" });
+    login::set_token(cli.token.clone());
     let result = match cli.command {
         Command::Up(args) => serve::up(args).await,
         Command::Server(args) => serve::server(args).await,
@@ -86,6 +111,11 @@ async fn main() -> ExitCode {
         Command::Group(cmd) => sched::group(cmd, &cli.server, cli.output).await,
         Command::Reserve(args) => sched::reserve(args, &cli.server, cli.output).await,
         Command::Webhook(cmd) => sched::webhook(cmd, &cli.server, cli.output).await,
+        Command::Login(args) => login::login(args, &cli.server, cli.output).await,
+        Command::Logout => login::logout(&cli.server).await,
+        Command::ApiToken(cmd) => login::token(cmd, &cli.server, cli.output).await,
+        Command::User(cmd) => login::user(cmd, &cli.server, cli.output).await,
+        Command::Audit { limit } => login::audit(limit, &cli.server, cli.output).await,
         Command::Bench(cmd) => bench::run(cmd, cli.output).await,
     };
     match result {

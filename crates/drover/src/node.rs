@@ -2,7 +2,6 @@
 
 use crate::output::{self, Output, parse_duration, print_json};
 use clap::Subcommand;
-use drover_client::Client;
 use drover_client::records::NodeView;
 use std::process::ExitCode;
 
@@ -19,6 +18,9 @@ pub enum NodeCommand {
     Events { id: String },
     /// The providers that start and stop nodes on demand.
     Providers,
+    /// Revoke a node: its credential stops working, its stream is dropped, its runs fail
+    /// over to other nodes.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand)]
@@ -32,7 +34,7 @@ pub enum TokenCommand {
 }
 
 pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Result<ExitCode> {
-    let client = Client::new(server)?;
+    let client = crate::login::client(server).await?;
     match cmd {
         NodeCommand::Token(TokenCommand::Create { ttl }) => {
             let ttl = parse_duration(&ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
@@ -68,6 +70,15 @@ pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Resu
                         t.add_row(row(n));
                     }
                     println!("{t}");
+                }
+            }
+        }
+        NodeCommand::Revoke { id } => {
+            let n = client.revoke_node(&id).await?;
+            match output {
+                Output::Json => print_json(&n)?,
+                Output::Text => {
+                    println!("node {} revoked ({})", n.worker.id, n.worker.state.as_str())
                 }
             }
         }

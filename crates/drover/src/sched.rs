@@ -3,7 +3,6 @@
 use crate::output::{self, Output, parse_duration, print_json};
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use drover_client::Client;
 use drover_client::records::GroupView;
 use drover_core::{JobSpec, JobState};
 use serde::Deserialize;
@@ -41,7 +40,7 @@ enum GroupFile {
 }
 
 pub async fn group(cmd: GroupCommand, server: &str, output: Output) -> anyhow::Result<ExitCode> {
-    let client = Client::new(server)?;
+    let client = crate::login::client(server).await?;
     match cmd {
         GroupCommand::Run { file, name, wait } => {
             let text = std::fs::read_to_string(&file)
@@ -139,7 +138,7 @@ pub struct ReserveArgs {
 }
 
 pub async fn reserve(args: ReserveArgs, server: &str, output: Output) -> anyhow::Result<ExitCode> {
-    let client = Client::new(server)?;
+    let client = crate::login::client(server).await?;
     let r = match (&args.release, &args.resource) {
         (Some(id), _) => client.release_reservation(id).await?,
         (None, Some(resource)) => {
@@ -196,7 +195,7 @@ pub async fn webhook(
     server: &str,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
-    let client = Client::new(server)?;
+    let client = crate::login::client(server).await?;
     match cmd {
         WebhookCommand::Add {
             url,

@@ -45,6 +45,13 @@ pub struct ServerArgs {
     /// also serves jobs that name no provider.
     #[arg(long = "provider", value_parser = parse_provider)]
     providers: Vec<ProviderConfig>,
+    /// The first admin's password, used only when the store has no user yet (otherwise a
+    /// password is generated and printed once).
+    #[arg(long, env = "DROVER_ADMIN_PASSWORD", hide_env_values = true)]
+    admin_password: Option<String>,
+    /// How long an access token from `drover login` lives.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    access_token_ttl: Duration,
     /// How often provider records are checked against what really runs (also at start).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     reconcile_every: Duration,
@@ -100,6 +107,8 @@ impl ServerArgs {
         c.webhook_max_attempts = self.webhook_max_attempts.max(1);
         c.providers = self.providers.clone();
         c.reconcile_interval = Some(self.reconcile_every);
+        c.admin_password = self.admin_password.clone();
+        c.access_ttl = self.access_token_ttl;
         c
     }
 }
@@ -271,6 +280,22 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
                 .token,
         )
     };
+    // One command stays one command: on this machine the CLI speaks as the admin, through
+    // an API token kept in the user's config dir.
+    let local = server.local_addr().ip().is_loopback();
+    let still_valid = match crate::login::stored_api_token(&url) {
+        Some(t) => store.authenticate_token(&t).await.is_ok(),
+        None => false,
+    };
+    if local
+        && !still_valid
+        && let Some((admin, _)) = store.user_by_name("admin").await?
+    {
+        let (_, token) = store
+            .create_api_token(&admin.id, "drover up", Duration::from_secs(365 * 24 * 3600))
+            .await?;
+        crate::login::remember_api_token(&url, &token)?;
+    }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut server_task = tokio::spawn(server.serve(stopped(stop_rx.clone())));
     let config = worker_config(url.clone(), token, worker_dir, &args.worker)?;

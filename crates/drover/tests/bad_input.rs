@@ -9,6 +9,7 @@ fn drover() -> Drover {
 async fn post_raw(url: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
     let r = reqwest::Client::new()
         .post(format!("{url}/v1/jobs"))
+        .bearer_auth(drover_testkit::token_for(url).expect("token"))
         .header("content-type", "application/json")
         .body(body)
         .send()
@@ -123,11 +124,17 @@ async fn malformed_and_unknown_ids_are_told_apart() {
         .await;
     assert_eq!(unknown.code, 1, "{unknown:?}");
     assert!(unknown.stderr.contains("not found"), "{unknown:?}");
-    let r = reqwest::get(format!("{}/v1/jobs/..%2F..%2Fetc", server.url))
+    let get = |path: String| {
+        reqwest::Client::new()
+            .get(path)
+            .bearer_auth(server.token.clone())
+            .send()
+    };
+    let r = get(format!("{}/v1/jobs/..%2F..%2Fetc", server.url))
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);
-    let r = reqwest::get(format!("{}/v1/jobs?state=bogus", server.url))
+    let r = get(format!("{}/v1/jobs?state=bogus", server.url))
         .await
         .unwrap();
     assert_eq!(r.status().as_u16(), 400);

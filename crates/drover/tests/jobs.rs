@@ -530,9 +530,24 @@ async fn reqwest_get(url: &str) -> (u16, String) {
 async fn the_grpc_job_service_health_and_reflection_answer() {
     use drover_proto::v1::job_service_client::JobServiceClient;
     let c = cluster().await;
-    let mut jobs = JobServiceClient::connect(c.server.url.clone())
+    let channel = tonic::transport::Endpoint::from_shared(c.server.url.clone())
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let mut anonymous = JobServiceClient::new(channel.clone());
+    let refused = anonymous
+        .list_jobs(drover_proto::v1::ListJobsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    let bearer: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", c.server.token).parse().unwrap();
+    let mut jobs =
+        JobServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        });
     let spec = drover_proto::v1::JobSpec {
         command: Some("echo over grpc".into()),
         max_attempts: 1,

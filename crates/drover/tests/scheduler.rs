@@ -802,12 +802,12 @@ async fn pipe_05_crash_during_execution_in_drover_up() {
     let dir = TestDir::new();
     let d = drover();
     let mut up = UpProc::start(&d, dir.path(), &["--lease", "2s"]).await;
-    let client = Client::new(&up.url).unwrap();
+    let client = up.client();
     let (id, pid) = submit_first_sleeps(&client, dir.path()).await;
     up.proc.kill9();
     assert_process_gone(pid).await;
     let up = UpProc::start(&d, dir.path(), &["--lease", "2s"]).await;
-    let client = Client::new(&up.url).unwrap();
+    let client = up.client();
     let view = wait(&client, &id).await;
     assert_eq!(view.job.state, JobState::Succeeded);
     assert_eq!(view.runs.len(), 2);

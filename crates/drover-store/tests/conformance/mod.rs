@@ -746,14 +746,20 @@ pub async fn logins_rotate_and_a_reused_refresh_token_revokes_the_login(store: &
         store.create_user("alice", Role::Admin, "h").await,
         Err(StoreError::Conflict(_))
     ));
-    let first = store.issue_tokens(&alice.id, ttl, ttl).await.expect("login");
+    let first = store
+        .issue_tokens(&alice.id, ttl, ttl)
+        .await
+        .expect("login");
     let who = store
         .authenticate_token(&first.access_token)
         .await
         .expect("access works");
     assert_eq!(who.name, "alice");
     assert!(
-        store.authenticate_token(&first.refresh_token).await.is_err(),
+        store
+            .authenticate_token(&first.refresh_token)
+            .await
+            .is_err(),
         "a refresh token is no access token"
     );
     let (_, second) = store
@@ -769,16 +775,34 @@ pub async fn logins_rotate_and_a_reused_refresh_token_revokes_the_login(store: &
         store.rotate_refresh(&first.refresh_token, ttl, ttl).await,
         Err(StoreError::TokenRejected(_))
     ));
-    assert!(store.authenticate_token(&second.access_token).await.is_err());
-    assert!(store.rotate_refresh(&second.refresh_token, ttl, ttl).await.is_err());
+    assert!(
+        store
+            .authenticate_token(&second.access_token)
+            .await
+            .is_err()
+    );
+    assert!(
+        store
+            .rotate_refresh(&second.refresh_token, ttl, ttl)
+            .await
+            .is_err()
+    );
     // Logout revokes a login's tokens.
-    let third = store.issue_tokens(&alice.id, ttl, ttl).await.expect("login");
+    let third = store
+        .issue_tokens(&alice.id, ttl, ttl)
+        .await
+        .expect("login");
     store
         .revoke_family(&third.access_token)
         .await
         .expect("logout");
     assert!(store.authenticate_token(&third.access_token).await.is_err());
-    assert!(store.rotate_refresh(&third.refresh_token, ttl, ttl).await.is_err());
+    assert!(
+        store
+            .rotate_refresh(&third.refresh_token, ttl, ttl)
+            .await
+            .is_err()
+    );
     // An expired access token is refused.
     let short = store
         .issue_tokens(&alice.id, Duration::from_micros(1), ttl)
@@ -807,7 +831,9 @@ pub async fn api_tokens_and_owners(store: &impl Store) {
     assert_eq!(listed.len(), 1);
     assert!(listed[0].last_used_at.is_some(), "last use recorded");
     assert!(matches!(
-        store.revoke_api_token(&record.id, Some("someone-else")).await,
+        store
+            .revoke_api_token(&record.id, Some("someone-else"))
+            .await,
         Err(StoreError::NotFound { .. })
     ));
     store
