@@ -149,7 +149,7 @@ async fn run_session(
     let session = format!("{}/{}", state.replica, drover_core::RunId::new());
     match reattach(&state, &worker, &caps, &session, &hello.active_run_ids, &tx).await {
         Ok(active) => {
-            let session_id = state.sessions.attach(
+            let (session_id, closed) = state.sessions.attach(
                 worker.id,
                 tx.clone(),
                 &caps,
@@ -158,7 +158,10 @@ async fn run_session(
             );
             tracing::info!(slots = caps.slots, "worker connected");
             state.dispatch.notify_one();
-            serve_session(&state, &worker, &mut inbound, &tx).await;
+            tokio::select! {
+                _ = serve_session(&state, &worker, &mut inbound, &tx) => {}
+                _ = closed.notified() => tracing::warn!("stream closed: the node was revoked"),
+            }
             if state.sessions.detach(worker.id, session_id) {
                 tracing::info!("worker disconnected");
                 if let Err(e) = state

@@ -29,6 +29,8 @@ struct Session {
     provider: Option<String>,
     /// Being stopped by its provider: no new work.
     draining: bool,
+    /// Told when the stream must end now (the node was revoked).
+    close: std::sync::Arc<tokio::sync::Notify>,
     /// When the worker last said anything: a silent (frozen, cut off) worker gets no work.
     last_heard: std::time::Instant,
     /// Runs the worker holds, counted against its slots and resources until it reports
@@ -70,8 +72,9 @@ impl Sessions {
         caps: &drover_core::Capabilities,
         provider: Option<String>,
         active: HashMap<RunId, Held>,
-    ) -> u64 {
+    ) -> (u64, std::sync::Arc<tokio::sync::Notify>) {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let close = std::sync::Arc::new(tokio::sync::Notify::new());
         let session = Session {
             id,
             tx,
@@ -81,12 +84,13 @@ impl Sessions {
             isolation_modes: caps.isolation_modes.clone(),
             provider,
             draining: false,
+            close: close.clone(),
             last_heard: std::time::Instant::now(),
             active,
         };
         self.lock().insert(worker_id, session);
         metrics::gauge!("drover_workers_connected").set(self.count() as f64);
-        id
+        (id, close)
     }
 
     /// Removes the session if it is still the worker's current one.
@@ -178,7 +182,9 @@ impl Sessions {
 
     /// Drops the worker's stream (its credential was revoked).
     pub fn drop_worker(&self, worker_id: WorkerId) {
-        self.lock().remove(&worker_id);
+        if let Some(s) = self.lock().remove(&worker_id) {
+            s.close.notify_one();
+        }
     }
 
     /// The worker's provider is about to stop it: it gets no new work from now on.
