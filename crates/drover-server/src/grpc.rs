@@ -267,6 +267,7 @@ async fn serve_session(
                 async move {
                     if let Err(e) = handle(&state, &worker, body, &tx).await {
                         tracing::warn!(error = %e, "run end refused");
+                        audit_refusal(&state, &worker, &e).await;
                     }
                 }
                 .in_current_span(),
@@ -275,7 +276,24 @@ async fn serve_session(
         }
         if let Err(e) = handle(state, worker, body, tx).await {
             tracing::warn!(error = %e, "worker message refused");
+            audit_refusal(state, worker, &e).await;
         }
+    }
+}
+
+/// A node acting on what is not its own (another node's run) is recorded.
+async fn audit_refusal(state: &AppState, worker: &WorkerRecord, e: &ApiError) {
+    if matches!(e, ApiError::PermissionDenied(_)) {
+        state
+            .audit(
+                Some(&format!("node:{}", worker.id)),
+                "worker.message",
+                None,
+                true,
+                None,
+                Some(e.to_string()),
+            )
+            .await;
     }
 }
 
