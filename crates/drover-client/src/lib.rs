@@ -225,6 +225,26 @@ impl Client {
         .await
     }
 
+    /// A new node configuration version for one node, or the nodes carrying `labels`.
+    pub async fn put_node_config(
+        &self,
+        node: Option<&str>,
+        labels: &std::collections::BTreeMap<String, String>,
+        config: &drover_core::NodeConfig,
+    ) -> Result<records::NodeConfigRecord> {
+        let body = serde_json::json!({"node": node, "labels": labels, "config": config});
+        self.json(
+            self.request(Method::POST, &["v1", "node-configs"])
+                .json(&body),
+        )
+        .await
+    }
+
+    pub async fn list_node_configs(&self) -> Result<Vec<records::NodeConfigRecord>> {
+        self.json(self.request(Method::GET, &["v1", "node-configs"]))
+            .await
+    }
+
     pub async fn revoke_node(&self, id: &str) -> Result<NodeView> {
         self.json(self.request(Method::POST, &["v1", "nodes", id, "revoke"]))
             .await

@@ -96,6 +96,13 @@ pub enum EventKind {
     WorkerTerminated {
         reason: String,
     },
+    /// A node answered a configuration version.
+    WorkerConfigAcked {
+        config_version: u64,
+        status: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        error: Option<String>,
+    },
     /// Reconciliation removed a provider resource that no live worker record owns.
     OrphanRemoved {
         provider: String,
@@ -124,6 +131,7 @@ impl EventKind {
             Self::ProvisioningCompensated { .. } => "ProvisioningCompensated",
             Self::WorkerTerminated { .. } => "WorkerTerminated",
             Self::OrphanRemoved { .. } => "OrphanRemoved",
+            Self::WorkerConfigAcked { .. } => "WorkerConfigAcked",
         }
     }
 

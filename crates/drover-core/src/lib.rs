@@ -16,4 +16,4 @@ pub use job::{
     Isolation, JobEvent, JobSpec, JobState, RunOutcome, RunState, TransitionError, ValidationError,
 };
 pub use time::Timestamp;
-pub use worker::{Capabilities, WorkerState};
+pub use worker::{Capabilities, NodeConfig, WorkerState};

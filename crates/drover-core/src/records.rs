@@ -78,6 +78,61 @@ pub struct WorkerRecord {
     /// The provider's id of what runs the node (a process id, a container id).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resource_id: Option<String>,
+    /// The node configuration version in force on the node, and how its last answer went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_config_version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_ack: Option<ConfigAckRecord>,
+}
+
+/// A node's last answer to a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigAckRecord {
+    pub config_version: u64,
+    pub applied_at: Timestamp,
+    /// `applied` or `failed`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One version of node configuration and the nodes it is for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeConfigRecord {
+    pub version: u64,
+    /// For this node only; otherwise for the nodes carrying every label of `labels` (none:
+    /// every node).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<WorkerId>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+    pub config: crate::NodeConfig,
+    pub created_at: Timestamp,
+}
+
+impl NodeConfigRecord {
+    pub fn concerns(
+        &self,
+        node: WorkerId,
+        labels: &std::collections::BTreeMap<String, String>,
+    ) -> bool {
+        match self.node {
+            Some(n) => n == node,
+            None => self.labels.iter().all(|(k, v)| labels.get(k) == Some(v)),
+        }
+    }
+}
+
+/// The newest configuration that concerns a node.
+pub fn desired_config<'a>(
+    configs: &'a [NodeConfigRecord],
+    node: WorkerId,
+    labels: &std::collections::BTreeMap<String, String>,
+) -> Option<&'a NodeConfigRecord> {
+    configs
+        .iter()
+        .filter(|c| c.concerns(node, labels))
+        .max_by_key(|c| c.version)
 }
 
 /// Where a run's log lives and how much of it is stored.
@@ -163,6 +218,9 @@ pub struct NodeView {
     pub worker: WorkerRecord,
     pub connected: bool,
     pub live_runs: usize,
+    /// The newest configuration version that concerns the node (what it should apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_config_version: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

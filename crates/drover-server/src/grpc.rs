@@ -157,6 +157,7 @@ async fn run_session(
                 active,
             );
             tracing::info!(slots = caps.slots, "worker connected");
+            state.push_configs().await;
             state.dispatch.notify_one();
             tokio::select! {
                 _ = serve_session(&state, &worker, &mut inbound, &tx) => {}
@@ -312,6 +313,30 @@ async fn handle(
         In::Hello(_) => {}
         // Heard (above); the lease renewer writes every heard worker's leases at once.
         In::Heartbeat(_) => {}
+        In::ConfigAck(ack) => {
+            let applied = ack.status == "applied";
+            let caps: Option<Capabilities> = ack.capabilities.map(Into::into).filter(|_| applied);
+            let record = drover_store::ConfigAckRecord {
+                config_version: ack.version,
+                applied_at: drover_core::Timestamp(ack.applied_at_us),
+                status: if applied { "applied" } else { "failed" }.to_string(),
+                error: (!ack.error.is_empty()).then_some(ack.error),
+            };
+            state
+                .store
+                .ack_node_config(worker.id, &record, caps.as_ref())
+                .await?;
+            if let Some(caps) = &caps {
+                state.sessions.update_capabilities(worker.id, caps);
+                state.dispatch.notify_one();
+            }
+            tracing::info!(
+                version = record.config_version,
+                status = %record.status,
+                error = record.error.as_deref().unwrap_or(""),
+                "node configuration acknowledged"
+            );
+        }
         In::Accepted(m) => {
             let id = run_id(&m.run_id)?;
             if let Err(e) = state.store.accept_run(id, worker.id).await {

@@ -181,6 +181,12 @@ fn routes() -> Routes {
     .add(Admin, "/v1/nodes/{id}/events", &["GET"], get(node_events))
     .add(Admin, "/v1/nodes/{id}/revoke", &["POST"], post(revoke_node))
     .add(Admin, "/v1/providers", &["GET"], get(list_providers))
+    .add(
+        Admin,
+        "/v1/node-configs",
+        &["POST", "GET"],
+        post(put_node_config).get(list_node_configs),
+    )
 }
 
 /// Every route with its access level, for tests and documentation.
@@ -539,10 +545,15 @@ async fn node_view(state: &AppState, worker: WorkerRecord) -> ApiResult<NodeView
     // Across replicas the store knows: READY and heard from within a lease.
     let connected = worker.state == drover_core::WorkerState::Ready
         && drover_core::Timestamp::now().since(worker.last_seen_at) <= state.config.lease;
+    let configs = state.store.list_node_configs().await?;
+    let desired_config_version =
+        drover_store::desired_config(&configs, worker.id, &worker.capabilities.labels)
+            .map(|c| c.version);
     Ok(NodeView {
         worker,
         connected,
         live_runs,
+        desired_config_version,
     })
 }
 
@@ -1186,4 +1197,64 @@ async fn revoke_node(
         .await;
     let worker = state.store.get_worker(id).await?;
     Ok(Json(node_view(&state, worker).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NodeConfigRequest {
+    /// One node; otherwise the nodes carrying every one of `labels` (none: every node).
+    node: Option<String>,
+    #[serde(default)]
+    labels: std::collections::BTreeMap<String, String>,
+    config: drover_core::NodeConfig,
+}
+
+/// A new configuration version; connected nodes it concerns get it at once and answer.
+async fn put_node_config(
+    State(state): St,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<drover_store::NodeConfigRecord>)> {
+    let req: NodeConfigRequest = parse_body(&body)?;
+    let node = req
+        .node
+        .as_deref()
+        .map(|n| {
+            n.parse::<WorkerId>()
+                .map_err(|e| ApiError::invalid("node", e.to_string()))
+        })
+        .transpose()?;
+    if let Some(n) = node {
+        state.store.get_worker(n).await?;
+    }
+    if let Some(ms) = req.config.heartbeat_interval_ms
+        && !(100..=60_000).contains(&ms)
+    {
+        return Err(ApiError::invalid(
+            "config.heartbeat_interval_ms",
+            "between 100 and 60000",
+        ));
+    }
+    let record = state
+        .store
+        .put_node_config(node, &req.labels, &req.config)
+        .await?;
+    state.tell_everywhere(drover_store::Wakeup::Configs).await;
+    state
+        .audit(
+            Some(&caller.user.name),
+            "node.config",
+            Some(format!("version {}", record.version)),
+            false,
+            None,
+            None,
+        )
+        .await;
+    Ok((StatusCode::CREATED, Json(record)))
+}
+
+async fn list_node_configs(
+    State(state): St,
+) -> ApiResult<Json<Vec<drover_store::NodeConfigRecord>>> {
+    Ok(Json(state.store.list_node_configs().await?))
 }

@@ -133,6 +133,8 @@ pub(crate) struct AppState {
     pub advertised: String,
     /// Failed logins, to slow password guessing.
     pub logins: auth::LoginLimiter,
+    /// This state itself, for work a wake-up hands to a task.
+    pub myself: std::sync::Weak<AppState>,
     last_dispatch_nudge: std::sync::atomic::AtomicI64,
 }
 
@@ -204,6 +206,11 @@ impl AppState {
             }
             Wakeup::Drain { worker_id } => self.sessions.drain(worker_id),
             Wakeup::Revoke { worker_id } => self.sessions.drop_worker(worker_id),
+            Wakeup::Configs => {
+                if let Some(state) = self.myself.upgrade() {
+                    tokio::spawn(async move { state.push_configs().await });
+                }
+            }
         }
     }
 
@@ -238,6 +245,39 @@ impl AppState {
             .lock()
             .map(|mut set| set.remove(&run_id))
             .unwrap_or(false)
+    }
+
+    /// Sends each connected node the newest configuration that concerns it, if it has not
+    /// had it yet.
+    pub async fn push_configs(&self) {
+        let configs = match self.store.list_node_configs().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read node configurations");
+                return;
+            }
+        };
+        for (worker_id, labels, sent) in self.sessions.config_targets() {
+            let Some(desired) = drover_store::desired_config(&configs, worker_id, &labels) else {
+                continue;
+            };
+            if desired.version <= sent {
+                continue;
+            }
+            let json = match serde_json::to_string(&desired.config) {
+                Ok(j) => j,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot encode a node configuration");
+                    continue;
+                }
+            };
+            let msg =
+                drover_proto::v1::server_message::Body::Config(drover_proto::v1::NodeConfig {
+                    version: desired.version,
+                    json,
+                });
+            self.sessions.send_config(worker_id, desired.version, msg);
+        }
     }
 
     pub fn advertise_url(&self) -> String {
@@ -341,7 +381,8 @@ impl Server {
         };
         let (notices, _) = broadcast::channel(4096);
         let (finisher, finish_queue) = tokio::sync::mpsc::unbounded_channel();
-        let state = Arc::new(AppState {
+        let state = Arc::new_cyclic(|myself| AppState {
+            myself: myself.clone(),
             store,
             config,
             sessions: sessions::Sessions::default(),

@@ -29,6 +29,10 @@ struct Session {
     provider: Option<String>,
     /// Being stopped by its provider: no new work.
     draining: bool,
+    /// The labels the node connected with: configuration selectors match these.
+    base_labels: BTreeMap<String, String>,
+    /// The newest configuration version sent on this stream.
+    config_sent: u64,
     /// Told when the stream must end now (the node was revoked).
     close: std::sync::Arc<tokio::sync::Notify>,
     /// When the worker last said anything: a silent (frozen, cut off) worker gets no work.
@@ -84,6 +88,8 @@ impl Sessions {
             isolation_modes: caps.isolation_modes.clone(),
             provider,
             draining: false,
+            base_labels: caps.labels.clone(),
+            config_sent: 0,
             close: close.clone(),
             last_heard: std::time::Instant::now(),
             active,
@@ -178,6 +184,35 @@ impl Sessions {
         };
         s.active.insert(run_id, held);
         s.tx.send(ServerMessage { body: Some(msg) }).is_ok()
+    }
+
+    /// Connected workers with the labels configuration selectors match and the newest
+    /// version already sent to them.
+    pub fn config_targets(&self) -> Vec<(WorkerId, BTreeMap<String, String>, u64)> {
+        self.lock()
+            .iter()
+            .map(|(id, s)| (*id, s.base_labels.clone(), s.config_sent))
+            .collect()
+    }
+
+    /// Sends a configuration version unless one as new was sent already.
+    pub fn send_config(&self, worker_id: WorkerId, version: u64, msg: Body) {
+        if let Some(s) = self.lock().get_mut(&worker_id)
+            && version > s.config_sent
+            && s.tx.send(ServerMessage { body: Some(msg) }).is_ok()
+        {
+            s.config_sent = version;
+        }
+    }
+
+    /// The node applied a configuration: schedule by what it offers now.
+    pub fn update_capabilities(&self, worker_id: WorkerId, caps: &drover_core::Capabilities) {
+        if let Some(s) = self.lock().get_mut(&worker_id) {
+            s.labels = caps.labels.clone();
+            s.capacity = caps.resources.clone();
+            s.isolation_modes = caps.isolation_modes.clone();
+            s.slots = caps.slots.max(1);
+        }
     }
 
     /// Drops the worker's stream (its credential was revoked).

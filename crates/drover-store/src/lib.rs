@@ -10,8 +10,8 @@ pub use sql::{Engine, Migrations, SqlStore};
 
 use async_trait::async_trait;
 use drover_core::{
-    Capabilities, EventKind, GroupId, JobId, JobSpec, JobState, ReservationId, RunId, Timestamp,
-    TransitionError, WorkerId, WorkerState,
+    Capabilities, EventKind, GroupId, JobId, JobSpec, JobState, NodeConfig, ReservationId, RunId,
+    Timestamp, TransitionError, WorkerId, WorkerState,
 };
 use std::time::Duration;
 
@@ -67,6 +67,8 @@ pub enum Wakeup {
     Drain { worker_id: WorkerId },
     /// This worker's credential was revoked: drop its stream.
     Revoke { worker_id: WorkerId },
+    /// A node configuration version was added: send it to the nodes it concerns.
+    Configs,
 }
 
 /// One attempt's end, as reported.
@@ -281,6 +283,25 @@ pub trait Store: Send + Sync + 'static {
     async fn publish(&self, wakeup: &Wakeup) -> Result<()>;
     /// What the other replicas publish; `None` where there can be no other replica.
     async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Wakeup>>>;
+
+    // ----------------------------------------------------------- node configuration
+    /// A new configuration version for one node or for the nodes matching `labels`.
+    async fn put_node_config(
+        &self,
+        node: Option<WorkerId>,
+        labels: &std::collections::BTreeMap<String, String>,
+        config: &NodeConfig,
+    ) -> Result<NodeConfigRecord>;
+    /// Every configuration version, oldest first.
+    async fn list_node_configs(&self) -> Result<Vec<NodeConfigRecord>>;
+    /// Records a node's answer (`WorkerConfigAcked`); when it applied the version, its new
+    /// capabilities are kept too.
+    async fn ack_node_config(
+        &self,
+        worker_id: WorkerId,
+        ack: &ConfigAckRecord,
+        capabilities: Option<&Capabilities>,
+    ) -> Result<()>;
 
     // ----------------------------------------------------------- users and tokens
     async fn count_users(&self) -> Result<u64>;

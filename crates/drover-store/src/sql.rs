@@ -7,16 +7,16 @@
 //! replicas never overwrite each other's changes.
 
 use crate::{
-    ApiTokenRecord, Assignment, AuditRecord, Cancelled, DeliveryRecord, DeliveryState, EventRecord,
-    FinishRequest, Finished, GroupRecord, GroupState, GroupView, IssuedTokens, JobRecord,
-    JoinToken, LogIndex, ReadyJob, ReservationRecord, ReservationState, Result, RetrySettings,
-    Role, RunEnd, RunRecord, Store, StoreError, UserRecord, WebhookRecord, WorkerRecord,
-    webhook_events,
+    ApiTokenRecord, Assignment, AuditRecord, Cancelled, ConfigAckRecord, DeliveryRecord,
+    DeliveryState, EventRecord, FinishRequest, Finished, GroupRecord, GroupState, GroupView,
+    IssuedTokens, JobRecord, JoinToken, LogIndex, NodeConfigRecord, ReadyJob, ReservationRecord,
+    ReservationState, Result, RetrySettings, Role, RunEnd, RunRecord, Store, StoreError,
+    UserRecord, WebhookRecord, WorkerRecord, webhook_events,
 };
 use async_trait::async_trait;
 use drover_core::{
-    Capabilities, EventKind, GroupId, JobEvent, JobId, JobSpec, JobState, ReservationId, RunId,
-    RunState, Timestamp, WebhookId, WorkerId, WorkerState, retry,
+    Capabilities, EventKind, GroupId, JobEvent, JobId, JobSpec, JobState, NodeConfig,
+    ReservationId, RunId, RunState, Timestamp, WebhookId, WorkerId, WorkerState, retry,
 };
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -55,8 +55,8 @@ const DELIVERY_COLS: &str = "d.id, d.webhook_id, w.url, d.event, d.idempotency_k
     d.delivered_at";
 const RUN_COLS: &str = "id, job_id, attempt, retry_of, worker_id, state, exit_code, error, \
     assigned_at, started_at, finished_at, lease_expires_at";
-const WORKER_COLS: &str =
-    "id, name, state, capabilities, created_at, last_seen_at, provider, resource_id";
+const WORKER_COLS: &str = "id, name, state, capabilities, created_at, last_seen_at, provider, \
+    resource_id, config_version, config_status, config_error, config_applied_at, applied_version";
 
 /// What `open` does about the schema.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -312,6 +312,20 @@ fn worker_from_row(row: &AnyRow) -> Result<WorkerRecord> {
         last_seen_at: ts(row, "last_seen_at")?,
         provider: row.try_get("provider")?,
         resource_id: row.try_get("resource_id")?,
+        applied_config_version: row
+            .try_get::<Option<i64>, _>("applied_version")?
+            .map(|v| v as u64),
+        config_ack: match row.try_get::<Option<i64>, _>("config_version")? {
+            Some(version) => Some(ConfigAckRecord {
+                config_version: version as u64,
+                applied_at: ts_opt(row, "config_applied_at")?.unwrap_or(Timestamp(0)),
+                status: row
+                    .try_get::<Option<String>, _>("config_status")?
+                    .unwrap_or_default(),
+                error: row.try_get("config_error")?,
+            }),
+            None => None,
+        },
     })
 }
 
@@ -1761,6 +1775,97 @@ impl Store for SqlStore {
         .fetch_all(&self.writer)
         .await?;
         rows.iter().map(worker_from_row).collect()
+    }
+
+    async fn put_node_config(
+        &self,
+        node: Option<WorkerId>,
+        labels: &std::collections::BTreeMap<String, String>,
+        config: &NodeConfig,
+    ) -> Result<NodeConfigRecord> {
+        let now = Timestamp::now();
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "INSERT INTO node_configs (node_id, labels, config, created_at) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(node.map(|n| n.to_string()))
+        .bind(serde_json::to_string(labels).map_err(corrupt)?)
+        .bind(serde_json::to_string(config).map_err(corrupt)?)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await?;
+        let version: i64 = sqlx::query_scalar("SELECT MAX(version) FROM node_configs")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(NodeConfigRecord {
+            version: version as u64,
+            node,
+            labels: labels.clone(),
+            config: config.clone(),
+            created_at: now,
+        })
+    }
+
+    async fn list_node_configs(&self) -> Result<Vec<NodeConfigRecord>> {
+        let rows = sqlx::query(
+            "SELECT version, node_id, labels, config, created_at FROM node_configs \
+             ORDER BY version",
+        )
+        .fetch_all(&self.writer)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let labels: String = row.try_get("labels")?;
+                let config: String = row.try_get("config")?;
+                Ok(NodeConfigRecord {
+                    version: row.try_get::<i64, _>("version")? as u64,
+                    node: parse_opt(row, "node_id")?,
+                    labels: serde_json::from_str(&labels).map_err(corrupt)?,
+                    config: serde_json::from_str(&config).map_err(corrupt)?,
+                    created_at: ts(row, "created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn ack_node_config(
+        &self,
+        worker_id: WorkerId,
+        ack: &ConfigAckRecord,
+        capabilities: Option<&Capabilities>,
+    ) -> Result<()> {
+        let now = Timestamp::now();
+        let applied = ack.status == "applied";
+        let caps = capabilities
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(corrupt)?;
+        let mut tx = self.writer.begin().await?;
+        sqlx::query(
+            "UPDATE workers SET config_version = $1, config_status = $2, config_error = $3, \
+             config_applied_at = $4, \
+             applied_version = CASE WHEN $5 THEN $1 ELSE applied_version END, \
+             capabilities = COALESCE($6, capabilities) WHERE id = $7",
+        )
+        .bind(ack.config_version as i64)
+        .bind(&ack.status)
+        .bind(&ack.error)
+        .bind(ack.applied_at.0)
+        .bind(applied)
+        .bind(caps)
+        .bind(worker_id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        let event = EventKind::WorkerConfigAcked {
+            config_version: ack.config_version,
+            status: ack.status.clone(),
+            error: ack.error.clone(),
+        };
+        insert_event(&mut tx, now, None, Some(worker_id), &event).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     async fn count_users(&self) -> Result<u64> {

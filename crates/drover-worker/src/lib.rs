@@ -269,6 +269,8 @@ struct HeldRun {
 struct Agent {
     config: WorkerConfig,
     node_id: String,
+    /// A heartbeat interval set by node configuration (never slower than the server asks).
+    heartbeat_override: Option<Duration>,
     caps: Capabilities,
     runs: HashMap<RunId, HeldRun>,
     events_tx: UnboundedSender<ExecEvent>,
@@ -317,6 +319,7 @@ pub async fn run(
     let mut agent = Agent {
         config,
         node_id: cred.node_id.clone(),
+        heartbeat_override: None,
         caps,
         runs: HashMap::new(),
         events_tx,
@@ -420,12 +423,22 @@ impl Agent {
         self.lease = Duration::from_millis(welcome.lease_ms.max(100));
         self.fenced = false;
         self.resend_backlog(&out_tx);
-        let mut heartbeat =
-            tokio::time::interval(Duration::from_millis(welcome.heartbeat_interval_ms.max(50)));
-        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let server_interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(50));
+        let every = |o: Option<Duration>| {
+            let mut t =
+                tokio::time::interval(o.map_or(server_interval, |o| o.min(server_interval)));
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        };
+        let mut heartbeat = every(self.heartbeat_override);
         loop {
             tokio::select! {
                 msg = inbound.message() => match msg {
+                    Ok(Some(v1::ServerMessage { body: Some(In::Config(c)) })) => {
+                        self.last_contact = tokio::time::Instant::now();
+                        self.apply_config(c, &out_tx);
+                        heartbeat = every(self.heartbeat_override);
+                    }
                     Ok(Some(v1::ServerMessage { body: Some(body) })) => {
                         self.last_contact = tokio::time::Instant::now();
                         self.on_server_message(body, &out_tx);
@@ -473,9 +486,45 @@ impl Agent {
         }
     }
 
+    /// Applies a configuration from the control plane to what this node was started with,
+    /// and answers: applied with the capabilities it has now, or failed with the reason
+    /// (the previous configuration stays in force).
+    fn apply_config(&mut self, c: v1::NodeConfig, out: &UnboundedSender<v1::WorkerMessage>) {
+        let applied = serde_json::from_str::<drover_core::NodeConfig>(&c.json)
+            .map_err(|e| format!("cannot read the configuration: {e}"))
+            .and_then(|config| {
+                let caps = config.apply(&self.caps)?;
+                Ok((config, caps))
+            });
+        let ack = match applied {
+            Ok((config, caps)) => {
+                self.heartbeat_override = config.heartbeat_interval_ms.map(Duration::from_millis);
+                tracing::info!(version = c.version, "node configuration applied");
+                v1::ConfigAck {
+                    version: c.version,
+                    applied_at_us: drover_core::Timestamp::now().as_micros(),
+                    status: "applied".into(),
+                    error: String::new(),
+                    capabilities: Some((&caps).into()),
+                }
+            }
+            Err(error) => {
+                tracing::warn!(version = c.version, error = %error, "node configuration refused");
+                v1::ConfigAck {
+                    version: c.version,
+                    applied_at_us: drover_core::Timestamp::now().as_micros(),
+                    status: "failed".into(),
+                    error,
+                    capabilities: None,
+                }
+            }
+        };
+        send(Some(out), Out::ConfigAck(ack));
+    }
+
     fn on_server_message(&mut self, body: In, out: &UnboundedSender<v1::WorkerMessage>) {
         match body {
-            In::Welcome(_) => {}
+            In::Welcome(_) | In::Config(_) => {}
             In::Assignment(a) => self.start(a, out),
             In::Cancel(c) => {
                 if let Some(held) = c.run_id.parse().ok().and_then(|id| self.runs.get(&id))

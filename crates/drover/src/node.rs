@@ -18,9 +18,38 @@ pub enum NodeCommand {
     Events { id: String },
     /// The providers that start and stop nodes on demand.
     Providers,
+    /// Node configuration, set centrally: nodes apply it without a restart and answer.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Revoke a node: its credential stops working, its stream is dropped, its runs fail
     /// over to other nodes.
     Revoke { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum ConfigCommand {
+    /// A new version, for one node (--node) or the nodes carrying --selector labels (none:
+    /// every node).
+    Set {
+        #[arg(long)]
+        node: Option<String>,
+        /// K=V,K2=V2: the nodes carrying all of these labels.
+        #[arg(long)]
+        selector: Option<String>,
+        /// Labels added to the nodes' own: K=V,K2=V2.
+        #[arg(long)]
+        labels: Option<String>,
+        /// Isolation modes jobs may use: process,sandbox,container.
+        #[arg(long)]
+        isolation: Option<String>,
+        /// Named resources and capacities: gpu=1,ollama=1.
+        #[arg(long)]
+        resources: Option<String>,
+        #[arg(long, value_parser = parse_duration)]
+        heartbeat: Option<std::time::Duration>,
+    },
+    /// Every version, oldest first.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -71,6 +100,80 @@ pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Resu
                     }
                     println!("{t}");
                 }
+            }
+        }
+        NodeCommand::Config(ConfigCommand::List) => {
+            let configs = client.list_node_configs().await?;
+            match output {
+                Output::Json => print_json(&configs)?,
+                Output::Text => {
+                    let mut t = output::table(&["VERSION", "FOR", "CONFIG", "CREATED"]);
+                    for c in &configs {
+                        let target = match c.node {
+                            Some(n) => format!("node {n}"),
+                            None if c.labels.is_empty() => "every node".into(),
+                            None => pairs(&c.labels),
+                        };
+                        t.add_row(vec![
+                            c.version.to_string(),
+                            target,
+                            serde_json::to_string(&c.config)?,
+                            output::time(c.created_at),
+                        ]);
+                    }
+                    println!("{t}");
+                }
+            }
+        }
+        NodeCommand::Config(ConfigCommand::Set {
+            node,
+            selector,
+            labels,
+            isolation,
+            resources,
+            heartbeat,
+        }) => {
+            let map = |flag: &str,
+                       v: Option<String>|
+             -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+                Ok(match v {
+                    Some(v) => output::parse_pairs(&v)
+                        .map_err(|e| anyhow::anyhow!("{flag}: {e}"))?
+                        .into_iter()
+                        .collect(),
+                    None => Default::default(),
+                })
+            };
+            let selector = map("--selector", selector)?;
+            let resources = match resources {
+                Some(r) => Some(
+                    map("--resources", Some(r))?
+                        .into_iter()
+                        .map(|(k, v)| {
+                            v.trim()
+                                .parse::<u32>()
+                                .map(|n| (k.clone(), n))
+                                .map_err(|_| {
+                                    anyhow::anyhow!("--resources: {k}={v}: a whole number")
+                                })
+                        })
+                        .collect::<anyhow::Result<_>>()?,
+                ),
+                None => None,
+            };
+            let config = drover_core::NodeConfig {
+                labels: map("--labels", labels)?,
+                isolation_modes: isolation
+                    .map(|i| i.split(',').map(|m| m.trim().to_string()).collect()),
+                resources,
+                heartbeat_interval_ms: heartbeat.map(|h| h.as_millis() as u64),
+            };
+            let record = client
+                .put_node_config(node.as_deref(), &selector, &config)
+                .await?;
+            match output {
+                Output::Json => print_json(&record)?,
+                Output::Text => println!("node configuration version {}", record.version),
             }
         }
         NodeCommand::Revoke { id } => {
@@ -149,6 +252,22 @@ pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Resu
                             n.worker.resource_id.as_deref().unwrap_or("no resource yet")
                         );
                     }
+                    println!(
+                        "Config:     desired {}, applied {}{}",
+                        n.desired_config_version
+                            .map_or("-".into(), |v| v.to_string()),
+                        n.worker
+                            .applied_config_version
+                            .map_or("-".into(), |v| v.to_string()),
+                        match &n.worker.config_ack {
+                            Some(a) if a.status == "failed" => format!(
+                                " (version {} failed: {})",
+                                a.config_version,
+                                a.error.as_deref().unwrap_or("?")
+                            ),
+                            _ => String::new(),
+                        }
+                    );
                     println!("Registered: {}", output::time(n.worker.created_at));
                     println!("Last seen:  {}", output::time(n.worker.last_seen_at));
                 }
@@ -168,4 +287,11 @@ fn row(n: &NodeView) -> Vec<String> {
         n.live_runs.to_string(),
         output::time(n.worker.last_seen_at),
     ]
+}
+
+fn pairs(m: &std::collections::BTreeMap<String, String>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -435,3 +435,120 @@ async fn a_revoked_node_loses_its_stream_and_its_runs_fail_over() {
     let audit = admin.audit(100).await.unwrap();
     assert!(audit.iter().any(|r| r.action == "node.revoke"));
 }
+
+/// Seed 000's config fetch and ack: a connected node gets a new version without restart and
+/// acknowledges it; a version it cannot apply is reported failed with the reason and the
+/// previous one stays in force; a node that connects later gets the newest at once.
+#[tokio::test]
+async fn seed000_node_configuration_is_applied_and_acknowledged() {
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let admin = server.client();
+    let _a = server
+        .worker(dir.path(), "a", None, &["--labels", "pool=gpu"])
+        .await;
+    WorkerProc::wait_connected(&admin, 1).await;
+    let node = admin.list_nodes().await.unwrap()[0].worker.id.to_string();
+    let node_view = |admin: Client, node: String| async move { admin.get_node(&node).await.ok() };
+
+    // v1 for the nodes labelled pool=gpu: a label added, isolation narrowed.
+    let set = drover()
+        .cli(
+            &server.url,
+            &[
+                "node",
+                "config",
+                "set",
+                "--selector",
+                "pool=gpu",
+                "--labels",
+                "zone=a",
+                "--isolation",
+                "process",
+                "--heartbeat",
+                "500ms",
+                "-o",
+                "json",
+            ],
+        )
+        .await;
+    assert_eq!(set.code, 0, "{set:?}");
+    let v1 = serde_json::from_str::<serde_json::Value>(&set.stdout).unwrap()["version"]
+        .as_u64()
+        .unwrap();
+    let applied = eventually("the node to apply v1", || async {
+        let n = node_view(admin.clone(), node.clone()).await?;
+        (n.worker.applied_config_version == Some(v1)).then_some(n)
+    })
+    .await;
+    assert_eq!(applied.desired_config_version, Some(v1));
+    assert_eq!(
+        applied.worker.config_ack.as_ref().unwrap().status,
+        "applied"
+    );
+    assert_eq!(
+        applied
+            .worker
+            .capabilities
+            .labels
+            .get("zone")
+            .map(String::as_str),
+        Some("a")
+    );
+    // Scheduling follows the applied configuration at once.
+    let job = admin
+        .submit_job(&JobSpec {
+            labels: [("zone".to_string(), "a".to_string())].into(),
+            ..echo("echo configured")
+        })
+        .await
+        .unwrap();
+    let view = admin.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::Succeeded);
+
+    // v2 asks for an isolation mode the node does not have: failed, v1 stays.
+    let bad = drover_core::NodeConfig {
+        isolation_modes: Some(vec!["process".into(), "firecracker".into()]),
+        ..Default::default()
+    };
+    let v2 = admin
+        .put_node_config(Some(&node), &Default::default(), &bad)
+        .await
+        .unwrap()
+        .version;
+    let failed = eventually("the node to refuse v2", || async {
+        let n = node_view(admin.clone(), node.clone()).await?;
+        let ack = n.worker.config_ack.clone()?;
+        (ack.config_version == v2).then_some(n)
+    })
+    .await;
+    let ack = failed.worker.config_ack.clone().unwrap();
+    assert_eq!(ack.status, "failed");
+    assert!(
+        ack.error.as_deref().unwrap_or("").contains("firecracker"),
+        "{ack:?}"
+    );
+    assert_eq!(
+        failed.worker.applied_config_version,
+        Some(v1),
+        "v1 stays in force"
+    );
+    assert_eq!(failed.desired_config_version, Some(v2));
+    let events = admin.node_events(&node).await.unwrap();
+    let acks = events
+        .iter()
+        .filter(|e| e.kind.type_name() == "WorkerConfigAcked")
+        .count();
+    assert_eq!(acks, 2, "{events:?}");
+
+    // A node that connects later gets the newest configuration that concerns it.
+    let _b = server
+        .worker(dir.path(), "b", None, &["--labels", "pool=gpu"])
+        .await;
+    eventually("the new node to apply v1", || async {
+        let nodes = admin.list_nodes().await.ok()?;
+        let b = nodes.iter().find(|n| n.worker.name == "b")?;
+        (b.worker.applied_config_version == Some(v1)).then_some(())
+    })
+    .await;
+}
