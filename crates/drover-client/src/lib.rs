@@ -57,12 +57,23 @@ pub enum FollowEvent {
 
 impl Client {
     pub fn new(server: &str) -> Result<Self> {
+        Self::with_ca(server, None)
+    }
+
+    /// A client that trusts the certificate authority in `ca_pem` (PEM) for `https://`
+    /// servers, besides the usual roots.
+    pub fn with_ca(server: &str, ca_pem: Option<&[u8]>) -> Result<Self> {
         let base = Url::parse(server).map_err(|_| ClientError::BadServer(server.to_string()))?;
         if !matches!(base.scheme(), "http" | "https") {
             return Err(ClientError::BadServer(server.to_string()));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        if let Some(pem) = ca_pem {
+            let ca = reqwest::Certificate::from_pem(pem)
+                .map_err(|e| ClientError::BadServer(format!("the CA certificate: {e}")))?;
+            builder = builder.add_root_certificate(ca);
+        }
+        let http = builder
             .build()
             .map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok(Self {

@@ -12,7 +12,6 @@ use axum::response::{IntoResponse, Response};
 use drover_core::Timestamp;
 use drover_store::{AuditRecord, Role, UserRecord};
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -68,8 +67,8 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
 
 pub fn address_of(req: &Request) -> Option<String> {
     req.extensions()
-        .get::<axum::extract::ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
+        .get::<axum::extract::ConnectInfo<crate::listener::PeerAddr>>()
+        .map(|c| c.0.0.ip().to_string())
 }
 
 impl AppState {

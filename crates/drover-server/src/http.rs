@@ -884,7 +884,9 @@ struct LoginRequest {
 
 async fn login(
     State(state): St,
-    axum::extract::ConnectInfo(peer): axum::extract::ConnectInfo<std::net::SocketAddr>,
+    axum::extract::ConnectInfo(crate::listener::PeerAddr(peer)): axum::extract::ConnectInfo<
+        crate::listener::PeerAddr,
+    >,
     body: Bytes,
 ) -> ApiResult<Json<drover_store::IssuedTokens>> {
     let req: LoginRequest = parse_body(&body)?;

@@ -8,6 +8,7 @@ mod finisher;
 mod grpc;
 mod http;
 mod jobs;
+mod listener;
 mod logs;
 pub mod providers;
 mod scheduler;
@@ -53,6 +54,8 @@ pub struct ServerConfig {
     /// The first admin's password, when the store has no user yet; `None` generates one
     /// and prints it once.
     pub admin_password: Option<String>,
+    /// Serve TLS with this certificate chain and private key (PEM files).
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl ServerConfig {
@@ -71,6 +74,7 @@ impl ServerConfig {
             access_ttl: Duration::from_secs(15 * 60),
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
             admin_password: None,
+            tls: None,
         }
     }
 
@@ -95,6 +99,8 @@ pub enum ServerError {
     },
     #[error("server failed: {0}")]
     Serve(std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] listener::TlsError),
     #[error("cannot create the first admin: {0}")]
     Admin(String),
     #[error("--provider {provider}: {source}")]
@@ -309,6 +315,7 @@ pub struct Server {
     finish_queue:
         tokio::sync::mpsc::UnboundedReceiver<(drover_store::FinishRequest, finisher::Reply)>,
     providers: Vec<providers::Configured>,
+    tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
 impl Server {
@@ -373,11 +380,16 @@ impl Server {
             }
             connected
         };
+        let tls = match &config.tls {
+            Some((cert, key)) => Some(listener::tls_config(cert, key)?),
+            None => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let bound = listener.local_addr().unwrap_or(config.listen);
         let advertised = if bound.ip().is_unspecified() {
-            format!("http://127.0.0.1:{}", bound.port())
+            format!("{scheme}://127.0.0.1:{}", bound.port())
         } else {
-            format!("http://{bound}")
+            format!("{scheme}://{bound}")
         };
         let (notices, _) = broadcast::channel(4096);
         let (finisher, finish_queue) = tokio::sync::mpsc::unbounded_channel();
@@ -403,6 +415,7 @@ impl Server {
             listener,
             finish_queue,
             providers,
+            tls,
         })
     }
 
@@ -410,6 +423,12 @@ impl Server {
         self.listener
             .local_addr()
             .unwrap_or(self.state.config.listen)
+    }
+
+    /// `https://ADDR` or `http://ADDR`: what clients dial.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.local_addr())
     }
 
     pub fn store(&self) -> Arc<dyn Store> {
@@ -440,14 +459,9 @@ impl Server {
             closing.sessions.close_all();
             let _ = stopped_tx.send(());
         };
-        // Small messages (assignments, acks) must not wait for Nagle's algorithm.
-        use axum::serve::ListenerExt;
-        let listener = self.listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
-        });
-        let app = app.into_make_service_with_connect_info::<SocketAddr>();
+        let listener =
+            listener::ApiListener::new(self.listener, self.tls).map_err(ServerError::Serve)?;
+        let app = app.into_make_service_with_connect_info::<listener::PeerAddr>();
         let serve = axum::serve(listener, app).with_graceful_shutdown(graceful);
         // Live followers (SSE) do not end by themselves: give in-flight requests a moment.
         let result = tokio::select! {

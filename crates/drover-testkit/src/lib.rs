@@ -202,6 +202,24 @@ pub const ADMIN_PASSWORD: &str = "drover-test-admin";
 
 /// API tokens of the control planes started by this test process, by URL.
 static TOKENS: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+/// Certificate authorities of the https:// control planes, by URL.
+static CAS: Mutex<Vec<(String, PathBuf)>> = Mutex::new(Vec::new());
+
+/// A client for `url`, trusting the CA of the control plane there, if it serves TLS.
+pub fn client_for(url: &str) -> Client {
+    let cas = CAS.lock().unwrap_or_else(|p| p.into_inner());
+    match cas
+        .iter()
+        .rev()
+        .find(|(u, _)| u == url.trim_end_matches('/'))
+    {
+        Some((_, path)) => {
+            let pem = std::fs::read(path).expect("read the test CA");
+            Client::with_ca(url, Some(&pem)).expect("client")
+        }
+        None => Client::new(url).expect("client"),
+    }
+}
 
 fn register_token(url: &str, token: &str) {
     let mut tokens = TOKENS.lock().unwrap_or_else(|p| p.into_inner());
@@ -223,7 +241,7 @@ pub fn token_for(url: &str) -> Option<String> {
 
 /// Signs in as the admin and mints an API token for the rest of the test.
 async fn admin_token(url: &str) -> String {
-    let client = Client::new(url).expect("client");
+    let client = client_for(url);
     let tokens = client
         .login("admin", ADMIN_PASSWORD)
         .await
@@ -247,6 +265,8 @@ pub struct ServerOptions {
     /// None: SQLite in the data directory, or a fresh PostgreSQL database when
     /// DROVER_TEST_ENGINE=postgres.
     pub database_url: Option<String>,
+    /// The CA of the server's TLS certificate (with --tls-cert/--tls-key in `extra`).
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Default for ServerOptions {
@@ -256,6 +276,7 @@ impl Default for ServerOptions {
             backoff_base: Duration::from_millis(200),
             extra: Vec::new(),
             database_url: None,
+            ca_cert: None,
         }
     }
 }
@@ -336,7 +357,7 @@ async fn wait_for_addr_file(file: &Path, proc: &Proc) -> String {
 }
 
 async fn wait_ready(url: &str, proc: &Proc) {
-    let client = Client::new(url).expect("client");
+    let client = client_for(url);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while !client.ready().await {
         assert!(
@@ -411,15 +432,17 @@ impl ServerProc {
         let log = data_dir.join(format!("server-{n}.log"));
         let proc = Proc::spawn(&drover.bin, &args, log, "drover server");
         let url = wait_for_addr_file(&addr_file, &proc).await;
+        if let Some(ca) = &options.ca_cert {
+            let mut cas = CAS.lock().unwrap_or_else(|p| p.into_inner());
+            cas.push((url.trim_end_matches('/').to_string(), ca.clone()));
+        }
         wait_ready(&url, &proc).await;
         (proc, url)
     }
 
     /// A client speaking as the admin.
     pub fn client(&self) -> Client {
-        Client::new(&self.url)
-            .expect("client")
-            .with_token(self.token.clone())
+        client_for(&self.url).with_token(self.token.clone())
     }
 
     /// `kill -9` of the control plane.

@@ -46,6 +46,9 @@ pub struct WorkerConfig {
     pub kill_grace: Duration,
     /// How jobs run: real processes, or `noop` (benchmarks and tests of the control plane).
     pub executor: ExecutorKind,
+    /// For an `https://` server: the certificate authority (PEM) its certificate must
+    /// chain to; without it, the system's roots.
+    pub ca_cert: Option<PathBuf>,
 }
 
 /// How a worker runs what it is given.
@@ -99,18 +102,36 @@ fn state_dir_error(path: &Path) -> impl FnOnce(std::io::Error) -> WorkerError + 
     }
 }
 
-fn endpoint(server: &str) -> Result<Endpoint, WorkerError> {
-    Endpoint::from_shared(server.to_string())
+fn endpoint(server: &str, ca_cert: Option<&Path>) -> Result<Endpoint, WorkerError> {
+    let bad = |message: String| WorkerError::BadServer {
+        server: server.to_string(),
+        message,
+    };
+    let mut endpoint = Endpoint::from_shared(server.to_string())
         .map(|e| {
             e.connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true)
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .keep_alive_timeout(Duration::from_secs(10))
         })
-        .map_err(|e| WorkerError::BadServer {
-            server: server.to_string(),
-            message: e.to_string(),
-        })
+        .map_err(|e| bad(e.to_string()))?;
+    if server.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        match ca_cert {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    bad(format!(
+                        "cannot read the CA certificate {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+            }
+            None => tls = tls.with_enabled_roots(),
+        }
+        endpoint = endpoint.tls_config(tls).map_err(|e| bad(e.to_string()))?;
+    }
+    Ok(endpoint)
 }
 
 pub fn capabilities(config: &WorkerConfig) -> Capabilities {
@@ -195,7 +216,7 @@ async fn ensure_registered(
             message,
         };
         let attempt = async {
-            let channel = endpoint(&config.server)?
+            let channel = endpoint(&config.server, config.ca_cert.as_deref())?
                 .connect()
                 .await
                 .map_err(|e| refused(format!("cannot connect: {e}")))?;
@@ -382,7 +403,7 @@ impl Agent {
             server: self.config.server.clone(),
             message: e.to_string(),
         };
-        let channel: Channel = endpoint(&self.config.server)?
+        let channel: Channel = endpoint(&self.config.server, self.config.ca_cert.as_deref())?
             .connect()
             .await
             .map_err(|e| unreachable(&e))?;

@@ -16,6 +16,28 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 static TOKEN: OnceLock<Option<String>> = OnceLock::new();
+static CA_CERT: OnceLock<Option<PathBuf>> = OnceLock::new();
+
+/// The certificate authority `--ca-cert` names, for https:// servers.
+pub fn set_ca_cert(path: Option<PathBuf>) {
+    let _ = CA_CERT.set(path);
+}
+
+pub fn ca_cert() -> Option<PathBuf> {
+    CA_CERT.get().cloned().flatten()
+}
+
+/// A plain client for `server`, trusting `--ca-cert` when given.
+pub fn anonymous(server: &str) -> anyhow::Result<Client> {
+    match ca_cert() {
+        Some(path) => {
+            let pem = std::fs::read(&path)
+                .with_context(|| format!("--ca-cert: cannot read {}", path.display()))?;
+            Ok(Client::with_ca(server, Some(&pem))?)
+        }
+        None => Ok(Client::new(server)?),
+    }
+}
 
 /// The token given on the command line or in the environment, for every client made after.
 pub fn set_token(token: Option<String>) {
@@ -118,7 +140,7 @@ fn saved_tokens(server: &str, tokens: &drover_client::records::IssuedTokens) -> 
 
 /// A client for `server` speaking for the stored or given user.
 pub async fn client(server: &str) -> anyhow::Result<Client> {
-    let client = Client::new(server)?;
+    let client = anonymous(server)?;
     if let Some(Some(token)) = TOKEN.get() {
         return Ok(client.with_token(token.clone()));
     }
@@ -168,7 +190,7 @@ fn read_password(from_stdin: bool, prompt: &str) -> anyhow::Result<String> {
 
 pub async fn login(args: LoginArgs, server: &str, output: Output) -> anyhow::Result<ExitCode> {
     let password = read_password(args.password_stdin, "Password: ")?;
-    let client = Client::new(server)?;
+    let client = anonymous(server)?;
     let tokens = client.login(&args.username, &password).await?;
     remember(server, saved_tokens(server, &tokens))?;
     match output {
@@ -186,7 +208,7 @@ pub async fn logout(server: &str) -> anyhow::Result<ExitCode> {
     let mut creds = load();
     if let Some(saved) = creds.servers.remove(&key(server)) {
         if let Some(access) = saved.access_token {
-            let client = Client::new(server)?.with_token(access);
+            let client = anonymous(server)?.with_token(access);
             if let Err(e) = client.logout().await {
                 tracing::warn!(error = %e, "the server did not take the logout");
             }

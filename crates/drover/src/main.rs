@@ -30,6 +30,10 @@ struct Cli {
         hide_env_values = true
     )]
     token: Option<String>,
+    /// For an https:// control plane: the certificate authority (PEM) its certificate
+    /// must chain to.
+    #[arg(long, global = true, env = "DROVER_CA_CERT")]
+    ca_cert: Option<std::path::PathBuf>,
     /// How to print results.
     #[arg(long, short = 'o', global = true, value_enum, default_value_t = Output::Text)]
     output: Output,
@@ -101,6 +105,7 @@ async fn main() -> ExitCode {
     );
     init_tracing(if long_running { "info" } else { "warn" });
     login::set_token(cli.token.clone());
+    login::set_ca_cert(cli.ca_cert.clone());
     let result = match cli.command {
         Command::Up(args) => serve::up(args).await,
         Command::Server(args) => serve::server(args).await,

@@ -52,6 +52,12 @@ pub struct ServerArgs {
     /// How long an access token from `drover login` lives.
     #[arg(long, default_value = "15m", value_parser = parse_duration)]
     access_token_ttl: Duration,
+    /// Serve TLS (HTTP and gRPC) with this certificate chain (PEM); needs --tls-key.
+    #[arg(long, env = "DROVER_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, env = "DROVER_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// How often provider records are checked against what really runs (also at start).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     reconcile_every: Duration,
@@ -109,6 +115,7 @@ impl ServerArgs {
         c.reconcile_interval = Some(self.reconcile_every);
         c.admin_password = self.admin_password.clone();
         c.access_ttl = self.access_token_ttl;
+        c.tls = self.tls_cert.clone().zip(self.tls_key.clone());
         c
     }
 }
@@ -202,6 +209,7 @@ fn worker_config(
             Executor::Process => drover_worker::ExecutorKind::Process,
             Executor::Noop => drover_worker::ExecutorKind::Noop,
         },
+        ca_cert: None,
     })
 }
 
@@ -226,26 +234,27 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 async fn bind(args: &ServerArgs) -> anyhow::Result<Server> {
     let server = Server::bind(args.config()).await?;
     let addr_file = args.data_dir.join("api.addr");
-    std::fs::write(&addr_file, format!("http://{}\n", server.local_addr()))
+    std::fs::write(&addr_file, format!("{}\n", server.url()))
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
     Ok(server)
 }
 
 pub async fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
     let server = bind(&args).await?;
-    tracing::info!(api = %format!("http://{}", server.local_addr()), "drover server listening");
+    tracing::info!(api = %server.url(), "drover server listening");
     server.serve(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn worker(args: WorkerArgs, server: &str) -> anyhow::Result<ExitCode> {
     let state_dir = args.state_dir.clone().unwrap_or_else(default_state_dir);
-    let config = worker_config(
+    let mut config = worker_config(
         server.to_string(),
         args.token.clone(),
         state_dir,
         &args.options,
     )?;
+    config.ca_cert = crate::login::ca_cert();
     drover_worker::run(config, shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -260,7 +269,7 @@ fn default_state_dir() -> PathBuf {
 
 pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     let server = bind(&args.server).await?;
-    let url = format!("http://{}", server.local_addr());
+    let url = server.url();
     let store = server.store();
     let worker_dir = args.server.data_dir.join("worker");
     // The local worker registers once; a credential the store does not know (a deleted
@@ -298,7 +307,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut server_task = tokio::spawn(server.serve(stopped(stop_rx.clone())));
-    let config = worker_config(url.clone(), token, worker_dir, &args.worker)?;
+    let mut config = worker_config(url.clone(), token, worker_dir, &args.worker)?;
+    // The local worker trusts the control plane's own certificate.
+    config.ca_cert = crate::login::ca_cert().or_else(|| args.server.tls_cert.clone());
     let slots = drover_worker::capabilities(&config).slots;
     let mut worker_task = tokio::spawn(drover_worker::run(config, stopped(stop_rx)));
     println!("drover is up");

@@ -552,3 +552,68 @@ async fn seed000_node_configuration_is_applied_and_acknowledged() {
     })
     .await;
 }
+
+/// A certificate authority and a server certificate for 127.0.0.1, made for the test.
+fn test_certificates(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let params =
+        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("server.pem"),
+        dir.join("server.key"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[tokio::test]
+async fn tls_on_the_listener_and_a_worker_that_checks_the_certificate() {
+    let dir = TestDir::new();
+    let (ca, cert, key) = test_certificates(dir.path());
+    let options = ServerOptions {
+        extra: vec![
+            "--tls-cert".into(),
+            cert.display().to_string(),
+            "--tls-key".into(),
+            key.display().to_string(),
+        ],
+        ca_cert: Some(ca.clone()),
+        ..Default::default()
+    };
+    let server = ServerProc::start(&drover(), dir.path(), options).await;
+    assert!(server.url.starts_with("https://"), "{}", server.url);
+    let admin = server.client();
+    // The worker dials https:// and checks the server's certificate against the CA.
+    let ca_arg = ca.display().to_string();
+    let _worker = server
+        .worker(dir.path(), "w", None, &["--ca-cert", &ca_arg])
+        .await;
+    WorkerProc::wait_connected(&admin, 1).await;
+    let job = admin.submit_job(&echo("echo over tls")).await.unwrap();
+    let view = admin.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::Succeeded);
+    // Plain HTTP gets no answer from a TLS port.
+    let plain = server.url.replace("https://", "http://");
+    assert!(
+        reqwest::get(format!("{plain}/healthz")).await.is_err(),
+        "plain HTTP must not be served"
+    );
+    // A client that does not trust the CA refuses the server.
+    let untrusting = drover().cli(&server.url, &["job", "list"]).await;
+    assert_eq!(untrusting.code, 1, "{untrusting:?}");
+    let trusting = drover()
+        .cli(&server.url, &["job", "list", "--ca-cert", &ca_arg])
+        .await;
+    assert_eq!(trusting.code, 0, "{trusting:?}");
+}
