@@ -76,6 +76,118 @@ pub struct JobSpec {
     /// worker, and the control plane's first provider starts one when none fits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub provider: Option<String>,
+    /// `command` (a process) or `inference` (a language model on a node serving it).
+    #[serde(default, skip_serializing_if = "JobKind::is_default")]
+    pub kind: JobKind,
+    /// What to generate, for `kind: inference`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<InferenceSpec>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    #[default]
+    Command,
+    Inference,
+}
+
+impl JobKind {
+    fn is_default(&self) -> bool {
+        *self == Self::Command
+    }
+}
+
+/// One message of a chat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChatTurn {
+    pub role: String,
+    pub content: String,
+}
+
+/// An inference: a model, a prompt (raw) or messages (through the model's chat template),
+/// and how to sample.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InferenceSpec {
+    pub model: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub messages: Vec<ChatTurn>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u32>,
+    /// 0 (the default) is greedy decoding.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stop: Vec<String>,
+}
+
+// Validation refuses non-finite floats, so equality is total on specs that exist.
+impl Eq for InferenceSpec {}
+
+pub const MAX_INFERENCE_TOKENS: u32 = 4096;
+/// The resource an inference holds on its node: one local model workload at a time.
+pub const INFERENCE_RESOURCE: &str = "inference";
+
+impl InferenceSpec {
+    fn validate(&self) -> Result<(), ValidationError> {
+        let field = |f: &str| format!("inference.{f}");
+        if self.model.trim().is_empty() || self.model.len() > 256 {
+            return Err(ValidationError::new(field("model"), "is required (1-256 bytes)"));
+        }
+        match (&self.prompt, self.messages.is_empty()) {
+            (Some(_), false) => {
+                return Err(ValidationError::new(
+                    field("messages"),
+                    "give a prompt or messages, not both",
+                ));
+            }
+            (None, true) => {
+                return Err(ValidationError::new(
+                    field("prompt"),
+                    "a prompt or messages is required",
+                ));
+            }
+            (Some(p), true) if p.is_empty() || p.len() > 1 << 20 => {
+                return Err(ValidationError::new(field("prompt"), "1 byte to 1 MiB"));
+            }
+            _ => {}
+        }
+        for (i, m) in self.messages.iter().enumerate() {
+            if !matches!(m.role.as_str(), "system" | "user" | "assistant") {
+                return Err(ValidationError::new(
+                    format!("inference.messages[{i}].role"),
+                    "system, user or assistant",
+                ));
+            }
+        }
+        if let Some(n) = self.max_tokens
+            && (n == 0 || n > MAX_INFERENCE_TOKENS)
+        {
+            return Err(ValidationError::new(
+                field("max_tokens"),
+                format!("between 1 and {MAX_INFERENCE_TOKENS}"),
+            ));
+        }
+        if let Some(t) = self.temperature
+            && !(t.is_finite() && (0.0..=2.0).contains(&t))
+        {
+            return Err(ValidationError::new(field("temperature"), "between 0 and 2"));
+        }
+        if let Some(p) = self.top_p
+            && !(p.is_finite() && p > 0.0 && p <= 1.0)
+        {
+            return Err(ValidationError::new(field("top_p"), "above 0, at most 1"));
+        }
+        Ok(())
+    }
 }
 
 /// How a job is isolated on its worker.
@@ -160,7 +272,41 @@ impl JobSpec {
                 "must not contain control characters",
             ));
         }
+        match (self.kind, &self.inference) {
+            (JobKind::Inference, None) => {
+                return Err(ValidationError::new(
+                    "inference",
+                    "is required with kind inference (model and prompt or messages)",
+                ));
+            }
+            (JobKind::Command, Some(_)) => {
+                return Err(ValidationError::new("inference", "goes with kind inference"));
+            }
+            (JobKind::Inference, Some(spec)) => {
+                spec.validate()?;
+                if self.command.is_some() || self.program.is_some() {
+                    return Err(ValidationError::new(
+                        "command",
+                        "an inference job runs a model, not a command",
+                    ));
+                }
+                if self.isolation != Isolation::Process {
+                    return Err(ValidationError::new(
+                        "isolation",
+                        "an inference job runs in the node's model, not in a sandbox",
+                    ));
+                }
+                self.resources
+                    .entry(INFERENCE_RESOURCE.to_string())
+                    .or_insert(1);
+                if self.name.trim().is_empty() {
+                    self.name = format!("inference {}", spec.model);
+                }
+            }
+            (JobKind::Command, None) => {}
+        }
         match (&self.command, &self.program) {
+            _ if self.kind == JobKind::Inference => {}
             (Some(_), Some(_)) => {
                 return Err(ValidationError::new(
                     "command",

@@ -30,6 +30,10 @@ pub struct JobRecord {
     pub updated_at: Timestamp,
     pub finished_at: Option<Timestamp>,
     pub spec: JobSpec,
+    /// What the last attempt produced, for jobs that produce one (an inference's
+    /// completion and figures).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
     /// The user who submitted it (absent for jobs from before users existed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
@@ -50,6 +54,8 @@ pub struct RunRecord {
     pub started_at: Option<Timestamp>,
     pub finished_at: Option<Timestamp>,
     pub lease_expires_at: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -158,6 +164,7 @@ pub struct ReadyJob {
     pub reservation: Option<ReservationId>,
     pub isolation: crate::Isolation,
     pub provider: Option<String>,
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -172,6 +179,8 @@ pub struct RunEnd {
     pub outcome: RunOutcome,
     pub exit_code: Option<i32>,
     pub error: Option<String>,
+    /// What the attempt produced (JSON), if anything.
+    pub result: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

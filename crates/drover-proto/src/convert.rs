@@ -33,6 +33,14 @@ impl From<&JobSpec> for v1::JobSpec {
             isolation: s.isolation.as_str().to_string(),
             image: s.image.clone(),
             provider: s.provider.clone(),
+            kind: match s.kind {
+                drover_core::JobKind::Command => String::new(),
+                drover_core::JobKind::Inference => "inference".into(),
+            },
+            inference_json: s
+                .inference
+                .as_ref()
+                .and_then(|i| serde_json::to_string(i).ok()),
         }
     }
 }
@@ -84,6 +92,25 @@ impl TryFrom<v1::JobSpec> for JobSpec {
             },
             image: s.image,
             provider: s.provider,
+            kind: match s.kind.as_str() {
+                "" | "command" => drover_core::JobKind::Command,
+                "inference" => drover_core::JobKind::Inference,
+                other => {
+                    return Err(ConvertError::Invalid {
+                        field: "kind",
+                        message: format!("unknown kind {other:?}; command or inference"),
+                    });
+                }
+            },
+            inference: s
+                .inference_json
+                .as_deref()
+                .map(serde_json::from_str)
+                .transpose()
+                .map_err(|e| ConvertError::Invalid {
+                    field: "inference",
+                    message: e.to_string(),
+                })?,
             reservation: s.reservation.map(|r| r.parse()).transpose().map_err(
                 |e: drover_core::IdError| ConvertError::Invalid {
                     field: "reservation",
@@ -103,6 +130,7 @@ impl From<&Capabilities> for v1::Capabilities {
             labels: c.labels.clone().into_iter().collect(),
             slots: c.slots,
             isolation_modes: c.isolation_modes.clone(),
+            models: c.models.clone(),
             version: c.version.clone(),
             resources: c.resources.clone().into_iter().collect(),
         }
@@ -118,6 +146,7 @@ impl From<v1::Capabilities> for Capabilities {
             labels: c.labels.into_iter().collect(),
             slots: c.slots,
             isolation_modes: c.isolation_modes,
+            models: c.models,
             version: c.version,
             resources: c.resources.into_iter().collect(),
         }

@@ -210,6 +210,7 @@ async fn reattach(
             outcome: RunOutcome::Failed,
             exit_code: None,
             error: Some("worker lost: it came back without this attempt".into()),
+            result: None,
         };
         let f = state
             .store
@@ -404,10 +405,17 @@ async fn handle(
                 .and_then(|o| {
                     RunOutcome::try_from(o).map_err(|e| ApiError::invalid("outcome", e.to_string()))
                 })?;
+            let result = match m.result_json.as_deref() {
+                Some(text) => Some(serde_json::from_str(text).map_err(|e| {
+                    ApiError::invalid("result_json", format!("not JSON: {e}"))
+                })?),
+                None => None,
+            };
             let end = RunEnd {
                 outcome,
                 exit_code: m.exit_code,
                 error: m.error,
+                result,
             };
             let request = drover_store::FinishRequest {
                 run_id: id,

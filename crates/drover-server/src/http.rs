@@ -1179,6 +1179,7 @@ async fn revoke_node(
             outcome: drover_core::RunOutcome::Failed,
             exit_code: None,
             error: Some("node revoked".into()),
+            result: None,
         };
         let finished = state
             .store

@@ -79,6 +79,7 @@ async fn dispatch_pass(
                 reservation: r.reservation,
                 isolation: r.isolation,
                 provider: r.provider,
+                model: r.model,
             })
             .collect()
     };
@@ -176,6 +177,7 @@ pub async fn lease_sweeper(state: Arc<AppState>) {
                     outcome: RunOutcome::Failed,
                     exit_code: None,
                     error: Some(error),
+                    result: None,
                 };
                 match state
                     .store

@@ -27,6 +27,8 @@ struct Session {
     isolation_modes: Vec<String>,
     /// The provider that started the worker, if one did.
     provider: Option<String>,
+    /// Models it serves.
+    models: Vec<String>,
     /// Being stopped by its provider: no new work.
     draining: bool,
     /// The labels the node connected with: configuration selectors match these.
@@ -87,6 +89,7 @@ impl Sessions {
             capacity: caps.resources.clone(),
             isolation_modes: caps.isolation_modes.clone(),
             provider,
+            models: caps.models.clone(),
             draining: false,
             base_labels: caps.labels.clone(),
             config_sent: 0,
@@ -145,6 +148,7 @@ impl Sessions {
                 free_resources: s.free_resources(),
                 isolation_modes: s.isolation_modes.clone(),
                 provider: s.provider.clone(),
+                models: s.models.clone(),
             })
             .collect()
     }
@@ -212,6 +216,7 @@ impl Sessions {
             s.capacity = caps.resources.clone();
             s.isolation_modes = caps.isolation_modes.clone();
             s.slots = caps.slots.max(1);
+            s.models = caps.models.clone();
         }
     }
 

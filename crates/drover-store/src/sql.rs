@@ -47,14 +47,14 @@ const CHANNEL: &str = "drover";
 
 const JOB_COLS: &str = "id, name, spec, state, priority, attempts, max_attempts, exit_code, \
     error, not_before, current_run, group_id, group_position, waiting_on, created_at, \
-    updated_at, finished_at, owner";
+    updated_at, finished_at, owner, result";
 const RESERVATION_COLS: &str =
     "id, resource, amount, worker_id, state, created_at, expires_at, ended_at, owner";
 const DELIVERY_COLS: &str = "d.id, d.webhook_id, w.url, d.event, d.idempotency_key, d.payload, \
     d.state, d.attempts, d.next_attempt_at, d.last_status, d.last_error, d.created_at, \
     d.delivered_at";
 const RUN_COLS: &str = "id, job_id, attempt, retry_of, worker_id, state, exit_code, error, \
-    assigned_at, started_at, finished_at, lease_expires_at";
+    assigned_at, started_at, finished_at, lease_expires_at, result";
 const WORKER_COLS: &str = "id, name, state, capabilities, created_at, last_seen_at, provider, \
     resource_id, config_version, config_status, config_error, config_applied_at, applied_version";
 
@@ -277,6 +277,7 @@ fn job_from_row(row: &AnyRow) -> Result<JobRecord> {
         finished_at: ts_opt(row, "finished_at")?,
         spec,
         owner: row.try_get("owner")?,
+        result: json_opt(row, "result")?,
     })
 }
 
@@ -296,7 +297,14 @@ fn run_from_row(row: &AnyRow) -> Result<RunRecord> {
         started_at: ts_opt(row, "started_at")?,
         finished_at: ts_opt(row, "finished_at")?,
         lease_expires_at: ts(row, "lease_expires_at")?,
+        result: json_opt(row, "result")?,
     })
+}
+
+fn json_opt(row: &AnyRow, column: &str) -> Result<Option<serde_json::Value>> {
+    row.try_get::<Option<String>, _>(column)?
+        .map(|text| serde_json::from_str(&text).map_err(corrupt))
+        .transpose()
 }
 
 fn worker_from_row(row: &AnyRow) -> Result<WorkerRecord> {
@@ -895,6 +903,12 @@ async fn finish_in(
         Some(w) => own_run(&mut *tx, run_id, w).await?,
         None => load_run(&mut *tx, run_id).await?,
     };
+    let result = end
+        .result
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(corrupt)?;
     let mut job = load_job(&mut *tx, run.job_id).await?;
     if run.state.is_terminal() {
         return Ok(Finished {
@@ -905,13 +919,14 @@ async fn finish_in(
     }
     sqlx::query(
         "UPDATE runs SET state = $1, exit_code = $2, error = $3, finished_at = $4, \
-         started_at = COALESCE(started_at, $5) WHERE id = $6",
+         started_at = COALESCE(started_at, $5), result = $6 WHERE id = $7",
     )
     .bind(end.outcome.run_state().as_str())
     .bind(end.exit_code.map(i64::from))
     .bind(&end.error)
     .bind(now.0)
     .bind(now.0)
+    .bind(&result)
     .bind(run_id.to_string())
     .execute(&mut *tx)
     .await?;
@@ -925,9 +940,10 @@ async fn finish_in(
         }
         let retrying =
             end.outcome.is_retryable() && retry::should_retry(run.attempt, job.max_attempts);
-        sqlx::query("UPDATE jobs SET exit_code = $1, error = $2 WHERE id = $3")
+        sqlx::query("UPDATE jobs SET exit_code = $1, error = $2, result = $3 WHERE id = $4")
             .bind(end.exit_code.map(i64::from))
             .bind(&end.error)
+            .bind(&result)
             .bind(job.id.to_string())
             .execute(&mut *tx)
             .await?;
@@ -1252,6 +1268,7 @@ impl Store for SqlStore {
                     reservation: spec.reservation,
                     isolation: spec.isolation,
                     provider: spec.provider,
+                    model: spec.inference.map(|i| i.model),
                 })
             })
             .collect()

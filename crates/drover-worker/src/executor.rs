@@ -39,6 +39,8 @@ pub enum ExecEvent {
         outcome: RunOutcome,
         exit_code: Option<i32>,
         error: Option<String>,
+        /// What the run produced, for runs that produce one (inference).
+        result: Option<serde_json::Value>,
     },
 }
 
@@ -86,6 +88,7 @@ pub async fn execute(
 ) {
     let run_id = exec.run_id;
     let exited = |outcome, exit_code, error: Option<String>| ExecEvent::Exited {
+        result: None,
         run_id,
         outcome,
         exit_code,

@@ -5,6 +5,7 @@
 //! (log entries, results) is kept and sent again.
 
 mod executor;
+mod inference;
 
 pub use executor::MAX_ENTRY_BYTES;
 
@@ -49,6 +50,8 @@ pub struct WorkerConfig {
     /// For an `https://` server: the certificate authority (PEM) its certificate must
     /// chain to; without it, the system's roots.
     pub ca_cert: Option<PathBuf>,
+    /// Models to serve: (the name jobs use, the GGUF file). Loaded at start.
+    pub models: Vec<(String, PathBuf)>,
 }
 
 /// How a worker runs what it is given.
@@ -64,6 +67,8 @@ pub enum ExecutorKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
+    #[error("cannot serve the model: {0}")]
+    Model(String),
     #[error(
         "this worker has no node credential in {state_dir} yet: give a one-time token (drover node token create)"
     )]
@@ -152,7 +157,16 @@ pub fn capabilities(config: &WorkerConfig) -> Capabilities {
         },
         isolation_modes: isolation_modes(),
         version: env!("CARGO_PKG_VERSION").into(),
-        resources: config.resources.clone(),
+        resources: {
+            let mut r = config.resources.clone();
+            // One local model workload at a time, unless the node says otherwise.
+            if !config.models.is_empty() {
+                r.entry(drover_core::job::INFERENCE_RESOURCE.to_string())
+                    .or_insert(1);
+            }
+            r
+        },
+        models: config.models.iter().map(|(name, _)| name.clone()).collect(),
     }
 }
 
@@ -290,6 +304,7 @@ struct HeldRun {
 struct Agent {
     config: WorkerConfig,
     node_id: String,
+    models: inference::Models,
     /// A heartbeat interval set by node configuration (never slower than the server asks).
     heartbeat_override: Option<Duration>,
     caps: Capabilities,
@@ -322,6 +337,9 @@ pub async fn run(
         std::fs::canonicalize(&config.state_dir).map_err(state_dir_error(&config.state_dir))?;
     let caps = capabilities(&config);
     tokio::pin!(shutdown);
+    let models = inference::Models::load(&config.models)
+        .await
+        .map_err(|e| WorkerError::Model(e.to_string()))?;
     // A worker that cannot register yet (control plane unreachable) still stops when told.
     let cred = tokio::select! {
         cred = ensure_registered(&config, &caps) => cred?,
@@ -340,6 +358,7 @@ pub async fn run(
     let mut agent = Agent {
         config,
         node_id: cred.node_id.clone(),
+        models,
         heartbeat_override: None,
         caps,
         runs: HashMap::new(),
@@ -625,6 +644,15 @@ impl Agent {
             kill_grace: self.config.kill_grace,
         };
         let span = tracing::info_span!("job", job_id = %a.job_id, run_id = %run_id);
+        if exec.spec.kind == drover_core::JobKind::Inference
+            && self.config.executor == ExecutorKind::Process
+        {
+            tokio::spawn(
+                inference::execute(exec, self.models.clone(), self.events_tx.clone(), control_rx)
+                    .instrument(span),
+            );
+            return;
+        }
         match self.config.executor {
             ExecutorKind::Process => {
                 tokio::spawn(
@@ -638,6 +666,7 @@ impl Agent {
                     outcome: drover_core::RunOutcome::Succeeded,
                     exit_code: Some(0),
                     error: None,
+                    result: None,
                 });
             }
         }
@@ -679,6 +708,7 @@ impl Agent {
                 outcome,
                 exit_code,
                 error,
+                result,
             } => {
                 if let Some(out) = out {
                     self.flush(out);
@@ -691,6 +721,7 @@ impl Agent {
                         exit_code,
                         error,
                         last_seq: held.next_seq,
+                        result_json: result.map(|r| r.to_string()),
                     };
                     held.control = None;
                     held.finished = Some(finished.clone());

@@ -648,6 +648,7 @@ async fn simulated_worker(server: String, token: String, name: String) -> anyhow
                         exit_code: Some(0),
                         error: None,
                         last_seq: 0,
+                        result_json: None,
                     }));
                 }
                 Some(_) => {}

@@ -1,6 +1,7 @@
 //! `drover`: the one binary. The CLI parses, the crates do the work.
 
 mod bench;
+mod infer;
 mod job;
 mod login;
 mod node;
@@ -82,6 +83,11 @@ enum Command {
         #[arg(long, default_value_t = 200)]
         limit: u32,
     },
+    /// Models nodes can serve: fetch them, list them.
+    #[command(subcommand)]
+    Model(infer::ModelCommand),
+    /// Run an inference on a node serving the model; tokens stream as they come.
+    Infer(infer::InferArgs),
     /// Measure throughput, latency and log streaming; prints figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -121,6 +127,8 @@ async fn main() -> ExitCode {
         Command::ApiToken(cmd) => login::token(cmd, &cli.server, cli.output).await,
         Command::User(cmd) => login::user(cmd, &cli.server, cli.output).await,
         Command::Audit { limit } => login::audit(limit, &cli.server, cli.output).await,
+        Command::Model(cmd) => infer::model(cmd, cli.output).await,
+        Command::Infer(args) => infer::infer(args, &cli.server, cli.output).await,
         Command::Bench(cmd) => bench::run(cmd, cli.output).await,
     };
     match result {

@@ -137,6 +137,13 @@ pub struct WorkerOptions {
     /// Between SIGTERM and SIGKILL when a job is stopped.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     kill_grace: Duration,
+    /// A model to serve, loaded at start: `smollm2` (fetched with `drover model fetch`), a
+    /// GGUF path, or NAME=PATH. Repeatable; inference jobs naming it run here.
+    #[arg(long = "model")]
+    models: Vec<String>,
+    /// Where `drover model fetch` keeps models.
+    #[arg(long, env = "DROVER_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
     /// `process` runs jobs; `noop` completes every job at once without running it (for
     /// benchmarks of the control plane).
     #[arg(long, value_enum, default_value_t = Executor::Process)]
@@ -196,7 +203,33 @@ fn worker_config(
             resources.insert(name, amount);
         }
     }
+    let models_dir = o
+        .models_dir
+        .clone()
+        .unwrap_or_else(drover_infer::default_models_dir);
+    let mut models = Vec::new();
+    for spec in &o.models {
+        let (name, path) = match spec.split_once('=') {
+            Some((name, path)) => (name.to_string(), PathBuf::from(path)),
+            None => match drover_infer::resolve_model(spec, &models_dir) {
+                Some(path) if Path::new(spec).is_file() => (
+                    path.file_stem()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .unwrap_or_else(|| spec.clone()),
+                    path,
+                ),
+                Some(path) => (spec.clone(), path),
+                None => anyhow::bail!(
+                    "--model {spec}: no such file, and no fetched model of that name in {} \
+                     (drover model fetch {spec})",
+                    models_dir.display()
+                ),
+            },
+        };
+        models.push((name, path));
+    }
     Ok(WorkerConfig {
+        models,
         server,
         token,
         state_dir,
