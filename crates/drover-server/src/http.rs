@@ -118,6 +118,14 @@ fn routes() -> Routes {
         &["POST"],
         post(revoke_api_token),
     )
+    .add(User, "/v1/models", &["GET"], get(crate::openai::models))
+    .add(
+        User,
+        "/v1/chat/completions",
+        &["POST"],
+        post(crate::openai::chat_completions),
+    )
+    .add(User, "/v1/completions", &["POST"], post(crate::openai::completions))
     .add(
         User,
         "/v1/jobs",
@@ -206,7 +214,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Parses a JSON body, naming the field at fault (`env.FOO`, `timeout_ms`) on error.
-fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
+pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     if body.is_empty() {
         return Err(ApiError::invalid("body", "a JSON object is required"));
     }
@@ -407,9 +415,14 @@ async fn job_logs(
     let q = query(q)?;
     state.store.get_job(id).await?;
     if q.follow {
-        let (tx, rx) = mpsc::channel::<Event>(256);
+        let (tx, rx) = mpsc::channel::<Followed>(256);
         tokio::spawn(follow_logs(state.clone(), id, q.attempt, tx));
-        let stream = futures::StreamExt::map(ReceiverStream::new(rx), Ok::<_, Infallible>);
+        let stream = futures::StreamExt::map(ReceiverStream::new(rx), |f| {
+            Ok::<_, Infallible>(match f {
+                Followed::Entries(batch) => sse_json("entries", &batch),
+                Followed::End(job) => sse_json("end", &job),
+            })
+        });
         return Ok(Sse::new(stream)
             .keep_alive(KeepAlive::default())
             .into_response());
@@ -441,13 +454,20 @@ fn sse_json(name: &str, value: &impl Serialize) -> Event {
         .unwrap_or_else(|_| Event::default().event(name))
 }
 
+/// What a follower of a job's log receives.
+pub(crate) enum Followed {
+    Entries(Vec<LogEntryView>),
+    /// The job is final: nothing more comes.
+    End(Box<JobRecord>),
+}
+
 /// Streams a job's log entries as they are stored, moving on to the next attempt when the
-/// job is retried, and ends with an `end` event carrying the job when it is final.
-async fn follow_logs(
+/// job is retried, and ends with the job when it is final.
+pub(crate) async fn follow_logs(
     state: Arc<AppState>,
     id: JobId,
     attempt: Option<u32>,
-    tx: mpsc::Sender<Event>,
+    tx: mpsc::Sender<Followed>,
 ) {
     let mut notices = state.notices.subscribe();
     let mut following: Option<(RunId, u64)> = None;
@@ -477,7 +497,7 @@ async fn follow_logs(
                     let views: Vec<LogEntryView> =
                         entries.into_iter().map(|e| entry_view(run, e)).collect();
                     for batch in views.chunks(FOLLOW_BATCH) {
-                        if tx.send(sse_json("entries", &batch)).await.is_err() {
+                        if tx.send(Followed::Entries(batch.to_vec())).await.is_err() {
                             return;
                         }
                     }
@@ -492,7 +512,7 @@ async fn follow_logs(
         let run_done = run.as_ref().is_none_or(|r| r.state.is_terminal());
         let finished = job.state.is_terminal() || (attempt.is_some() && run_done);
         if finished && drained {
-            let _ = tx.send(sse_json("end", &job)).await;
+            let _ = tx.send(Followed::End(Box::new(job))).await;
             return;
         }
         if !drained {

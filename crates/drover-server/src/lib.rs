@@ -10,6 +10,7 @@ mod http;
 mod jobs;
 mod listener;
 mod logs;
+mod openai;
 pub mod providers;
 mod scheduler;
 mod sessions;
