@@ -236,14 +236,26 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
 }
 
 async fn readyz(State(state): St) -> Response {
-    match state.store.list_jobs(None, 1).await {
-        Ok(_) => (StatusCode::OK, "ready\n").into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("store unavailable: {e}\n"),
-        )
-            .into_response(),
+    let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
+    if let Err(e) = state.store.list_jobs(None, 1).await {
+        return unavailable(format!("store unavailable: {e}\n"));
     }
+    if state.config.require_inference {
+        let serving = match state.store.list_workers().await {
+            Ok(workers) => workers.iter().any(|w| {
+                w.state == drover_core::WorkerState::Ready && !w.capabilities.models.is_empty()
+            }),
+            Err(e) => return unavailable(format!("store unavailable: {e}\n")),
+        };
+        if !serving {
+            return unavailable(
+                "inference is required and no connected node serves a model \
+                 (drover worker --model …)\n"
+                    .into(),
+            );
+        }
+    }
+    (StatusCode::OK, "ready\n").into_response()
 }
 
 async fn metrics(State(state): St) -> Response {

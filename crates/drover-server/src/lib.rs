@@ -57,6 +57,8 @@ pub struct ServerConfig {
     pub admin_password: Option<String>,
     /// Serve TLS with this certificate chain and private key (PEM files).
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Not ready (`/readyz` 503) while no connected node serves a model.
+    pub require_inference: bool,
 }
 
 impl ServerConfig {
@@ -76,6 +78,7 @@ impl ServerConfig {
             refresh_ttl: Duration::from_secs(30 * 24 * 3600),
             admin_password: None,
             tls: None,
+            require_inference: false,
         }
     }
 

@@ -34,6 +34,12 @@ impl Models {
         Ok(Self { loaded })
     }
 
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.loaded.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     pub fn get(&self, name: &str) -> Option<Arc<Mutex<drover_infer::Model>>> {
         self.loaded.get(name).cloned()
     }

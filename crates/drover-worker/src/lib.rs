@@ -6,6 +6,16 @@
 
 mod executor;
 mod inference;
+mod ollama;
+
+/// A background task that ends with its owner.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 pub use executor::MAX_ENTRY_BYTES;
 
@@ -52,6 +62,8 @@ pub struct WorkerConfig {
     pub ca_cert: Option<PathBuf>,
     /// Models to serve: (the name jobs use, the GGUF file). Loaded at start.
     pub models: Vec<(String, PathBuf)>,
+    /// Serve an Ollama-compatible API for those models on this address.
+    pub ollama_listen: Option<std::net::SocketAddr>,
 }
 
 /// How a worker runs what it is given.
@@ -340,6 +352,14 @@ pub async fn run(
     let models = inference::Models::load(&config.models)
         .await
         .map_err(|e| WorkerError::Model(e.to_string()))?;
+    let _ollama = match config.ollama_listen {
+        Some(addr) => Some(AbortOnDrop(
+            ollama::start(addr, models.clone())
+                .await
+                .map_err(|e| WorkerError::Model(format!("--ollama-listen {addr}: {e}")))?,
+        )),
+        None => None,
+    };
     // A worker that cannot register yet (control plane unreachable) still stops when told.
     let cred = tokio::select! {
         cred = ensure_registered(&config, &caps) => cred?,

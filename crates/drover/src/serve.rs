@@ -58,6 +58,10 @@ pub struct ServerArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, env = "DROVER_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Inference is part of this deployment: /readyz answers 503 while no connected node
+    /// serves a model.
+    #[arg(long)]
+    require_inference: bool,
     /// How often provider records are checked against what really runs (also at start).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     reconcile_every: Duration,
@@ -116,6 +120,7 @@ impl ServerArgs {
         c.admin_password = self.admin_password.clone();
         c.access_ttl = self.access_token_ttl;
         c.tls = self.tls_cert.clone().zip(self.tls_key.clone());
+        c.require_inference = self.require_inference;
         c
     }
 }
@@ -141,6 +146,10 @@ pub struct WorkerOptions {
     /// GGUF path, or NAME=PATH. Repeatable; inference jobs naming it run here.
     #[arg(long = "model")]
     models: Vec<String>,
+    /// Serve an Ollama-compatible API (/api/tags, /api/generate, /api/chat) for this
+    /// node's models on this address.
+    #[arg(long)]
+    ollama_listen: Option<SocketAddr>,
     /// Where `drover model fetch` keeps models.
     #[arg(long, env = "DROVER_MODELS_DIR")]
     models_dir: Option<PathBuf>,
@@ -158,6 +167,9 @@ pub enum Executor {
 
 #[derive(Args)]
 pub struct WorkerArgs {
+    /// This node must serve inference: refuse to start without a model.
+    #[arg(long)]
+    require_inference: bool,
     /// One-time token from `drover node token create` (first start only).
     #[arg(long, env = "DROVER_TOKEN")]
     token: Option<String>,
@@ -181,6 +193,7 @@ fn worker_config(
     token: Option<String>,
     state_dir: PathBuf,
     o: &WorkerOptions,
+    require_inference: bool,
 ) -> anyhow::Result<WorkerConfig> {
     let labels = match &o.labels {
         Some(l) => parse_pairs(l)
@@ -207,6 +220,12 @@ fn worker_config(
         .models_dir
         .clone()
         .unwrap_or_else(drover_infer::default_models_dir);
+    if require_inference && o.models.is_empty() {
+        anyhow::bail!(
+            "--require-inference: this node has no inference path; give --model smollm2 (after \
+             drover model fetch smollm2) or a GGUF path"
+        );
+    }
     let mut models = Vec::new();
     for spec in &o.models {
         let (name, path) = match spec.split_once('=') {
@@ -230,6 +249,7 @@ fn worker_config(
     }
     Ok(WorkerConfig {
         models,
+        ollama_listen: o.ollama_listen,
         server,
         token,
         state_dir,
@@ -286,6 +306,7 @@ pub async fn worker(args: WorkerArgs, server: &str) -> anyhow::Result<ExitCode> 
         args.token.clone(),
         state_dir,
         &args.options,
+        args.require_inference,
     )?;
     config.ca_cert = crate::login::ca_cert();
     drover_worker::run(config, shutdown_signal()).await?;
@@ -301,6 +322,13 @@ fn default_state_dir() -> PathBuf {
 }
 
 pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
+    // Fail fast, before anything is created.
+    if args.server.require_inference && args.worker.models.is_empty() {
+        anyhow::bail!(
+            "--require-inference: the local node has no inference path; give --model smollm2 \
+             (after drover model fetch smollm2) or a GGUF path"
+        );
+    }
     let server = bind(&args.server).await?;
     let url = server.url();
     let store = server.store();
@@ -340,7 +368,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     }
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut server_task = tokio::spawn(server.serve(stopped(stop_rx.clone())));
-    let mut config = worker_config(url.clone(), token, worker_dir, &args.worker)?;
+    let mut config = worker_config(
+        url.clone(),
+        token,
+        worker_dir,
+        &args.worker,
+        args.server.require_inference,
+    )?;
     // The local worker trusts the control plane's own certificate.
     config.ca_cert = crate::login::ca_cert().or_else(|| args.server.tls_cert.clone());
     let slots = drover_worker::capabilities(&config).slots;
