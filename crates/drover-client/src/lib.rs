@@ -473,6 +473,16 @@ impl Client {
     }
 
     /// True once the server answers `/readyz` with 200.
+    /// True when the process answers at all (`/healthz`).
+    pub async fn healthy(&self) -> bool {
+        matches!(
+            self.http.get(self.url(&["healthz"])).send().await,
+            Ok(r) if r.status() == StatusCode::OK
+        )
+    }
+
+    /// True when the control plane is ready to work (`/readyz`: its store answers, and a
+    /// model is served when inference is required).
     pub async fn ready(&self) -> bool {
         matches!(
             self.http.get(self.url(&["readyz"])).send().await,

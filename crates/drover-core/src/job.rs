@@ -140,7 +140,10 @@ impl InferenceSpec {
     fn validate(&self) -> Result<(), ValidationError> {
         let field = |f: &str| format!("inference.{f}");
         if self.model.trim().is_empty() || self.model.len() > 256 {
-            return Err(ValidationError::new(field("model"), "is required (1-256 bytes)"));
+            return Err(ValidationError::new(
+                field("model"),
+                "is required (1-256 bytes)",
+            ));
         }
         match (&self.prompt, self.messages.is_empty()) {
             (Some(_), false) => {
@@ -179,7 +182,10 @@ impl InferenceSpec {
         if let Some(t) = self.temperature
             && !(t.is_finite() && (0.0..=2.0).contains(&t))
         {
-            return Err(ValidationError::new(field("temperature"), "between 0 and 2"));
+            return Err(ValidationError::new(
+                field("temperature"),
+                "between 0 and 2",
+            ));
         }
         if let Some(p) = self.top_p
             && !(p.is_finite() && p > 0.0 && p <= 1.0)
@@ -280,7 +286,10 @@ impl JobSpec {
                 ));
             }
             (JobKind::Command, Some(_)) => {
-                return Err(ValidationError::new("inference", "goes with kind inference"));
+                return Err(ValidationError::new(
+                    "inference",
+                    "goes with kind inference",
+                ));
             }
             (JobKind::Inference, Some(spec)) => {
                 spec.validate()?;

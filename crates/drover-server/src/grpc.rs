@@ -406,9 +406,10 @@ async fn handle(
                     RunOutcome::try_from(o).map_err(|e| ApiError::invalid("outcome", e.to_string()))
                 })?;
             let result = match m.result_json.as_deref() {
-                Some(text) => Some(serde_json::from_str(text).map_err(|e| {
-                    ApiError::invalid("result_json", format!("not JSON: {e}"))
-                })?),
+                Some(text) => Some(
+                    serde_json::from_str(text)
+                        .map_err(|e| ApiError::invalid("result_json", format!("not JSON: {e}")))?,
+                ),
                 None => None,
             };
             let end = RunEnd {

@@ -125,7 +125,12 @@ fn routes() -> Routes {
         &["POST"],
         post(crate::openai::chat_completions),
     )
-    .add(User, "/v1/completions", &["POST"], post(crate::openai::completions))
+    .add(
+        User,
+        "/v1/completions",
+        &["POST"],
+        post(crate::openai::completions),
+    )
     .add(
         User,
         "/v1/jobs",

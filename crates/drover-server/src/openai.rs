@@ -168,7 +168,13 @@ async fn complete(
                 Followed::Entries(batch) => batch
                     .iter()
                     .map(|e| {
-                        chunk_event(&id, created, &model, flavour.choice(&e.text, None, true), flavour)
+                        chunk_event(
+                            &id,
+                            created,
+                            &model,
+                            flavour.choice(&e.text, None, true),
+                            flavour,
+                        )
                     })
                     .collect(),
                 Followed::End(job) => {
@@ -181,7 +187,8 @@ async fn complete(
                         flavour,
                     )];
                     if job.state != JobState::Succeeded {
-                        let error = json!({"error": {"message": job.error.clone().unwrap_or_default()}});
+                        let error =
+                            json!({"error": {"message": job.error.clone().unwrap_or_default()}});
                         last.push(Event::default().data(error.to_string()));
                     }
                     last.push(Event::default().data("[DONE]"));
@@ -190,7 +197,11 @@ async fn complete(
             };
             futures::stream::iter(events.into_iter().map(Ok::<_, Infallible>))
         });
-        return Ok((job_header, Sse::new(stream).keep_alive(KeepAlive::default())).into_response());
+        return Ok((
+            job_header,
+            Sse::new(stream).keep_alive(KeepAlive::default()),
+        )
+            .into_response());
     }
     let mut rx = rx;
     let mut text = String::new();
@@ -204,7 +215,8 @@ async fn complete(
             }
         }
     }
-    let job = finished.ok_or_else(|| ApiError::Internal("the job's log stream ended early".into()))?;
+    let job =
+        finished.ok_or_else(|| ApiError::Internal("the job's log stream ended early".into()))?;
     if job.state != JobState::Succeeded {
         return Err(ApiError::Conflict(format!(
             "inference job {} is {}: {}",

@@ -359,7 +359,8 @@ async fn wait_for_addr_file(file: &Path, proc: &Proc) -> String {
 async fn wait_ready(url: &str, proc: &Proc) {
     let client = client_for(url);
     let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !client.ready().await {
+    // Up, not ready: a control plane requiring inference is not ready before a model node.
+    while !client.healthy().await {
         assert!(
             tokio::time::Instant::now() < deadline,
             "drover at {url} never became ready; log: {}",

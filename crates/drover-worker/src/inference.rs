@@ -60,7 +60,11 @@ pub async fn execute(
     let exited = |outcome, error: Option<String>, result| ExecEvent::Exited {
         run_id,
         outcome,
-        exit_code: Some(if outcome == RunOutcome::Succeeded { 0 } else { 1 }),
+        exit_code: Some(if outcome == RunOutcome::Succeeded {
+            0
+        } else {
+            1
+        }),
         error,
         result,
     };
@@ -159,7 +163,11 @@ pub async fn execute(
             ),
         },
         Ok(Err(e)) => exited(RunOutcome::Failed, Some(e.to_string()), None),
-        Err(e) => exited(RunOutcome::Failed, Some(format!("inference panicked: {e}")), None),
+        Err(e) => exited(
+            RunOutcome::Failed,
+            Some(format!("inference panicked: {e}")),
+            None,
+        ),
     };
     let _ = events.send(event);
 }

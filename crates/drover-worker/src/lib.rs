@@ -668,8 +668,13 @@ impl Agent {
             && self.config.executor == ExecutorKind::Process
         {
             tokio::spawn(
-                inference::execute(exec, self.models.clone(), self.events_tx.clone(), control_rx)
-                    .instrument(span),
+                inference::execute(
+                    exec,
+                    self.models.clone(),
+                    self.events_tx.clone(),
+                    control_rx,
+                )
+                .instrument(span),
             );
             return;
         }

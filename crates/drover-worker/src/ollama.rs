@@ -80,14 +80,15 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({"error": message.into()}))).into_response()
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
-    serde_json::from_slice(body).map_err(|e| error(StatusCode::BAD_REQUEST, e.to_string()))
+/// The request body; clients of Ollama often send JSON without a content type.
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| e.to_string())
 }
 
 async fn generate(State(models): State<Models>, body: Bytes) -> Response {
     let req: GenerateRequest = match parse(&body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let prompt = if req.raw {
         Prompt::Raw(req.prompt)
@@ -105,16 +106,32 @@ async fn generate(State(models): State<Models>, body: Bytes) -> Response {
         });
         Prompt::Chat(messages)
     };
-    run(models, req.model, prompt, req.options, req.stream.unwrap_or(true), false).await
+    run(
+        models,
+        req.model,
+        prompt,
+        req.options,
+        req.stream.unwrap_or(true),
+        false,
+    )
+    .await
 }
 
 async fn chat(State(models): State<Models>, body: Bytes) -> Response {
     let req: ChatRequest = match parse(&body) {
         Ok(r) => r,
-        Err(e) => return e,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     let prompt = Prompt::Chat(req.messages);
-    run(models, req.model, prompt, req.options, req.stream.unwrap_or(true), true).await
+    run(
+        models,
+        req.model,
+        prompt,
+        req.options,
+        req.stream.unwrap_or(true),
+        true,
+    )
+    .await
 }
 
 enum Prompt {

@@ -153,7 +153,8 @@ pub async fn infer(args: InferArgs, server: &str, output: Output) -> anyhow::Res
             if let Some(r) = &view.job.result {
                 eprintln!(
                     "{} prompt tokens, {} generated, first token after {:.0} ms, {:.1} tokens/s",
-                    r["prompt_tokens"], r["completion_tokens"],
+                    r["prompt_tokens"],
+                    r["completion_tokens"],
                     r["time_to_first_token_ms"].as_f64().unwrap_or(0.0),
                     r["tokens_per_second"].as_f64().unwrap_or(0.0)
                 );

@@ -60,6 +60,8 @@ fn end(outcome: RunOutcome, exit_code: i32) -> RunEnd {
         outcome,
         exit_code: Some(exit_code),
         error: None,
+        // What the run produced is kept with it and with its job.
+        result: Some(serde_json::json!({"exit": exit_code})),
     }
 }
 
@@ -107,6 +109,8 @@ pub async fn happy_path_writes_events_in_order(store: &dyn Store) {
     assert!(f.changed);
     assert_eq!(f.job.state, JobState::Succeeded);
     assert_eq!(f.job.exit_code, Some(0));
+    assert_eq!(f.job.result, Some(serde_json::json!({"exit": 0})));
+    assert_eq!(f.run.result, Some(serde_json::json!({"exit": 0})));
     assert!(f.job.finished_at.is_some());
     assert_eq!(f.run.state, RunState::Succeeded);
     let again = store
