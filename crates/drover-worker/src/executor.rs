@@ -65,6 +65,22 @@ pub struct Execution {
     pub kill_grace: Duration,
     /// The node running it: job containers carry it, to be found after a crash.
     pub node_id: String,
+    /// The node's inference API on a Unix socket, when it serves models: handed to the job
+    /// (bound into a sandbox, which has no network) as DROVER_INFERENCE_URL.
+    pub inference_socket: Option<PathBuf>,
+}
+
+/// Where a sandboxed job finds the node's inference socket.
+// Under the sandbox's own /tmp (a tmpfs): the rest of its root is read-only.
+const SANDBOX_INFERENCE_SOCKET: &str = "/tmp/drover/inference.sock";
+
+/// `http+unix://` with the socket path percent-encoded, as requests-unixsocket and similar
+/// clients expect.
+fn unix_url(path: &str) -> String {
+    format!(
+        "http+unix://{}",
+        path.replace('%', "%25").replace('/', "%2F")
+    )
 }
 
 fn signal_group(pgid: i32, signal: Signal) {
@@ -256,8 +272,15 @@ fn command(exec: &Execution, dir: &std::path::Path) -> Option<Command> {
             c.args(SANDBOX_ARGS)
                 .arg("--bind")
                 .arg(&exec.scratch_dir)
-                .arg(&exec.scratch_dir)
-                .arg("--chdir")
+                .arg(&exec.scratch_dir);
+            if let Some(socket) = &exec.inference_socket {
+                c.arg("--bind")
+                    .arg(socket)
+                    .arg(SANDBOX_INFERENCE_SOCKET)
+                    .env("DROVER_INFERENCE_URL", unix_url(SANDBOX_INFERENCE_SOCKET))
+                    .env("DROVER_INFERENCE_SOCKET", SANDBOX_INFERENCE_SOCKET);
+            }
+            c.arg("--chdir")
                 .arg(dir)
                 .arg("--")
                 .args(&argv)
@@ -287,6 +310,11 @@ fn command(exec: &Execution, dir: &std::path::Path) -> Option<Command> {
         Isolation::Process => {
             let mut c = Command::new(argv[0]);
             c.args(&argv[1..]).current_dir(dir);
+            if let Some(socket) = &exec.inference_socket {
+                let path = socket.display().to_string();
+                c.env("DROVER_INFERENCE_URL", unix_url(&path))
+                    .env("DROVER_INFERENCE_SOCKET", path);
+            }
             c
         }
     };

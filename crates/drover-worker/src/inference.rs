@@ -34,6 +34,10 @@ impl Models {
         Ok(Self { loaded })
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.loaded.is_empty()
+    }
+
     pub fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.loaded.keys().cloned().collect();
         names.sort();

@@ -316,6 +316,7 @@ struct HeldRun {
 struct Agent {
     config: WorkerConfig,
     node_id: String,
+    inference_socket: Option<PathBuf>,
     models: inference::Models,
     /// A heartbeat interval set by node configuration (never slower than the server asks).
     heartbeat_override: Option<Duration>,
@@ -352,6 +353,20 @@ pub async fn run(
     let models = inference::Models::load(&config.models)
         .await
         .map_err(|e| WorkerError::Model(e.to_string()))?;
+    let mut inference_socket =
+        (!models.is_empty()).then(|| config.state_dir.join("inference.sock"));
+    let _socket = match &inference_socket {
+        Some(path) => match ollama::start_unix(path, models.clone()).await {
+            Ok(task) => Some(AbortOnDrop(task)),
+            Err(e) => {
+                // Jobs then have no inference path of their own; the node still serves.
+                tracing::warn!(socket = %path.display(), error = %e, "no inference socket for jobs");
+                inference_socket = None;
+                None
+            }
+        },
+        None => None,
+    };
     let _ollama = match config.ollama_listen {
         Some(addr) => Some(AbortOnDrop(
             ollama::start(addr, models.clone())
@@ -378,6 +393,7 @@ pub async fn run(
     let mut agent = Agent {
         config,
         node_id: cred.node_id.clone(),
+        inference_socket,
         models,
         heartbeat_override: None,
         caps,
@@ -661,6 +677,7 @@ impl Agent {
             spec,
             scratch_dir: self.config.state_dir.join("runs").join(run_id.to_string()),
             node_id: self.node_id.clone(),
+            inference_socket: self.inference_socket.clone(),
             kill_grace: self.config.kill_grace,
         };
         let span = tracing::info_span!("job", job_id = %a.job_id, run_id = %run_id);

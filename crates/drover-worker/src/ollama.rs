@@ -16,16 +16,70 @@ use serde_json::{Value, json};
 use std::net::SocketAddr;
 use tokio::sync::mpsc;
 
+/// Largest request body the inference APIs take.
+pub const MAX_BODY: usize = 10 * 1024 * 1024;
+/// Longest a request may take, streaming included.
+pub const MAX_REQUEST: std::time::Duration = std::time::Duration::from_secs(120);
+
+fn router(models: Models) -> Router {
+    Router::new()
+        .route("/api/tags", get(tags))
+        .route("/api/generate", post(generate))
+        .route("/api/chat", post(chat))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(axum::middleware::from_fn(announced_size))
+        .with_state(models)
+}
+
+/// Refuses a body announced as too large before reading any of it.
+async fn announced_size(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let announced = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY) {
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "the body is over 10 MiB");
+    }
+    next.run(req).await
+}
+
+/// The same API on a Unix socket, for the node's own jobs (sandboxes have no network):
+/// bodies over 10 MiB and requests over 120 s are refused.
+pub async fn start_unix(
+    path: &std::path::Path,
+    models: Models,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    let app = router(models).layer(axum::middleware::from_fn(deadline));
+    tracing::info!(socket = %path.display(), "inference socket for jobs");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the inference socket stopped");
+        }
+    }))
+}
+
+/// Ends a request (and its stream) that runs past [`MAX_REQUEST`].
+async fn deadline(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let started = tokio::time::Instant::now();
+    let response = match tokio::time::timeout(MAX_REQUEST, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => return error(StatusCode::REQUEST_TIMEOUT, "the request took over 120 s"),
+    };
+    let (parts, body) = response.into_parts();
+    let left = MAX_REQUEST.saturating_sub(started.elapsed());
+    let stream = futures::StreamExt::take_until(body.into_data_stream(), tokio::time::sleep(left));
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
 /// Binds the address (a taken one stops the node at start) and serves in the background.
 pub async fn start(
     addr: SocketAddr,
     models: Models,
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
-    let app = Router::new()
-        .route("/api/tags", get(tags))
-        .route("/api/generate", post(generate))
-        .route("/api/chat", post(chat))
-        .with_state(models);
+    let app = router(models);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "Ollama-compatible API listening");
     Ok(tokio::spawn(async move {

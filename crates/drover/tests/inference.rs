@@ -399,3 +399,89 @@ async fn without_an_inference_path_a_required_node_refuses_to_start() {
     assert!(up.stderr.contains("no inference path"), "{up:?}");
     assert!(!dir.path().join("up").exists(), "nothing was created");
 }
+
+/// Seed 000's inference proxy: a sandboxed job has no network, yet reaches the node's model
+/// through the Unix socket bound into its sandbox (DROVER_INFERENCE_URL); a body over
+/// 10 MiB is refused.
+#[tokio::test]
+async fn seed000_a_sandboxed_job_reaches_the_model_through_the_inference_socket() {
+    let Some(model) = model_path() else { return };
+    let bwrap = std::process::Command::new("bwrap")
+        .args(["--unshare-all", "--ro-bind", "/", "/", "--", "/bin/true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !drover_testkit::service_available(
+        bwrap,
+        "a usable bubblewrap (bwrap)",
+        "scripts/test installs it",
+    ) {
+        return;
+    }
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let client = server.client();
+    let arg = model_arg(&model);
+    let _node = server
+        .worker(dir.path(), "node", None, &["--model", &arg])
+        .await;
+    WorkerProc::wait_connected(&client, 1).await;
+    // Plain Python over the socket: HTTP/1.0, so the server closes when it has answered.
+    let script = r#"
+import json, os, socket
+def call(body, length=None):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(os.environ["DROVER_INFERENCE_SOCKET"])
+    length = len(body) if length is None else length
+    s.sendall(b"POST /api/chat HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % length + body)
+    data = b""
+    while True:
+        try:
+            chunk = s.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head.split(b" ")[1].decode(), rest
+print(os.environ["DROVER_INFERENCE_URL"])
+status, body = call(json.dumps({"model": "smollm2", "stream": False, "messages": [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"}]}).encode())
+print(status, json.loads(body)["message"]["content"])
+# Announcing an 11 MiB body is enough to be refused before sending it.
+status, _ = call(b"{", length=11 * 1024 * 1024)
+print("oversize", status)
+try:
+    socket.create_connection(("1.1.1.1", 53), timeout=2)
+    print("network: yes")
+except OSError:
+    print("network: no")
+"#;
+    let job = client
+        .submit_job(&JobSpec {
+            program: Some("python3".into()),
+            args: vec!["-c".into(), script.into()],
+            isolation: drover_core::Isolation::Sandbox,
+            max_attempts: Some(1),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    let lines: Vec<String> = client
+        .job_logs(&job.id.to_string(), None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    assert_eq!(view.job.state, JobState::Succeeded, "{lines:?}");
+    assert_eq!(lines[0], "http+unix://%2Ftmp%2Fdrover%2Finference.sock");
+    assert!(
+        lines[1].starts_with("200 ") && lines[1].contains("Paris"),
+        "{lines:?}"
+    );
+    assert_eq!(lines[2], "oversize 413");
+    assert_eq!(lines[3], "network: no");
+}
