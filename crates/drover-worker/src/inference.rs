@@ -12,10 +12,31 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
 
-/// The models a node serves, by the name jobs use.
+/// The models a node serves, by the name jobs use: loaded here, or served by an external
+/// OpenAI-compatible provider the node forwards to.
 #[derive(Clone, Default)]
 pub struct Models {
     loaded: HashMap<String, Arc<Mutex<drover_infer::Model>>>,
+    external: Option<Arc<External>>,
+}
+
+/// An OpenAI-compatible inference provider (another drover, a hosted API).
+pub struct External {
+    pub base_url: String,
+    pub api_key: Option<String>,
+    pub models: Vec<String>,
+    http: reqwest::Client,
+}
+
+impl External {
+    pub fn new(base_url: String, api_key: Option<String>, models: Vec<String>) -> Self {
+        Self {
+            base_url: base_url.trim_end_matches('/').to_string(),
+            api_key,
+            models,
+            http: reqwest::Client::new(),
+        }
+    }
 }
 
 impl Models {
@@ -31,7 +52,21 @@ impl Models {
             tracing::info!(model = %name, took_ms = started.elapsed().as_millis() as u64, "model loaded");
             loaded.insert(name.clone(), Arc::new(Mutex::new(model)));
         }
-        Ok(Self { loaded })
+        Ok(Self {
+            loaded,
+            external: None,
+        })
+    }
+
+    pub fn with_external(mut self, external: Option<External>) -> Self {
+        self.external = external.map(Arc::new);
+        self
+    }
+
+    fn external_for(&self, name: &str) -> Option<Arc<External>> {
+        self.external
+            .clone()
+            .filter(|e| e.models.iter().any(|m| m == name) && !self.loaded.contains_key(name))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -80,6 +115,22 @@ pub async fn execute(
         ));
         return;
     };
+    if let Some(external) = models.external_for(&spec.model) {
+        let _ = events.send(ExecEvent::Started { run_id });
+        let event = match forward(&external, &spec, &exec, run_id, &events, &mut control).await {
+            Ok(Ended::Done(result)) => exited(RunOutcome::Succeeded, None, Some(result)),
+            Ok(Ended::Cancelled) => exited(RunOutcome::Cancelled, Some("cancelled".into()), None),
+            Ok(Ended::Fenced) => exited(
+                RunOutcome::Failed,
+                Some("stopped: lost the control plane".into()),
+                None,
+            ),
+            Ok(Ended::TimedOut) => exited(RunOutcome::TimedOut, Some("timed out".into()), None),
+            Err(e) => exited(RunOutcome::Failed, Some(e), None),
+        };
+        let _ = events.send(event);
+        return;
+    }
     let Some(model) = models.get(&spec.model) else {
         let _ = events.send(exited(
             RunOutcome::Failed,
@@ -174,4 +225,143 @@ pub async fn execute(
         ),
     };
     let _ = events.send(event);
+}
+
+enum Ended {
+    Done(serde_json::Value),
+    Cancelled,
+    Fenced,
+    TimedOut,
+}
+
+/// Runs the inference on the external provider: a streaming chat (or text) completion whose
+/// pieces become log entries as they arrive.
+async fn forward(
+    external: &External,
+    spec: &drover_core::InferenceSpec,
+    exec: &Execution,
+    run_id: drover_core::RunId,
+    events: &UnboundedSender<ExecEvent>,
+    control: &mut UnboundedReceiver<Control>,
+) -> Result<Ended, String> {
+    use futures::StreamExt;
+    let started = Instant::now();
+    let (path, mut body) = match &spec.prompt {
+        Some(p) => ("completions", serde_json::json!({"prompt": p})),
+        None => (
+            "chat/completions",
+            serde_json::json!({"messages": spec.messages}),
+        ),
+    };
+    body["model"] = serde_json::json!(spec.model);
+    body["stream"] = serde_json::json!(true);
+    body["max_tokens"] = serde_json::json!(spec.max_tokens.unwrap_or(256));
+    if let Some(t) = spec.temperature {
+        body["temperature"] = serde_json::json!(t);
+    }
+    if let Some(p) = spec.top_p {
+        body["top_p"] = serde_json::json!(p);
+    }
+    if let Some(s) = spec.seed {
+        body["seed"] = serde_json::json!(s);
+    }
+    if !spec.stop.is_empty() {
+        body["stop"] = serde_json::json!(spec.stop);
+    }
+    let mut request = external
+        .http
+        .post(format!("{}/{path}", external.base_url))
+        .json(&body);
+    if let Some(key) = &external.api_key {
+        request = request.bearer_auth(key);
+    }
+    let response = request
+        .send()
+        .await
+        .map_err(|e| format!("the inference provider {}: {e}", external.base_url))?;
+    if !response.status().is_success() {
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        return Err(format!(
+            "the inference provider answered {status}: {}",
+            text.trim()
+        ));
+    }
+    let deadline = exec
+        .spec
+        .timeout_ms
+        .map(|ms| tokio::time::Instant::now() + Duration::from_millis(ms.max(0) as u64));
+    let mut bytes = response.bytes_stream();
+    let mut buffer = Vec::new();
+    let mut text = String::new();
+    let mut pieces = 0u64;
+    let mut first: Option<Duration> = None;
+    let mut finish = "stop".to_string();
+    let mut usage = serde_json::Value::Null;
+    loop {
+        let next = tokio::select! {
+            c = control.recv() => return Ok(match c {
+                Some(Control::Cancel) => Ended::Cancelled,
+                _ => Ended::Fenced,
+            }),
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            } => return Ok(Ended::TimedOut),
+            next = bytes.next() => next,
+        };
+        let Some(chunk) = next else { break };
+        buffer.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+        while let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buffer.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let Some(data) = line.trim().strip_prefix("data:").map(str::trim) else {
+                continue;
+            };
+            if data == "[DONE]" {
+                continue;
+            }
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(data) else {
+                continue;
+            };
+            let choice = &v["choices"][0];
+            let piece = choice["delta"]["content"]
+                .as_str()
+                .or_else(|| choice["text"].as_str())
+                .unwrap_or("");
+            if let Some(f) = choice["finish_reason"].as_str() {
+                finish = f.to_string();
+            }
+            if !v["usage"].is_null() {
+                usage = v["usage"].clone();
+            }
+            if piece.is_empty() {
+                continue;
+            }
+            first.get_or_insert_with(|| started.elapsed());
+            pieces += 1;
+            text.push_str(piece);
+            let _ = events.send(ExecEvent::Output {
+                run_id,
+                stream: OutStream::Stdout,
+                timestamp: Timestamp::now(),
+                data: piece.as_bytes().to_vec(),
+            });
+        }
+    }
+    let elapsed = started.elapsed();
+    let ttft = first.unwrap_or(elapsed);
+    let decode = elapsed.saturating_sub(ttft).as_secs_f64();
+    let completion_tokens = usage["completion_tokens"].as_u64().unwrap_or(pieces);
+    Ok(Ended::Done(serde_json::json!({
+        "text": text,
+        "prompt_tokens": usage["prompt_tokens"].as_u64().unwrap_or(0),
+        "completion_tokens": completion_tokens,
+        "finish_reason": finish,
+        "time_to_first_token_ms": ttft.as_secs_f64() * 1000.0,
+        "tokens_per_second": if decode > 0.0 && pieces > 1 { (pieces - 1) as f64 / decode } else { 0.0 },
+        "provider": external.base_url,
+    })))
 }

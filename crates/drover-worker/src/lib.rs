@@ -64,6 +64,9 @@ pub struct WorkerConfig {
     pub models: Vec<(String, PathBuf)>,
     /// Serve an Ollama-compatible API for those models on this address.
     pub ollama_listen: Option<std::net::SocketAddr>,
+    /// An OpenAI-compatible provider serving models for this node instead of loading
+    /// them: (base URL, API key, model names).
+    pub external_inference: Option<(String, Option<String>, Vec<String>)>,
 }
 
 /// How a worker runs what it is given.
@@ -171,14 +174,30 @@ pub fn capabilities(config: &WorkerConfig) -> Capabilities {
         version: env!("CARGO_PKG_VERSION").into(),
         resources: {
             let mut r = config.resources.clone();
-            // One local model workload at a time, unless the node says otherwise.
-            if !config.models.is_empty() {
+            let slots = if config.slots == 0 {
+                cpus
+            } else {
+                config.slots
+            };
+            // One local model workload at a time, unless the node says otherwise; an
+            // external provider takes as many at once as the node has slots.
+            let capacity = if config.models.is_empty() { slots } else { 1 };
+            if !config.models.is_empty() || config.external_inference.is_some() {
                 r.entry(drover_core::job::INFERENCE_RESOURCE.to_string())
-                    .or_insert(1);
+                    .or_insert(capacity);
             }
             r
         },
-        models: config.models.iter().map(|(name, _)| name.clone()).collect(),
+        models: {
+            let mut names: Vec<String> =
+                config.models.iter().map(|(name, _)| name.clone()).collect();
+            if let Some((_, _, external)) = &config.external_inference {
+                names.extend(external.iter().cloned());
+            }
+            names.sort();
+            names.dedup();
+            names
+        },
     }
 }
 
@@ -352,7 +371,13 @@ pub async fn run(
     tokio::pin!(shutdown);
     let models = inference::Models::load(&config.models)
         .await
-        .map_err(|e| WorkerError::Model(e.to_string()))?;
+        .map_err(|e| WorkerError::Model(e.to_string()))?
+        .with_external(
+            config
+                .external_inference
+                .clone()
+                .map(|(url, key, names)| inference::External::new(url, key, names)),
+        );
     let mut inference_socket =
         (!models.is_empty()).then(|| config.state_dir.join("inference.sock"));
     let _socket = match &inference_socket {

@@ -150,6 +150,15 @@ pub struct WorkerOptions {
     /// node's models on this address.
     #[arg(long)]
     ollama_listen: Option<SocketAddr>,
+    /// An OpenAI-compatible provider (…/v1) that serves --openai-model for this node
+    /// instead of a local model; many of its jobs run at once.
+    #[arg(long, env = "DROVER_OPENAI_BASE_URL", requires = "openai_models")]
+    openai_base_url: Option<String>,
+    #[arg(long, env = "DROVER_OPENAI_API_KEY", hide_env_values = true)]
+    openai_api_key: Option<String>,
+    /// A model name the provider serves (repeatable).
+    #[arg(long = "openai-model")]
+    openai_models: Vec<String>,
     /// Where `drover model fetch` keeps models.
     #[arg(long, env = "DROVER_MODELS_DIR")]
     models_dir: Option<PathBuf>,
@@ -220,7 +229,7 @@ fn worker_config(
         .models_dir
         .clone()
         .unwrap_or_else(drover_infer::default_models_dir);
-    if require_inference && o.models.is_empty() {
+    if require_inference && o.models.is_empty() && o.openai_base_url.is_none() {
         anyhow::bail!(
             "--require-inference: this node has no inference path; give --model smollm2 (after \
              drover model fetch smollm2) or a GGUF path"
@@ -248,6 +257,10 @@ fn worker_config(
         models.push((name, path));
     }
     Ok(WorkerConfig {
+        external_inference: o
+            .openai_base_url
+            .clone()
+            .map(|url| (url, o.openai_api_key.clone(), o.openai_models.clone())),
         models,
         ollama_listen: o.ollama_listen,
         server,
@@ -323,7 +336,10 @@ fn default_state_dir() -> PathBuf {
 
 pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     // Fail fast, before anything is created.
-    if args.server.require_inference && args.worker.models.is_empty() {
+    if args.server.require_inference
+        && args.worker.models.is_empty()
+        && args.worker.openai_base_url.is_none()
+    {
         anyhow::bail!(
             "--require-inference: the local node has no inference path; give --model smollm2 \
              (after drover model fetch smollm2) or a GGUF path"

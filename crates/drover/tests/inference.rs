@@ -485,3 +485,64 @@ except OSError:
     assert_eq!(lines[2], "oversize 413");
     assert_eq!(lines[3], "network: no");
 }
+
+/// A node whose inference backend is an external OpenAI-compatible provider — here a second
+/// drover control plane with a model node: it serves the model without loading it, and its
+/// jobs are not limited to one at a time.
+#[tokio::test]
+async fn a_node_can_use_an_external_openai_compatible_provider() {
+    let Some(model) = model_path() else { return };
+    let dir = TestDir::new();
+    let provider =
+        ServerProc::start_named(&drover(), dir.path(), "provider", ServerOptions::default()).await;
+    let arg = model_arg(&model);
+    let _model_node = provider
+        .worker(dir.path(), "model", None, &["--model", &arg])
+        .await;
+    WorkerProc::wait_connected(&provider.client(), 1).await;
+
+    let server =
+        ServerProc::start_named(&drover(), dir.path(), "edge", ServerOptions::default()).await;
+    let base = format!("{}/v1", provider.url);
+    let _edge = server
+        .worker(
+            dir.path(),
+            "edge",
+            None,
+            &[
+                "--openai-base-url",
+                &base,
+                "--openai-api-key",
+                &provider.token,
+                "--openai-model",
+                "smollm2",
+                "--slots",
+                "3",
+            ],
+        )
+        .await;
+    let client = server.client();
+    WorkerProc::wait_connected(&client, 1).await;
+    let node = &client.list_nodes().await.unwrap()[0];
+    assert_eq!(node.worker.capabilities.models, vec!["smollm2".to_string()]);
+    assert_eq!(
+        node.worker.capabilities.resources.get("inference"),
+        Some(&3),
+        "no exclusive resource: as many at once as the node has slots"
+    );
+    let job = client.submit_job(&inference_job(24)).await.unwrap();
+    let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::Succeeded, "{view:?}");
+    let result = view.job.result.clone().unwrap();
+    assert!(
+        result["text"].as_str().unwrap().contains("Paris"),
+        "{result}"
+    );
+    assert_eq!(result["provider"].as_str(), Some(base.as_str()));
+    let logs = client.job_logs(&job.id.to_string(), None).await.unwrap();
+    assert!(logs.len() > 1, "streamed from the provider: {logs:?}");
+    // The provider ran it as one of its own jobs.
+    let theirs = provider.client().list_jobs(None, 10).await.unwrap();
+    assert_eq!(theirs.len(), 1);
+    assert_eq!(theirs[0].state, JobState::Succeeded);
+}
