@@ -45,11 +45,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Control plane and one local worker in one process, data in ./.drover.
-    Up(serve::UpArgs),
+    Up(Box<serve::UpArgs>),
     /// The control plane alone.
-    Server(serve::ServerArgs),
+    Server(Box<serve::ServerArgs>),
     /// A worker (node agent) that joins a control plane.
-    Worker(serve::WorkerArgs),
+    Worker(Box<serve::WorkerArgs>),
     /// Apply the database schema migrations (the server does it at start unless
     /// --no-migrate).
     Migrate(serve::MigrateArgs),
@@ -113,9 +113,9 @@ async fn main() -> ExitCode {
     login::set_token(cli.token.clone());
     login::set_ca_cert(cli.ca_cert.clone());
     let result = match cli.command {
-        Command::Up(args) => serve::up(args).await,
-        Command::Server(args) => serve::server(args).await,
-        Command::Worker(args) => serve::worker(args, &cli.server).await,
+        Command::Up(args) => serve::up(*args).await,
+        Command::Server(args) => serve::server(*args).await,
+        Command::Worker(args) => serve::worker(*args, &cli.server).await,
         Command::Migrate(args) => serve::migrate(args).await,
         Command::Job(cmd) => job::run(cmd, &cli.server, cli.output).await,
         Command::Node(cmd) => node::run(cmd, &cli.server, cli.output).await,
