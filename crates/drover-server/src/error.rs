@@ -21,6 +21,8 @@ pub enum ApiError {
     PermissionDenied(String),
     #[error("{0}")]
     TooManyRequests(String),
+    #[error("model {0:?}: no node serves it")]
+    ModelNotFound(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -41,6 +43,7 @@ impl ApiError {
             Self::Unauthenticated(_) => "unauthenticated",
             Self::PermissionDenied(_) => "permission_denied",
             Self::TooManyRequests(_) => "resource_exhausted",
+            Self::ModelNotFound(_) => "model_not_found",
             Self::Internal(_) => "internal",
         }
     }
@@ -53,6 +56,7 @@ impl ApiError {
             Self::Unauthenticated(_) => StatusCode::UNAUTHORIZED,
             Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
+            Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -96,6 +100,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let field = match &self {
             Self::Invalid { field, .. } => Some(field.clone()),
+            Self::ModelNotFound(_) => Some("model".to_string()),
             _ => None,
         };
         let body = ErrorBody {
@@ -119,6 +124,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::Unauthenticated(_) => Self::unauthenticated(message),
             ApiError::PermissionDenied(_) => Self::permission_denied(message),
             ApiError::TooManyRequests(_) => Self::resource_exhausted(message),
+            ApiError::ModelNotFound(_) => Self::not_found(message),
             ApiError::Internal(_) => Self::internal(message),
         }
     }

@@ -22,7 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 type St = State<Arc<AppState>>;
 
 /// Models served by the nodes that are up, across replicas (from the store).
-pub async fn models(State(state): St) -> Result<Json<Value>, ApiError> {
+async fn served_models(state: &AppState) -> Result<Vec<String>, ApiError> {
     let mut names: Vec<String> = state
         .store
         .list_workers()
@@ -33,6 +33,11 @@ pub async fn models(State(state): St) -> Result<Json<Value>, ApiError> {
         .collect();
     names.sort();
     names.dedup();
+    Ok(names)
+}
+
+pub async fn models(State(state): St) -> Result<Json<Value>, ApiError> {
+    let names = served_models(&state).await?;
     let data: Vec<Value> = names
         .iter()
         .map(|n| json!({"id": n, "object": "model", "created": 0, "owned_by": "drover"}))
@@ -155,6 +160,11 @@ async fn complete(
         max_attempts: Some(1),
         ..Default::default()
     };
+    let spec = spec.validated()?;
+    // OpenAI clients expect an unknown model to be an error, not a wait.
+    if !served_models(&state).await?.contains(&req.model) {
+        return Err(ApiError::ModelNotFound(req.model));
+    }
     let (job, _) = jobs::submit(&state, spec, Some(&caller.user.id)).await?;
     let id = format!("drover-{}", job.id);
     let created = Timestamp::now().as_micros() / 1_000_000;

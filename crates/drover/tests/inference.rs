@@ -116,7 +116,7 @@ async fn seed000_inference_readiness_and_a_short_inference() {
 }
 
 #[tokio::test]
-async fn an_inference_runs_only_on_a_node_serving_the_model_one_at_a_time() {
+async fn pipe_03_inference_runs_only_on_a_model_node_and_two_never_overlap() {
     let Some(model) = model_path() else { return };
     let dir = TestDir::new();
     let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
@@ -530,9 +530,21 @@ async fn a_node_can_use_an_external_openai_compatible_provider() {
         Some(&3),
         "no exclusive resource: as many at once as the node has slots"
     );
+    // PIPE-03's other half: external-provider jobs run at once on one node.
     let job = client.submit_job(&inference_job(24)).await.unwrap();
+    let other = client.submit_job(&inference_job(24)).await.unwrap();
     let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    let other = client
+        .wait_job(&other.id.to_string(), |_| {})
+        .await
+        .unwrap();
     assert_eq!(view.job.state, JobState::Succeeded, "{view:?}");
+    assert_eq!(other.job.state, JobState::Succeeded, "{other:?}");
+    let (a, b) = (&view.runs[0].run, &other.runs[0].run);
+    assert!(
+        a.started_at < b.finished_at && b.started_at < a.finished_at,
+        "the two external jobs ran at once: {a:?} {b:?}"
+    );
     let result = view.job.result.clone().unwrap();
     assert!(
         result["text"].as_str().unwrap().contains("Paris"),
@@ -541,8 +553,66 @@ async fn a_node_can_use_an_external_openai_compatible_provider() {
     assert_eq!(result["provider"].as_str(), Some(base.as_str()));
     let logs = client.job_logs(&job.id.to_string(), None).await.unwrap();
     assert!(logs.len() > 1, "streamed from the provider: {logs:?}");
-    // The provider ran it as one of its own jobs.
+    // The provider ran them as its own jobs (one at a time on its one model node).
     let theirs = provider.client().list_jobs(None, 10).await.unwrap();
-    assert_eq!(theirs.len(), 1);
-    assert_eq!(theirs[0].state, JobState::Succeeded);
+    assert_eq!(theirs.len(), 2);
+    assert!(theirs.iter().all(|j| j.state == JobState::Succeeded));
+}
+
+/// Bad input to inference: named by its field, nothing queued.
+#[tokio::test]
+async fn bad_inference_input_is_refused_with_the_field_named() {
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let http = reqwest::Client::new();
+    let post = |path: &str, body: String| {
+        http.post(format!("{}{path}", server.url))
+            .bearer_auth(&server.token)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let job = |inference: serde_json::Value| {
+        serde_json::json!({"kind": "inference", "inference": inference}).to_string()
+    };
+    let cases = [
+        ("/v1/jobs", job(serde_json::json!({"model": "smollm2", "prompt": ""})), "inference.prompt"),
+        ("/v1/jobs", job(serde_json::json!({"model": "smollm2"})), "inference.prompt"),
+        ("/v1/jobs", job(serde_json::json!({"model": "", "prompt": "hi"})), "inference.model"),
+        ("/v1/jobs", job(serde_json::json!({"model": "smollm2", "prompt": "hi", "max_tokens": 0})), "inference.max_tokens"),
+        ("/v1/jobs", job(serde_json::json!({"model": "smollm2", "prompt": "hi", "max_tokens": 1000000})), "inference.max_tokens"),
+        ("/v1/jobs", job(serde_json::json!({"model": "smollm2", "prompt": "hi", "temperature": -1})), "inference.temperature"),
+        ("/v1/jobs", serde_json::json!({"kind": "inference"}).to_string(), "inference"),
+        ("/v1/jobs", serde_json::json!({"kind": "inference", "command": "true", "inference": {"model": "m", "prompt": "p"}}).to_string(), "command"),
+        ("/v1/chat/completions", "{not json".to_string(), "body"),
+        ("/v1/chat/completions", serde_json::json!({"model": "smollm2", "messages": []}).to_string(), "messages"),
+        ("/v1/chat/completions", serde_json::json!({"model": "smollm2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}).to_string(), "inference.max_tokens"),
+        ("/v1/completions", serde_json::json!({"model": "smollm2"}).to_string(), "prompt"),
+    ];
+    for (path, body, field) in cases {
+        let r = post(path, body.clone()).await.unwrap();
+        assert_eq!(r.status().as_u16(), 400, "{path} {body}");
+        let error: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(error["error"]["field"], field, "{path} {body}: {error}");
+    }
+    // A model no node serves: the OpenAI API says so at once instead of queueing.
+    let r = post(
+        "/v1/chat/completions",
+        serde_json::json!({"model": "nope", "messages": [{"role": "user", "content": "hi"}]})
+            .to_string(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let error: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(error["error"]["field"], "model", "{error}");
+    assert!(
+        server
+            .client()
+            .list_jobs(None, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "nothing queued"
+    );
 }
