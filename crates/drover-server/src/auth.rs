@@ -137,50 +137,51 @@ async fn guard(state: Arc<AppState>, mut req: Request, next: Next, admin: bool) 
         Ok(c) => c,
         Err(e) => {
             if token.is_some() {
-                state
-                    .audit(
-                        None,
-                        "request",
-                        Some(what),
-                        true,
-                        address,
-                        Some(e.to_string()),
-                    )
-                    .await;
+                refused(&state, None, what, address, e.to_string()).await;
             }
             return e.into_response();
         }
     };
     if admin && !caller.is_admin() {
-        state
-            .audit(
-                Some(&caller.user.name),
-                "request",
-                Some(what.clone()),
-                true,
-                address,
-                Some("admin only".into()),
-            )
-            .await;
-        return ApiError::PermissionDenied(format!("{what} is for admins only")).into_response();
+        let e = ApiError::PermissionDenied(format!("{what} is for admins only"));
+        refused(
+            &state,
+            Some(&caller.user.name),
+            what,
+            address,
+            e.to_string(),
+        )
+        .await;
+        return e.into_response();
     }
     if let Err(e) = check_ownership(&state, &caller, req.uri().path()).await {
         if matches!(e, ApiError::PermissionDenied(_)) {
-            state
-                .audit(
-                    Some(&caller.user.name),
-                    "request",
-                    Some(what),
-                    true,
-                    address,
-                    Some(e.to_string()),
-                )
-                .await;
+            refused(
+                &state,
+                Some(&caller.user.name),
+                what,
+                address,
+                e.to_string(),
+            )
+            .await;
         }
         return e.into_response();
     }
     req.extensions_mut().insert(caller);
     next.run(req).await
+}
+
+/// A refused request, for the audit trail.
+async fn refused(
+    state: &AppState,
+    actor: Option<&str>,
+    what: String,
+    address: Option<String>,
+    why: String,
+) {
+    state
+        .audit(actor, "request", Some(what), true, address, Some(why))
+        .await;
 }
 
 /// A user may act on a job, run, group or reservation only if it is theirs. What does not
