@@ -122,6 +122,19 @@ pub struct RunArgs {
     /// Container image, for --isolation container.
     #[arg(long)]
     image: Option<String>,
+    /// `command` (default) or `inference` (with --model and --prompt; `drover infer` is the
+    /// short way).
+    #[arg(long, default_value = "command")]
+    kind: String,
+    /// For --kind inference: the model, as nodes serve it.
+    #[arg(long)]
+    model: Option<String>,
+    /// For --kind inference: the user's message (through the model's chat template).
+    #[arg(long)]
+    prompt: Option<String>,
+    /// For --kind inference: the most tokens to generate.
+    #[arg(long)]
+    max_tokens: Option<u32>,
     /// Wait until the job ends and exit with its exit code.
     #[arg(long, conflicts_with = "follow")]
     wait: bool,
@@ -139,6 +152,26 @@ impl RunArgs {
             max_attempts: self.max_attempts,
             ..Default::default()
         };
+        match self.kind.as_str() {
+            "command" => {}
+            "inference" => {
+                let (Some(model), Some(prompt)) = (&self.model, &self.prompt) else {
+                    bail!("--kind inference: give --model and --prompt");
+                };
+                spec.kind = drover_core::JobKind::Inference;
+                spec.inference = Some(drover_core::InferenceSpec {
+                    model: model.clone(),
+                    messages: vec![drover_core::ChatTurn {
+                        role: "user".into(),
+                        content: prompt.clone(),
+                    }],
+                    max_tokens: self.max_tokens,
+                    ..Default::default()
+                });
+                return Ok(spec);
+            }
+            other => bail!("--kind: {other:?} is not a kind; command or inference"),
+        }
         match (&self.command, &self.args, self.argv.as_slice()) {
             (Some(_), _, [_, ..]) => {
                 bail!("--command: give either --command or a program after --, not both")

@@ -194,6 +194,29 @@ async fn drover_infer_and_the_openai_api_answer_paris() {
     assert_eq!(out.code, 0, "{out:?}");
     assert!(out.stdout.contains("Paris"), "{out:?}");
     assert!(out.stderr.contains("tokens/s"), "{out:?}");
+    let run = drover()
+        .cli(
+            &server.url,
+            &[
+                "job",
+                "run",
+                "--kind",
+                "inference",
+                "--model",
+                "smollm2",
+                "--prompt",
+                "Say hello.",
+                "--max-tokens",
+                "8",
+                "--follow",
+            ],
+        )
+        .await;
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(
+        !run.stdout.trim().is_empty(),
+        "the tokens were followed: {run:?}"
+    );
 
     // OpenAI-compatible, with an API token as the key.
     let http = reqwest::Client::new();
