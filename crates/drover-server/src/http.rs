@@ -577,14 +577,19 @@ async fn create_node_token(
     Ok((StatusCode::CREATED, Json(token)))
 }
 
-async fn node_view(state: &AppState, worker: WorkerRecord) -> ApiResult<NodeView> {
+/// A node as the API shows it; `configs` are the node configuration versions (read once
+/// for a whole listing).
+async fn node_view(
+    state: &AppState,
+    worker: WorkerRecord,
+    configs: &[drover_store::NodeConfigRecord],
+) -> ApiResult<NodeView> {
     let live_runs = state.store.live_runs_of(worker.id).await?.len();
     // Across replicas the store knows: READY and heard from within a lease.
     let connected = worker.state == drover_core::WorkerState::Ready
         && drover_core::Timestamp::now().since(worker.last_seen_at) <= state.config.lease;
-    let configs = state.store.list_node_configs().await?;
     let desired_config_version =
-        drover_store::desired_config(&configs, worker.id, &worker.capabilities.labels)
+        drover_store::desired_config(configs, worker.id, &worker.capabilities.labels)
             .map(|c| c.version);
     Ok(NodeView {
         worker,
@@ -595,9 +600,10 @@ async fn node_view(state: &AppState, worker: WorkerRecord) -> ApiResult<NodeView
 }
 
 async fn list_nodes(State(state): St) -> ApiResult<Json<Vec<NodeView>>> {
+    let configs = state.store.list_node_configs().await?;
     let mut out = Vec::new();
     for w in state.store.list_workers().await? {
-        out.push(node_view(&state, w).await?);
+        out.push(node_view(&state, w, &configs).await?);
     }
     Ok(Json(out))
 }
@@ -607,7 +613,8 @@ async fn get_node(State(state): St, Path(id): Path<String>) -> ApiResult<Json<No
         .parse()
         .map_err(|e: drover_core::IdError| ApiError::invalid("id", e.to_string()))?;
     let worker = state.store.get_worker(id).await?;
-    Ok(Json(node_view(&state, worker).await?))
+    let configs = state.store.list_node_configs().await?;
+    Ok(Json(node_view(&state, worker, &configs).await?))
 }
 
 async fn node_events(
@@ -1236,7 +1243,8 @@ async fn revoke_node(
         )
         .await;
     let worker = state.store.get_worker(id).await?;
-    Ok(Json(node_view(&state, worker).await?))
+    let configs = state.store.list_node_configs().await?;
+    Ok(Json(node_view(&state, worker, &configs).await?))
 }
 
 #[derive(Deserialize)]
