@@ -142,19 +142,14 @@ async fn guard(state: Arc<AppState>, mut req: Request, next: Next, admin: bool) 
             return e.into_response();
         }
     };
-    if admin && !caller.is_admin() {
-        let e = ApiError::PermissionDenied(format!("{what} is for admins only"));
-        refused(
-            &state,
-            Some(&caller.user.name),
-            what,
-            address,
-            e.to_string(),
-        )
-        .await;
-        return e.into_response();
-    }
-    if let Err(e) = check_ownership(&state, &caller, req.uri().path()).await {
+    let allowed = if admin && !caller.is_admin() {
+        Err(ApiError::PermissionDenied(format!(
+            "{what} is for admins only"
+        )))
+    } else {
+        check_ownership(&state, &caller, req.uri().path()).await
+    };
+    if let Err(e) = allowed {
         if matches!(e, ApiError::PermissionDenied(_)) {
             refused(
                 &state,

@@ -143,8 +143,6 @@ pub(crate) struct AppState {
     pub advertised: String,
     /// Failed logins, to slow password guessing.
     pub logins: auth::LoginLimiter,
-    /// This state itself, for work a wake-up hands to a task.
-    pub myself: std::sync::Weak<AppState>,
     last_dispatch_nudge: std::sync::atomic::AtomicI64,
 }
 
@@ -187,7 +185,7 @@ impl AppState {
     }
 
     /// Carries out a wake-up on this replica: it acts only on the workers connected here.
-    pub fn apply_here(&self, wakeup: &drover_store::Wakeup) {
+    pub async fn apply_here(&self, wakeup: &drover_store::Wakeup) {
         use drover_proto::v1::{self, server_message::Body};
         use drover_store::Wakeup;
         match *wakeup {
@@ -216,18 +214,14 @@ impl AppState {
             }
             Wakeup::Drain { worker_id } => self.sessions.drain(worker_id),
             Wakeup::Revoke { worker_id } => self.sessions.drop_worker(worker_id),
-            Wakeup::Configs => {
-                if let Some(state) = self.myself.upgrade() {
-                    tokio::spawn(async move { state.push_configs().await });
-                }
-            }
+            Wakeup::Configs => self.push_configs().await,
         }
     }
 
     /// Carries out a wake-up here and on every other replica (the worker it names may be
     /// connected to any of them).
     pub async fn tell_everywhere(&self, wakeup: drover_store::Wakeup) {
-        self.apply_here(&wakeup);
+        self.apply_here(&wakeup).await;
         self.publish(wakeup).await;
     }
 
@@ -373,14 +367,13 @@ impl Server {
             let cluster_id = store.cluster_id().await?;
             let mut connected = Vec::new();
             for p in &config.providers {
-                let mut one =
-                    providers::connect(std::slice::from_ref(p), &cluster_id, &config.data_dir)
-                        .await
-                        .map_err(|source| ServerError::Provider {
-                            provider: p.name(),
-                            source,
-                        })?;
-                connected.append(&mut one);
+                let one = providers::connect(p, &cluster_id, &config.data_dir)
+                    .await
+                    .map_err(|source| ServerError::Provider {
+                        provider: p.name(),
+                        source,
+                    })?;
+                connected.push(one);
             }
             connected
         };
@@ -397,8 +390,7 @@ impl Server {
         };
         let (notices, _) = broadcast::channel(4096);
         let (finisher, finish_queue) = tokio::sync::mpsc::unbounded_channel();
-        let state = Arc::new_cyclic(|myself| AppState {
-            myself: myself.clone(),
+        let state = Arc::new(AppState {
             store,
             config,
             sessions: sessions::Sessions::default(),
@@ -526,6 +518,6 @@ async fn listen_to_replicas(state: Arc<AppState>) {
         }
     };
     while let Some(wakeup) = heard.recv().await {
-        state.apply_here(&wakeup);
+        state.apply_here(&wakeup).await;
     }
 }

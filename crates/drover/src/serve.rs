@@ -197,6 +197,17 @@ pub struct UpArgs {
     worker: WorkerOptions,
 }
 
+/// A node that must serve inference needs a model or an external provider.
+fn check_inference_path(o: &WorkerOptions, required: bool) -> anyhow::Result<()> {
+    if required && o.models.is_empty() && o.openai_base_url.is_none() {
+        anyhow::bail!(
+            "--require-inference: this node has no inference path; give --model smollm2 (after \
+             drover model fetch smollm2), a GGUF path, or --openai-base-url"
+        );
+    }
+    Ok(())
+}
+
 fn worker_config(
     server: String,
     token: Option<String>,
@@ -229,12 +240,7 @@ fn worker_config(
         .models_dir
         .clone()
         .unwrap_or_else(drover_infer::default_models_dir);
-    if require_inference && o.models.is_empty() && o.openai_base_url.is_none() {
-        anyhow::bail!(
-            "--require-inference: this node has no inference path; give --model smollm2 (after \
-             drover model fetch smollm2) or a GGUF path"
-        );
-    }
+    check_inference_path(o, require_inference)?;
     let mut models = Vec::new();
     for spec in &o.models {
         let (name, path) = match spec.split_once('=') {
@@ -336,15 +342,7 @@ fn default_state_dir() -> PathBuf {
 
 pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     // Fail fast, before anything is created.
-    if args.server.require_inference
-        && args.worker.models.is_empty()
-        && args.worker.openai_base_url.is_none()
-    {
-        anyhow::bail!(
-            "--require-inference: the local node has no inference path; give --model smollm2 \
-             (after drover model fetch smollm2) or a GGUF path"
-        );
-    }
+    check_inference_path(&args.worker, args.server.require_inference)?;
     let server = bind(&args.server).await?;
     let url = server.url();
     let store = server.store();

@@ -286,6 +286,16 @@ async fn a_container_job_streams_its_output_and_exit_code_without_network() {
     );
 }
 
+/// Waits until the job's container printed something; returns its run id.
+async fn started_run(client: &drover_client::Client, id: &str) -> String {
+    drover_testkit::eventually("the container to start", || async {
+        let logs = client.job_logs(id, None).await.ok()?;
+        let view = client.get_job(id).await.ok()?;
+        (!logs.is_empty()).then(|| view.runs[0].run.id.to_string())
+    })
+    .await
+}
+
 async fn stop_removes_the_container(timeout: bool) {
     if !docker_usable() {
         return;
@@ -298,12 +308,7 @@ async fn stop_removes_the_container(timeout: bool) {
     }
     let job = client.submit_job(&spec).await.unwrap();
     let id = job.id.to_string();
-    let run_id = drover_testkit::eventually("the container to start", || async {
-        let logs = client.job_logs(&id, None).await.ok()?;
-        let view = client.get_job(&id).await.ok()?;
-        (!logs.is_empty()).then(|| view.runs[0].run.id.to_string())
-    })
-    .await;
+    let run_id = started_run(&client, &id).await;
     assert_ne!(containers_of(&run_id), "", "the container runs");
     if !timeout {
         client.cancel_job(&id).await.unwrap();
@@ -377,12 +382,7 @@ async fn job_containers_of_a_killed_worker_are_removed_when_it_comes_back() {
         .await
         .unwrap();
     let id = job.id.to_string();
-    let run_id = drover_testkit::eventually("the container to start", || async {
-        let logs = client.job_logs(&id, None).await.ok()?;
-        let view = client.get_job(&id).await.ok()?;
-        (!logs.is_empty()).then(|| view.runs[0].run.id.to_string())
-    })
-    .await;
+    let run_id = started_run(&client, &id).await;
     n.worker.proc.kill9();
     assert_ne!(
         containers_of(&run_id),

@@ -130,31 +130,27 @@ pub(crate) struct Configured {
     provider: Box<dyn Provider>,
 }
 
-/// Connects every configured provider; a provider that cannot work (no Docker engine)
-/// stops the control plane at start rather than leaving jobs waiting for it.
+/// Connects a configured provider; one that cannot work (no Docker engine) stops the
+/// control plane at start rather than leaving jobs waiting for it.
 pub(crate) async fn connect(
-    configs: &[ProviderConfig],
+    config: &ProviderConfig,
     cluster_id: &str,
     data_dir: &std::path::Path,
-) -> Result<Vec<Configured>, ProviderError> {
-    let mut out = Vec::new();
-    for config in configs {
-        let provider: Box<dyn Provider> = match config.kind {
-            ProviderKind::Local => Box::new(local::LocalProvider::new(
-                config,
-                cluster_id,
-                data_dir.join("providers/local"),
-            )?),
-            ProviderKind::Docker => {
-                Box::new(docker::DockerProvider::connect(config, cluster_id).await?)
-            }
-        };
-        out.push(Configured {
-            config: config.clone(),
-            provider,
-        });
-    }
-    Ok(out)
+) -> Result<Configured, ProviderError> {
+    let provider: Box<dyn Provider> = match config.kind {
+        ProviderKind::Local => Box::new(local::LocalProvider::new(
+            config,
+            cluster_id,
+            data_dir.join("providers/local"),
+        )?),
+        ProviderKind::Docker => {
+            Box::new(docker::DockerProvider::connect(config, cluster_id).await?)
+        }
+    };
+    Ok(Configured {
+        config: config.clone(),
+        provider,
+    })
 }
 
 /// How often reconciliation runs besides at start.
@@ -188,8 +184,8 @@ pub(crate) async fn run(state: Arc<AppState>, providers: Vec<Configured>) {
                 if reconcile {
                     reconcile_provider(&state, p).await?;
                 }
-                compensate_overdue(&state, p).await?;
-                scale(&state, p, default, idle_since).await
+                let workers = compensate_overdue(&state, p).await?;
+                scale(&state, p, workers, default, idle_since).await
             }
             .instrument(span)
             .await;
@@ -270,12 +266,18 @@ async fn reconcile_provider(state: &AppState, p: &Configured) -> Result<(), Tick
     Ok(())
 }
 
-/// Workers that did not register in time: destroy what was made for them.
-async fn compensate_overdue(state: &AppState, p: &Configured) -> Result<(), TickError> {
+/// Workers that did not register in time: destroy what was made for them. Returns the
+/// provider's workers that are still live, for the rest of the tick.
+async fn compensate_overdue(
+    state: &AppState,
+    p: &Configured,
+) -> Result<Vec<WorkerRecord>, TickError> {
     let now = Timestamp::now();
+    let mut live = Vec::new();
     for w in state.store.provided_workers(p.config.name()).await? {
         if w.state != WorkerState::Registering || w.created_at.plus(p.config.register_within) > now
         {
+            live.push(w);
             continue;
         }
         if let Some(rid) = &w.resource_id
@@ -289,6 +291,7 @@ async fn compensate_overdue(state: &AppState, p: &Configured) -> Result<(), Tick
                 will_retry: true,
             };
             state.store.record_worker_event(Some(w.id), &failed).await?;
+            live.push(w);
             continue;
         }
         let event = EventKind::ProvisioningCompensated {
@@ -304,7 +307,7 @@ async fn compensate_overdue(state: &AppState, p: &Configured) -> Result<(), Tick
             .await?;
         tracing::warn!(worker_id = %w.id, "provisioning compensated: never registered");
     }
-    Ok(())
+    Ok(live)
 }
 
 fn humantime_secs(d: Duration) -> String {
@@ -315,11 +318,11 @@ fn humantime_secs(d: Duration) -> String {
 async fn scale(
     state: &AppState,
     p: &Configured,
+    workers: Vec<WorkerRecord>,
     default: bool,
     idle_since: &mut HashMap<WorkerId, Instant>,
 ) -> Result<(), TickError> {
     let config = &p.config;
-    let workers = state.store.provided_workers(config.name()).await?;
     let mut busy: HashMap<WorkerId, u32> = HashMap::new();
     for run in state.store.live_runs().await? {
         *busy.entry(run.worker_id).or_default() += 1;
