@@ -2,6 +2,7 @@
 //! job service, with reflection and the standard health service.
 
 use crate::auth::Caller;
+use crate::run_reports::{RunReport, Written};
 use crate::sessions::Held;
 use crate::{ApiError, AppState, jobs, logs};
 use drover_core::{Capabilities, JobSpec, RunId, RunOutcome, Timestamp, WorkerState};
@@ -261,19 +262,13 @@ async fn serve_session(
         };
         state.sessions.heard_from(worker.id);
         let Some(body) = msg.body else { continue };
-        if matches!(body, In::Finished(_)) {
-            // Run ends are written in batches: do not hold the stream up meanwhile. The
-            // run's own messages all came before its end, so nothing overtakes it.
-            let (state, worker, tx) = (state.clone(), worker.clone(), tx.clone());
-            tokio::spawn(
-                async move {
-                    if let Err(e) = handle(&state, &worker, body, &tx).await {
-                        tracing::warn!(error = %e, "run end refused");
-                        audit_refusal(&state, &worker, &e).await;
-                    }
-                }
-                .in_current_span(),
-            );
+        if matches!(body, In::Accepted(_) | In::Started(_) | In::Finished(_)) {
+            // Written in batches, in arrival order; the answer is awaited in a task of its
+            // own, so the stream reads on meanwhile.
+            if let Err(e) = report_run(state, worker, body, tx) {
+                tracing::warn!(error = %e, "run report refused");
+                audit_refusal(state, worker, &e).await;
+            }
             continue;
         }
         if let Err(e) = handle(state, worker, body, tx).await {
@@ -302,6 +297,101 @@ async fn audit_refusal(state: &AppState, worker: &WorkerRecord, e: &ApiError) {
 fn run_id(s: &str) -> Result<RunId, ApiError> {
     s.parse::<RunId>()
         .map_err(|e| ApiError::invalid("run_id", e.to_string()))
+}
+
+/// Queues a run's accept, start or end for writing, and follows its answer up.
+fn report_run(
+    state: &Arc<AppState>,
+    worker: &WorkerRecord,
+    body: In,
+    tx: &mpsc::UnboundedSender<v1::ServerMessage>,
+) -> Result<(), ApiError> {
+    let step = |m_run_id: &str, step| {
+        Ok::<_, ApiError>(RunReport::Step(drover_store::StepRequest {
+            run_id: run_id(m_run_id)?,
+            worker_id: worker.id,
+            step,
+        }))
+    };
+    let report = match &body {
+        In::Accepted(m) => step(&m.run_id, drover_store::RunStep::Accept)?,
+        In::Started(m) => step(&m.run_id, drover_store::RunStep::Start)?,
+        In::Finished(m) => RunReport::End(finish_request(worker, m.clone())?),
+        _ => return Ok(()),
+    };
+    let answer = state.run_reports.queue(report);
+    let (state, worker, tx) = (state.clone(), worker.clone(), tx.clone());
+    tokio::spawn(
+        async move {
+            let refused = match (answer.await, body) {
+                (Ok(Written::Step(job_id)), In::Started(_)) => {
+                    state.notify_job(job_id, drover_core::JobState::Running);
+                    None
+                }
+                (Ok(Written::End(f)), In::Finished(m)) => {
+                    let id = f.run.id;
+                    state.sessions.release(worker.id, id);
+                    state.logs.close(id);
+                    send(&tx, Out::FinishAck(v1::FinishAck { run_id: m.run_id }));
+                    let span = tracing::info_span!("job", job_id = %f.job.id, run_id = %id);
+                    span.in_scope(|| tracing::info!(outcome = ?f.run.state, exit_code = ?f.run.exit_code, job_state = %f.job.state, "run finished"));
+                    state.notify_job(f.job.id, f.job.state);
+                    state.dispatch.notify_one();
+                    state.webhooks.notify_one();
+                    None
+                }
+                (Ok(_), _) => None,
+                (Err(e), In::Accepted(m)) => {
+                    // Cancelled between assignment and acceptance: stop it there.
+                    send(
+                        &tx,
+                        Out::Cancel(v1::CancelRun {
+                            run_id: m.run_id,
+                            reason: e.to_string(),
+                        }),
+                    );
+                    Some(e)
+                }
+                (Err(e), _) => Some(e),
+            };
+            if let Some(e) = refused {
+                let e = ApiError::from(e);
+                tracing::warn!(error = %e, "run report refused");
+                audit_refusal(&state, &worker, &e).await;
+            }
+        }
+        .in_current_span(),
+    );
+    Ok(())
+}
+
+/// A run end as the store takes it.
+fn finish_request(
+    worker: &WorkerRecord,
+    m: v1::RunFinished,
+) -> Result<drover_store::FinishRequest, ApiError> {
+    let outcome = v1::RunOutcome::try_from(m.outcome)
+        .map_err(|_| ApiError::invalid("outcome", "unknown value"))
+        .and_then(|o| {
+            RunOutcome::try_from(o).map_err(|e| ApiError::invalid("outcome", e.to_string()))
+        })?;
+    let result = match m.result_json.as_deref() {
+        Some(text) => Some(
+            serde_json::from_str(text)
+                .map_err(|e| ApiError::invalid("result_json", format!("not JSON: {e}")))?,
+        ),
+        None => None,
+    };
+    Ok(drover_store::FinishRequest {
+        run_id: run_id(&m.run_id)?,
+        worker_id: Some(worker.id),
+        end: RunEnd {
+            outcome,
+            exit_code: m.exit_code,
+            error: m.error,
+            result,
+        },
+    })
 }
 
 async fn handle(
@@ -337,26 +427,6 @@ async fn handle(
                 error = record.error.as_deref().unwrap_or(""),
                 "node configuration acknowledged"
             );
-        }
-        In::Accepted(m) => {
-            let id = run_id(&m.run_id)?;
-            if let Err(e) = state.store.accept_run(id, worker.id).await {
-                // Cancelled between assignment and acceptance: stop it there.
-                send(
-                    tx,
-                    Out::Cancel(v1::CancelRun {
-                        run_id: m.run_id,
-                        reason: e.to_string(),
-                    }),
-                );
-                return Err(e.into());
-            }
-        }
-        In::Started(m) => {
-            let id = run_id(&m.run_id)?;
-            state.store.start_run(id, worker.id).await?;
-            let run = state.store.get_run(id).await?;
-            state.notify_job(run.job_id, drover_core::JobState::Running);
         }
         In::Logs(batch) => {
             let id = run_id(&batch.run_id)?;
@@ -398,41 +468,8 @@ async fn handle(
                 }),
             );
         }
-        In::Finished(m) => {
-            let id = run_id(&m.run_id)?;
-            let outcome = v1::RunOutcome::try_from(m.outcome)
-                .map_err(|_| ApiError::invalid("outcome", "unknown value"))
-                .and_then(|o| {
-                    RunOutcome::try_from(o).map_err(|e| ApiError::invalid("outcome", e.to_string()))
-                })?;
-            let result = match m.result_json.as_deref() {
-                Some(text) => Some(
-                    serde_json::from_str(text)
-                        .map_err(|e| ApiError::invalid("result_json", format!("not JSON: {e}")))?,
-                ),
-                None => None,
-            };
-            let end = RunEnd {
-                outcome,
-                exit_code: m.exit_code,
-                error: m.error,
-                result,
-            };
-            let request = drover_store::FinishRequest {
-                run_id: id,
-                worker_id: Some(worker.id),
-                end,
-            };
-            let f = crate::finisher::finish(state, request).await?;
-            state.sessions.release(worker.id, id);
-            state.logs.close(id);
-            send(tx, Out::FinishAck(v1::FinishAck { run_id: m.run_id }));
-            let span = tracing::info_span!("job", job_id = %f.job.id, run_id = %id);
-            span.in_scope(|| tracing::info!(outcome = ?outcome, exit_code = ?f.run.exit_code, job_state = %f.job.state, "run finished"));
-            state.notify_job(f.job.id, f.job.state);
-            state.dispatch.notify_one();
-            state.webhooks.notify_one();
-        }
+        // Queued by `report_run`.
+        In::Accepted(_) | In::Started(_) | In::Finished(_) => {}
     }
     Ok(())
 }

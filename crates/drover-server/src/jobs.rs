@@ -11,7 +11,11 @@ pub async fn submit(
     owner: Option<&str>,
 ) -> Result<(JobRecord, bool), ApiError> {
     let spec = check_provider(state, spec.validated()?)?;
-    let (job, created) = state.store.create_job_for(spec, owner).await?;
+    let submission = drover_store::Submission {
+        spec,
+        owner: owner.map(str::to_string),
+    };
+    let (job, created) = state.submissions.call(submission).await?;
     if !created {
         return Ok((job, false));
     }

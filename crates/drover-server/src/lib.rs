@@ -3,8 +3,8 @@
 //! from the store and rebuilt on start.
 
 mod auth;
+mod batcher;
 mod error;
-mod finisher;
 mod grpc;
 mod http;
 mod jobs;
@@ -12,6 +12,7 @@ mod listener;
 mod logs;
 mod openai;
 pub mod providers;
+mod run_reports;
 mod scheduler;
 mod sessions;
 mod webhooks;
@@ -129,8 +130,9 @@ pub(crate) struct AppState {
     pub notices: broadcast::Sender<Notice>,
     pub logs: logs::LogFiles,
     pub dispatch: Notify,
-    /// Where sessions hand run ends to be written in batches.
-    pub finisher: finisher::Queue,
+    /// Where API calls and sessions hand the hot writes, to be written in batches.
+    pub submissions: batcher::Batcher<drover_store::Submission, (drover_store::JobRecord, bool)>,
+    pub run_reports: batcher::Batcher<run_reports::RunReport, run_reports::Written>,
     /// Wakes the webhook sender when an event was written.
     pub webhooks: Notify,
     pub metrics: PrometheusHandle,
@@ -306,12 +308,17 @@ fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
+/// The writing ends of the batchers in [`AppState`], started by [`Server::serve`].
+struct Writers {
+    submissions: batcher::Gathered<drover_store::Submission, (drover_store::JobRecord, bool)>,
+    run_reports: batcher::Gathered<run_reports::RunReport, run_reports::Written>,
+}
+
 /// A bound, recovered control plane, ready to serve.
 pub struct Server {
     state: Arc<AppState>,
     listener: TcpListener,
-    finish_queue:
-        tokio::sync::mpsc::UnboundedReceiver<(drover_store::FinishRequest, finisher::Reply)>,
+    writers: Writers,
     providers: Vec<providers::Configured>,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
@@ -389,7 +396,8 @@ impl Server {
             format!("{scheme}://{bound}")
         };
         let (notices, _) = broadcast::channel(4096);
-        let (finisher, finish_queue) = tokio::sync::mpsc::unbounded_channel();
+        let (submissions, submissions_gathered) = batcher::batcher("submissions");
+        let (run_reports, run_reports_gathered) = batcher::batcher("run reports");
         let state = Arc::new(AppState {
             store,
             config,
@@ -397,7 +405,8 @@ impl Server {
             notices,
             logs,
             dispatch: Notify::new(),
-            finisher,
+            submissions,
+            run_reports,
             webhooks: Notify::new(),
             metrics: prometheus(),
             recovered: std::sync::Mutex::new(recovered),
@@ -409,7 +418,10 @@ impl Server {
         Ok(Self {
             state,
             listener,
-            finish_queue,
+            writers: Writers {
+                submissions: submissions_gathered,
+                run_reports: run_reports_gathered,
+            },
             providers,
             tls,
         })
@@ -437,15 +449,31 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let state = self.state;
-        let background = [
-            tokio::spawn(scheduler::dispatch_loop(state.clone())),
-            tokio::spawn(scheduler::lease_sweeper(state.clone())),
-            tokio::spawn(scheduler::lease_renewer(state.clone())),
-            tokio::spawn(webhooks::delivery_loop(state.clone())),
-            tokio::spawn(listen_to_replicas(state.clone())),
-            tokio::spawn(finisher::run(state.clone(), self.finish_queue)),
-            tokio::spawn(providers::run(state.clone(), self.providers)),
-        ];
+        let background =
+            [
+                tokio::spawn(scheduler::dispatch_loop(state.clone())),
+                tokio::spawn(scheduler::lease_sweeper(state.clone())),
+                tokio::spawn(scheduler::lease_renewer(state.clone())),
+                tokio::spawn(webhooks::delivery_loop(state.clone())),
+                tokio::spawn(listen_to_replicas(state.clone())),
+                tokio::spawn(self.writers.submissions.write_with({
+                    let store = state.store.clone();
+                    move |batch| {
+                        let store = store.clone();
+                        async move { store.create_jobs(batch).await }
+                    }
+                })),
+                tokio::spawn(self.writers.run_reports.write_with({
+                    let state = state.clone();
+                    move |batch| {
+                        let state = state.clone();
+                        async move {
+                            run_reports::write(&*state.store, batch, state.retry_settings()).await
+                        }
+                    }
+                })),
+                tokio::spawn(providers::run(state.clone(), self.providers)),
+            ];
         let app = http::router(state.clone()).merge(grpc::router(state.clone()));
         let closing = state.clone();
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();

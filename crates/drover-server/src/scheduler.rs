@@ -109,16 +109,11 @@ async fn dispatch_pass(
         }
         *cursor = after;
     }
-    let mut assigned = 0;
-    for (job_id, worker_id) in plan {
-        let Some(a) = state
-            .store
-            .assign_job(job_id, worker_id, state.lease_until())
-            .await?
-        else {
-            continue;
-        };
-        assigned += 1;
+    // The whole plan in one transaction.
+    let made = state.store.assign_jobs(&plan, state.lease_until()).await?;
+    let assigned = made.len();
+    for a in made {
+        let (job_id, worker_id) = (a.job.id, a.run.worker_id);
         let span = tracing::info_span!("job", job_id = %job_id, run_id = %a.run.id);
         span.in_scope(
             || tracing::info!(worker_id = %worker_id, attempt = a.run.attempt, "assigned"),

@@ -39,6 +39,9 @@ pub enum StoreError {
     Schema(String),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A batched write failed as a whole (the database's error, shared by its requests).
+    #[error("the store could not write: {0}")]
+    BatchFailed(String),
     #[error("corrupt record in the store: {0}")]
     Corrupt(String),
     #[error("{field}: {message}")]
@@ -79,6 +82,37 @@ pub struct FinishRequest {
     pub end: RunEnd,
 }
 
+/// A worker's word on one of its runs before it ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunStep {
+    /// The worker took the assignment.
+    Accept,
+    /// The work itself began.
+    Start,
+}
+
+/// One [`RunStep`] as reported.
+#[derive(Debug, Clone, Copy)]
+pub struct StepRequest {
+    pub run_id: RunId,
+    pub worker_id: WorkerId,
+    pub step: RunStep,
+}
+
+/// A validated spec to store as a job, on behalf of its owner.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub spec: JobSpec,
+    pub owner: Option<String>,
+}
+
+/// The one answer of a batch of one.
+fn only<T>(mut answers: Vec<Result<T>>) -> Result<T> {
+    answers
+        .pop()
+        .unwrap_or_else(|| Err(StoreError::Corrupt("an empty batch answer".into())))
+}
+
 /// What the retry policy needs from the server's configuration.
 #[derive(Debug, Clone, Copy)]
 pub struct RetrySettings {
@@ -97,8 +131,20 @@ pub trait Store: Send + Sync + 'static {
         self.create_job_for(spec, None).await
     }
     /// [`Store::create_job`] on behalf of a user, who then owns the job.
-    async fn create_job_for(&self, spec: JobSpec, owner: Option<&str>)
-    -> Result<(JobRecord, bool)>;
+    async fn create_job_for(
+        &self,
+        spec: JobSpec,
+        owner: Option<&str>,
+    ) -> Result<(JobRecord, bool)> {
+        let submission = Submission {
+            spec,
+            owner: owner.map(str::to_string),
+        };
+        only(self.create_jobs(vec![submission]).await?)
+    }
+    /// [`Store::create_job_for`] for many jobs in one transaction (submissions come in
+    /// bursts); each gets its own answer, in order.
+    async fn create_jobs(&self, batch: Vec<Submission>) -> Result<Vec<Result<(JobRecord, bool)>>>;
     /// Stores a group: its members run in order, each waiting for the one before.
     async fn create_group(&self, name: &str, specs: Vec<JobSpec>) -> Result<GroupView> {
         self.create_group_for(name, specs, None).await
@@ -146,9 +192,37 @@ pub trait Store: Send + Sync + 'static {
         job_id: JobId,
         worker_id: WorkerId,
         lease_until: Timestamp,
-    ) -> Result<Option<Assignment>>;
-    async fn accept_run(&self, run_id: RunId, worker_id: WorkerId) -> Result<()>;
-    async fn start_run(&self, run_id: RunId, worker_id: WorkerId) -> Result<()>;
+    ) -> Result<Option<Assignment>> {
+        Ok(self
+            .assign_jobs(&[(job_id, worker_id)], lease_until)
+            .await?
+            .pop())
+    }
+    /// [`Store::assign_job`] for a whole dispatch plan in one transaction; the answer
+    /// holds the assignments made, in plan order (a job no longer QUEUED is left out).
+    async fn assign_jobs(
+        &self,
+        plan: &[(JobId, WorkerId)],
+        lease_until: Timestamp,
+    ) -> Result<Vec<Assignment>>;
+    async fn accept_run(&self, run_id: RunId, worker_id: WorkerId) -> Result<()> {
+        self.advance_run(run_id, worker_id, RunStep::Accept).await
+    }
+    async fn start_run(&self, run_id: RunId, worker_id: WorkerId) -> Result<()> {
+        self.advance_run(run_id, worker_id, RunStep::Start).await
+    }
+    async fn advance_run(&self, run_id: RunId, worker_id: WorkerId, step: RunStep) -> Result<()> {
+        let request = StepRequest {
+            run_id,
+            worker_id,
+            step,
+        };
+        only(self.advance_runs(vec![request]).await?).map(|_| ())
+    }
+    /// Records accepts and starts of assigned runs, many in one transaction, in order (an
+    /// accept and the start of the same run may share a batch); each answer is the run's
+    /// job. A run must be the worker's own and still ASSIGNED.
+    async fn advance_runs(&self, batch: Vec<StepRequest>) -> Result<Vec<Result<JobId>>>;
     /// Records how an attempt ended and applies the retry policy. `worker_id` is checked
     /// when given (a worker may end only its own runs); `None` is the control plane itself
     /// (lease expiry, recovery). Ending a run that already ended changes nothing.
@@ -164,10 +238,7 @@ pub trait Store: Send + Sync + 'static {
             worker_id,
             end,
         };
-        self.finish_runs(vec![request], retry)
-            .await?
-            .pop()
-            .unwrap_or_else(|| Err(StoreError::Corrupt("an empty batch answer".into())))
+        only(self.finish_runs(vec![request], retry).await?)
     }
     /// [`Store::finish_run`] for many runs in one transaction (completions come in bursts);
     /// each gets its own answer.

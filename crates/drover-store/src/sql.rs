@@ -10,8 +10,8 @@ use crate::{
     ApiTokenRecord, Assignment, AuditRecord, Cancelled, ConfigAckRecord, DeliveryRecord,
     DeliveryState, EventRecord, FinishRequest, Finished, GroupRecord, GroupState, GroupView,
     IssuedTokens, JobRecord, JoinToken, LogIndex, NodeConfigRecord, ReadyJob, ReservationRecord,
-    ReservationState, Result, RetrySettings, Role, RunEnd, RunRecord, Store, StoreError,
-    UserRecord, WebhookRecord, WorkerRecord, webhook_events,
+    ReservationState, Result, RetrySettings, Role, RunEnd, RunRecord, RunStep, StepRequest, Store,
+    StoreError, Submission, UserRecord, WebhookRecord, WorkerRecord, webhook_events,
 };
 use async_trait::async_trait;
 use drover_core::{
@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::{AnyConnection, AnyPool, Executor, Row};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -458,6 +459,46 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(buf)
 }
 
+/// An event to write with the change it describes.
+struct NewEvent {
+    at: Timestamp,
+    job_id: Option<JobId>,
+    worker_id: Option<WorkerId>,
+    kind: EventKind,
+}
+
+impl NewEvent {
+    fn job(at: Timestamp, job_id: JobId, kind: EventKind) -> Self {
+        Self {
+            at,
+            job_id: Some(job_id),
+            worker_id: None,
+            kind,
+        }
+    }
+}
+
+/// Rows per multi-row statement: a batch costs a few statements, not a few per row (on
+/// SQLite every statement is a round trip to the connection's thread), and the binds stay
+/// far under both engines' limits.
+const ROWS_PER_STATEMENT: usize = 64;
+
+/// `$first, …` for `count` binds.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `($1, …, $cols), (…)` for `rows` rows of `cols` binds.
+fn row_tuples(rows: usize, cols: usize) -> String {
+    (0..rows)
+        .map(|r| format!("({})", placeholders(r * cols + 1, cols)))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 async fn insert_event(
     conn: &mut AnyConnection,
     at: Timestamp,
@@ -465,17 +506,101 @@ async fn insert_event(
     worker_id: Option<WorkerId>,
     kind: &EventKind,
 ) -> Result<()> {
-    let data = serde_json::to_string(kind).map_err(corrupt)?;
-    sqlx::query(
-        "INSERT INTO events (at, job_id, worker_id, type, data) VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(at.0)
-    .bind(job_id.map(|j| j.to_string()))
-    .bind(worker_id.map(|w| w.to_string()))
-    .bind(kind.type_name())
-    .bind(data)
-    .execute(conn)
-    .await?;
+    let event = NewEvent {
+        at,
+        job_id,
+        worker_id,
+        kind: kind.clone(),
+    };
+    insert_events(conn, &[event]).await
+}
+
+async fn insert_events(conn: &mut AnyConnection, events: &[NewEvent]) -> Result<()> {
+    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO events (at, job_id, worker_id, type, data) VALUES {}",
+            row_tuples(chunk.len(), 5)
+        );
+        let mut query = sqlx::query(&sql);
+        for e in chunk {
+            query = query
+                .bind(e.at.0)
+                .bind(e.job_id.map(|j| j.to_string()))
+                .bind(e.worker_id.map(|w| w.to_string()))
+                .bind(e.kind.type_name())
+                .bind(serde_json::to_string(&e.kind).map_err(corrupt)?);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
+}
+
+/// Rows by id, `FOR UPDATE` on PostgreSQL (in id order, so that replicas locking
+/// overlapping sets queue up rather than deadlock).
+async fn load_by_ids<K: ToString + Eq + std::hash::Hash + Copy, T>(
+    conn: &mut AnyConnection,
+    sql: &str,
+    ids: &[K],
+    from_row: fn(&AnyRow) -> Result<T>,
+    key: fn(&T) -> K,
+) -> Result<HashMap<K, T>> {
+    let lock = for_update(conn);
+    let mut found = HashMap::with_capacity(ids.len());
+    for chunk in ids.chunks(ROWS_PER_STATEMENT * 8) {
+        let sql = format!(
+            "{sql} WHERE id IN ({}) ORDER BY id{lock}",
+            placeholders(1, chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for id in chunk {
+            query = query.bind(id.to_string());
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            let record = from_row(&row)?;
+            found.insert(key(&record), record);
+        }
+    }
+    Ok(found)
+}
+
+async fn load_jobs(conn: &mut AnyConnection, ids: &[JobId]) -> Result<HashMap<JobId, JobRecord>> {
+    let sql = format!("SELECT {JOB_COLS} FROM jobs");
+    load_by_ids(conn, &sql, ids, job_from_row, |j| j.id).await
+}
+
+async fn load_runs(conn: &mut AnyConnection, ids: &[RunId]) -> Result<HashMap<RunId, RunRecord>> {
+    let sql = format!("SELECT {RUN_COLS} FROM runs");
+    load_by_ids(conn, &sql, ids, run_from_row, |r| r.id).await
+}
+
+/// Moves many jobs at once: one statement per (from, to) pair, not one per job.
+async fn set_job_states(
+    conn: &mut AnyConnection,
+    changes: &[(JobId, JobState, JobState)],
+    now: Timestamp,
+) -> Result<()> {
+    let mut by_move: HashMap<(JobState, JobState), Vec<JobId>> = HashMap::new();
+    for (id, from, to) in changes {
+        by_move.entry((*from, *to)).or_default().push(*id);
+    }
+    for ((from, to), ids) in by_move {
+        for chunk in ids.chunks(ROWS_PER_STATEMENT * 8) {
+            let sql = format!(
+                "UPDATE jobs SET state = $1, updated_at = $2, finished_at = $3 \
+                 WHERE state = $4 AND id IN ({})",
+                placeholders(5, chunk.len())
+            );
+            let mut query = sqlx::query(&sql)
+                .bind(to.as_str())
+                .bind(now.0)
+                .bind(to.is_terminal().then_some(now.0))
+                .bind(from.as_str());
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            query.execute(&mut *conn).await?;
+        }
+    }
     Ok(())
 }
 
@@ -515,25 +640,6 @@ async fn load_run(conn: &mut AnyConnection, id: RunId) -> Result<RunRecord> {
     run_from_row(&row)
 }
 
-async fn set_job_state(
-    conn: &mut AnyConnection,
-    job: &JobRecord,
-    to: JobState,
-    now: Timestamp,
-) -> Result<()> {
-    sqlx::query(
-        "UPDATE jobs SET state = $1, updated_at = $2, finished_at = $3 WHERE id = $4 AND state = $5",
-    )
-    .bind(to.as_str())
-    .bind(now.0)
-    .bind(to.is_terminal().then_some(now.0))
-    .bind(job.id.to_string())
-    .bind(job.state.as_str())
-    .execute(conn)
-    .await?;
-    Ok(())
-}
-
 /// Moves a job through `event`, writing the state and its event in the caller's transaction.
 async fn transition(
     conn: &mut AnyConnection,
@@ -544,7 +650,7 @@ async fn transition(
     now: Timestamp,
 ) -> Result<JobState> {
     let to = job.state.apply(event)?;
-    set_job_state(&mut *conn, job, to, now).await?;
+    set_job_states(&mut *conn, &[(job.id, job.state, to)], now).await?;
     let kind =
         kind.unwrap_or_else(|| EventKind::for_transition(job.state, event, to, run_id, None, None));
     insert_event(conn, now, Some(job.id), None, &kind).await?;
@@ -641,7 +747,6 @@ async fn insert_job(
     owner: Option<&str>,
     now: Timestamp,
 ) -> Result<JobRecord> {
-    let id = JobId::new();
     let mut deps: Vec<JobId> = spec.depends_on.clone();
     deps.extend(extra_dependency);
     deps.sort();
@@ -688,29 +793,9 @@ async fn insert_job(
             }
         }
     }
-    let spec_json = serde_json::to_string(spec).map_err(corrupt)?;
-    sqlx::query(
-        "INSERT INTO jobs (id, name, spec, state, priority, max_attempts, not_before, \
-         idempotency_key, group_id, group_position, waiting_on, reservation_id, created_at, \
-         updated_at, owner) \
-         VALUES ($1, $2, $3, 'QUEUED', $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-    )
-    .bind(id.to_string())
-    .bind(&spec.name)
-    .bind(spec_json)
-    .bind(i64::from(spec.priority))
-    .bind(spec.max_attempts() as i64)
-    .bind(now.0)
-    .bind(&spec.idempotency_key)
-    .bind(group.map(|(g, _)| g.to_string()))
-    .bind(group.map(|(_, p)| p as i64))
-    .bind(waiting_on)
-    .bind(spec.reservation.map(|r| r.to_string()))
-    .bind(now.0)
-    .bind(now.0)
-    .bind(owner)
-    .execute(&mut *conn)
-    .await?;
+    let job = new_job(spec.clone(), group, waiting_on as u32, owner, now);
+    let id = job.id;
+    insert_jobs(&mut *conn, std::slice::from_ref(&job)).await?;
     for dep in &deps {
         sqlx::query("INSERT INTO job_deps (job_id, depends_on) VALUES ($1, $2)")
             .bind(id.to_string())
@@ -723,10 +808,97 @@ async fn insert_job(
     };
     insert_event(&mut *conn, now, Some(id), None, &kind).await?;
     if let Some((dep, state)) = failed_dependency {
-        let job = load_job(&mut *conn, id).await?;
         skip_job(&mut *conn, &job, dep, state, now).await?;
+        return load_job(conn, id).await;
     }
-    load_job(conn, id).await
+    Ok(job)
+}
+
+/// Stores one job, or finds the job its idempotency key already made (`false`).
+async fn create_one(
+    conn: &mut AnyConnection,
+    spec: &JobSpec,
+    owner: Option<&str>,
+    now: Timestamp,
+) -> Result<(JobRecord, bool)> {
+    if let Some(key) = &spec.idempotency_key {
+        let existing: Option<String> =
+            sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&mut *conn)
+                .await?;
+        if let Some(id) = existing {
+            let job = load_job(conn, id.parse().map_err(corrupt)?).await?;
+            return Ok((job, false));
+        }
+    }
+    Ok((insert_job(conn, spec, None, None, owner, now).await?, true))
+}
+
+/// A job as stored by [`insert_jobs`], before anything happened to it.
+fn new_job(
+    spec: JobSpec,
+    group: Option<(GroupId, u32)>,
+    waiting_on: u32,
+    owner: Option<&str>,
+    now: Timestamp,
+) -> JobRecord {
+    JobRecord {
+        id: JobId::new(),
+        name: spec.name.clone(),
+        state: JobState::Queued,
+        status_code: JobState::Queued.status_code(),
+        priority: spec.priority,
+        attempts: 0,
+        max_attempts: spec.max_attempts(),
+        exit_code: None,
+        error: None,
+        not_before: now,
+        current_run: None,
+        group_id: group.map(|(g, _)| g),
+        group_position: group.map(|(_, p)| p),
+        waiting_on,
+        created_at: now,
+        updated_at: now,
+        finished_at: None,
+        spec,
+        result: None,
+        owner: owner.map(str::to_string),
+    }
+}
+
+/// Writes new jobs (see [`new_job`]), many rows per statement.
+async fn insert_jobs(conn: &mut AnyConnection, jobs: &[JobRecord]) -> Result<()> {
+    const COLS: usize = 15;
+    for chunk in jobs.chunks(ROWS_PER_STATEMENT) {
+        let sql = format!(
+            "INSERT INTO jobs (id, name, spec, state, priority, max_attempts, not_before, \
+             idempotency_key, group_id, group_position, waiting_on, reservation_id, created_at, \
+             updated_at, owner) VALUES {}",
+            row_tuples(chunk.len(), COLS)
+        );
+        let mut query = sqlx::query(&sql);
+        for job in chunk {
+            query = query
+                .bind(job.id.to_string())
+                .bind(&job.name)
+                .bind(serde_json::to_string(&job.spec).map_err(corrupt)?)
+                .bind(job.state.as_str())
+                .bind(i64::from(job.priority))
+                .bind(i64::from(job.max_attempts))
+                .bind(job.not_before.0)
+                .bind(&job.spec.idempotency_key)
+                .bind(job.group_id.map(|g| g.to_string()))
+                .bind(job.group_position.map(i64::from))
+                .bind(i64::from(job.waiting_on))
+                .bind(job.spec.reservation.map(|r| r.to_string()))
+                .bind(job.created_at.0)
+                .bind(job.updated_at.0)
+                .bind(&job.owner);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 /// Writes one outbox row per webhook that wants `event`, in the caller's transaction.
@@ -1006,27 +1178,57 @@ async fn finish_in(
 
 #[async_trait]
 impl Store for SqlStore {
-    async fn create_job_for(
-        &self,
-        spec: JobSpec,
-        owner: Option<&str>,
-    ) -> Result<(JobRecord, bool)> {
+    async fn create_jobs(&self, batch: Vec<Submission>) -> Result<Vec<Result<(JobRecord, bool)>>> {
         let now = Timestamp::now();
         let mut tx = self.writer.begin().await?;
-        if let Some(key) = &spec.idempotency_key {
-            let existing: Option<String> =
-                sqlx::query_scalar("SELECT id FROM jobs WHERE idempotency_key = $1")
-                    .bind(key)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if let Some(id) = existing {
-                let job = load_job(&mut tx, id.parse().map_err(corrupt)?).await?;
-                return Ok((job, false));
+        // Plain jobs (no key, dependency or reservation to look up) are written together
+        // at the end; the others each in a savepoint, so that one refusal stays its own.
+        let mut answers: Vec<Option<Result<(JobRecord, bool)>>> = Vec::with_capacity(batch.len());
+        let mut plain = Vec::new();
+        for Submission { spec, owner } in batch {
+            if spec.idempotency_key.is_none()
+                && spec.depends_on.is_empty()
+                && spec.reservation.is_none()
+            {
+                plain.push(new_job(spec, None, 0, owner.as_deref(), now));
+                answers.push(None);
+                continue;
             }
+            let mut one = sqlx::Connection::begin(&mut *tx).await?;
+            let answer = create_one(&mut one, &spec, owner.as_deref(), now).await;
+            if answer.is_ok() {
+                one.commit().await?;
+            } else {
+                one.rollback().await?;
+            }
+            answers.push(Some(answer));
         }
-        let job = insert_job(&mut tx, &spec, None, None, owner, now).await?;
+        insert_jobs(&mut tx, &plain).await?;
+        let events: Vec<NewEvent> = plain
+            .iter()
+            .map(|j| {
+                NewEvent::job(
+                    now,
+                    j.id,
+                    EventKind::JobCreated {
+                        name: j.name.clone(),
+                    },
+                )
+            })
+            .collect();
+        insert_events(&mut tx, &events).await?;
         tx.commit().await?;
-        Ok((job, true))
+        let mut plain = plain.into_iter();
+        Ok(answers
+            .into_iter()
+            .map(|a| match a {
+                Some(answer) => answer,
+                None => plain
+                    .next()
+                    .map(|job| (job, true))
+                    .ok_or_else(|| corrupt("a batch answer without its job")),
+            })
+            .collect())
     }
 
     async fn create_group_for(
@@ -1224,10 +1426,16 @@ impl Store for SqlStore {
         limit: u32,
     ) -> Result<Vec<ReadyJob>> {
         const READY: &str = "state = 'QUEUED' AND waiting_on = 0 AND not_before <= $1";
+        // Without statistics SQLite's planner prefers `jobs_state` and then sorts every
+        // queued job on each pass; the queue index is a range read that stops at the limit.
+        let jobs = match self.engine {
+            Engine::Sqlite => "jobs INDEXED BY jobs_queue",
+            Engine::Postgres => "jobs",
+        };
         let rows = match after {
             None => {
                 sqlx::query(&format!(
-                    "SELECT id, priority, spec FROM jobs WHERE {READY} \
+                    "SELECT id, priority, spec FROM {jobs} WHERE {READY} \
                      ORDER BY priority DESC, id LIMIT $2"
                 ))
                 .bind(now.0)
@@ -1241,10 +1449,10 @@ impl Store for SqlStore {
             Some((priority, id)) => {
                 sqlx::query(&format!(
                     "SELECT id, priority, spec FROM ( \
-                       SELECT * FROM (SELECT id, priority, spec FROM jobs WHERE {READY} \
+                       SELECT * FROM (SELECT id, priority, spec FROM {jobs} WHERE {READY} \
                          AND priority = $2 AND id > $3 ORDER BY id LIMIT $4) AS same \
                        UNION ALL \
-                       SELECT * FROM (SELECT id, priority, spec FROM jobs WHERE {READY} \
+                       SELECT * FROM (SELECT id, priority, spec FROM {jobs} WHERE {READY} \
                          AND priority < $2 ORDER BY priority DESC, id LIMIT $4) AS lower \
                      ) AS page ORDER BY priority DESC, id LIMIT $4"
                 ))
@@ -1274,97 +1482,184 @@ impl Store for SqlStore {
             .collect()
     }
 
-    async fn assign_job(
+    async fn assign_jobs(
         &self,
-        job_id: JobId,
-        worker_id: WorkerId,
+        plan: &[(JobId, WorkerId)],
         lease_until: Timestamp,
-    ) -> Result<Option<Assignment>> {
+    ) -> Result<Vec<Assignment>> {
+        if plan.is_empty() {
+            return Ok(Vec::new());
+        }
         let now = Timestamp::now();
         let mut tx = self.writer.begin().await?;
-        let job = load_job(&mut tx, job_id).await?;
-        if job.state != JobState::Queued {
-            return Ok(None);
+        let ids: Vec<JobId> = plan.iter().map(|(j, _)| *j).collect();
+        let mut jobs = load_jobs(&mut tx, &ids).await?;
+        let mut made = Vec::with_capacity(plan.len());
+        let mut events = Vec::with_capacity(plan.len());
+        for &(job_id, worker_id) in plan {
+            // Gone, or no longer QUEUED: someone else took or cancelled it.
+            let Some(job) = jobs
+                .get_mut(&job_id)
+                .filter(|j| j.state == JobState::Queued)
+            else {
+                continue;
+            };
+            let to = job.state.apply(JobEvent::Assign)?;
+            let run = RunRecord {
+                id: RunId::new(),
+                job_id,
+                attempt: job.attempts + 1,
+                retry_of: job.current_run,
+                worker_id,
+                state: RunState::Assigned,
+                exit_code: None,
+                error: None,
+                assigned_at: now,
+                started_at: None,
+                finished_at: None,
+                lease_expires_at: lease_until,
+                result: None,
+            };
+            let kind = EventKind::JobAssigned {
+                run_id: run.id,
+                worker_id,
+                attempt: run.attempt,
+            };
+            events.push(NewEvent::job(now, job_id, kind));
+            job.attempts = run.attempt;
+            job.current_run = Some(run.id);
+            job.state = to;
+            job.status_code = to.status_code();
+            job.updated_at = now;
+            made.push(Assignment {
+                run,
+                job: job.clone(),
+            });
         }
-        let run_id = RunId::new();
-        let attempt = job.attempts + 1;
-        sqlx::query(
-            "INSERT INTO runs (id, job_id, attempt, retry_of, worker_id, state, assigned_at, \
-             lease_expires_at) VALUES ($1, $2, $3, $4, $5, 'ASSIGNED', $6, $7)",
-        )
-        .bind(run_id.to_string())
-        .bind(job_id.to_string())
-        .bind(attempt as i64)
-        .bind(job.current_run.map(|r| r.to_string()))
-        .bind(worker_id.to_string())
-        .bind(now.0)
-        .bind(lease_until.0)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE jobs SET attempts = $1, current_run = $2 WHERE id = $3")
-            .bind(attempt as i64)
-            .bind(run_id.to_string())
-            .bind(job_id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        let kind = EventKind::JobAssigned {
-            run_id,
-            worker_id,
-            attempt,
-        };
-        transition(
-            &mut tx,
-            &job,
-            JobEvent::Assign,
-            Some(run_id),
-            Some(kind),
-            now,
-        )
-        .await?;
-        let run = load_run(&mut tx, run_id).await?;
-        let job = load_job(&mut tx, job_id).await?;
+        const RUN_COLS_NEW: usize = 8;
+        for chunk in made.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "INSERT INTO runs (id, job_id, attempt, retry_of, worker_id, state, assigned_at, \
+                 lease_expires_at) VALUES {}",
+                row_tuples(chunk.len(), RUN_COLS_NEW)
+            );
+            let mut query = sqlx::query(&sql);
+            for Assignment { run, .. } in chunk {
+                query = query
+                    .bind(run.id.to_string())
+                    .bind(run.job_id.to_string())
+                    .bind(i64::from(run.attempt))
+                    .bind(run.retry_of.map(|r| r.to_string()))
+                    .bind(run.worker_id.to_string())
+                    .bind(run.state.as_str())
+                    .bind(run.assigned_at.0)
+                    .bind(run.lease_expires_at.0);
+            }
+            query.execute(&mut *tx).await?;
+            // Each job points at the run just made for its next attempt.
+            let sql = format!(
+                "UPDATE jobs SET attempts = attempts + 1, current_run = (SELECT r.id FROM runs r \
+                 WHERE r.job_id = jobs.id AND r.attempt = jobs.attempts + 1), state = $1, \
+                 updated_at = $2 WHERE state = $3 AND id IN ({})",
+                placeholders(4, chunk.len())
+            );
+            let mut query = sqlx::query(&sql)
+                .bind(JobState::Assigned.as_str())
+                .bind(now.0)
+                .bind(JobState::Queued.as_str());
+            for Assignment { job, .. } in chunk {
+                query = query.bind(job.id.to_string());
+            }
+            query.execute(&mut *tx).await?;
+        }
+        insert_events(&mut tx, &events).await?;
         tx.commit().await?;
-        Ok(Some(Assignment { run, job }))
+        Ok(made)
     }
 
-    async fn accept_run(&self, run_id: RunId, worker_id: WorkerId) -> Result<()> {
+    async fn advance_runs(&self, batch: Vec<StepRequest>) -> Result<Vec<Result<JobId>>> {
         let now = Timestamp::now();
         let mut tx = self.writer.begin().await?;
-        let run = own_run(&mut tx, run_id, worker_id).await?;
-        if run.state != RunState::Assigned {
-            return Err(live_run_conflict(&run));
+        let run_ids: Vec<RunId> = batch.iter().map(|r| r.run_id).collect();
+        let mut runs = load_runs(&mut tx, &run_ids).await?;
+        let job_ids: Vec<JobId> = runs.values().map(|r| r.job_id).collect();
+        let mut jobs = load_jobs(&mut tx, &job_ids).await?;
+        let stored_state: HashMap<JobId, JobState> =
+            jobs.values().map(|j| (j.id, j.state)).collect();
+        let mut answers = Vec::with_capacity(batch.len());
+        let mut events = Vec::new();
+        let mut started = Vec::new();
+        // Applied in order in memory, then written once: an accept and the start of the
+        // same run may share the batch.
+        for req in batch {
+            let answer = (|| {
+                let run = runs
+                    .get_mut(&req.run_id)
+                    .ok_or_else(|| StoreError::NotFound {
+                        kind: "run",
+                        id: req.run_id.to_string(),
+                    })?;
+                if run.worker_id != req.worker_id {
+                    return Err(StoreError::NotYourRun { run_id: run.id });
+                }
+                if run.state != RunState::Assigned {
+                    return Err(live_run_conflict(run));
+                }
+                let job = jobs
+                    .get_mut(&run.job_id)
+                    .ok_or_else(|| StoreError::NotFound {
+                        kind: "job",
+                        id: run.job_id.to_string(),
+                    })?;
+                let (event, kind) = match req.step {
+                    RunStep::Accept => (
+                        JobEvent::Accept,
+                        Some(EventKind::JobAccepted {
+                            run_id: run.id,
+                            worker_id: run.worker_id,
+                        }),
+                    ),
+                    RunStep::Start => (JobEvent::Start, None),
+                };
+                let to = job.state.apply(event)?;
+                let kind = kind.unwrap_or_else(|| {
+                    EventKind::for_transition(job.state, event, to, Some(run.id), None, None)
+                });
+                events.push(NewEvent::job(now, job.id, kind));
+                job.state = to;
+                if req.step == RunStep::Start {
+                    run.state = RunState::Running;
+                    started.push(run.id);
+                }
+                Ok(job.id)
+            })();
+            answers.push(answer);
         }
-        let job = load_job(&mut tx, run.job_id).await?;
-        let kind = EventKind::JobAccepted { run_id, worker_id };
-        transition(
-            &mut tx,
-            &job,
-            JobEvent::Accept,
-            Some(run_id),
-            Some(kind),
-            now,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn start_run(&self, run_id: RunId, worker_id: WorkerId) -> Result<()> {
-        let now = Timestamp::now();
-        let mut tx = self.writer.begin().await?;
-        let run = own_run(&mut tx, run_id, worker_id).await?;
-        if run.state != RunState::Assigned {
-            return Err(live_run_conflict(&run));
+        for chunk in started.chunks(ROWS_PER_STATEMENT * 8) {
+            let sql = format!(
+                "UPDATE runs SET state = $1, started_at = $2 WHERE id IN ({})",
+                placeholders(3, chunk.len())
+            );
+            let mut query = sqlx::query(&sql)
+                .bind(RunState::Running.as_str())
+                .bind(now.0);
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            query.execute(&mut *tx).await?;
         }
-        let job = load_job(&mut tx, run.job_id).await?;
-        sqlx::query("UPDATE runs SET state = 'RUNNING', started_at = $1 WHERE id = $2")
-            .bind(now.0)
-            .bind(run_id.to_string())
-            .execute(&mut *tx)
-            .await?;
-        transition(&mut tx, &job, JobEvent::Start, Some(run_id), None, now).await?;
+        let touched: std::collections::HashSet<JobId> = answers
+            .iter()
+            .filter_map(|a| a.as_ref().ok().copied())
+            .collect();
+        let moved: Vec<(JobId, JobState, JobState)> = touched
+            .iter()
+            .filter_map(|id| Some((*id, *stored_state.get(id)?, jobs.get(id)?.state)))
+            .collect();
+        set_job_states(&mut tx, &moved, now).await?;
+        insert_events(&mut tx, &events).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(answers)
     }
 
     async fn finish_runs(

@@ -26,6 +26,7 @@ macro_rules! conformance_suite {
             a_given_up_provisioning_refuses_its_token,
             logins_rotate_and_a_reused_refresh_token_revokes_the_login,
             api_tokens_and_owners,
+            batches_answer_each_request_and_match_single_writes,
         );
     };
     (@tests $open:expr; $($name:ident),+ $(,)?) => {$(
@@ -38,7 +39,9 @@ macro_rules! conformance_suite {
 }
 
 use drover_core::{Capabilities, JobSpec, JobState, RunOutcome, RunState, Timestamp, WorkerId};
-use drover_store::{LogIndex, RetrySettings, RunEnd, Store, StoreError};
+use drover_store::{
+    LogIndex, RetrySettings, RunEnd, RunStep, StepRequest, Store, StoreError, Submission,
+};
 use std::time::Duration;
 
 const NO_JITTER: RetrySettings = RetrySettings {
@@ -873,4 +876,130 @@ pub async fn api_tokens_and_owners(store: &impl Store) {
     let audit = store.list_audit(10).await.expect("audit list");
     assert_eq!(audit.len(), 1);
     assert_eq!(audit[0].action, "login");
+}
+
+/// The batch writes the control plane uses under load: one refusal stays its own, the
+/// records they answer with are what the store holds, and the history they write is the
+/// one single writes would have written.
+pub async fn batches_answer_each_request_and_match_single_writes(store: &dyn Store) {
+    let missing = drover_core::JobId::new();
+    let keyed = JobSpec {
+        idempotency_key: Some("batch-key".into()),
+        ..spec("true")
+    };
+    let orphan = JobSpec {
+        depends_on: vec![missing],
+        ..spec("true")
+    };
+    let submissions: Vec<Submission> = [spec("a"), keyed.clone(), orphan, spec("b"), keyed]
+        .into_iter()
+        .map(|spec| Submission {
+            spec,
+            owner: Some("alice".into()),
+        })
+        .collect();
+    let answers = store.create_jobs(submissions).await.unwrap();
+    assert_eq!(answers.len(), 5);
+    let (a, created_a) = answers[0].as_ref().unwrap().clone();
+    let (k, created_k) = answers[1].as_ref().unwrap().clone();
+    assert!(matches!(
+        answers[2],
+        Err(StoreError::Invalid {
+            field: "depends_on",
+            ..
+        })
+    ));
+    let (b, _) = answers[3].as_ref().unwrap().clone();
+    let (k_again, created_again) = answers[4].as_ref().unwrap().clone();
+    assert!(created_a && created_k && !created_again);
+    assert_eq!(k_again.id, k.id, "the key answered with its first job");
+    for job in [&a, &k, &b] {
+        assert_eq!(
+            &store.get_job(job.id).await.unwrap(),
+            job,
+            "answer = stored"
+        );
+        assert_eq!(job.owner.as_deref(), Some("alice"));
+    }
+    assert_eq!(
+        store
+            .list_jobs(Some(JobState::Queued), 10)
+            .await
+            .unwrap()
+            .len(),
+        3,
+        "the refused one left nothing behind"
+    );
+
+    // A plan naming a job twice, and one that is no longer QUEUED.
+    let w = worker(store).await;
+    store.cancel_job(b.id, "not wanted").await.unwrap();
+    let made = store
+        .assign_jobs(&[(a.id, w), (b.id, w), (k.id, w), (a.id, w)], later())
+        .await
+        .unwrap();
+    let assigned: Vec<_> = made.iter().map(|m| m.job.id).collect();
+    assert_eq!(assigned, vec![a.id, k.id]);
+    for m in &made {
+        assert_eq!(
+            store.get_job(m.job.id).await.unwrap(),
+            m.job,
+            "answer = stored"
+        );
+        assert_eq!(
+            store.get_run(m.run.id).await.unwrap(),
+            m.run,
+            "answer = stored"
+        );
+        assert_eq!(m.job.current_run, Some(m.run.id));
+        assert_eq!(m.job.attempts, 1);
+    }
+    let (run_a, run_k) = (made[0].run.id, made[1].run.id);
+
+    // An accept and a start of the same run in one batch, a start of someone else's run,
+    // and a second start of a run already started.
+    let other = worker(store).await;
+    let step = |run_id, worker_id, step| StepRequest {
+        run_id,
+        worker_id,
+        step,
+    };
+    let answers = store
+        .advance_runs(vec![
+            step(run_a, w, RunStep::Accept),
+            step(run_k, other, RunStep::Start),
+            step(run_a, w, RunStep::Start),
+            step(run_a, w, RunStep::Start),
+            step(run_k, w, RunStep::Accept),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(answers[0].as_ref().unwrap(), &a.id);
+    assert!(matches!(answers[1], Err(StoreError::NotYourRun { .. })));
+    assert_eq!(answers[2].as_ref().unwrap(), &a.id);
+    assert!(
+        matches!(answers[3], Err(StoreError::Conflict(_))),
+        "started twice"
+    );
+    assert_eq!(answers[4].as_ref().unwrap(), &k.id);
+    assert_eq!(store.get_job(a.id).await.unwrap().state, JobState::Running);
+    assert_eq!(store.get_run(run_a).await.unwrap().state, RunState::Running);
+    assert_eq!(store.get_job(k.id).await.unwrap().state, JobState::Assigned);
+    let kinds: Vec<String> = store
+        .job_events(a.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind.type_name().to_string())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "JobCreated",
+            "JobAssigned",
+            "JobAccepted",
+            "JobStatusChanged"
+        ],
+        "the same history as single writes"
+    );
 }

@@ -1,0 +1,65 @@
+//! What workers say about their runs (accepted, started, ended), written in batches in the
+//! order they arrived: a run's accept, start and end reach the store in that order, because
+//! they go through one queue and a batch writes its steps before its ends.
+
+use drover_core::JobId;
+use drover_store::{FinishRequest, Finished, RetrySettings, StepRequest, Store, StoreError};
+
+pub enum RunReport {
+    Step(StepRequest),
+    End(FinishRequest),
+}
+
+pub enum Written {
+    Step(JobId),
+    End(Box<Finished>),
+}
+
+/// Writes a batch: its steps in one transaction, then its ends in another.
+pub async fn write(
+    store: &dyn Store,
+    batch: Vec<RunReport>,
+    retry: RetrySettings,
+) -> Result<Vec<Result<Written, StoreError>>, StoreError> {
+    let mut steps = Vec::new();
+    let mut ends = Vec::new();
+    let is_step: Vec<bool> = batch
+        .into_iter()
+        .map(|report| match report {
+            RunReport::Step(s) => {
+                steps.push(s);
+                true
+            }
+            RunReport::End(e) => {
+                ends.push(e);
+                false
+            }
+        })
+        .collect();
+    let mut steps_written = match steps.is_empty() {
+        true => Vec::new(),
+        false => store.advance_runs(steps).await?,
+    }
+    .into_iter();
+    let mut ends_written = match ends.is_empty() {
+        true => Vec::new(),
+        false => store.finish_runs(ends, retry).await?,
+    }
+    .into_iter();
+    let short = || {
+        Err(StoreError::BatchFailed(
+            "a batch answer went missing".into(),
+        ))
+    };
+    Ok(is_step
+        .into_iter()
+        .map(|step| match step {
+            true => steps_written
+                .next()
+                .map_or_else(short, |a| a.map(Written::Step)),
+            false => ends_written
+                .next()
+                .map_or_else(short, |a| a.map(|f| Written::End(Box::new(f)))),
+        })
+        .collect())
+}
