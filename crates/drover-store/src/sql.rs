@@ -10,7 +10,7 @@ use crate::{
     ApiTokenRecord, Assignment, AuditRecord, Cancelled, ConfigAckRecord, DeliveryRecord,
     DeliveryState, EventRecord, FinishRequest, Finished, GroupRecord, GroupState, GroupView,
     IssuedTokens, JobRecord, JoinToken, LogIndex, NodeConfigRecord, ReadyJob, ReservationRecord,
-    ReservationState, Result, RetrySettings, Role, RunEnd, RunRecord, RunStep, StepRequest, Store,
+    ReservationState, Result, RetrySettings, Role, RunRecord, RunStep, StepRequest, Store,
     StoreError, Submission, UserRecord, WebhookRecord, WorkerRecord, webhook_events,
 };
 use async_trait::async_trait;
@@ -657,15 +657,6 @@ async fn transition(
     Ok(to)
 }
 
-/// Checks that the run exists and is the worker's.
-async fn own_run(conn: &mut AnyConnection, run_id: RunId, worker: WorkerId) -> Result<RunRecord> {
-    let run = load_run(conn, run_id).await?;
-    if run.worker_id != worker {
-        return Err(StoreError::NotYourRun { run_id });
-    }
-    Ok(run)
-}
-
 fn live_run_conflict(run: &RunRecord) -> StoreError {
     StoreError::Conflict(format!("run {} is already {}", run.id, run.state))
 }
@@ -901,6 +892,22 @@ async fn insert_jobs(conn: &mut AnyConnection, jobs: &[JobRecord]) -> Result<()>
     Ok(())
 }
 
+/// Webhooks as the outbox needs them: id and the events wanted (none = all).
+type Hooks = Vec<(String, Vec<String>)>;
+
+async fn load_hooks(conn: &mut AnyConnection) -> Result<Hooks> {
+    let rows = sqlx::query("SELECT id, events FROM webhooks")
+        .fetch_all(&mut *conn)
+        .await?;
+    rows.iter()
+        .map(|hook| {
+            let events: String = hook.try_get("events")?;
+            let events: Vec<String> = serde_json::from_str(&events).map_err(corrupt)?;
+            Ok((hook.try_get("id")?, events))
+        })
+        .collect()
+}
+
 /// Writes one outbox row per webhook that wants `event`, in the caller's transaction.
 async fn enqueue_webhooks(
     conn: &mut AnyConnection,
@@ -909,17 +916,26 @@ async fn enqueue_webhooks(
     payload: &serde_json::Value,
     now: Timestamp,
 ) -> Result<()> {
-    let hooks = sqlx::query("SELECT id, events FROM webhooks")
-        .fetch_all(&mut *conn)
-        .await?;
-    let body = serde_json::to_string(payload).map_err(corrupt)?;
-    for hook in hooks {
-        let events: String = hook.try_get("events")?;
-        let events: Vec<String> = serde_json::from_str(&events).map_err(corrupt)?;
-        if !events.is_empty() && !events.iter().any(|e| e == event) {
-            continue;
+    let hooks = load_hooks(&mut *conn).await?;
+    enqueue_for(conn, &hooks, event, key, payload, now).await
+}
+
+async fn enqueue_for(
+    conn: &mut AnyConnection,
+    hooks: &Hooks,
+    event: &str,
+    key: &str,
+    payload: &serde_json::Value,
+    now: Timestamp,
+) -> Result<()> {
+    let wanted = hooks
+        .iter()
+        .filter(|(_, events)| events.is_empty() || events.iter().any(|e| e == event));
+    let mut body = None;
+    for (webhook_id, _) in wanted {
+        if body.is_none() {
+            body = Some(serde_json::to_string(payload).map_err(corrupt)?);
         }
-        let webhook_id: String = hook.try_get("id")?;
         sqlx::query(
             "INSERT INTO webhook_deliveries (webhook_id, event, idempotency_key, payload, state, \
              next_attempt_at, created_at) VALUES ($1, $2, $3, $4, 'PENDING', $5, $6)",
@@ -1062,118 +1078,226 @@ async fn settle_group(conn: &mut AnyConnection, id: GroupId, now: Timestamp) -> 
     insert_event(conn, now, None, None, &kind).await
 }
 
-/// Records how an attempt ended, in the caller's transaction (see `Store::finish_run`).
-async fn finish_in(
-    tx: &mut AnyConnection,
-    run_id: RunId,
-    worker_id: Option<WorkerId>,
-    end: RunEnd,
+/// What a batch of run ends shares: the records read up front (kept up to date as the
+/// batch goes), the webhooks, which jobs others wait on, and the events to write.
+struct FinishBatch {
+    runs: HashMap<RunId, RunRecord>,
+    jobs: HashMap<JobId, JobRecord>,
+    hooks: Hooks,
+    awaited: std::collections::HashSet<JobId>,
+    events: Vec<NewEvent>,
     retry: RetrySettings,
-) -> Result<Finished> {
-    let now = Timestamp::now();
-    let run = match worker_id {
-        Some(w) => own_run(&mut *tx, run_id, w).await?,
-        None => load_run(&mut *tx, run_id).await?,
-    };
-    let result = end
-        .result
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(corrupt)?;
-    let mut job = load_job(&mut *tx, run.job_id).await?;
-    if run.state.is_terminal() {
-        return Ok(Finished {
-            job,
-            run,
-            changed: false,
-        });
-    }
-    sqlx::query(
-        "UPDATE runs SET state = $1, exit_code = $2, error = $3, finished_at = $4, \
-         started_at = COALESCE(started_at, $5), result = $6 WHERE id = $7",
-    )
-    .bind(end.outcome.run_state().as_str())
-    .bind(end.exit_code.map(i64::from))
-    .bind(&end.error)
-    .bind(now.0)
-    .bind(now.0)
-    .bind(&result)
-    .bind(run_id.to_string())
-    .execute(&mut *tx)
-    .await?;
-    // Only the job's current attempt moves the job; a stale run just ends.
-    if job.current_run == Some(run_id) && !job.state.is_terminal() {
-        // A result whose start was never recorded still passes through RUNNING, so
-        // that the event history stays a walk of the transition table.
-        if job.state == JobState::Assigned && end.outcome != drover_core::RunOutcome::Failed {
-            transition(&mut *tx, &job, JobEvent::Start, Some(run_id), None, now).await?;
-            job = load_job(&mut *tx, job.id).await?;
+    now: Timestamp,
+}
+
+impl FinishBatch {
+    async fn read(
+        conn: &mut AnyConnection,
+        batch: &[FinishRequest],
+        retry: RetrySettings,
+    ) -> Result<Self> {
+        let run_ids: Vec<RunId> = batch.iter().map(|r| r.run_id).collect();
+        let runs = load_runs(&mut *conn, &run_ids).await?;
+        let mut job_ids: Vec<JobId> = runs.values().map(|r| r.job_id).collect();
+        job_ids.sort();
+        job_ids.dedup();
+        let jobs = load_jobs(&mut *conn, &job_ids).await?;
+        let hooks = load_hooks(&mut *conn).await?;
+        let mut awaited = std::collections::HashSet::new();
+        for chunk in job_ids.chunks(ROWS_PER_STATEMENT * 8) {
+            let sql = format!(
+                "SELECT DISTINCT depends_on FROM job_deps WHERE depends_on IN ({})",
+                placeholders(1, chunk.len())
+            );
+            let mut query = sqlx::query_scalar::<_, String>(&sql);
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            for id in query.fetch_all(&mut *conn).await? {
+                awaited.insert(id.parse().map_err(corrupt)?);
+            }
         }
-        let retrying =
-            end.outcome.is_retryable() && retry::should_retry(run.attempt, job.max_attempts);
-        sqlx::query("UPDATE jobs SET exit_code = $1, error = $2, result = $3 WHERE id = $4")
+        Ok(Self {
+            runs,
+            jobs,
+            hooks,
+            awaited,
+            events: Vec::new(),
+            retry,
+            now: Timestamp::now(),
+        })
+    }
+
+    /// Records one attempt's end (see `Store::finish_run`). Every refusal is found before
+    /// anything is written, so a refused report leaves no trace and needs no savepoint; the
+    /// outer error is the database's and fails the batch.
+    async fn finish(
+        &mut self,
+        conn: &mut AnyConnection,
+        req: FinishRequest,
+    ) -> Result<Result<Finished>> {
+        let now = self.now;
+        let Some(mut run) = self.runs.get(&req.run_id).cloned() else {
+            return Ok(Err(StoreError::NotFound {
+                kind: "run",
+                id: req.run_id.to_string(),
+            }));
+        };
+        if req.worker_id.is_some_and(|w| w != run.worker_id) {
+            return Ok(Err(StoreError::NotYourRun { run_id: run.id }));
+        }
+        let Some(mut job) = self.jobs.get(&run.job_id).cloned() else {
+            return Ok(Err(StoreError::NotFound {
+                kind: "job",
+                id: run.job_id.to_string(),
+            }));
+        };
+        if run.state.is_terminal() {
+            return Ok(Ok(Finished {
+                job,
+                run,
+                changed: false,
+            }));
+        }
+        let end = req.end;
+        // Decide: only the job's current attempt moves the job; a stale run just ends.
+        let mut moves = Vec::new();
+        let mut not_before = None;
+        let from = job.state;
+        let mut to = job.state;
+        if job.current_run == Some(run.id) && !job.state.is_terminal() {
+            // A result whose start was never recorded still passes through RUNNING, so
+            // that the event history stays a walk of the transition table.
+            if to == JobState::Assigned && end.outcome != drover_core::RunOutcome::Failed {
+                let next = match to.apply(JobEvent::Start) {
+                    Ok(next) => next,
+                    Err(e) => return Ok(Err(e.into())),
+                };
+                moves.push(EventKind::for_transition(
+                    to,
+                    JobEvent::Start,
+                    next,
+                    Some(run.id),
+                    None,
+                    None,
+                ));
+                to = next;
+            }
+            let retrying =
+                end.outcome.is_retryable() && retry::should_retry(run.attempt, job.max_attempts);
+            let (event, kind) = if retrying {
+                let base = job
+                    .spec
+                    .backoff_base_ms
+                    .map(Duration::from_millis)
+                    .unwrap_or(self.retry.default_backoff_base);
+                let at = now.plus(retry::backoff_delay(base, run.attempt, self.retry.jitter));
+                not_before = Some(at);
+                let kind = EventKind::JobRetryScheduled {
+                    run_id: run.id,
+                    next_attempt: run.attempt + 1,
+                    not_before: at,
+                    error: end.error.clone(),
+                };
+                (JobEvent::Retry, Some(kind))
+            } else {
+                (end.outcome.final_event(), None)
+            };
+            let next = match to.apply(event) {
+                Ok(next) => next,
+                Err(e) => return Ok(Err(e.into())),
+            };
+            moves.push(kind.unwrap_or_else(|| {
+                EventKind::for_transition(
+                    to,
+                    event,
+                    next,
+                    Some(run.id),
+                    end.exit_code,
+                    end.error.clone(),
+                )
+            }));
+            to = next;
+        }
+        // Write.
+        let result = end
+            .result
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(corrupt)?;
+        run.state = end.outcome.run_state();
+        run.exit_code = end.exit_code;
+        run.error = end.error.clone();
+        run.finished_at = Some(now);
+        run.started_at = run.started_at.or(Some(now));
+        run.result = end.result.clone();
+        sqlx::query(
+            "UPDATE runs SET state = $1, exit_code = $2, error = $3, finished_at = $4, \
+             started_at = COALESCE(started_at, $5), result = $6 WHERE id = $7",
+        )
+        .bind(run.state.as_str())
+        .bind(end.exit_code.map(i64::from))
+        .bind(&end.error)
+        .bind(now.0)
+        .bind(now.0)
+        .bind(&result)
+        .bind(run.id.to_string())
+        .execute(&mut *conn)
+        .await?;
+        if !moves.is_empty() {
+            job.state = to;
+            job.status_code = to.status_code();
+            job.updated_at = now;
+            job.finished_at = to.is_terminal().then_some(now);
+            job.exit_code = end.exit_code;
+            job.error = end.error.clone();
+            job.result = end.result.clone();
+            job.not_before = not_before.unwrap_or(job.not_before);
+            sqlx::query(
+                "UPDATE jobs SET state = $1, updated_at = $2, finished_at = $3, exit_code = $4, \
+                 error = $5, result = $6, not_before = $7 WHERE id = $8 AND state = $9",
+            )
+            .bind(to.as_str())
+            .bind(now.0)
+            .bind(job.finished_at.map(|t| t.0))
             .bind(end.exit_code.map(i64::from))
             .bind(&end.error)
             .bind(&result)
+            .bind(job.not_before.0)
             .bind(job.id.to_string())
-            .execute(&mut *tx)
+            .bind(from.as_str())
+            .execute(&mut *conn)
             .await?;
-        if retrying {
-            let base = job
-                .spec
-                .backoff_base_ms
-                .map(Duration::from_millis)
-                .unwrap_or(retry.default_backoff_base);
-            let not_before = now.plus(retry::backoff_delay(base, run.attempt, retry.jitter));
-            sqlx::query("UPDATE jobs SET not_before = $1 WHERE id = $2")
-                .bind(not_before.0)
-                .bind(job.id.to_string())
-                .execute(&mut *tx)
-                .await?;
-            let kind = EventKind::JobRetryScheduled {
-                run_id,
-                next_attempt: run.attempt + 1,
-                not_before,
-                error: end.error.clone(),
-            };
-            transition(
-                &mut *tx,
-                &job,
-                JobEvent::Retry,
-                Some(run_id),
-                Some(kind),
-                now,
-            )
-            .await?;
-        } else {
-            let event = end.outcome.final_event();
-            let to = job.state.apply(event)?;
-            let kind = EventKind::for_transition(
-                job.state,
-                event,
-                to,
-                Some(run_id),
-                end.exit_code,
-                end.error.clone(),
-            );
-            transition(&mut *tx, &job, event, Some(run_id), Some(kind), now).await?;
+            let events = moves
+                .into_iter()
+                .map(|kind| NewEvent::job(now, job.id, kind));
+            self.events.extend(events);
         }
+        let will_retry = job.state == JobState::Queued;
+        let (event, key, payload) =
+            run_event(&job, Some(&run), run.state.as_str(), will_retry, now);
+        enqueue_for(&mut *conn, &self.hooks, event, &key, &payload, now).await?;
+        if job.state.is_terminal()
+            && job.current_run == Some(run.id)
+            && (job.group_id.is_some() || self.awaited.contains(&job.id))
+        {
+            // Dependents and groups are settled with the events written so far, in order;
+            // what that changes is read again from the store from here on.
+            insert_events(&mut *conn, &std::mem::take(&mut self.events)).await?;
+            settle_final(&mut *conn, &job, now).await?;
+            let job_ids: Vec<JobId> = self.jobs.keys().copied().collect();
+            self.jobs = load_jobs(&mut *conn, &job_ids).await?;
+            job = self.jobs.get(&job.id).cloned().unwrap_or(job);
+        }
+        self.runs.insert(run.id, run.clone());
+        self.jobs.insert(job.id, job.clone());
+        Ok(Ok(Finished {
+            job,
+            run,
+            changed: true,
+        }))
     }
-    let job = load_job(&mut *tx, run.job_id).await?;
-    let run = load_run(&mut *tx, run_id).await?;
-    let will_retry = job.state == JobState::Queued;
-    let (event, key, payload) = run_event(&job, Some(&run), run.state.as_str(), will_retry, now);
-    enqueue_webhooks(&mut *tx, event, &key, &payload, now).await?;
-    if job.state.is_terminal() && job.current_run == Some(run_id) {
-        settle_final(&mut *tx, &job, now).await?;
-    }
-    let job = load_job(&mut *tx, run.job_id).await?;
-    Ok(Finished {
-        job,
-        run,
-        changed: true,
-    })
 }
 
 #[async_trait]
@@ -1668,23 +1792,14 @@ impl Store for SqlStore {
         retry: RetrySettings,
     ) -> Result<Vec<Result<Finished>>> {
         let mut tx = self.writer.begin().await?;
-        let mut results = Vec::with_capacity(batch.len());
+        let mut writing = FinishBatch::read(&mut tx, &batch, retry).await?;
+        let mut answers = Vec::with_capacity(batch.len());
         for req in batch {
-            // Each in a savepoint: one refused report does not undo the others.
-            let mut one = sqlx::Connection::begin(&mut *tx).await?;
-            match finish_in(&mut one, req.run_id, req.worker_id, req.end, retry).await {
-                Ok(f) => {
-                    one.commit().await?;
-                    results.push(Ok(f));
-                }
-                Err(e) => {
-                    one.rollback().await?;
-                    results.push(Err(e));
-                }
-            }
+            answers.push(writing.finish(&mut tx, req).await?);
         }
+        insert_events(&mut tx, &writing.events).await?;
         tx.commit().await?;
-        Ok(results)
+        Ok(answers)
     }
 
     async fn renew_leases(&self, workers: &[WorkerId], until: Timestamp) -> Result<u64> {

@@ -1002,4 +1002,44 @@ pub async fn batches_answer_each_request_and_match_single_writes(store: &dyn Sto
         ],
         "the same history as single writes"
     );
+
+    // Ends: a run reported twice in one batch, someone else's, and a job others wait on.
+    let waiting = JobSpec {
+        depends_on: vec![a.id],
+        ..spec("after a")
+    };
+    let waiting = store.create_job(waiting).await.unwrap().0;
+    assert_eq!(waiting.waiting_on, 1);
+    let ended = |run_id, worker_id| drover_store::FinishRequest {
+        run_id,
+        worker_id: Some(worker_id),
+        end: end(RunOutcome::Succeeded, 0),
+    };
+    let answers = store
+        .finish_runs(
+            vec![ended(run_a, w), ended(run_k, other), ended(run_a, w)],
+            NO_JITTER,
+        )
+        .await
+        .unwrap();
+    let first = answers[0].as_ref().unwrap();
+    assert!(first.changed);
+    assert_eq!(first.job.state, JobState::Succeeded);
+    assert_eq!(
+        &store.get_job(a.id).await.unwrap(),
+        &first.job,
+        "answer = stored"
+    );
+    assert_eq!(
+        &store.get_run(run_a).await.unwrap(),
+        &first.run,
+        "answer = stored"
+    );
+    assert!(matches!(answers[1], Err(StoreError::NotYourRun { .. })));
+    assert!(
+        !answers[2].as_ref().unwrap().changed,
+        "the second report changes nothing"
+    );
+    assert_eq!(store.get_job(k.id).await.unwrap().state, JobState::Assigned);
+    assert_eq!(store.get_job(waiting.id).await.unwrap().waiting_on, 0);
 }
