@@ -106,8 +106,18 @@ impl AppState {
                     .into(),
             )
         })?;
-        let user = self.store.authenticate_token(token).await?;
+        if let Some(user) = self.tokens.get(token) {
+            return Ok(Caller { user });
+        }
+        let (user, expires_at) = self.store.authenticate_token_until(token).await?;
+        self.tokens.put(token, &user, expires_at);
         Ok(Caller { user })
+    }
+
+    /// After tokens were revoked: no replica may honour them from its cache any longer.
+    pub async fn tokens_revoked(&self) {
+        self.tell_everywhere(drover_store::Wakeup::TokensRevoked)
+            .await;
     }
 }
 
@@ -271,5 +281,56 @@ impl LoginLimiter {
     pub fn succeeded(&self, user: &str) {
         let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         map.remove(&format!("user:{user}"));
+    }
+}
+
+/// Bearer tokens found valid a moment ago, so that a burst of API calls costs one lookup
+/// rather than one each. A token is never honoured past its own expiry; a revocation clears
+/// the cache here and, by a wake-up, on every replica. A replica that missed that wake-up
+/// (its LISTEN connection was down) honours a revoked token for at most [`TOKEN_CACHE_TTL`].
+#[derive(Default)]
+pub struct TokenCache {
+    entries: Mutex<HashMap<String, CachedToken>>,
+}
+
+struct CachedToken {
+    user: UserRecord,
+    expires_at: Timestamp,
+    checked: Instant,
+}
+
+pub const TOKEN_CACHE_TTL: Duration = Duration::from_secs(5);
+/// A bound on memory: past it the cache starts over.
+const MAX_CACHED_TOKENS: usize = 10_000;
+
+impl TokenCache {
+    pub fn get(&self, token: &str) -> Option<UserRecord> {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = entries.get(token)?;
+        if entry.checked.elapsed() < TOKEN_CACHE_TTL && Timestamp::now() < entry.expires_at {
+            return Some(entry.user.clone());
+        }
+        entries.remove(token);
+        None
+    }
+
+    pub fn put(&self, token: &str, user: &UserRecord, expires_at: Timestamp) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= MAX_CACHED_TOKENS {
+            entries.clear();
+        }
+        let entry = CachedToken {
+            user: user.clone(),
+            expires_at,
+            checked: Instant::now(),
+        };
+        entries.insert(token.to_string(), entry);
+    }
+
+    pub fn clear(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
     }
 }

@@ -1007,6 +1007,8 @@ async fn refresh(State(state): St, body: Bytes) -> ApiResult<Json<drover_store::
     {
         Ok((_, tokens)) => Ok(Json(tokens)),
         Err(e) => {
+            // A reused refresh token revoked its whole login.
+            state.tokens_revoked().await;
             state
                 .audit(None, "token.refresh", None, true, None, Some(e.to_string()))
                 .await;
@@ -1024,6 +1026,7 @@ async fn logout(
         && token.starts_with("drover_at_")
     {
         state.store.revoke_family(token).await?;
+        state.tokens_revoked().await;
     }
     state
         .audit(Some(&caller.user.name), "logout", None, false, None, None)
@@ -1113,6 +1116,7 @@ async fn revoke_api_token(
         .store
         .revoke_api_token(&id, caller.owner_filter())
         .await?;
+    state.tokens_revoked().await;
     state
         .audit(
             Some(&caller.user.name),

@@ -136,6 +136,8 @@ pub(crate) struct AppState {
     /// Wakes the webhook sender when an event was written.
     pub webhooks: Notify,
     pub metrics: PrometheusHandle,
+    /// Bearer tokens found valid a moment ago (see `auth::TokenCache`).
+    pub tokens: auth::TokenCache,
     /// Runs that were live when this process started: if their lease lapses, it is because
     /// their worker did not come back after the restart.
     pub recovered: std::sync::Mutex<HashSet<RunId>>,
@@ -217,6 +219,7 @@ impl AppState {
             Wakeup::Drain { worker_id } => self.sessions.drain(worker_id),
             Wakeup::Revoke { worker_id } => self.sessions.drop_worker(worker_id),
             Wakeup::Configs => self.push_configs().await,
+            Wakeup::TokensRevoked => self.tokens.clear(),
         }
     }
 
@@ -409,6 +412,7 @@ impl Server {
             run_reports,
             webhooks: Notify::new(),
             metrics: prometheus(),
+            tokens: auth::TokenCache::default(),
             recovered: std::sync::Mutex::new(recovered),
             replica: format!("replica-{}", drover_core::JobId::new()),
             advertised,

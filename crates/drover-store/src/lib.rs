@@ -72,6 +72,8 @@ pub enum Wakeup {
     Revoke { worker_id: WorkerId },
     /// A node configuration version was added: send it to the nodes it concerns.
     Configs,
+    /// Access or API tokens were revoked: forget the ones found valid before.
+    TokensRevoked,
 }
 
 /// One attempt's end, as reported.
@@ -399,7 +401,11 @@ pub trait Store: Send + Sync + 'static {
     /// Logout: revokes the family of this access or refresh token. Returns its user.
     async fn revoke_family(&self, token: &str) -> Result<UserRecord>;
     /// The user an access or API token speaks for, if it is valid now.
-    async fn authenticate_token(&self, token: &str) -> Result<UserRecord>;
+    async fn authenticate_token(&self, token: &str) -> Result<UserRecord> {
+        Ok(self.authenticate_token_until(token).await?.0)
+    }
+    /// [`Store::authenticate_token`], with the moment the token expires.
+    async fn authenticate_token_until(&self, token: &str) -> Result<(UserRecord, Timestamp)>;
     async fn create_api_token(
         &self,
         user_id: &str,

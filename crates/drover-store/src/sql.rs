@@ -2442,7 +2442,7 @@ impl Store for SqlStore {
         Ok(user)
     }
 
-    async fn authenticate_token(&self, token: &str) -> Result<UserRecord> {
+    async fn authenticate_token_until(&self, token: &str) -> Result<(UserRecord, Timestamp)> {
         let now = Timestamp::now();
         let row = sqlx::query(
             "SELECT t.kind, t.expires_at, t.revoked_at, t.last_used_at, t.token_hash, \
@@ -2476,7 +2476,7 @@ impl Store for SqlStore {
                     .await?;
             }
         }
-        user_from_row(&row)
+        Ok((user_from_row(&row)?, ts(&row, "expires_at")?))
     }
 
     async fn create_api_token(
