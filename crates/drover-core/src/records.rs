@@ -249,8 +249,10 @@ pub struct LogEntryView {
     pub timestamp: Timestamp,
     /// The line as text (invalid UTF-8 replaced).
     pub text: String,
-    /// The exact bytes, base64.
-    pub data: String,
+    /// The exact bytes, base64, when they are not valid UTF-8 (otherwise `text` is exact):
+    /// a follower of a fast producer should not receive every line twice.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
 }
 
 /// The body of every API error.

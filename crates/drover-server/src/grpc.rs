@@ -430,8 +430,11 @@ async fn handle(
         }
         In::Logs(batch) => {
             let id = run_id(&batch.run_id)?;
-            let run = state.store.get_run(id).await?;
-            if run.worker_id != worker.id {
+            // The session knows the runs it handed out; the store answers for the others
+            // (a run reattached after a restart of the control plane).
+            let own = state.sessions.holds(worker.id, id)
+                || state.store.get_run(id).await?.worker_id == worker.id;
+            if !own {
                 return Err(ApiError::PermissionDenied(format!(
                     "run {id} belongs to another worker"
                 )));

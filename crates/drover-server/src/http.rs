@@ -400,14 +400,22 @@ struct LogsQuery {
 }
 
 fn entry_view(run: &RunRecord, e: Entry) -> LogEntryView {
+    let (text, data) = match String::from_utf8(e.data) {
+        Ok(text) => (text, None),
+        Err(not_utf8) => {
+            let bytes = not_utf8.into_bytes();
+            let data = base64::engine::general_purpose::STANDARD.encode(&bytes);
+            (String::from_utf8_lossy(&bytes).into_owned(), Some(data))
+        }
+    };
     LogEntryView {
         run_id: run.id,
         attempt: run.attempt,
         seq: e.seq,
         stream: e.stream,
         timestamp: e.timestamp,
-        text: String::from_utf8_lossy(&e.data).into_owned(),
-        data: base64::engine::general_purpose::STANDARD.encode(&e.data),
+        text,
+        data,
     }
 }
 
@@ -500,40 +508,38 @@ pub(crate) async fn follow_logs(
             Ok(run) => run,
             Err(_) => return,
         };
-        let mut drained = true;
-        if let Some(run) = &run {
+        // Everything stored so far, before looking at the job again.
+        while let Some(run) = &run {
             let offset = match following {
                 Some((r, off)) if r == run.id => off,
                 _ => 0,
             };
-            match state.logs.read_from(run.id, offset, READ_CHUNK).await {
-                Ok((entries, next)) => {
-                    drained = entries.is_empty();
-                    // One event per batch: a follower of a fast producer must not pay an
-                    // event per line.
-                    let views: Vec<LogEntryView> =
-                        entries.into_iter().map(|e| entry_view(run, e)).collect();
-                    for batch in views.chunks(FOLLOW_BATCH) {
-                        if tx.send(Followed::Entries(batch.to_vec())).await.is_err() {
-                            return;
-                        }
-                    }
-                    following = Some((run.id, next));
-                }
+            let (entries, next) = match state.logs.read_from(run.id, offset, READ_CHUNK).await {
+                Ok(read) => read,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read log");
+                    return;
+                }
+            };
+            following = Some((run.id, next));
+            if entries.is_empty() {
+                break;
+            }
+            // One event per batch: a follower of a fast producer must not pay an event per
+            // line.
+            let views: Vec<LogEntryView> =
+                entries.into_iter().map(|e| entry_view(run, e)).collect();
+            for batch in views.chunks(FOLLOW_BATCH) {
+                if tx.send(Followed::Entries(batch.to_vec())).await.is_err() {
                     return;
                 }
             }
         }
         let run_done = run.as_ref().is_none_or(|r| r.state.is_terminal());
         let finished = job.state.is_terminal() || (attempt.is_some() && run_done);
-        if finished && drained {
+        if finished {
             let _ = tx.send(Followed::End(Box::new(job))).await;
             return;
-        }
-        if !drained {
-            continue;
         }
         let run_id = run.as_ref().map(|r| r.id);
         let deadline = tokio::time::Instant::now() + FOLLOW_POLL;

@@ -234,6 +234,13 @@ impl Sessions {
         }
     }
 
+    /// Whether this replica handed the run to this worker and it has not ended yet.
+    pub fn holds(&self, worker_id: WorkerId, run_id: RunId) -> bool {
+        self.lock()
+            .get(&worker_id)
+            .is_some_and(|s| s.active.contains_key(&run_id))
+    }
+
     pub fn release(&self, worker_id: WorkerId, run_id: RunId) {
         if let Some(s) = self.lock().get_mut(&worker_id) {
             s.active.remove(&run_id);

@@ -1086,8 +1086,32 @@ struct FinishBatch {
     hooks: Hooks,
     awaited: std::collections::HashSet<JobId>,
     events: Vec<NewEvent>,
+    /// Row changes not written yet, grouped by their values: most runs of a batch end
+    /// alike (exit 0, no error), so a batch costs a few statements, not two per run.
+    run_writes: HashMap<RunEndValues, Vec<RunId>>,
+    job_writes: HashMap<JobEndValues, Vec<JobId>>,
+    pending_jobs: std::collections::HashSet<JobId>,
     retry: RetrySettings,
     now: Timestamp,
+}
+
+#[derive(PartialEq, Eq, Hash)]
+struct RunEndValues {
+    state: &'static str,
+    exit_code: Option<i64>,
+    error: Option<String>,
+    result: Option<String>,
+}
+
+#[derive(PartialEq, Eq, Hash)]
+struct JobEndValues {
+    from: &'static str,
+    to: &'static str,
+    finished: bool,
+    exit_code: Option<i64>,
+    error: Option<String>,
+    result: Option<String>,
+    not_before: Option<i64>,
 }
 
 impl FinishBatch {
@@ -1123,9 +1147,62 @@ impl FinishBatch {
             hooks,
             awaited,
             events: Vec::new(),
+            run_writes: HashMap::new(),
+            job_writes: HashMap::new(),
+            pending_jobs: std::collections::HashSet::new(),
             retry,
             now: Timestamp::now(),
         })
+    }
+
+    /// Writes the row changes and events gathered so far.
+    async fn flush(&mut self, conn: &mut AnyConnection) -> Result<()> {
+        let now = self.now;
+        for (values, ids) in std::mem::take(&mut self.run_writes) {
+            for chunk in ids.chunks(ROWS_PER_STATEMENT * 8) {
+                let sql = format!(
+                    "UPDATE runs SET state = $1, exit_code = $2, error = $3, finished_at = $4, \
+                     started_at = COALESCE(started_at, $5), result = $6 WHERE id IN ({})",
+                    placeholders(7, chunk.len())
+                );
+                let mut query = sqlx::query(&sql)
+                    .bind(values.state)
+                    .bind(values.exit_code)
+                    .bind(values.error.clone())
+                    .bind(now.0)
+                    .bind(now.0)
+                    .bind(values.result.clone());
+                for id in chunk {
+                    query = query.bind(id.to_string());
+                }
+                query.execute(&mut *conn).await?;
+            }
+        }
+        self.pending_jobs.clear();
+        for (values, ids) in std::mem::take(&mut self.job_writes) {
+            for chunk in ids.chunks(ROWS_PER_STATEMENT * 8) {
+                let sql = format!(
+                    "UPDATE jobs SET state = $1, updated_at = $2, finished_at = $3, \
+                     exit_code = $4, error = $5, result = $6, \
+                     not_before = COALESCE($7, not_before) WHERE state = $8 AND id IN ({})",
+                    placeholders(9, chunk.len())
+                );
+                let mut query = sqlx::query(&sql)
+                    .bind(values.to)
+                    .bind(now.0)
+                    .bind(values.finished.then_some(now.0))
+                    .bind(values.exit_code)
+                    .bind(values.error.clone())
+                    .bind(values.result.clone())
+                    .bind(values.not_before)
+                    .bind(values.from);
+                for id in chunk {
+                    query = query.bind(id.to_string());
+                }
+                query.execute(&mut *conn).await?;
+            }
+        }
+        insert_events(&mut *conn, &std::mem::take(&mut self.events)).await
     }
 
     /// Records one attempt's end (see `Store::finish_run`). Every refusal is found before
@@ -1232,20 +1309,19 @@ impl FinishBatch {
         run.finished_at = Some(now);
         run.started_at = run.started_at.or(Some(now));
         run.result = end.result.clone();
-        sqlx::query(
-            "UPDATE runs SET state = $1, exit_code = $2, error = $3, finished_at = $4, \
-             started_at = COALESCE(started_at, $5), result = $6 WHERE id = $7",
-        )
-        .bind(run.state.as_str())
-        .bind(end.exit_code.map(i64::from))
-        .bind(&end.error)
-        .bind(now.0)
-        .bind(now.0)
-        .bind(&result)
-        .bind(run.id.to_string())
-        .execute(&mut *conn)
-        .await?;
+        let values = RunEndValues {
+            state: run.state.as_str(),
+            exit_code: end.exit_code.map(i64::from),
+            error: end.error.clone(),
+            result: result.clone(),
+        };
+        self.run_writes.entry(values).or_default().push(run.id);
         if !moves.is_empty() {
+            if !self.pending_jobs.insert(job.id) {
+                // The same job moving twice in a batch: the first move is written first.
+                self.flush(&mut *conn).await?;
+                self.pending_jobs.insert(job.id);
+            }
             job.state = to;
             job.status_code = to.status_code();
             job.updated_at = now;
@@ -1254,21 +1330,16 @@ impl FinishBatch {
             job.error = end.error.clone();
             job.result = end.result.clone();
             job.not_before = not_before.unwrap_or(job.not_before);
-            sqlx::query(
-                "UPDATE jobs SET state = $1, updated_at = $2, finished_at = $3, exit_code = $4, \
-                 error = $5, result = $6, not_before = $7 WHERE id = $8 AND state = $9",
-            )
-            .bind(to.as_str())
-            .bind(now.0)
-            .bind(job.finished_at.map(|t| t.0))
-            .bind(end.exit_code.map(i64::from))
-            .bind(&end.error)
-            .bind(&result)
-            .bind(job.not_before.0)
-            .bind(job.id.to_string())
-            .bind(from.as_str())
-            .execute(&mut *conn)
-            .await?;
+            let values = JobEndValues {
+                from: from.as_str(),
+                to: to.as_str(),
+                finished: to.is_terminal(),
+                exit_code: end.exit_code.map(i64::from),
+                error: end.error.clone(),
+                result,
+                not_before: not_before.map(|t| t.0),
+            };
+            self.job_writes.entry(values).or_default().push(job.id);
             let events = moves
                 .into_iter()
                 .map(|kind| NewEvent::job(now, job.id, kind));
@@ -1282,9 +1353,9 @@ impl FinishBatch {
             && job.current_run == Some(run.id)
             && (job.group_id.is_some() || self.awaited.contains(&job.id))
         {
-            // Dependents and groups are settled with the events written so far, in order;
+            // Dependents and groups are settled with everything so far written, in order;
             // what that changes is read again from the store from here on.
-            insert_events(&mut *conn, &std::mem::take(&mut self.events)).await?;
+            self.flush(&mut *conn).await?;
             settle_final(&mut *conn, &job, now).await?;
             let job_ids: Vec<JobId> = self.jobs.keys().copied().collect();
             self.jobs = load_jobs(&mut *conn, &job_ids).await?;
@@ -1797,7 +1868,7 @@ impl Store for SqlStore {
         for req in batch {
             answers.push(writing.finish(&mut tx, req).await?);
         }
-        insert_events(&mut tx, &writing.events).await?;
+        writing.flush(&mut tx).await?;
         tx.commit().await?;
         Ok(answers)
     }

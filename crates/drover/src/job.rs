@@ -409,9 +409,11 @@ fn print_entry(entry: &LogEntryView, output: Output) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(entry)?);
         return Ok(());
     }
-    let bytes = base64::engine::general_purpose::STANDARD
-        .decode(&entry.data)
-        .unwrap_or_else(|_| entry.text.clone().into_bytes());
+    let bytes = entry
+        .data
+        .as_ref()
+        .and_then(|data| base64::engine::general_purpose::STANDARD.decode(data).ok())
+        .unwrap_or_else(|| entry.text.clone().into_bytes());
     let result = match entry.stream {
         LogStream::Stdout => {
             let mut out = std::io::stdout().lock();
