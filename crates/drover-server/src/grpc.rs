@@ -19,7 +19,7 @@ use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -251,6 +251,9 @@ async fn serve_session(
     inbound: &mut Streaming<v1::WorkerMessage>,
     tx: &mpsc::UnboundedSender<v1::ServerMessage>,
 ) {
+    // Runs whose accept or start is still being written: their logs wait for it, so that
+    // nobody sees a line of a job the store does not yet call RUNNING.
+    let mut steps_in_flight: HashMap<RunId, oneshot::Receiver<()>> = HashMap::new();
     loop {
         let msg = match inbound.message().await {
             Ok(Some(msg)) => msg,
@@ -265,11 +268,25 @@ async fn serve_session(
         if matches!(body, In::Accepted(_) | In::Started(_) | In::Finished(_)) {
             // Written in batches, in arrival order; the answer is awaited in a task of its
             // own, so the stream reads on meanwhile.
-            if let Err(e) = report_run(state, worker, body, tx) {
-                tracing::warn!(error = %e, "run report refused");
-                audit_refusal(state, worker, &e).await;
+            match report_run(state, worker, body, tx) {
+                Ok((run_id, Some(written))) => {
+                    steps_in_flight.insert(run_id, written);
+                }
+                Ok((run_id, None)) => {
+                    steps_in_flight.remove(&run_id);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "run report refused");
+                    audit_refusal(state, worker, &e).await;
+                }
             }
             continue;
+        }
+        if let In::Logs(batch) = &body
+            && let Ok(run_id) = batch.run_id.parse::<RunId>()
+            && let Some(written) = steps_in_flight.remove(&run_id)
+        {
+            let _ = written.await;
         }
         if let Err(e) = handle(state, worker, body, tx).await {
             tracing::warn!(error = %e, "worker message refused");
@@ -299,13 +316,14 @@ fn run_id(s: &str) -> Result<RunId, ApiError> {
         .map_err(|e| ApiError::invalid("run_id", e.to_string()))
 }
 
-/// Queues a run's accept, start or end for writing, and follows its answer up.
+/// Queues a run's accept, start or end for writing, and follows its answer up. Returns the
+/// run, and for an accept or start what resolves once it is written.
 fn report_run(
     state: &Arc<AppState>,
     worker: &WorkerRecord,
     body: In,
     tx: &mpsc::UnboundedSender<v1::ServerMessage>,
-) -> Result<(), ApiError> {
+) -> Result<(RunId, Option<oneshot::Receiver<()>>), ApiError> {
     let step = |m_run_id: &str, step| {
         Ok::<_, ApiError>(RunReport::Step(drover_store::StepRequest {
             run_id: run_id(m_run_id)?,
@@ -317,8 +335,16 @@ fn report_run(
         In::Accepted(m) => step(&m.run_id, drover_store::RunStep::Accept)?,
         In::Started(m) => step(&m.run_id, drover_store::RunStep::Start)?,
         In::Finished(m) => RunReport::End(finish_request(worker, m.clone())?),
-        _ => return Ok(()),
+        _ => return Err(ApiError::Internal("not a run report".into())),
     };
+    let (run_id, written) = match &report {
+        RunReport::Step(s) => {
+            let (done, written) = oneshot::channel();
+            (s.run_id, Some((done, written)))
+        }
+        RunReport::End(e) => (e.run_id, None),
+    };
+    let (done, written) = written.unzip();
     let answer = state.run_reports.queue(report);
     let (state, worker, tx) = (state.clone(), worker.clone(), tx.clone());
     tokio::spawn(
@@ -354,6 +380,9 @@ fn report_run(
                 }
                 (Err(e), _) => Some(e),
             };
+            if let Some(done) = done {
+                let _ = done.send(());
+            }
             if let Some(e) = refused {
                 let e = ApiError::from(e);
                 tracing::warn!(error = %e, "run report refused");
@@ -362,7 +391,7 @@ fn report_run(
         }
         .in_current_span(),
     );
-    Ok(())
+    Ok((run_id, written))
 }
 
 /// A run end as the store takes it.
