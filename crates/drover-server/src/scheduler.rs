@@ -19,13 +19,20 @@ const DEEP_PAGES_PER_PASS: usize = 8;
 
 /// Where the search past the head of the queue goes on from, pass after pass: a deep queue
 /// of jobs no worker can run is walked a few pages per pass, so a pass stays cheap and a
-/// runnable job behind them is still found.
-type DeepCursor = Option<(i32, drover_core::JobId)>;
+/// runnable job behind them is still found. The walk runs at most every
+/// [`DEEP_WALK_EVERY`]: passes come at the rate of submissions and run ends, and a job
+/// arriving at the head must not wait behind a walk of the stuck ones every time.
+#[derive(Default)]
+struct DeepCursor {
+    after: Option<(i32, drover_core::JobId)>,
+    last_walk: Option<std::time::Instant>,
+}
+const DEEP_WALK_EVERY: Duration = Duration::from_millis(100);
 /// Wakes even when nothing notifies, for jobs whose retry backoff has passed.
 const IDLE_TICK: Duration = Duration::from_millis(250);
 
 pub async fn dispatch_loop(state: Arc<AppState>) {
-    let mut cursor: DeepCursor = None;
+    let mut cursor = DeepCursor::default();
     loop {
         match dispatch_pass(&state, &mut cursor).await {
             Ok(assigned) if assigned > 0 => continue,
@@ -89,8 +96,12 @@ async fn dispatch_pass(
     let head_end = first.last().map(|r| (r.priority, r.id));
     let head_is_all = first.len() < page_size as usize;
     let mut plan = plan_for(to_candidates(first));
-    if plan.is_empty() && !head_is_all {
-        let mut after = cursor.or(head_end);
+    let walk_due = cursor
+        .last_walk
+        .is_none_or(|at| at.elapsed() >= DEEP_WALK_EVERY);
+    if plan.is_empty() && !head_is_all && walk_due {
+        cursor.last_walk = Some(std::time::Instant::now());
+        let mut after = cursor.after.or(head_end);
         for _ in 0..DEEP_PAGES_PER_PASS {
             let page = state.store.ready_jobs(now, after, page_size).await?;
             let end_of_queue = page.len() < page_size as usize;
@@ -107,7 +118,7 @@ async fn dispatch_pass(
                 break;
             }
         }
-        *cursor = after;
+        cursor.after = after;
     }
     // The whole plan in one transaction.
     let made = state.store.assign_jobs(&plan, state.lease_until()).await?;

@@ -1059,3 +1059,37 @@ async fn jobs_no_worker_can_run_do_not_block_the_queue() {
         JobState::Succeeded
     );
 }
+
+/// The head of the queue full of jobs no worker can take (a label nobody has, at a higher
+/// priority): a runnable job far behind them still runs, found by the dispatcher's walk
+/// past the head, which goes on pass after pass from where it stopped.
+#[tokio::test]
+async fn a_runnable_job_behind_a_deep_queue_of_unrunnable_ones_still_runs() {
+    use futures::StreamExt;
+    let dir = TestDir::new();
+    let s = server(&dir).await;
+    let _w = s.worker(dir.path(), "w", None, &[]).await;
+    let client = s.client();
+    let mut stuck = job("true");
+    stuck.priority = 10;
+    stuck.labels.insert("pool".into(), "nobody-has-this".into());
+    let submitted: Vec<String> = futures::stream::iter(0..1500)
+        .map(|_| {
+            let (client, stuck) = (client.clone(), stuck.clone());
+            async move { submit(&client, &stuck).await }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert_eq!(submitted.len(), 1500);
+    let behind = submit(&client, &job("echo found")).await;
+    let view = wait(&client, &behind).await;
+    assert_eq!(view.job.state, JobState::Succeeded);
+    let still_queued = client
+        .get_job(&submitted[0])
+        .await
+        .expect("a stuck job")
+        .job
+        .state;
+    assert_eq!(still_queued, JobState::Queued, "no worker has the label");
+}
