@@ -496,35 +496,20 @@ fn sse_events(
     bytes: impl Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin,
 ) -> impl Stream<Item = Result<(String, String)>> {
     futures::stream::unfold(
-        (bytes, Vec::<u8>::new(), false),
-        |(mut bytes, mut buf, done)| async move {
+        (bytes, SseParser::default(), false),
+        |(mut bytes, mut parser, done)| async move {
             loop {
-                if let Some(end) = find_blank_line(&buf) {
-                    let block: Vec<u8> = buf.drain(..end.0).collect();
-                    buf.drain(..end.1 - end.0);
-                    let text = String::from_utf8_lossy(&block);
-                    let mut name = "message".to_string();
-                    let mut data = Vec::new();
-                    for line in text.lines() {
-                        if let Some(v) = line.strip_prefix("event:") {
-                            name = v.trim().to_string();
-                        } else if let Some(v) = line.strip_prefix("data:") {
-                            data.push(v.strip_prefix(' ').unwrap_or(v).to_string());
-                        }
-                    }
-                    if data.is_empty() {
-                        continue;
-                    }
-                    return Some((Ok((name, data.join("\n"))), (bytes, buf, done)));
+                if let Some(event) = parser.next_event() {
+                    return Some((Ok(event), (bytes, parser, done)));
                 }
                 if done {
                     return None;
                 }
                 match bytes.next().await {
-                    Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+                    Some(Ok(chunk)) => parser.push(&chunk),
                     Some(Err(e)) => {
                         let err = ClientError::Protocol(format!("event stream broke: {e}"));
-                        return Some((Err(err), (bytes, buf, true)));
+                        return Some((Err(err), (bytes, parser, true)));
                     }
                     None => return None,
                 }
@@ -533,18 +518,95 @@ fn sse_events(
     )
 }
 
-/// The end of the first event block: (where its text ends, where the next block starts).
-fn find_blank_line(buf: &[u8]) -> Option<(usize, usize)> {
-    let lf = buf
-        .windows(2)
-        .position(|w| w == b"\n\n")
-        .map(|i| (i, i + 2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| (i, i + 4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(if a.0 <= b.0 { a } else { b }),
-        (a, b) => a.or(b),
+/// Server-sent events, parsed a line at a time as bytes arrive: every byte is looked at
+/// once, however the events are cut into chunks (a follower of a busy log receives events
+/// of a few hundred kilobytes in many chunks).
+#[derive(Default)]
+struct SseParser {
+    buf: Vec<u8>,
+    /// Where the first line not parsed yet starts.
+    pos: usize,
+    name: Option<String>,
+    data: Vec<u8>,
+    has_data: bool,
+}
+
+impl SseParser {
+    fn push(&mut self, chunk: &[u8]) {
+        // Parsed lines are dropped once they are most of the buffer, so that keeping the
+        // rest costs a copy now and then, not one per event.
+        if self.pos > 0 && self.pos >= self.buf.len() / 2 {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
+        self.buf.extend_from_slice(chunk);
+    }
+
+    fn next_event(&mut self) -> Option<(String, String)> {
+        while let Some(len) = memchr::memchr(b'\n', &self.buf[self.pos..]) {
+            let line = &self.buf[self.pos..self.pos + len];
+            self.pos += len + 1;
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.is_empty() {
+                let name = self.name.take();
+                if !std::mem::take(&mut self.has_data) {
+                    continue;
+                }
+                let data = std::mem::take(&mut self.data);
+                let data = String::from_utf8(data)
+                    .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
+                return Some((name.unwrap_or_else(|| "message".into()), data));
+            } else if let Some(v) = line.strip_prefix(b"event:") {
+                self.name = Some(String::from_utf8_lossy(v).trim().to_string());
+            } else if let Some(v) = line.strip_prefix(b"data:") {
+                if self.has_data {
+                    self.data.push(b'\n');
+                }
+                self.data
+                    .extend_from_slice(v.strip_prefix(b" ").unwrap_or(v));
+                self.has_data = true;
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::SseParser;
+
+    fn parse_in_chunks(stream: &[u8], chunk: usize) -> Vec<(String, String)> {
+        let mut parser = SseParser::default();
+        let mut events = Vec::new();
+        for piece in stream.chunks(chunk) {
+            parser.push(piece);
+            while let Some(event) = parser.next_event() {
+                events.push(event);
+            }
+        }
+        events
+    }
+
+    #[test]
+    fn events_are_the_same_however_the_stream_is_cut() {
+        let stream = b"event: entries\ndata: [1,2]\n\n:keep-alive\n\n\
+                       event:end\r\ndata: {\"a\":1}\r\ndata: second\r\n\r\ndata: plain\n\n";
+        let want = vec![
+            ("entries".to_string(), "[1,2]".to_string()),
+            ("end".to_string(), "{\"a\":1}\nsecond".to_string()),
+            ("message".to_string(), "plain".to_string()),
+        ];
+        for chunk in 1..=stream.len() {
+            assert_eq!(
+                parse_in_chunks(stream, chunk),
+                want,
+                "chunks of {chunk} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn an_event_without_its_blank_line_is_not_given_out() {
+        assert!(parse_in_chunks(b"event: entries\ndata: [1]\n", 4).is_empty());
     }
 }

@@ -1793,7 +1793,7 @@ impl Store for SqlStore {
         const RUN_COLS_NEW: usize = 8;
         for chunk in made.chunks(ROWS_PER_STATEMENT) {
             let sql = binds_for(
-                &*tx,
+                &tx,
                 format!(
                     "INSERT INTO runs (id, job_id, attempt, retry_of, worker_id, state, assigned_at, \
                  lease_expires_at) VALUES {}",
@@ -1815,7 +1815,7 @@ impl Store for SqlStore {
             query.execute(&mut *tx).await?;
             // Each job points at the run just made for its next attempt.
             let sql = binds_for(
-                &*tx,
+                &tx,
                 format!(
                     "UPDATE jobs SET attempts = attempts + 1, current_run = (SELECT r.id FROM runs r \
                  WHERE r.job_id = jobs.id AND r.attempt = jobs.attempts + 1), state = $1, \
@@ -1897,7 +1897,7 @@ impl Store for SqlStore {
         }
         for chunk in started.chunks(ROWS_PER_STATEMENT * 8) {
             let sql = binds_for(
-                &*tx,
+                &tx,
                 format!(
                     "UPDATE runs SET state = $1, started_at = $2 WHERE id IN ({})",
                     placeholders(3, chunk.len())

@@ -801,13 +801,11 @@ impl Agent {
     /// Sends the entries produced since the last flush, one message per run.
     fn flush(&mut self, out: &UnboundedSender<v1::WorkerMessage>) {
         for (run_id, held) in &mut self.runs {
-            let sent = held.sent_seq;
-            let fresh: Vec<v1::LogEntry> = held
-                .unacked
-                .iter()
-                .skip_while(|e| e.seq <= sent)
-                .cloned()
-                .collect();
+            // Entries are numbered one by one, so the unsent ones are the last few: found
+            // without walking those still waiting for their acknowledgement.
+            let unsent = (held.next_seq - held.sent_seq) as usize;
+            let first_unsent = held.unacked.len().saturating_sub(unsent);
+            let fresh: Vec<v1::LogEntry> = held.unacked.range(first_unsent..).cloned().collect();
             if fresh.is_empty() {
                 continue;
             }
