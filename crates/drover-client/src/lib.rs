@@ -3,9 +3,9 @@
 
 use drover_core::JobSpec;
 use drover_core::records::{
-    ApiTokenRecord, AuditRecord, DeliveryRecord, ErrorBody, EventRecord, GroupView, IssuedTokens,
-    JobRecord, JobView, JoinToken, LogEntryView, NodeView, ReservationRecord, UserRecord,
-    WebhookRecord,
+    ApiTokenRecord, AuditRecord, BatchResult, BatchSubmitted, DeliveryRecord, ErrorBody,
+    EventRecord, GroupView, IssuedTokens, JobRecord, JobView, JoinToken, LogEntryView, NodeView,
+    ReservationRecord, UserRecord, WebhookRecord,
 };
 use futures::{Stream, StreamExt};
 use reqwest::{Method, StatusCode, Url};
@@ -264,6 +264,18 @@ impl Client {
     pub async fn submit_job(&self, spec: &JobSpec) -> Result<JobRecord> {
         self.json(self.request(Method::POST, &["v1", "jobs"]).json(spec))
             .await
+    }
+
+    /// Submits up to 1,000 jobs in one request and one write; one result per job, in order.
+    pub async fn submit_jobs(&self, specs: &[JobSpec]) -> Result<Vec<BatchResult>> {
+        let body = serde_json::json!({ "jobs": specs });
+        let answer: BatchSubmitted = self
+            .json(
+                self.request(Method::POST, &["v1", "jobs", "batch"])
+                    .json(&body),
+            )
+            .await?;
+        Ok(answer.results)
     }
 
     /// Sends a raw body as a job submission (for scripts that build JSON themselves).

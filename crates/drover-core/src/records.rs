@@ -269,6 +269,27 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+/// The answer of `POST /v1/jobs/batch`: one result per submitted job, in request order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchSubmitted {
+    pub results: Vec<BatchResult>,
+}
+
+/// What became of one job of a batch: stored (or found by its idempotency key), or refused
+/// alone (an unknown dependency or reservation) while the others were stored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BatchResult {
+    Submitted {
+        job: Box<JobRecord>,
+        /// False when the idempotency key named a job submitted before.
+        created: bool,
+    },
+    Refused {
+        error: ErrorDetail,
+    },
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum GroupState {

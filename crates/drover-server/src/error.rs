@@ -96,19 +96,26 @@ impl From<StoreError> for ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let field = match &self {
+impl ApiError {
+    /// The error as the API shows it.
+    pub fn detail(&self) -> ErrorDetail {
+        let field = match self {
             Self::Invalid { field, .. } => Some(field.clone()),
             Self::ModelNotFound(_) => Some("model".to_string()),
             _ => None,
         };
+        ErrorDetail {
+            code: self.code().to_string(),
+            field,
+            message: self.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
         let body = ErrorBody {
-            error: ErrorDetail {
-                code: self.code().to_string(),
-                field,
-                message: self.to_string(),
-            },
+            error: self.detail(),
         };
         (self.status(), Json(body)).into_response()
     }

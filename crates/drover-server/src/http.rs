@@ -13,8 +13,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use base64::Engine;
 use drover_core::records::{
-    DeliveryRecord, GroupView, JobView, LogEntryView, NodeView, ReservationRecord, RunView,
-    WebhookRecord, webhook_events,
+    BatchResult, BatchSubmitted, DeliveryRecord, GroupView, JobView, LogEntryView, NodeView,
+    ReservationRecord, RunView, WebhookRecord, webhook_events,
 };
 use drover_core::{GroupId, JobId, JobSpec, ReservationId, RunId, WorkerId};
 use drover_store::{JobRecord, RunRecord, WorkerRecord};
@@ -137,6 +137,7 @@ fn routes() -> Routes {
         &["POST", "GET"],
         post(submit_job).get(list_jobs),
     )
+    .add(User, "/v1/jobs/batch", &["POST"], post(submit_job_batch))
     .add(User, "/v1/jobs/{id}", &["GET"], get(get_job))
     .add(User, "/v1/jobs/{id}/events", &["GET"], get(job_events))
     .add(User, "/v1/jobs/{id}/logs", &["GET"], get(job_logs))
@@ -285,6 +286,59 @@ async fn submit_job(
         StatusCode::OK
     };
     Ok((status, Json(job)))
+}
+
+/// Jobs in one batch submission: what one request body (2 MiB) holds comfortably.
+const MAX_BATCH_JOBS: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchRequest {
+    jobs: Vec<JobSpec>,
+}
+
+/// Many jobs in one request and one write: every spec is checked first (a bad one refuses
+/// the whole request, naming `jobs[i].field`), then each job is stored or refused alone.
+async fn submit_job_batch(
+    State(state): St,
+    Extension(caller): Extension<Caller>,
+    body: Bytes,
+) -> ApiResult<(StatusCode, Json<BatchSubmitted>)> {
+    let req: BatchRequest = parse_body(&body)?;
+    if req.jobs.is_empty() || req.jobs.len() > MAX_BATCH_JOBS {
+        return Err(ApiError::invalid(
+            "jobs",
+            format!("a batch holds 1 to {MAX_BATCH_JOBS} jobs"),
+        ));
+    }
+    let specs = req
+        .jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            spec.validated()
+                .and_then(|spec| jobs::check_provider(&state, spec))
+                .map_err(|e| ApiError::invalid(format!("jobs[{i}].{}", e.field), e.message))
+        })
+        .collect::<ApiResult<Vec<JobSpec>>>()?;
+    let answers = jobs::submit_many(&state, specs, Some(&caller.user.id)).await?;
+    let any_created = answers.iter().any(|a| matches!(a, Ok((_, true))));
+    let results = answers
+        .into_iter()
+        .map(|answer| match answer {
+            Ok((job, created)) => BatchResult::Submitted {
+                job: Box::new(job),
+                created,
+            },
+            Err(e) => BatchResult::Refused { error: e.detail() },
+        })
+        .collect();
+    let status = if any_created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(BatchSubmitted { results })))
 }
 
 #[derive(Deserialize)]

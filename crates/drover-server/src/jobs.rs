@@ -19,13 +19,52 @@ pub async fn submit(
     if !created {
         return Ok((job, false));
     }
+    announce_submitted(state, &job);
+    state.nudge_dispatch().await;
+    state.webhooks.notify_one();
+    Ok((job, true))
+}
+
+/// Stores many jobs in one write (a batch submission). The specs are validated already;
+/// each answer stands alone: a job refused by the store (an unknown dependency, say) does
+/// not keep the others out.
+pub async fn submit_many(
+    state: &AppState,
+    specs: Vec<JobSpec>,
+    owner: Option<&str>,
+) -> Result<Vec<Result<(JobRecord, bool), ApiError>>, ApiError> {
+    let submissions = specs
+        .into_iter()
+        .map(|spec| drover_store::Submission {
+            spec,
+            owner: owner.map(str::to_string),
+        })
+        .collect();
+    let answers = state.store.create_jobs(submissions).await?;
+    let mut any_created = false;
+    let answers = answers
+        .into_iter()
+        .map(|answer| {
+            let (job, created) = answer?;
+            if created {
+                announce_submitted(state, &job);
+                any_created = true;
+            }
+            Ok((job, created))
+        })
+        .collect();
+    if any_created {
+        state.nudge_dispatch().await;
+        state.webhooks.notify_one();
+    }
+    Ok(answers)
+}
+
+fn announce_submitted(state: &AppState, job: &JobRecord) {
     metrics::counter!("drover_jobs_submitted_total").increment(1);
     tracing::info_span!("job", job_id = %job.id)
         .in_scope(|| tracing::info!(name = %job.name, "submitted"));
     state.notify_job(job.id, job.state);
-    state.nudge_dispatch().await;
-    state.webhooks.notify_one();
-    Ok((job, true))
 }
 
 /// A job may name only a provider this control plane has: otherwise it would wait forever.

@@ -8,6 +8,7 @@
 use crate::output::{self, Output, print_json};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
+use drover_client::records::BatchResult;
 use drover_client::{Client, FollowEvent};
 use drover_core::{JobSpec, Timestamp};
 use futures::StreamExt;
@@ -83,12 +84,27 @@ pub struct Setup {
     /// Workers the bench starts.
     #[arg(long, default_value_t = 2)]
     workers: usize,
-    /// Slots per worker.
-    #[arg(long, default_value_t = 16)]
-    slots: u32,
-    /// Submissions in flight at once.
+    /// Slots per worker (default: 256 with the noop executor, whose jobs hold a slot for no
+    /// time, so that the figure is the control plane's and not 32 slots' round trips; 16
+    /// otherwise).
+    #[arg(long)]
+    slots: Option<u32>,
+    /// Submission requests in flight at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Jobs per submission request (`POST /v1/jobs/batch`, up to 1,000); 1 submits each job
+    /// alone (`POST /v1/jobs`).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    batch: u16,
+}
+
+impl Setup {
+    fn slots(&self, executor: crate::serve::Executor) -> u32 {
+        self.slots.unwrap_or(match executor {
+            crate::serve::Executor::Noop => 256,
+            crate::serve::Executor::Process => 16,
+        })
+    }
 }
 
 /// The processes a bench started, killed when it ends.
@@ -173,7 +189,7 @@ async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Resul
             .create_node_token(Duration::from_secs(600))
             .await?
             .token;
-        let executor = match executor {
+        let executor_name = match executor {
             crate::serve::Executor::Noop => "noop",
             crate::serve::Executor::Process => "process",
         };
@@ -186,9 +202,9 @@ async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Resul
             "--name",
             &format!("bench-{i}"),
             "--slots",
-            &setup.slots.to_string(),
+            &setup.slots(executor).to_string(),
             "--executor",
-            executor,
+            executor_name,
             "--state-dir",
         ]
         .iter()
@@ -312,23 +328,47 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
-/// Submits `n` copies of `spec` with `concurrency` in flight; returns the ids.
+/// Submits `n` copies of `spec`, `setup.batch` per request, with `setup.concurrency`
+/// requests in flight; returns the ids.
 async fn submit_all(
     client: &Client,
     spec: &JobSpec,
     n: usize,
-    concurrency: usize,
+    setup: &Setup,
 ) -> anyhow::Result<Vec<String>> {
+    let per_request = usize::from(setup.batch).max(1);
+    let requests = n.div_ceil(per_request);
     let spec = Arc::new(spec.clone());
-    let ids: Vec<anyhow::Result<String>> = futures::stream::iter(0..n)
-        .map(|_| {
+    let answers: Vec<anyhow::Result<Vec<String>>> = futures::stream::iter(0..requests)
+        .map(|r| {
             let (client, spec) = (client.clone(), spec.clone());
-            async move { Ok(client.submit_job(&spec).await?.id.to_string()) }
+            let count = per_request.min(n - r * per_request);
+            async move {
+                if count == 1 {
+                    return Ok(vec![client.submit_job(&spec).await?.id.to_string()]);
+                }
+                let specs = vec![(*spec).clone(); count];
+                client
+                    .submit_jobs(&specs)
+                    .await?
+                    .into_iter()
+                    .map(|result| match result {
+                        BatchResult::Submitted { job, .. } => Ok(job.id.to_string()),
+                        BatchResult::Refused { error } => {
+                            bail!("a job of the batch was refused: {}", error.message)
+                        }
+                    })
+                    .collect()
+            }
         })
-        .buffer_unordered(concurrency.max(1))
+        .buffer_unordered(setup.concurrency.max(1))
         .collect()
         .await;
-    ids.into_iter().collect()
+    let mut ids = Vec::with_capacity(n);
+    for answer in answers {
+        ids.extend(answer?);
+    }
+    Ok(ids)
 }
 
 /// Waits until `n` more jobs than `before` finished, reading the server's counter.
@@ -426,7 +466,7 @@ async fn throughput(
         ..Default::default()
     };
     let started = Instant::now();
-    submit_all(&fleet.client, &spec, jobs, setup.concurrency).await?;
+    submit_all(&fleet.client, &spec, jobs, setup).await?;
     let submitted = started.elapsed();
     wait_finished(&fleet.client, before, jobs as u64).await?;
     let total = started.elapsed();
@@ -441,6 +481,11 @@ async fn throughput(
             }
             .to_string(),
         ),
+        (
+            "workers × slots".into(),
+            format!("{} × {}", setup.workers, setup.slots(executor)),
+        ),
+        ("jobs per submit request".into(), setup.batch.to_string()),
         (
             "submit rate".into(),
             format!("{:.0} jobs/s", jobs as f64 / submitted.as_secs_f64()),
@@ -576,7 +621,7 @@ async fn backlog(queued: usize, jobs: usize, setup: &Setup) -> anyhow::Result<Fi
     };
     stuck.labels.insert("bench".into(), "backlog".into());
     let started = Instant::now();
-    submit_all(&fleet.client, &stuck, queued, setup.concurrency).await?;
+    submit_all(&fleet.client, &stuck, queued, setup).await?;
     let took = started.elapsed();
     figures.push((
         "submit rate while filling".into(),

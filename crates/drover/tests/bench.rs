@@ -41,8 +41,11 @@ fn bench_throughput_noop_and_process_smoke() {
         "process",
         "--workers",
         "1",
+        "--batch",
+        "1",
     ]);
     assert_eq!(figure(&v, "executor"), "process");
+    assert_eq!(figure(&v, "jobs per submit request"), "1");
 }
 
 #[test]

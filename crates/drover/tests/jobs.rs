@@ -288,6 +288,78 @@ async fn seed003_step_8_1_batch_of_five_jobs_all_succeed() {
 }
 
 #[tokio::test]
+async fn a_batch_of_jobs_is_submitted_in_one_request_and_each_runs() {
+    let c = cluster().await;
+    let client = c.server.client();
+    let api_field = |e: drover_client::ClientError| match e {
+        drover_client::ClientError::Api { status, field, .. } => (status, field),
+        other => panic!("not an API error: {other}"),
+    };
+
+    // A bad spec refuses the whole request, naming it; nothing is stored.
+    let no_command = JobSpec {
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    let refused = client
+        .submit_jobs(&[command("echo a"), no_command])
+        .await
+        .unwrap_err();
+    assert_eq!(api_field(refused), (400, Some("jobs[1].command".into())));
+    let empty = client.submit_jobs(&[]).await.unwrap_err();
+    assert_eq!(api_field(empty), (400, Some("jobs".into())));
+    let too_many = client
+        .submit_jobs(&vec![command("true"); 1001])
+        .await
+        .unwrap_err();
+    assert_eq!(api_field(too_many), (400, Some("jobs".into())));
+    assert!(client.list_jobs(None, 100).await.unwrap().is_empty());
+
+    // Each job stands alone: a repeated idempotency key names the first job, an unknown
+    // dependency refuses only its own job.
+    let keyed = JobSpec {
+        idempotency_key: Some("batch-key".into()),
+        ..command("echo keyed")
+    };
+    let orphan = JobSpec {
+        depends_on: vec![drover_core::JobId::new()],
+        ..command("echo orphan")
+    };
+    let results = client
+        .submit_jobs(&[
+            command("echo one"),
+            keyed.clone(),
+            keyed,
+            orphan,
+            command("echo two"),
+        ])
+        .await
+        .unwrap();
+    use drover_client::records::BatchResult;
+    let submitted = |i: usize| match &results[i] {
+        BatchResult::Submitted { job, created } => (job.id.to_string(), *created),
+        BatchResult::Refused { error } => panic!("job {i} refused: {error:?}"),
+    };
+    assert_eq!(results.len(), 5);
+    let (one, two, keyed_first, keyed_again) =
+        (submitted(0), submitted(4), submitted(1), submitted(2));
+    assert!(one.1 && two.1 && keyed_first.1, "{results:?}");
+    assert_eq!(keyed_again, (keyed_first.0.clone(), false));
+    match &results[3] {
+        BatchResult::Refused { error } => {
+            assert_eq!(error.field.as_deref(), Some("depends_on"), "{error:?}")
+        }
+        other => panic!("the orphan was stored: {other:?}"),
+    }
+    for (id, line) in [(&one.0, "one"), (&keyed_first.0, "keyed"), (&two.0, "two")] {
+        let view = client.wait_job(id, |_| {}).await.unwrap();
+        assert_eq!(view.job.state, JobState::Succeeded);
+        assert_eq!(c.lines(id).await, vec![line.to_string()]);
+    }
+    assert_eq!(client.list_jobs(None, 100).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
 async fn a_failing_command_fails_with_its_exit_code() {
     let c = cluster().await;
     let out = c
