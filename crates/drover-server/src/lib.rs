@@ -148,6 +148,8 @@ pub(crate) struct AppState {
     /// Failed logins, to slow password guessing.
     pub logins: auth::LoginLimiter,
     last_dispatch_nudge: std::sync::atomic::AtomicI64,
+    /// Jobs just final, to be announced to the other replicas (see `publish_final_jobs`).
+    final_jobs: tokio::sync::mpsc::UnboundedSender<JobId>,
 }
 
 impl AppState {
@@ -155,12 +157,7 @@ impl AppState {
         let _ = self.notices.send(Notice::Job { job_id });
         if state.is_terminal() {
             // Waiters on other replicas: best effort, they also re-read every second.
-            let store = self.store.clone();
-            tokio::spawn(async move {
-                let _ = store.publish(&drover_store::Wakeup::Job { job_id }).await;
-            });
-        }
-        if state.is_terminal() {
+            let _ = self.final_jobs.send(job_id);
             metrics::counter!("drover_jobs_finished_total", "state" => state.as_str()).increment(1);
         }
     }
@@ -213,8 +210,10 @@ impl AppState {
                     }),
                 );
             }
-            Wakeup::Job { job_id } => {
-                let _ = self.notices.send(Notice::Job { job_id });
+            Wakeup::Jobs { ref job_ids } => {
+                for &job_id in job_ids.iter() {
+                    let _ = self.notices.send(Notice::Job { job_id });
+                }
             }
             Wakeup::Drain { worker_id } => self.sessions.drain(worker_id),
             Wakeup::Revoke { worker_id } => self.sessions.drop_worker(worker_id),
@@ -315,6 +314,21 @@ fn prometheus() -> PrometheusHandle {
 struct Writers {
     submissions: batcher::Gathered<drover_store::Submission, (drover_store::JobRecord, bool)>,
     run_reports: batcher::Gathered<run_reports::RunReport, run_reports::Written>,
+    final_jobs: tokio::sync::mpsc::UnboundedReceiver<JobId>,
+}
+
+/// Tells the other replicas' waiters which jobs are final, many per notice.
+async fn publish_final_jobs(
+    state: Arc<AppState>,
+    mut final_jobs: tokio::sync::mpsc::UnboundedReceiver<JobId>,
+) {
+    // A PostgreSQL notice carries under 8,000 bytes; a job id takes 39 in JSON.
+    const IDS_PER_NOTICE: usize = 150;
+    let mut job_ids = Vec::with_capacity(IDS_PER_NOTICE);
+    while final_jobs.recv_many(&mut job_ids, IDS_PER_NOTICE).await > 0 {
+        let job_ids = std::mem::take(&mut job_ids);
+        state.publish(drover_store::Wakeup::Jobs { job_ids }).await;
+    }
 }
 
 /// A bound, recovered control plane, ready to serve.
@@ -401,6 +415,7 @@ impl Server {
         let (notices, _) = broadcast::channel(4096);
         let (submissions, submissions_gathered) = batcher::batcher("submissions");
         let (run_reports, run_reports_gathered) = batcher::batcher("run reports");
+        let (final_jobs, final_jobs_to_publish) = tokio::sync::mpsc::unbounded_channel();
         let state = Arc::new(AppState {
             store,
             config,
@@ -418,6 +433,7 @@ impl Server {
             advertised,
             logins: auth::LoginLimiter::default(),
             last_dispatch_nudge: std::sync::atomic::AtomicI64::new(0),
+            final_jobs,
         });
         Ok(Self {
             state,
@@ -425,6 +441,7 @@ impl Server {
             writers: Writers {
                 submissions: submissions_gathered,
                 run_reports: run_reports_gathered,
+                final_jobs: final_jobs_to_publish,
             },
             providers,
             tls,
@@ -460,6 +477,7 @@ impl Server {
                 tokio::spawn(scheduler::lease_renewer(state.clone())),
                 tokio::spawn(webhooks::delivery_loop(state.clone())),
                 tokio::spawn(listen_to_replicas(state.clone())),
+                tokio::spawn(publish_final_jobs(state.clone(), self.writers.final_jobs)),
                 tokio::spawn(self.writers.submissions.write_with({
                     let store = state.store.clone();
                     move |batch| {

@@ -64,8 +64,8 @@ pub enum Wakeup {
     Cancel { worker_id: WorkerId, run_id: RunId },
     /// Tell this worker, if connected to you, that this run is no longer its own.
     Forget { worker_id: WorkerId, run_id: RunId },
-    /// A job reached a final state.
-    Job { job_id: JobId },
+    /// These jobs reached a final state (many per notice: one each was a round trip per job).
+    Jobs { job_ids: Vec<JobId> },
     /// This worker is being stopped by its provider: give it no new work.
     Drain { worker_id: WorkerId },
     /// This worker's credential was revoked: drop its stream.

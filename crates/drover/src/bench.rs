@@ -107,17 +107,21 @@ impl Setup {
     }
 }
 
-/// The processes a bench started, killed when it ends.
+/// The control plane and workers a bench started.
 struct Fleet {
     client: Client,
     server_pid: Option<u32>,
-    children: Vec<Child>,
+    _children: Children,
     _dir: Option<tempfile::TempDir>,
 }
 
-impl Drop for Fleet {
+/// Child processes, killed when the bench ends, however it ends (a failed start too).
+#[derive(Default)]
+struct Children(Vec<Child>);
+
+impl Drop for Children {
     fn drop(&mut self) {
-        for c in &mut self.children {
+        for c in &mut self.0 {
             let _ = c.kill();
             let _ = c.wait();
         }
@@ -141,7 +145,7 @@ async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Resul
         return Ok(Fleet {
             client: crate::login::client(url).await?,
             server_pid: None,
-            children: Vec::new(),
+            _children: Children::default(),
             _dir: None,
         });
     }
@@ -164,7 +168,7 @@ async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Resul
     std::fs::create_dir_all(&data)?;
     let server = spawn(&args, &dir.path().join("server.log"))?;
     let server_pid = server.id();
-    let mut children = vec![server];
+    let mut children = Children(vec![server]);
     let addr_file = data.join("api.addr");
     let started = Instant::now();
     let url = loop {
@@ -182,7 +186,14 @@ async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Resul
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     let client = Client::new(&url)?;
-    let tokens = client.login("admin", &admin_password).await?;
+    let tokens = match client.login("admin", &admin_password).await {
+        Ok(tokens) => tokens,
+        Err(e) if setup.database_url.is_some() => bail!(
+            "cannot sign in to the control plane the bench started ({e}): the bench needs an \
+             empty database (it creates its own admin), and --database-url names one in use"
+        ),
+        Err(e) => return Err(e.into()),
+    };
     let client = client.with_token(tokens.access_token);
     for i in 0..setup.workers {
         let token = client
@@ -211,7 +222,9 @@ async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Resul
         .map(|s| s.to_string())
         .chain([dir.path().join(format!("worker-{i}")).display().to_string()])
         .collect();
-        children.push(spawn(&args, &dir.path().join(format!("worker-{i}.log")))?);
+        children
+            .0
+            .push(spawn(&args, &dir.path().join(format!("worker-{i}.log")))?);
     }
     while client
         .list_nodes()
@@ -228,7 +241,7 @@ async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Resul
     Ok(Fleet {
         client,
         server_pid: Some(server_pid),
-        children,
+        _children: children,
         _dir: Some(dir),
     })
 }
