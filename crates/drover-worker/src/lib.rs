@@ -330,6 +330,10 @@ struct HeldRun {
     sent_seq: u64,
     finished: Option<v1::RunFinished>,
     control: Option<UnboundedSender<Control>>,
+    /// Whether the control plane was told this run was taken. A process is told at its
+    /// start (or its failure to start), so that the accept and the start travel and are
+    /// written together instead of one write after the other.
+    accepted: bool,
 }
 
 struct Agent {
@@ -687,13 +691,8 @@ impl Agent {
                 sent_seq: 0,
                 finished: None,
                 control: Some(control_tx),
+                accepted: false,
             },
-        );
-        send(
-            Some(out),
-            Out::Accepted(v1::RunAccepted {
-                run_id: a.run_id.clone(),
-            }),
         );
         let exec = Execution {
             run_id,
@@ -709,6 +708,8 @@ impl Agent {
         if exec.spec.kind == drover_core::JobKind::Inference
             && self.config.executor == ExecutorKind::Process
         {
+            // A model may take a while to load before the run starts: say it is taken now.
+            self.accept(run_id, Some(out));
             tokio::spawn(
                 inference::execute(
                     exec,
@@ -743,6 +744,7 @@ impl Agent {
         match ev {
             ExecEvent::Started { run_id } => {
                 if self.runs.contains_key(&run_id) {
+                    self.accept(run_id, out);
                     send(
                         out,
                         Out::Started(v1::RunStarted {
@@ -780,6 +782,7 @@ impl Agent {
                 if let Some(out) = out {
                     self.flush(out);
                 }
+                self.accept(run_id, out);
                 if let Some(held) = self.runs.get_mut(&run_id) {
                     tracing::info!(%run_id, ?outcome, ?exit_code, "run ended");
                     let finished = v1::RunFinished {
@@ -795,6 +798,21 @@ impl Agent {
                     send(out, Out::Finished(finished));
                 }
             }
+        }
+    }
+
+    /// Tells the control plane the run was taken, once.
+    fn accept(&mut self, run_id: RunId, out: Option<&UnboundedSender<v1::WorkerMessage>>) {
+        if let Some(held) = self.runs.get_mut(&run_id)
+            && !held.accepted
+        {
+            held.accepted = true;
+            send(
+                out,
+                Out::Accepted(v1::RunAccepted {
+                    run_id: run_id.to_string(),
+                }),
+            );
         }
     }
 
