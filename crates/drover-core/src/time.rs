@@ -34,9 +34,12 @@ impl Timestamp {
     }
 
     pub fn to_rfc3339(self) -> String {
-        let nanos = i128::from(self.0) * 1_000;
-        time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        // Whole seconds and microseconds apart: 128-bit nanosecond arithmetic showed up in
+        // the profile of a log follower, which formats a time per line.
+        let (secs, micros) = (self.0.div_euclid(1_000_000), self.0.rem_euclid(1_000_000));
+        time::OffsetDateTime::from_unix_timestamp(secs)
             .ok()
+            .and_then(|t| t.replace_microsecond(micros as u32).ok())
             .and_then(|t| {
                 t.format(&time::format_description::well_known::Rfc3339)
                     .ok()
@@ -47,7 +50,11 @@ impl Timestamp {
     pub fn parse_rfc3339(s: &str) -> Option<Self> {
         let t =
             time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).ok()?;
-        Some(Self((t.unix_timestamp_nanos() / 1_000) as i64))
+        let micros = t
+            .unix_timestamp()
+            .checked_mul(1_000_000)?
+            .checked_add(i64::from(t.microsecond()))?;
+        Some(Self(micros))
     }
 }
 
@@ -59,9 +66,21 @@ impl Serialize for Timestamp {
 
 impl<'de> Deserialize<'de> for Timestamp {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Self::parse_rfc3339(&s)
-            .ok_or_else(|| serde::de::Error::custom(format!("not an RFC 3339 time: {s:?}")))
+        struct Rfc3339;
+        impl serde::de::Visitor<'_> for Rfc3339 {
+            type Value = Timestamp;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an RFC 3339 time")
+            }
+
+            // Borrowed where the input allows: no string allocated per time parsed.
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Timestamp, E> {
+                Timestamp::parse_rfc3339(s)
+                    .ok_or_else(|| E::custom(format!("not an RFC 3339 time: {s:?}")))
+            }
+        }
+        d.deserialize_str(Rfc3339)
     }
 }
 
@@ -71,7 +90,26 @@ mod tests {
 
     #[test]
     fn rfc3339_round_trip() {
-        let t = Timestamp(1_764_000_000_123_456);
-        assert_eq!(Timestamp::parse_rfc3339(&t.to_rfc3339()), Some(t));
+        for t in [
+            Timestamp(1_764_000_000_123_456),
+            Timestamp(0),
+            Timestamp(-1),
+            Timestamp(-1_500_000),
+        ] {
+            assert_eq!(Timestamp::parse_rfc3339(&t.to_rfc3339()), Some(t), "{t:?}");
+        }
+        assert_eq!(
+            Timestamp(1_764_000_000_123_456).to_rfc3339(),
+            "2025-11-24T16:00:00.123456Z"
+        );
+    }
+
+    #[test]
+    fn times_read_from_json_borrowed_or_owned() {
+        let t: Timestamp = serde_json::from_str("\"2025-11-24T16:00:00.123456Z\"").unwrap();
+        assert_eq!(t, Timestamp(1_764_000_000_123_456));
+        let owned = serde_json::Value::String("2025-11-24T16:00:00.123456Z".into());
+        assert_eq!(serde_json::from_value::<Timestamp>(owned).unwrap(), t);
+        assert!(serde_json::from_str::<Timestamp>("\"yesterday\"").is_err());
     }
 }
