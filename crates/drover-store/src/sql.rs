@@ -1947,21 +1947,24 @@ impl Store for SqlStore {
         }
         // One statement for every worker heard since the last round: heartbeats of a large
         // fleet cost one write per interval, not one per worker.
-        let list = (0..workers.len())
-            .map(|i| format!("${}", i + 2))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = placeholders(2, workers.len());
         let mut tx = self.writer.begin().await?;
-        let sql = format!(
-            "UPDATE runs SET lease_expires_at = $1 WHERE worker_id IN ({list}) \
-             AND state IN ('ASSIGNED', 'RUNNING')"
+        let sql = binds_for(
+            &tx,
+            format!(
+                "UPDATE runs SET lease_expires_at = $1 WHERE worker_id IN ({list}) \
+                 AND state IN ('ASSIGNED', 'RUNNING')"
+            ),
         );
         let mut runs = sqlx::query(&sql).bind(until.0);
         for w in workers {
             runs = runs.bind(w.to_string());
         }
         let done = runs.execute(&mut *tx).await?;
-        let sql = format!("UPDATE workers SET last_seen_at = $1 WHERE id IN ({list})");
+        let sql = binds_for(
+            &tx,
+            format!("UPDATE workers SET last_seen_at = $1 WHERE id IN ({list})"),
+        );
         let mut seen = sqlx::query(&sql).bind(Timestamp::now().0);
         for w in workers {
             seen = seen.bind(w.to_string());
