@@ -63,19 +63,12 @@ async fn dispatch_pass(
     if first.is_empty() {
         return Ok(0);
     }
-    let holds: Vec<Hold> = state
-        .store
-        .active_reservations(now)
-        .await?
-        .into_iter()
-        .map(|r| Hold {
-            in_use: state.sessions.reservation_usage(r.id, &r.resource),
-            reservation_id: r.id,
-            worker_id: r.worker_id,
-            resource: r.resource,
-            amount: r.amount,
-        })
-        .collect();
+    // Reservations only change the plan for jobs that need resources or name one: a pass
+    // over plain jobs does not read them (a read fewer on the way from submit to RUNNING).
+    let mut holds: Option<Vec<Hold>> = None;
+    if needs_holds(&first) {
+        holds = Some(read_holds(state, now).await?);
+    }
     let to_candidates = |page: Vec<drover_store::ReadyJob>| -> Vec<Candidate> {
         page.into_iter()
             .map(|r| Candidate {
@@ -90,12 +83,14 @@ async fn dispatch_pass(
             })
             .collect()
     };
-    let plan_for = |c: Vec<Candidate>| schedule::assign(c, free.clone(), holds.clone());
+    let plan_for = |c: Vec<Candidate>, holds: &Option<Vec<Hold>>| {
+        schedule::assign(c, free.clone(), holds.clone().unwrap_or_default())
+    };
     // The head of the queue first; if nothing there fits a free worker (labels, resources,
     // isolation), a few pages further on, from where the last pass stopped.
     let head_end = first.last().map(|r| (r.priority, r.id));
     let head_is_all = first.len() < page_size as usize;
-    let mut plan = plan_for(to_candidates(first));
+    let mut plan = plan_for(to_candidates(first), &holds);
     let walk_due = cursor
         .last_walk
         .is_none_or(|at| at.elapsed() >= DEEP_WALK_EVERY);
@@ -107,7 +102,10 @@ async fn dispatch_pass(
             let end_of_queue = page.len() < page_size as usize;
             let page_start = after;
             after = page.last().map(|r| (r.priority, r.id));
-            plan = plan_for(to_candidates(page));
+            if holds.is_none() && needs_holds(&page) {
+                holds = Some(read_holds(state, now).await?);
+            }
+            plan = plan_for(to_candidates(page), &holds);
             if !plan.is_empty() {
                 // Start there again next time: the page may hold more that fits.
                 after = page_start;
@@ -120,6 +118,7 @@ async fn dispatch_pass(
         }
         cursor.after = after;
     }
+    let holds = holds.unwrap_or_default();
     // The whole plan in one transaction.
     let made = state.store.assign_jobs(&plan, state.lease_until()).await?;
     let assigned = made.len();
@@ -150,6 +149,31 @@ async fn dispatch_pass(
         }
     }
     Ok(assigned)
+}
+
+fn needs_holds(page: &[drover_store::ReadyJob]) -> bool {
+    page.iter()
+        .any(|r| !r.resources.is_empty() || r.reservation.is_some())
+}
+
+/// What each active reservation holds and how much of it its jobs use now.
+async fn read_holds(
+    state: &AppState,
+    now: Timestamp,
+) -> Result<Vec<Hold>, drover_store::StoreError> {
+    Ok(state
+        .store
+        .active_reservations(now)
+        .await?
+        .into_iter()
+        .map(|r| Hold {
+            in_use: state.sessions.reservation_usage(r.id, &r.resource),
+            reservation_id: r.id,
+            worker_id: r.worker_id,
+            resource: r.resource,
+            amount: r.amount,
+        })
+        .collect())
 }
 
 /// Fails the attempts whose lease ran out: their worker stopped heartbeating.

@@ -2765,7 +2765,23 @@ impl Store for SqlStore {
             kind: "reservation",
             id: id.to_string(),
         })?;
-        reservation_from_row(&row)
+        let mut reservation = reservation_from_row(&row)?;
+        // Past its TTL it is expired, whether or not a dispatch pass has marked it so yet
+        // (passes read reservations only when a queued job needs resources).
+        if reservation.state == ReservationState::Active
+            && reservation.expires_at <= Timestamp::now()
+        {
+            sqlx::query(
+                "UPDATE reservations SET state = 'EXPIRED', ended_at = expires_at \
+                 WHERE id = $1 AND state = 'ACTIVE'",
+            )
+            .bind(id.to_string())
+            .execute(&self.writer)
+            .await?;
+            reservation.state = ReservationState::Expired;
+            reservation.ended_at = Some(reservation.expires_at);
+        }
+        Ok(reservation)
     }
 
     async fn release_reservation(&self, id: ReservationId) -> Result<ReservationRecord> {

@@ -541,6 +541,16 @@ pub async fn reservations_expire(store: &dyn Store) {
         store.get_reservation(r.id).await.unwrap().state,
         drover_store::ReservationState::Expired
     );
+    // Read past its TTL, a reservation is expired even if no dispatch pass looked yet.
+    let unseen = store
+        .create_reservation("ollama", 1, w, Duration::from_millis(1), None)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let read = store.get_reservation(unseen.id).await.unwrap();
+    assert_eq!(read.state, drover_store::ReservationState::Expired);
+    assert_eq!(read.ended_at, Some(read.expires_at));
+    assert_eq!(store.get_reservation(unseen.id).await.unwrap(), read);
     let held = store
         .create_reservation("ollama", 1, w, Duration::from_secs(60), None)
         .await
