@@ -15,7 +15,7 @@ pub enum Written {
     End(Box<Finished>),
 }
 
-/// Writes a batch: its steps in one transaction, then its ends in another.
+/// Writes a batch: its steps, then its ends, in one transaction.
 pub async fn write(
     store: &dyn Store,
     batch: Vec<RunReport>,
@@ -36,16 +36,9 @@ pub async fn write(
             }
         })
         .collect();
-    let mut steps_written = match steps.is_empty() {
-        true => Vec::new(),
-        false => store.advance_runs(steps).await?,
-    }
-    .into_iter();
-    let mut ends_written = match ends.is_empty() {
-        true => Vec::new(),
-        false => store.finish_runs(ends, retry).await?,
-    }
-    .into_iter();
+    let (steps_written, ends_written) = store.report_runs(steps, ends, retry).await?;
+    let (mut steps_written, mut ends_written) =
+        (steps_written.into_iter(), ends_written.into_iter());
     let short = || {
         Err(StoreError::BatchFailed(
             "a batch answer went missing".into(),

@@ -53,6 +53,9 @@ pub enum StoreError {
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// Answers of [`Store::report_runs`]: one per step (the run's job), one per end.
+pub type RunReportAnswers = (Vec<Result<JobId>>, Vec<Result<Finished>>);
+
 /// A nudge from one control-plane replica to the others. Only a wake-up: the receiver
 /// re-reads the store, so a lost one delays, never loses.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -249,6 +252,24 @@ pub trait Store: Send + Sync + 'static {
         batch: Vec<FinishRequest>,
         retry: RetrySettings,
     ) -> Result<Vec<Result<Finished>>>;
+    /// Steps, then ends, of runs as workers reported them, in one transaction where the
+    /// store can: [`Store::advance_runs`] and [`Store::finish_runs`] together.
+    async fn report_runs(
+        &self,
+        steps: Vec<StepRequest>,
+        ends: Vec<FinishRequest>,
+        retry: RetrySettings,
+    ) -> Result<RunReportAnswers> {
+        let stepped = match steps.is_empty() {
+            true => Vec::new(),
+            false => self.advance_runs(steps).await?,
+        };
+        let ended = match ends.is_empty() {
+            true => Vec::new(),
+            false => self.finish_runs(ends, retry).await?,
+        };
+        Ok((stepped, ended))
+    }
     /// Extends the leases of every live run of these workers, and notes them seen.
     async fn renew_leases(&self, workers: &[WorkerId], until: Timestamp) -> Result<u64>;
     /// Extends every live lease (at start, so that workers get a whole lease to come back).

@@ -10,8 +10,9 @@ use crate::{
     ApiTokenRecord, Assignment, AuditRecord, Cancelled, ConfigAckRecord, DeliveryRecord,
     DeliveryState, EventRecord, FinishRequest, Finished, GroupRecord, GroupState, GroupView,
     IssuedTokens, JobRecord, JoinToken, LogIndex, NodeConfigRecord, ReadyJob, ReservationRecord,
-    ReservationState, Result, RetrySettings, Role, RunRecord, RunStep, StepRequest, Store,
-    StoreError, Submission, UserRecord, WebhookRecord, WorkerRecord, webhook_events,
+    ReservationState, Result, RetrySettings, Role, RunRecord, RunReportAnswers, RunStep,
+    StepRequest, Store, StoreError, Submission, UserRecord, WebhookRecord, WorkerRecord,
+    webhook_events,
 };
 use async_trait::async_trait;
 use drover_core::{
@@ -535,6 +536,107 @@ fn row_tuples(rows: usize, cols: usize) -> String {
         .map(|r| format!("({})", placeholders(r * cols + 1, cols)))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The body of [`Store::advance_runs`], inside the caller's transaction.
+async fn advance_in(tx: &mut AnyConnection, batch: Vec<StepRequest>) -> Result<Vec<Result<JobId>>> {
+    let now = Timestamp::now();
+    let run_ids: Vec<RunId> = batch.iter().map(|r| r.run_id).collect();
+    let mut runs = load_runs(&mut *tx, &run_ids).await?;
+    let job_ids: Vec<JobId> = runs.values().map(|r| r.job_id).collect();
+    let mut jobs = load_jobs(&mut *tx, &job_ids).await?;
+    let stored_state: HashMap<JobId, JobState> = jobs.values().map(|j| (j.id, j.state)).collect();
+    let mut answers = Vec::with_capacity(batch.len());
+    let mut events = Vec::new();
+    let mut started = Vec::new();
+    // Applied in order in memory, then written once: an accept and the start of the
+    // same run may share the batch.
+    for req in batch {
+        let answer = (|| {
+            let run = runs
+                .get_mut(&req.run_id)
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: "run",
+                    id: req.run_id.to_string(),
+                })?;
+            if run.worker_id != req.worker_id {
+                return Err(StoreError::NotYourRun { run_id: run.id });
+            }
+            if run.state != RunState::Assigned {
+                return Err(live_run_conflict(run));
+            }
+            let job = jobs
+                .get_mut(&run.job_id)
+                .ok_or_else(|| StoreError::NotFound {
+                    kind: "job",
+                    id: run.job_id.to_string(),
+                })?;
+            let (event, kind) = match req.step {
+                RunStep::Accept => (
+                    JobEvent::Accept,
+                    Some(EventKind::JobAccepted {
+                        run_id: run.id,
+                        worker_id: run.worker_id,
+                    }),
+                ),
+                RunStep::Start => (JobEvent::Start, None),
+            };
+            let to = job.state.apply(event)?;
+            let kind = kind.unwrap_or_else(|| {
+                EventKind::for_transition(job.state, event, to, Some(run.id), None, None)
+            });
+            events.push(NewEvent::job(now, job.id, kind));
+            job.state = to;
+            if req.step == RunStep::Start {
+                run.state = RunState::Running;
+                started.push(run.id);
+            }
+            Ok(job.id)
+        })();
+        answers.push(answer);
+    }
+    for chunk in started.chunks(ROWS_PER_STATEMENT * 8) {
+        let sql = binds_for(
+            tx,
+            format!(
+                "UPDATE runs SET state = $1, started_at = $2 WHERE id IN ({})",
+                placeholders(3, chunk.len())
+            ),
+        );
+        let mut query = sqlx::query(&sql)
+            .bind(RunState::Running.as_str())
+            .bind(now.0);
+        for id in chunk {
+            query = query.bind(id.to_string());
+        }
+        query.execute(&mut *tx).await?;
+    }
+    let touched: std::collections::HashSet<JobId> = answers
+        .iter()
+        .filter_map(|a| a.as_ref().ok().copied())
+        .collect();
+    let moved: Vec<(JobId, JobState, JobState)> = touched
+        .iter()
+        .filter_map(|id| Some((*id, *stored_state.get(id)?, jobs.get(id)?.state)))
+        .collect();
+    set_job_states(&mut *tx, &moved, now).await?;
+    insert_events(&mut *tx, &events).await?;
+    Ok(answers)
+}
+
+/// The body of [`Store::finish_runs`], inside the caller's transaction.
+async fn finish_in(
+    tx: &mut AnyConnection,
+    batch: Vec<FinishRequest>,
+    retry: RetrySettings,
+) -> Result<Vec<Result<Finished>>> {
+    let mut writing = FinishBatch::read(&mut *tx, &batch, retry).await?;
+    let mut answers = Vec::with_capacity(batch.len());
+    for req in batch {
+        answers.push(writing.finish(&mut *tx, req).await?);
+    }
+    writing.flush(&mut *tx).await?;
+    Ok(answers)
 }
 
 async fn insert_event(
@@ -1838,89 +1940,8 @@ impl Store for SqlStore {
     }
 
     async fn advance_runs(&self, batch: Vec<StepRequest>) -> Result<Vec<Result<JobId>>> {
-        let now = Timestamp::now();
         let mut tx = self.writer.begin().await?;
-        let run_ids: Vec<RunId> = batch.iter().map(|r| r.run_id).collect();
-        let mut runs = load_runs(&mut tx, &run_ids).await?;
-        let job_ids: Vec<JobId> = runs.values().map(|r| r.job_id).collect();
-        let mut jobs = load_jobs(&mut tx, &job_ids).await?;
-        let stored_state: HashMap<JobId, JobState> =
-            jobs.values().map(|j| (j.id, j.state)).collect();
-        let mut answers = Vec::with_capacity(batch.len());
-        let mut events = Vec::new();
-        let mut started = Vec::new();
-        // Applied in order in memory, then written once: an accept and the start of the
-        // same run may share the batch.
-        for req in batch {
-            let answer = (|| {
-                let run = runs
-                    .get_mut(&req.run_id)
-                    .ok_or_else(|| StoreError::NotFound {
-                        kind: "run",
-                        id: req.run_id.to_string(),
-                    })?;
-                if run.worker_id != req.worker_id {
-                    return Err(StoreError::NotYourRun { run_id: run.id });
-                }
-                if run.state != RunState::Assigned {
-                    return Err(live_run_conflict(run));
-                }
-                let job = jobs
-                    .get_mut(&run.job_id)
-                    .ok_or_else(|| StoreError::NotFound {
-                        kind: "job",
-                        id: run.job_id.to_string(),
-                    })?;
-                let (event, kind) = match req.step {
-                    RunStep::Accept => (
-                        JobEvent::Accept,
-                        Some(EventKind::JobAccepted {
-                            run_id: run.id,
-                            worker_id: run.worker_id,
-                        }),
-                    ),
-                    RunStep::Start => (JobEvent::Start, None),
-                };
-                let to = job.state.apply(event)?;
-                let kind = kind.unwrap_or_else(|| {
-                    EventKind::for_transition(job.state, event, to, Some(run.id), None, None)
-                });
-                events.push(NewEvent::job(now, job.id, kind));
-                job.state = to;
-                if req.step == RunStep::Start {
-                    run.state = RunState::Running;
-                    started.push(run.id);
-                }
-                Ok(job.id)
-            })();
-            answers.push(answer);
-        }
-        for chunk in started.chunks(ROWS_PER_STATEMENT * 8) {
-            let sql = binds_for(
-                &tx,
-                format!(
-                    "UPDATE runs SET state = $1, started_at = $2 WHERE id IN ({})",
-                    placeholders(3, chunk.len())
-                ),
-            );
-            let mut query = sqlx::query(&sql)
-                .bind(RunState::Running.as_str())
-                .bind(now.0);
-            for id in chunk {
-                query = query.bind(id.to_string());
-            }
-            query.execute(&mut *tx).await?;
-        }
-        let touched: std::collections::HashSet<JobId> = answers
-            .iter()
-            .filter_map(|a| a.as_ref().ok().copied())
-            .collect();
-        let moved: Vec<(JobId, JobState, JobState)> = touched
-            .iter()
-            .filter_map(|id| Some((*id, *stored_state.get(id)?, jobs.get(id)?.state)))
-            .collect();
-        set_job_states(&mut tx, &moved, now).await?;
-        insert_events(&mut tx, &events).await?;
+        let answers = advance_in(&mut tx, batch).await?;
         tx.commit().await?;
         Ok(answers)
     }
@@ -1931,14 +1952,28 @@ impl Store for SqlStore {
         retry: RetrySettings,
     ) -> Result<Vec<Result<Finished>>> {
         let mut tx = self.writer.begin().await?;
-        let mut writing = FinishBatch::read(&mut tx, &batch, retry).await?;
-        let mut answers = Vec::with_capacity(batch.len());
-        for req in batch {
-            answers.push(writing.finish(&mut tx, req).await?);
-        }
-        writing.flush(&mut tx).await?;
+        let answers = finish_in(&mut tx, batch, retry).await?;
         tx.commit().await?;
         Ok(answers)
+    }
+
+    async fn report_runs(
+        &self,
+        steps: Vec<StepRequest>,
+        ends: Vec<FinishRequest>,
+        retry: RetrySettings,
+    ) -> Result<RunReportAnswers> {
+        let mut tx = self.writer.begin().await?;
+        let stepped = match steps.is_empty() {
+            true => Vec::new(),
+            false => advance_in(&mut tx, steps).await?,
+        };
+        let ended = match ends.is_empty() {
+            true => Vec::new(),
+            false => finish_in(&mut tx, ends, retry).await?,
+        };
+        tx.commit().await?;
+        Ok((stepped, ended))
     }
 
     async fn renew_leases(&self, workers: &[WorkerId], until: Timestamp) -> Result<u64> {

@@ -1052,4 +1052,40 @@ pub async fn batches_answer_each_request_and_match_single_writes(store: &dyn Sto
     );
     assert_eq!(store.get_job(k.id).await.unwrap().state, JobState::Assigned);
     assert_eq!(store.get_job(waiting.id).await.unwrap().waiting_on, 0);
+
+    // A run's start and its end reported together: written in that order, in one call.
+    let (stepped, ended_answers) = store
+        .report_runs(
+            vec![
+                step(run_k, w, RunStep::Start),
+                step(run_k, other, RunStep::Start),
+            ],
+            vec![ended(run_k, w)],
+            NO_JITTER,
+        )
+        .await
+        .unwrap();
+    assert_eq!(stepped[0].as_ref().unwrap(), &k.id);
+    assert!(matches!(stepped[1], Err(StoreError::NotYourRun { .. })));
+    let done = ended_answers[0].as_ref().unwrap();
+    assert_eq!(done.job.state, JobState::Succeeded);
+    assert_eq!(
+        &store.get_job(k.id).await.unwrap(),
+        &done.job,
+        "answer = stored"
+    );
+    let run = store.get_run(run_k).await.unwrap();
+    assert_eq!(run.state, RunState::Succeeded);
+    assert!(run.started_at.is_some() && run.started_at <= run.finished_at);
+    let kinds: Vec<String> = store
+        .job_events(k.id)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind.type_name().to_string())
+        .collect();
+    assert_eq!(
+        kinds[kinds.len() - 2..],
+        ["JobStatusChanged", "JobStatusChanged"]
+    );
 }
