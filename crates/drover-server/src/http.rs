@@ -297,6 +297,31 @@ struct BatchRequest {
     jobs: Vec<JobSpec>,
 }
 
+/// The specs of a many-job request (`what`: "a batch", "a group"), each checked; a bad one
+/// refuses the request, named `jobs[i].field`.
+fn checked_specs(
+    state: &AppState,
+    specs: Vec<JobSpec>,
+    max: usize,
+    what: &str,
+) -> ApiResult<Vec<JobSpec>> {
+    if specs.is_empty() || specs.len() > max {
+        return Err(ApiError::invalid(
+            "jobs",
+            format!("{what} holds 1 to {max} jobs"),
+        ));
+    }
+    specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            spec.validated()
+                .and_then(|spec| jobs::check_provider(state, spec))
+                .map_err(|e| ApiError::invalid(format!("jobs[{i}].{}", e.field), e.message))
+        })
+        .collect()
+}
+
 /// Many jobs in one request and one write: every spec is checked first (a bad one refuses
 /// the whole request, naming `jobs[i].field`), then each job is stored or refused alone.
 async fn submit_job_batch(
@@ -305,22 +330,7 @@ async fn submit_job_batch(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<BatchSubmitted>)> {
     let req: BatchRequest = parse_body(&body)?;
-    if req.jobs.is_empty() || req.jobs.len() > MAX_BATCH_JOBS {
-        return Err(ApiError::invalid(
-            "jobs",
-            format!("a batch holds 1 to {MAX_BATCH_JOBS} jobs"),
-        ));
-    }
-    let specs = req
-        .jobs
-        .into_iter()
-        .enumerate()
-        .map(|(i, spec)| {
-            spec.validated()
-                .and_then(|spec| jobs::check_provider(&state, spec))
-                .map_err(|e| ApiError::invalid(format!("jobs[{i}].{}", e.field), e.message))
-        })
-        .collect::<ApiResult<Vec<JobSpec>>>()?;
+    let specs = checked_specs(&state, req.jobs, MAX_BATCH_JOBS, "a batch")?;
     let answers = jobs::submit_many(&state, specs, Some(&caller.user.id)).await?;
     let any_created = answers.iter().any(|a| matches!(a, Ok((_, true))));
     let results = answers
@@ -747,31 +757,18 @@ async fn create_group(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<GroupView>)> {
     let req: GroupRequest = parse_body(&body)?;
-    if req.jobs.is_empty() || req.jobs.len() > MAX_GROUP_JOBS {
-        return Err(ApiError::invalid(
-            "jobs",
-            format!("a group holds 1 to {MAX_GROUP_JOBS} jobs"),
-        ));
-    }
+    let specs = checked_specs(&state, req.jobs, MAX_GROUP_JOBS, "a group")?;
     if req.name.len() > drover_core::job::MAX_NAME_BYTES || req.name.chars().any(char::is_control) {
         return Err(ApiError::invalid(
             "name",
             "at most 256 bytes, no control characters",
         ));
     }
-    let mut specs = Vec::with_capacity(req.jobs.len());
-    for (i, spec) in req.jobs.into_iter().enumerate() {
-        let spec = spec
-            .validated()
-            .and_then(|spec| jobs::check_provider(&state, spec))
-            .map_err(|e| ApiError::invalid(format!("jobs[{i}].{}", e.field), e.message))?;
-        if spec.idempotency_key.is_some() {
-            return Err(ApiError::invalid(
-                format!("jobs[{i}].idempotency_key"),
-                "is not supported inside a group",
-            ));
-        }
-        specs.push(spec);
+    if let Some(i) = specs.iter().position(|s| s.idempotency_key.is_some()) {
+        return Err(ApiError::invalid(
+            format!("jobs[{i}].idempotency_key"),
+            "is not supported inside a group",
+        ));
     }
     let name = if req.name.trim().is_empty() {
         "group".to_string()

@@ -122,13 +122,7 @@ pub async fn happy_path_writes_events_in_order(store: &dyn Store) {
         .unwrap();
     assert!(!again.changed, "a finished run must not change");
     assert_eq!(again.job.state, JobState::Succeeded);
-    let types: Vec<String> = store
-        .job_events(job.id)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.kind.type_name().to_string())
-        .collect();
+    let types = job_event_types(store, job.id).await;
     assert_eq!(
         types,
         [
@@ -995,13 +989,7 @@ pub async fn batches_answer_each_request_and_match_single_writes(store: &dyn Sto
     assert_eq!(store.get_job(a.id).await.unwrap().state, JobState::Running);
     assert_eq!(store.get_run(run_a).await.unwrap().state, RunState::Running);
     assert_eq!(store.get_job(k.id).await.unwrap().state, JobState::Assigned);
-    let kinds: Vec<String> = store
-        .job_events(a.id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.kind.type_name().to_string())
-        .collect();
+    let kinds = job_event_types(store, a.id).await;
     assert_eq!(
         kinds,
         [
@@ -1077,15 +1065,14 @@ pub async fn batches_answer_each_request_and_match_single_writes(store: &dyn Sto
     let run = store.get_run(run_k).await.unwrap();
     assert_eq!(run.state, RunState::Succeeded);
     assert!(run.started_at.is_some() && run.started_at <= run.finished_at);
-    let kinds: Vec<String> = store
-        .job_events(k.id)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.kind.type_name().to_string())
-        .collect();
+    let kinds = job_event_types(store, k.id).await;
     assert_eq!(
         kinds[kinds.len() - 2..],
         ["JobStatusChanged", "JobStatusChanged"]
     );
+}
+
+/// The types of a job's events, oldest first.
+async fn job_event_types(store: &dyn Store, job_id: drover_core::JobId) -> Vec<&'static str> {
+    event_types(&store.job_events(job_id).await.unwrap())
 }
