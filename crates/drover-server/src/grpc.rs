@@ -574,6 +574,41 @@ impl JobService for JobApi {
         Ok(Response::new(to_wire(&job)))
     }
 
+    async fn submit_jobs(
+        &self,
+        request: Request<v1::SubmitJobsRequest>,
+    ) -> Result<Response<v1::SubmitJobsResponse>, Status> {
+        let caller = self.caller(&request).await?;
+        let specs = request
+            .into_inner()
+            .jobs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                JobSpec::try_from(spec)
+                    .map_err(|e| Status::invalid_argument(format!("jobs[{i}].{e}")))
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        let specs = jobs::checked_specs(&self.state, specs, jobs::MAX_BATCH_JOBS, "a batch")?;
+        let answers = jobs::submit_many(&self.state, specs, Some(&caller.user.id)).await?;
+        let results = answers
+            .into_iter()
+            .map(|answer| match answer {
+                Ok((job, created)) => v1::SubmittedJob {
+                    job: Some(to_wire(&job)),
+                    created,
+                    error: String::new(),
+                },
+                Err(e) => v1::SubmittedJob {
+                    job: None,
+                    created: false,
+                    error: e.to_string(),
+                },
+            })
+            .collect();
+        Ok(Response::new(v1::SubmitJobsResponse { results }))
+    }
+
     async fn get_job(
         &self,
         request: Request<v1::GetJobRequest>,

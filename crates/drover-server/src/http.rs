@@ -288,38 +288,10 @@ async fn submit_job(
     Ok((status, Json(job)))
 }
 
-/// Jobs in one batch submission: what one request body (2 MiB) holds comfortably.
-const MAX_BATCH_JOBS: usize = 1000;
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchRequest {
     jobs: Vec<JobSpec>,
-}
-
-/// The specs of a many-job request (`what`: "a batch", "a group"), each checked; a bad one
-/// refuses the request, named `jobs[i].field`.
-fn checked_specs(
-    state: &AppState,
-    specs: Vec<JobSpec>,
-    max: usize,
-    what: &str,
-) -> ApiResult<Vec<JobSpec>> {
-    if specs.is_empty() || specs.len() > max {
-        return Err(ApiError::invalid(
-            "jobs",
-            format!("{what} holds 1 to {max} jobs"),
-        ));
-    }
-    specs
-        .into_iter()
-        .enumerate()
-        .map(|(i, spec)| {
-            spec.validated()
-                .and_then(|spec| jobs::check_provider(state, spec))
-                .map_err(|e| ApiError::invalid(format!("jobs[{i}].{}", e.field), e.message))
-        })
-        .collect()
 }
 
 /// Many jobs in one request and one write: every spec is checked first (a bad one refuses
@@ -330,7 +302,7 @@ async fn submit_job_batch(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<BatchSubmitted>)> {
     let req: BatchRequest = parse_body(&body)?;
-    let specs = checked_specs(&state, req.jobs, MAX_BATCH_JOBS, "a batch")?;
+    let specs = jobs::checked_specs(&state, req.jobs, jobs::MAX_BATCH_JOBS, "a batch")?;
     let answers = jobs::submit_many(&state, specs, Some(&caller.user.id)).await?;
     let any_created = answers.iter().any(|a| matches!(a, Ok((_, true))));
     let results = answers
@@ -757,7 +729,7 @@ async fn create_group(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<GroupView>)> {
     let req: GroupRequest = parse_body(&body)?;
-    let specs = checked_specs(&state, req.jobs, MAX_GROUP_JOBS, "a group")?;
+    let specs = jobs::checked_specs(&state, req.jobs, MAX_GROUP_JOBS, "a group")?;
     if req.name.len() > drover_core::job::MAX_NAME_BYTES || req.name.chars().any(char::is_control) {
         return Err(ApiError::invalid(
             "name",

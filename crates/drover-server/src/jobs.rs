@@ -25,6 +25,34 @@ pub async fn submit(
     Ok((job, true))
 }
 
+/// Jobs in one batch submission: what one request body (2 MiB) holds comfortably.
+pub const MAX_BATCH_JOBS: usize = 1000;
+
+/// The specs of a many-job request (`what`: "a batch", "a group"), each checked; a bad one
+/// refuses the request, named `jobs[i].field`.
+pub fn checked_specs(
+    state: &AppState,
+    specs: Vec<JobSpec>,
+    max: usize,
+    what: &str,
+) -> Result<Vec<JobSpec>, ApiError> {
+    if specs.is_empty() || specs.len() > max {
+        return Err(ApiError::invalid(
+            "jobs",
+            format!("{what} holds 1 to {max} jobs"),
+        ));
+    }
+    specs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            spec.validated()
+                .and_then(|spec| check_provider(state, spec))
+                .map_err(|e| ApiError::invalid(format!("jobs[{i}].{}", e.field), e.message))
+        })
+        .collect()
+}
+
 /// Stores many jobs in one write (a batch submission). The specs are validated already;
 /// each answer stands alone: a job refused by the store (an unknown dependency, say) does
 /// not keep the others out.

@@ -655,6 +655,45 @@ async fn the_grpc_job_service_health_and_reflection_answer() {
     assert_eq!(empty.code(), tonic::Code::InvalidArgument);
     assert!(empty.message().starts_with("command:"), "{empty:?}");
 
+    // Many at once: one result per job, or the whole call refused naming the bad one.
+    let echo = |text: &str| drover_proto::v1::JobSpec {
+        command: Some(format!("echo {text}")),
+        max_attempts: 1,
+        ..Default::default()
+    };
+    let refused = jobs
+        .submit_jobs(drover_proto::v1::SubmitJobsRequest {
+            jobs: vec![echo("a"), drover_proto::v1::JobSpec::default()],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().starts_with("jobs[1].command"),
+        "{refused:?}"
+    );
+    let orphan = drover_proto::v1::JobSpec {
+        depends_on: vec![drover_core::JobId::new().to_string()],
+        ..echo("orphan")
+    };
+    let results = jobs
+        .submit_jobs(drover_proto::v1::SubmitJobsRequest {
+            jobs: vec![echo("first"), orphan, echo("second")],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 3);
+    assert!(results[1].job.is_none() && results[1].error.starts_with("depends_on"));
+    for (result, line) in [(&results[0], "first"), (&results[2], "second")] {
+        let id = &result.job.as_ref().expect("stored").id;
+        assert!(result.created && result.error.is_empty());
+        let view = c.server.client().wait_job(id, |_| {}).await.unwrap();
+        assert_eq!(view.job.state, JobState::Succeeded);
+        assert_eq!(c.lines(id).await, vec![line.to_string()]);
+    }
+
     let channel = tonic::transport::Endpoint::from_shared(c.server.url.clone())
         .unwrap()
         .connect()
