@@ -47,6 +47,90 @@ pub enum JobCommand {
         /// The run (attempt) to retry: `drover job get` lists them.
         run_id: String,
     },
+    /// Submit many jobs from a file of JSON job specs (the body of `POST /v1/jobs`), one
+    /// per line or one JSON array; 1,000 per request. Prints each job's id, in order.
+    Submit {
+        /// The file; `-` reads standard input.
+        file: String,
+    },
+}
+
+/// Jobs per batch request (the server's limit).
+const SUBMIT_BATCH: usize = 1000;
+
+/// `job submit FILE`: every spec is read and checked first (a bad one is named by its line
+/// or array position, exit 2, nothing sent); then they go 1,000 per request. Exits 1 if the
+/// server refused any job alone (an unknown dependency, say).
+async fn submit_file(client: &Client, file: &str, output: Output) -> anyhow::Result<ExitCode> {
+    let text = if file == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read standard input")?
+    } else {
+        std::fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?
+    };
+    let specs = match parse_specs(&text) {
+        Ok(specs) if specs.is_empty() => {
+            eprintln!("error: {file} holds no job spec");
+            return Ok(ExitCode::from(2));
+        }
+        Ok(specs) => specs,
+        Err(e) => {
+            eprintln!("error: {file}: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    let mut refused = 0;
+    let mut results = Vec::with_capacity(specs.len());
+    for chunk in specs.chunks(SUBMIT_BATCH) {
+        for result in client.submit_jobs(chunk).await? {
+            if let drover_client::records::BatchResult::Refused { error } = &result {
+                refused += 1;
+                let n = results.len() + 1;
+                eprintln!("error: job {n} of {file} was refused: {}", error.message);
+            } else if let (
+                Output::Text,
+                drover_client::records::BatchResult::Submitted { job, .. },
+            ) = (output, &result)
+            {
+                println!("{}", job.id);
+            }
+            results.push(result);
+        }
+    }
+    if output == Output::Json {
+        print_json(&results)?;
+    }
+    Ok(if refused > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Job specs from a JSON array or JSON Lines (blank lines skipped), each checked as the
+/// server would; an error names the line (or the array position) and the field.
+fn parse_specs(text: &str) -> Result<Vec<JobSpec>, String> {
+    let check = |spec: JobSpec, at: String| {
+        spec.validated()
+            .map_err(|e| format!("{at}: {}: {}", e.field, e.message))
+    };
+    if text.trim_start().starts_with('[') {
+        let specs: Vec<JobSpec> = serde_json::from_str(text)
+            .map_err(|e| format!("not a JSON array of job specs: {e}"))?;
+        return specs
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| check(spec, format!("job {}", i + 1)))
+            .collect();
+    }
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.trim().is_empty())
+        .map(|(i, line)| {
+            let spec: JobSpec =
+                serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?;
+            check(spec, format!("line {}", i + 1))
+        })
+        .collect()
 }
 
 /// A job id, positional or as `--id` (as in scripts written for other job CLIs).
@@ -306,6 +390,7 @@ pub async fn run(cmd: JobCommand, server: &str, output: Output) -> anyhow::Resul
             }
             Ok(ExitCode::SUCCESS)
         }
+        JobCommand::Submit { file } => submit_file(&client, &file, output).await,
     }
 }
 

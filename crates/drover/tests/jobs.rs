@@ -360,6 +360,61 @@ async fn a_batch_of_jobs_is_submitted_in_one_request_and_each_runs() {
 }
 
 #[tokio::test]
+async fn job_submit_sends_a_file_of_specs_and_prints_their_ids() {
+    let c = cluster().await;
+    let file = c.dir.path().join("jobs.jsonl");
+    std::fs::write(
+        &file,
+        "{\"command\": \"echo one\", \"max_attempts\": 1}\n\n{\"command\": \"echo two\"}\n",
+    )
+    .unwrap();
+    let out = c.cli(&["job", "submit", file.to_str().unwrap()]).await;
+    assert_eq!(out.code, 0, "{out:?}");
+    let ids: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(ids.len(), 2, "{out:?}");
+    for (id, line) in ids.iter().zip(["one", "two"]) {
+        let view = c.server.client().wait_job(id, |_| {}).await.unwrap();
+        assert_eq!(view.job.state, JobState::Succeeded);
+        assert_eq!(c.lines(id).await, vec![line.to_string()]);
+    }
+
+    // A bad spec is named by its line and field, and nothing is sent.
+    std::fs::write(
+        &file,
+        "{\"command\": \"echo fine\"}\n{\"comand\": \"echo typo\"}\n",
+    )
+    .unwrap();
+    let out = c.cli(&["job", "submit", file.to_str().unwrap()]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("line 2"), "{out:?}");
+    std::fs::write(&file, "[{\"command\": \"echo a\"}, {\"timeout_ms\": 5}]").unwrap();
+    let out = c.cli(&["job", "submit", file.to_str().unwrap()]).await;
+    assert_eq!(out.code, 2, "{out:?}");
+    assert!(out.stderr.contains("job 2: command"), "{out:?}");
+    assert_eq!(
+        c.server.client().list_jobs(None, 100).await.unwrap().len(),
+        2
+    );
+
+    // One refused alone (an unknown dependency): the rest are stored, exit 1.
+    let missing = drover_core::JobId::new();
+    std::fs::write(
+        &file,
+        format!("{{\"command\": \"echo three\"}}\n{{\"command\": \"true\", \"depends_on\": [\"{missing}\"]}}\n"),
+    )
+    .unwrap();
+    let out = c
+        .cli(&["job", "submit", file.to_str().unwrap(), "--output", "json"])
+        .await;
+    assert_eq!(out.code, 1, "{out:?}");
+    let results: Vec<serde_json::Value> = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(results.len(), 2);
+    assert_eq!(results[0]["created"], true);
+    assert_eq!(results[1]["error"]["field"], "depends_on");
+    assert!(out.stderr.contains("job 2 of"), "{out:?}");
+}
+
+#[tokio::test]
 async fn a_failing_command_fails_with_its_exit_code() {
     let c = cluster().await;
     let out = c
