@@ -540,6 +540,9 @@ fn row_tuples(rows: usize, cols: usize) -> String {
 
 /// The body of [`Store::advance_runs`], inside the caller's transaction.
 async fn advance_in(tx: &mut AnyConnection, batch: Vec<StepRequest>) -> Result<Vec<Result<JobId>>> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
     let now = Timestamp::now();
     let run_ids: Vec<RunId> = batch.iter().map(|r| r.run_id).collect();
     let mut runs = load_runs(&mut *tx, &run_ids).await?;
@@ -630,6 +633,9 @@ async fn finish_in(
     batch: Vec<FinishRequest>,
     retry: RetrySettings,
 ) -> Result<Vec<Result<Finished>>> {
+    if batch.is_empty() {
+        return Ok(Vec::new());
+    }
     let mut writing = FinishBatch::read(&mut *tx, &batch, retry).await?;
     let mut answers = Vec::with_capacity(batch.len());
     for req in batch {
@@ -1964,14 +1970,8 @@ impl Store for SqlStore {
         retry: RetrySettings,
     ) -> Result<RunReportAnswers> {
         let mut tx = self.writer.begin().await?;
-        let stepped = match steps.is_empty() {
-            true => Vec::new(),
-            false => advance_in(&mut tx, steps).await?,
-        };
-        let ended = match ends.is_empty() {
-            true => Vec::new(),
-            false => finish_in(&mut tx, ends, retry).await?,
-        };
+        let stepped = advance_in(&mut tx, steps).await?;
+        let ended = finish_in(&mut tx, ends, retry).await?;
         tx.commit().await?;
         Ok((stepped, ended))
     }
