@@ -37,8 +37,8 @@ pub async fn write(
         })
         .collect();
     let (steps_written, ends_written) = store.report_runs(steps, ends, retry).await?;
-    let (mut steps_written, mut ends_written) =
-        (steps_written.into_iter(), ends_written.into_iter());
+    let mut steps_written = steps_written.into_iter();
+    let mut ends_written = ends_written.into_iter();
     let short = || {
         Err(StoreError::BatchFailed(
             "a batch answer went missing".into(),

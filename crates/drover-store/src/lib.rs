@@ -252,24 +252,14 @@ pub trait Store: Send + Sync + 'static {
         batch: Vec<FinishRequest>,
         retry: RetrySettings,
     ) -> Result<Vec<Result<Finished>>>;
-    /// Steps, then ends, of runs as workers reported them, in one transaction where the
-    /// store can: [`Store::advance_runs`] and [`Store::finish_runs`] together.
+    /// Steps, then ends, of runs as workers reported them: [`Store::advance_runs`] and
+    /// [`Store::finish_runs`] in one transaction (either list may be empty).
     async fn report_runs(
         &self,
         steps: Vec<StepRequest>,
         ends: Vec<FinishRequest>,
         retry: RetrySettings,
-    ) -> Result<RunReportAnswers> {
-        let stepped = match steps.is_empty() {
-            true => Vec::new(),
-            false => self.advance_runs(steps).await?,
-        };
-        let ended = match ends.is_empty() {
-            true => Vec::new(),
-            false => self.finish_runs(ends, retry).await?,
-        };
-        Ok((stepped, ended))
-    }
+    ) -> Result<RunReportAnswers>;
     /// Extends the leases of every live run of these workers, and notes them seen.
     async fn renew_leases(&self, workers: &[WorkerId], until: Timestamp) -> Result<u64>;
     /// Extends every live lease (at start, so that workers get a whole lease to come back).

@@ -349,7 +349,7 @@ async fn submit_all(
     n: usize,
     setup: &Setup,
 ) -> anyhow::Result<Vec<String>> {
-    let per_request = usize::from(setup.batch).max(1);
+    let per_request = usize::from(setup.batch);
     let requests = n.div_ceil(per_request);
     let spec = Arc::new(spec.clone());
     let answers: Vec<anyhow::Result<Vec<String>>> = futures::stream::iter(0..requests)

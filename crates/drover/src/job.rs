@@ -4,7 +4,7 @@ use crate::output::{self, Output, parse_duration, parse_pairs, print_json};
 use anyhow::{Context, bail};
 use base64::Engine;
 use clap::{Args, Subcommand};
-use drover_client::records::{JobRecord, JobView, LogEntryView, LogStream};
+use drover_client::records::{BatchResult, JobRecord, JobView, LogEntryView, LogStream};
 use drover_client::{Client, FollowEvent};
 use drover_core::{JobSpec, JobState};
 use futures::StreamExt;
@@ -82,16 +82,16 @@ async fn submit_file(client: &Client, file: &str, output: Output) -> anyhow::Res
     let mut results = Vec::with_capacity(specs.len());
     for chunk in specs.chunks(SUBMIT_BATCH) {
         for result in client.submit_jobs(chunk).await? {
-            if let drover_client::records::BatchResult::Refused { error } = &result {
-                refused += 1;
-                let n = results.len() + 1;
-                eprintln!("error: job {n} of {file} was refused: {}", error.message);
-            } else if let (
-                Output::Text,
-                drover_client::records::BatchResult::Submitted { job, .. },
-            ) = (output, &result)
-            {
-                println!("{}", job.id);
+            match &result {
+                BatchResult::Refused { error } => {
+                    refused += 1;
+                    let n = results.len() + 1;
+                    eprintln!("error: job {n} of {file} was refused: {}", error.message);
+                }
+                BatchResult::Submitted { job, .. } if output == Output::Text => {
+                    println!("{}", job.id)
+                }
+                BatchResult::Submitted { .. } => {}
             }
             results.push(result);
         }
