@@ -1,6 +1,7 @@
 //! Runs one job as a process in its own process group, so that a timeout or a cancel
 //! reaches every process it started. Output is read line by line, as bytes.
 
+use crate::spawn::{JobProcess, Launch, Spawned};
 use drover_core::{Isolation, JobSpec, RunId, RunOutcome, Timestamp};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -90,7 +91,7 @@ fn signal_group(pgid: i32, signal: Signal) {
 
 /// Sends SIGTERM to the group, then SIGKILL after the grace period if the main process is
 /// still there.
-async fn stop_group(child: &mut tokio::process::Child, pgid: i32, grace: Duration) {
+async fn stop_group(child: &mut JobProcess, pgid: i32, grace: Duration) {
     signal_group(pgid, Signal::SIGTERM);
     if tokio::time::timeout(grace, child.wait()).await.is_err() {
         signal_group(pgid, Signal::SIGKILL);
@@ -140,23 +141,14 @@ pub async fn execute(
         .env("DROVER_JOB_ID", &exec.job_id)
         .env("DROVER_RUN_ID", run_id.to_string())
         .env("DROVER_ATTEMPT", exec.attempt.to_string())
-        .env("DROVER_SCRATCH", &scratch)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
-    // If the worker dies (kill -9), the job's main process dies with it instead of running
-    // on unseen while the control plane retries the job elsewhere.
-    // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
-    // which is async-signal-safe.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-        });
-    }
-    let mut child = match cmd.spawn() {
-        Ok(child) => child,
+        .env("DROVER_SCRATCH", &scratch);
+    // In its own process group, stdin /dev/null, and killed if the worker dies (see spawn.rs).
+    let Spawned {
+        process: mut child,
+        stdout,
+        stderr,
+    } = match cmd.spawn() {
+        Ok(spawned) => spawned,
         Err(e) => {
             let what = match exec.spec.isolation {
                 Isolation::Sandbox => "bwrap",
@@ -172,17 +164,21 @@ pub async fn execute(
             return;
         }
     };
-    let pgid = child.id().map(|p| p as i32).unwrap_or(0);
+    let pgid = child.id();
     let _ = events.send(ExecEvent::Started { run_id });
     let readers = [
-        child
-            .stdout
-            .take()
-            .map(|s| tokio::spawn(read_lines(s, run_id, OutStream::Stdout, events.clone()))),
-        child
-            .stderr
-            .take()
-            .map(|s| tokio::spawn(read_lines(s, run_id, OutStream::Stderr, events.clone()))),
+        tokio::spawn(read_lines(
+            stdout,
+            run_id,
+            OutStream::Stdout,
+            events.clone(),
+        )),
+        tokio::spawn(read_lines(
+            stderr,
+            run_id,
+            OutStream::Stderr,
+            events.clone(),
+        )),
     ];
 
     let timeout = exec
@@ -221,7 +217,7 @@ pub async fn execute(
     if exec.spec.isolation == Isolation::Container {
         remove_container(run_id).await;
     }
-    for reader in readers.into_iter().flatten() {
+    for reader in readers {
         let abort = reader.abort_handle();
         if tokio::time::timeout(DRAIN_LIMIT, reader).await.is_err() {
             abort.abort();
@@ -258,7 +254,7 @@ pub async fn execute(
 }
 
 /// The command line for the job's isolation mode; None when the spec names nothing to run.
-fn command(exec: &Execution, dir: &std::path::Path) -> Option<Command> {
+fn command(exec: &Execution, dir: &std::path::Path) -> Option<Launch> {
     let argv: Vec<&str> = match (&exec.spec.command, &exec.spec.program) {
         (Some(command), _) => vec!["/bin/sh", "-c", command],
         (None, Some(program)) => std::iter::once(program.as_str())
@@ -268,7 +264,7 @@ fn command(exec: &Execution, dir: &std::path::Path) -> Option<Command> {
     };
     let mut cmd = match exec.spec.isolation {
         Isolation::Sandbox => {
-            let mut c = Command::new("bwrap");
+            let mut c = Launch::new("bwrap");
             c.args(SANDBOX_ARGS)
                 .arg("--bind")
                 .arg(&exec.scratch_dir)
@@ -289,7 +285,7 @@ fn command(exec: &Execution, dir: &std::path::Path) -> Option<Command> {
         }
         Isolation::Container => {
             // `docker run` attaches: the container's output and exit code are its own.
-            let mut c = Command::new("docker");
+            let mut c = Launch::new("docker");
             c.args(["run", "--rm", "--network", "none", "--name"])
                 .arg(container_name(exec.run_id))
                 .args(["--label", "drover.managed=true", "--label"])
@@ -308,7 +304,7 @@ fn command(exec: &Execution, dir: &std::path::Path) -> Option<Command> {
             c
         }
         Isolation::Process => {
-            let mut c = Command::new(argv[0]);
+            let mut c = Launch::new(argv[0]);
             c.args(&argv[1..]).current_dir(dir);
             if let Some(socket) = &exec.inference_socket {
                 let path = socket.display().to_string();

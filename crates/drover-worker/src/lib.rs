@@ -7,6 +7,7 @@
 mod executor;
 mod inference;
 mod ollama;
+mod spawn;
 
 /// A background task that ends with its owner.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
