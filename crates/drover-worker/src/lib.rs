@@ -35,8 +35,17 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::Instrument;
 
-/// Entries per message when resending a backlog.
-const RESEND_BATCH: usize = 1000;
+/// Bytes per log message, at most (and at least one entry, itself at most 64 KiB): well
+/// under the 4 MiB a gRPC message may hold.
+const LOG_MESSAGE_BYTES: usize = 1 << 20;
+/// What an entry costs in a message besides its bytes, at most: its sequence number,
+/// stream, timestamp, length and field tags.
+const LOG_ENTRY_OVERHEAD: usize = 32;
+/// Log messages of one run sent and not yet acknowledged, at most. Entries produced
+/// meanwhile wait for an acknowledgement and travel together: a fast producer's lines go
+/// in a few large messages (one store write each) instead of thousands of one-line ones
+/// that the control plane stores one write at a time, falling behind.
+const LOG_BATCHES_IN_FLIGHT: usize = 4;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Reconnects stay prompt: a restarted control plane waits one lease for its workers.
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -329,6 +338,8 @@ struct HeldRun {
     unacked: VecDeque<v1::LogEntry>,
     /// Highest sequence number sent on the current connection.
     sent_seq: u64,
+    /// The last sequence number of each log message sent and not yet acknowledged.
+    batches_in_flight: VecDeque<u64>,
     finished: Option<v1::RunFinished>,
     control: Option<UnboundedSender<Control>>,
     /// Whether the control plane was told this run was taken. A process is told at its
@@ -477,6 +488,49 @@ fn send(out: Option<&UnboundedSender<v1::WorkerMessage>>, body: Out) {
     }
 }
 
+/// Sends the run's entries not sent on this connection yet.
+fn send_unsent_logs(run_id: &RunId, held: &mut HeldRun, out: &UnboundedSender<v1::WorkerMessage>) {
+    // Entries are numbered one by one, so the unsent ones are the last few: found without
+    // walking those still waiting for their acknowledgement.
+    let unsent = (held.next_seq - held.sent_seq) as usize;
+    if unsent > 0 {
+        let first_unsent = held.unacked.len().saturating_sub(unsent);
+        send_logs_from(run_id, held, first_unsent, out);
+    }
+}
+
+/// Sends the run's unacknowledged entries from `first` on, in messages of at most
+/// [`LOG_MESSAGE_BYTES`], each counted in flight until acknowledged.
+fn send_logs_from(
+    run_id: &RunId,
+    held: &mut HeldRun,
+    first: usize,
+    out: &UnboundedSender<v1::WorkerMessage>,
+) {
+    let mut entries = Vec::new();
+    let mut bytes = 0;
+    let mut pending = held.unacked.range(first..).peekable();
+    while let Some(entry) = pending.next() {
+        bytes += LOG_ENTRY_OVERHEAD + entry.data.len();
+        entries.push(entry.clone());
+        let full = pending
+            .peek()
+            .is_some_and(|next| bytes + LOG_ENTRY_OVERHEAD + next.data.len() > LOG_MESSAGE_BYTES);
+        if full || pending.peek().is_none() {
+            held.batches_in_flight.push_back(entry.seq);
+            send(
+                Some(out),
+                Out::Logs(v1::LogBatch {
+                    run_id: run_id.to_string(),
+                    entries: std::mem::take(&mut entries),
+                }),
+            );
+            bytes = 0;
+        }
+    }
+    held.sent_seq = held.next_seq;
+}
+
 impl Agent {
     async fn session(
         &mut self,
@@ -575,17 +629,8 @@ impl Agent {
     /// After a reconnect: every unacknowledged entry and result again, in order.
     fn resend_backlog(&mut self, out: &UnboundedSender<v1::WorkerMessage>) {
         for (run_id, held) in &mut self.runs {
-            held.sent_seq = held.next_seq;
-            let entries: Vec<v1::LogEntry> = held.unacked.iter().cloned().collect();
-            for chunk in entries.chunks(RESEND_BATCH) {
-                send(
-                    Some(out),
-                    Out::Logs(v1::LogBatch {
-                        run_id: run_id.to_string(),
-                        entries: chunk.to_vec(),
-                    }),
-                );
-            }
+            held.batches_in_flight.clear();
+            send_logs_from(run_id, held, 0, out);
             if let Some(f) = &held.finished {
                 send(Some(out), Out::Finished(f.clone()));
             }
@@ -641,14 +686,21 @@ impl Agent {
                 }
             }
             In::LogAck(ack) => {
-                if let Some(held) = ack
-                    .run_id
-                    .parse()
-                    .ok()
-                    .and_then(|id| self.runs.get_mut(&id))
+                if let Ok(run_id) = ack.run_id.parse::<RunId>()
+                    && let Some(held) = self.runs.get_mut(&run_id)
                 {
                     while held.unacked.front().is_some_and(|e| e.seq <= ack.seq) {
                         held.unacked.pop_front();
+                    }
+                    while held
+                        .batches_in_flight
+                        .front()
+                        .is_some_and(|&s| s <= ack.seq)
+                    {
+                        held.batches_in_flight.pop_front();
+                    }
+                    if held.batches_in_flight.len() < LOG_BATCHES_IN_FLIGHT {
+                        send_unsent_logs(&run_id, held, out);
                     }
                 }
             }
@@ -690,6 +742,7 @@ impl Agent {
                 next_seq: 0,
                 unacked: VecDeque::new(),
                 sent_seq: 0,
+                batches_in_flight: VecDeque::new(),
                 finished: None,
                 control: Some(control_tx),
                 accepted: false,
@@ -780,8 +833,11 @@ impl Agent {
                 error,
                 result,
             } => {
-                if let Some(out) = out {
-                    self.flush(out);
+                // Its last lines go before its end, whatever its window.
+                if let Some(out) = out
+                    && let Some(held) = self.runs.get_mut(&run_id)
+                {
+                    send_unsent_logs(&run_id, held, out);
                 }
                 self.accept(run_id, out);
                 if let Some(held) = self.runs.get_mut(&run_id) {
@@ -817,25 +873,13 @@ impl Agent {
         }
     }
 
-    /// Sends the entries produced since the last flush, one message per run.
+    /// Sends the entries produced since the last flush, one message per run, for runs with
+    /// room in their window of unacknowledged messages; the others send on their next ack.
     fn flush(&mut self, out: &UnboundedSender<v1::WorkerMessage>) {
         for (run_id, held) in &mut self.runs {
-            // Entries are numbered one by one, so the unsent ones are the last few: found
-            // without walking those still waiting for their acknowledgement.
-            let unsent = (held.next_seq - held.sent_seq) as usize;
-            let first_unsent = held.unacked.len().saturating_sub(unsent);
-            let fresh: Vec<v1::LogEntry> = held.unacked.range(first_unsent..).cloned().collect();
-            if fresh.is_empty() {
-                continue;
+            if held.batches_in_flight.len() < LOG_BATCHES_IN_FLIGHT {
+                send_unsent_logs(run_id, held, out);
             }
-            held.sent_seq = held.next_seq;
-            send(
-                Some(out),
-                Out::Logs(v1::LogBatch {
-                    run_id: run_id.to_string(),
-                    entries: fresh,
-                }),
-            );
         }
     }
 
@@ -881,5 +925,82 @@ pub fn forget_credential(state_dir: &Path) -> std::io::Result<()> {
     match std::fs::remove_file(credential_path(state_dir)) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn held_with(entries: impl IntoIterator<Item = Vec<u8>>) -> HeldRun {
+        let mut held = HeldRun {
+            next_seq: 0,
+            unacked: VecDeque::new(),
+            sent_seq: 0,
+            batches_in_flight: VecDeque::new(),
+            finished: None,
+            control: None,
+            accepted: true,
+        };
+        for data in entries {
+            held.next_seq += 1;
+            held.unacked.push_back(v1::LogEntry {
+                seq: held.next_seq,
+                stream: v1::LogStream::Stdout as i32,
+                timestamp_us: 1_795_561_243_054_031,
+                data,
+            });
+        }
+        held
+    }
+
+    fn sent_batches(held: &mut HeldRun) -> Vec<v1::LogBatch> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        send_unsent_logs(&RunId::new(), held, &tx);
+        drop(tx);
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .filter_map(|m| match m.body {
+                Some(Out::Logs(batch)) => Some(batch),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn log_messages_stay_under_the_grpc_limit_whatever_the_line_length() {
+        const GRPC_LIMIT: usize = 4 << 20;
+        let short = (0..400_000u32).map(|i| i.to_string().into_bytes());
+        let long = (0..200).map(|_| vec![b'x'; executor::MAX_ENTRY_BYTES]);
+        for (what, mut held) in [("short", held_with(short)), ("long", held_with(long))] {
+            let batches = sent_batches(&mut held);
+            assert!(batches.len() > 1, "{what}: one message for everything");
+            for batch in &batches {
+                assert!(
+                    batch.encoded_len() < GRPC_LIMIT,
+                    "{what}: {} bytes",
+                    batch.encoded_len()
+                );
+            }
+            let seqs: Vec<u64> = batches
+                .iter()
+                .flat_map(|b| b.entries.iter().map(|e| e.seq))
+                .collect();
+            assert_eq!(
+                seqs,
+                (1..=held.next_seq).collect::<Vec<_>>(),
+                "{what}: every entry once, in order"
+            );
+            let last_of_each: Vec<u64> = batches
+                .iter()
+                .filter_map(|b| b.entries.last().map(|e| e.seq))
+                .collect();
+            assert_eq!(Vec::from(held.batches_in_flight.clone()), last_of_each);
+            assert_eq!(held.sent_seq, held.next_seq);
+            assert!(
+                sent_batches(&mut held).is_empty(),
+                "{what}: nothing is sent twice"
+            );
+        }
     }
 }
