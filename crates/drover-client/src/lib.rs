@@ -3,9 +3,9 @@
 
 use drover_core::JobSpec;
 use drover_core::records::{
-    ApiTokenRecord, AuditRecord, BatchResult, BatchSubmitted, DeliveryRecord, ErrorBody,
-    EventRecord, GroupView, IssuedTokens, JobRecord, JobView, JoinToken, LogEntryView, NodeView,
-    ReservationRecord, UserRecord, WebhookRecord,
+    ApiTokenRecord, AuditRecord, BatchResult, BatchSubmitted, CompactLogBatch, DeliveryRecord,
+    ErrorBody, EventRecord, GroupView, IssuedTokens, JobRecord, JobView, JoinToken, LogEntryView,
+    NodeView, ReservationRecord, UserRecord, WebhookRecord,
 };
 use futures::{Stream, StreamExt};
 use reqwest::{Method, StatusCode, Url};
@@ -343,19 +343,19 @@ impl Client {
     ) -> Result<impl Stream<Item = Result<FollowEvent>> + use<>> {
         let mut request = self
             .request(Method::GET, &["v1", "jobs", id, "logs"])
-            .query(&[("follow", "true")]);
+            .query(&[("follow", "true"), ("format", "compact")]);
         if let Some(a) = attempt {
             request = request.query(&[("attempt", a)]);
         }
         let response = self.send(request).await?;
-        // Entries come in batches (`entries`: a JSON array); each is handed on alone.
+        // Entries come in batches (`compact`: one attempt's entries); each is handed on alone.
         let decoded = sse_events(response.bytes_stream()).map(|ev| {
             let (name, data) = ev?;
             let protocol = |e: serde_json::Error| ClientError::Protocol(e.to_string());
             Ok(match name.as_str() {
-                "entries" => serde_json::from_str::<Vec<LogEntryView>>(&data)
+                "compact" => serde_json::from_str::<CompactLogBatch>(&data)
                     .map_err(protocol)?
-                    .into_iter()
+                    .into_views()
                     .map(FollowEvent::Entry)
                     .collect(),
                 "end" => vec![FollowEvent::End(Box::new(

@@ -13,8 +13,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use base64::Engine;
 use drover_core::records::{
-    BatchResult, BatchSubmitted, DeliveryRecord, GroupView, JobView, LogEntryView, NodeView,
-    ReservationRecord, RunView, WebhookRecord, webhook_events,
+    BatchResult, BatchSubmitted, CompactLogBatch, DeliveryRecord, GroupView, JobView, LogEntryView,
+    NodeView, ReservationRecord, RunView, WebhookRecord, webhook_events,
 };
 use drover_core::{GroupId, JobId, JobSpec, ReservationId, RunId, WorkerId};
 use drover_store::{JobRecord, RunRecord, WorkerRecord};
@@ -433,6 +433,18 @@ struct LogsQuery {
     attempt: Option<u32>,
     #[serde(default)]
     follow: bool,
+    #[serde(default)]
+    format: FollowFormat,
+}
+
+/// How a follower receives entries: `entries`, a JSON array of `LogEntryView`s per event;
+/// `compact`, a `CompactLogBatch` per event (for followers of fast producers).
+#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+enum FollowFormat {
+    #[default]
+    Entries,
+    Compact,
 }
 
 fn entry_view(run: &RunRecord, e: Entry) -> LogEntryView {
@@ -475,13 +487,23 @@ async fn job_logs(
     let id = jobs::parse_id(&id)?;
     let q = query(q)?;
     state.store.get_job(id).await?;
+    if q.format == FollowFormat::Compact && !q.follow {
+        return Err(ApiError::invalid(
+            "format",
+            "format=compact is for following (follow=true); a stored log reads as a JSON array",
+        ));
+    }
     if q.follow {
         let (tx, rx) = mpsc::channel::<Followed>(256);
         tokio::spawn(follow_logs(state.clone(), id, q.attempt, tx));
-        let stream = futures::StreamExt::map(ReceiverStream::new(rx), |f| {
-            Ok::<_, Infallible>(match f {
-                Followed::Entries(batch) => sse_json("entries", &batch),
-                Followed::End(job) => sse_json("end", &job),
+        let format = q.format;
+        let stream = futures::StreamExt::map(ReceiverStream::new(rx), move |f| {
+            Ok::<_, Infallible>(match (f, format) {
+                (Followed::Entries(batch), FollowFormat::Entries) => sse_json("entries", &batch),
+                (Followed::Entries(batch), FollowFormat::Compact) => {
+                    sse_json("compact", &CompactLogBatch::from_views(batch))
+                }
+                (Followed::End(job), _) => sse_json("end", &job),
             })
         });
         return Ok(Sse::new(stream)

@@ -2,7 +2,7 @@
 //! named by their step, plus failure, timeout, cancel and reconnect behaviour.
 
 use drover_client::FollowEvent;
-use drover_client::records::{JobView, LogEntryView};
+use drover_client::records::{CompactLogBatch, JobView, LogEntryView};
 use drover_core::{EventKind, JobSpec, JobState};
 use drover_testkit::{
     Drover, Proxy, ServerOptions, ServerProc, TestDir, WorkerProc, drover_client, eventually,
@@ -112,6 +112,90 @@ async fn seed003_step_5_2_job_type_2_multi_command() {
         c.lines(&view.job.id.to_string()).await,
         vec!["Step1", "Step2", "Step3"]
     );
+}
+
+/// The events of a server-sent stream that has ended: (name, data).
+async fn sse_events_of(server: &ServerProc, path: &str) -> (u16, Vec<(String, String)>) {
+    let response = reqwest::Client::new()
+        .get(format!("{}{path}", server.url))
+        .bearer_auth(drover_testkit::token_for(&server.url).expect("token"))
+        .send()
+        .await
+        .expect("GET");
+    let status = response.status().as_u16();
+    let body = response.text().await.expect("body");
+    let events = body
+        .split("\n\n")
+        .filter_map(|block| {
+            let field = |name: &str| {
+                block
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name).map(str::to_string))
+            };
+            Some((field("event: ")?, field("data: ")?))
+        })
+        .collect();
+    (status, events)
+}
+
+#[tokio::test]
+async fn a_follower_gets_the_same_entries_in_the_compact_format() {
+    let c = cluster().await;
+    let client = c.server.client();
+    let job = client
+        .submit_job(&command(
+            "echo first; printf 'caf\\351\\n'; echo 'to stderr' >&2; echo last",
+        ))
+        .await
+        .expect("submit");
+    let id = job.id.to_string();
+    client.wait_job(&id, |_| {}).await.expect("wait");
+
+    let logs = format!("/v1/jobs/{id}/logs?follow=true");
+    let (status, full) = sse_events_of(&c.server, &logs).await;
+    assert_eq!(status, 200);
+    let views: Vec<LogEntryView> = full
+        .iter()
+        .filter(|(name, _)| name == "entries")
+        .flat_map(|(_, data)| serde_json::from_str::<Vec<LogEntryView>>(data).expect("entries"))
+        .collect();
+    assert_eq!(views.len(), 4, "{full:?}");
+
+    let (status, compact) = sse_events_of(&c.server, &format!("{logs}&format=compact")).await;
+    assert_eq!(status, 200);
+    let batches: Vec<&String> = compact
+        .iter()
+        .filter(|(name, _)| name == "compact")
+        .map(|(_, data)| data)
+        .collect();
+    assert!(
+        batches.iter().all(|data| data.contains(r#""entries":[["#)),
+        "entries are arrays: {batches:?}"
+    );
+    let compact_views: Vec<LogEntryView> = batches
+        .iter()
+        .flat_map(|data| {
+            serde_json::from_str::<CompactLogBatch>(data)
+                .expect("compact batch")
+                .into_views()
+        })
+        .collect();
+    assert_eq!(compact_views, views, "the same entries, byte for byte");
+    assert!(
+        compact_views.iter().any(|v| v.data.is_some()),
+        "the line that is not UTF-8 keeps its exact bytes"
+    );
+    assert_eq!(compact.last().map(|(name, _)| name.as_str()), Some("end"));
+
+    let refused = reqwest::Client::new()
+        .get(format!("{}/v1/jobs/{id}/logs?format=compact", c.server.url))
+        .bearer_auth(drover_testkit::token_for(&c.server.url).expect("token"))
+        .send()
+        .await
+        .expect("GET");
+    assert_eq!(refused.status().as_u16(), 400, "compact is for following");
+    let refused: serde_json::Value = refused.json().await.expect("error body");
+    assert_eq!(refused["error"]["field"], "format", "{refused}");
 }
 
 #[tokio::test]
