@@ -29,7 +29,9 @@ use executor::{Control, ExecEvent, Execution, OutStream};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Semaphore;
 use tokio::sync::mpsc::{self, UnboundedReceiver, UnboundedSender};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -331,6 +333,15 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
+impl Drop for HeldRun {
+    /// A forgotten run's output readers stop waiting for credit.
+    fn drop(&mut self) {
+        if let Some(credit) = &self.output_credit {
+            credit.close();
+        }
+    }
+}
+
 /// A run this worker holds, from assignment until the server acknowledges its end.
 struct HeldRun {
     next_seq: u64,
@@ -340,6 +351,9 @@ struct HeldRun {
     sent_seq: u64,
     /// The last sequence number of each log message sent and not yet acknowledged.
     batches_in_flight: VecDeque<u64>,
+    /// The process's output credit (see `executor::OUTPUT_CREDIT`), given back as entries
+    /// are acknowledged; None for runs whose output is not read from pipes (inference).
+    output_credit: Option<Arc<Semaphore>>,
     finished: Option<v1::RunFinished>,
     control: Option<UnboundedSender<Control>>,
     /// Whether the control plane was told this run was taken. A process is told at its
@@ -689,8 +703,12 @@ impl Agent {
                 if let Ok(run_id) = ack.run_id.parse::<RunId>()
                     && let Some(held) = self.runs.get_mut(&run_id)
                 {
-                    while held.unacked.front().is_some_and(|e| e.seq <= ack.seq) {
-                        held.unacked.pop_front();
+                    let mut stored_cost = 0;
+                    while let Some(entry) = held.unacked.pop_front_if(|e| e.seq <= ack.seq) {
+                        stored_cost += executor::output_cost(entry.data.len()) as usize;
+                    }
+                    if let Some(credit) = &held.output_credit {
+                        credit.add_permits(stored_cost);
                     }
                     while held
                         .batches_in_flight
@@ -736,6 +754,9 @@ impl Agent {
             }
         };
         let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let inference = spec.kind == drover_core::JobKind::Inference
+            && self.config.executor == ExecutorKind::Process;
+        let output_credit = Arc::new(Semaphore::new(executor::OUTPUT_CREDIT));
         self.runs.insert(
             run_id,
             HeldRun {
@@ -743,6 +764,7 @@ impl Agent {
                 unacked: VecDeque::new(),
                 sent_seq: 0,
                 batches_in_flight: VecDeque::new(),
+                output_credit: (!inference).then(|| output_credit.clone()),
                 finished: None,
                 control: Some(control_tx),
                 accepted: false,
@@ -757,11 +779,10 @@ impl Agent {
             node_id: self.node_id.clone(),
             inference_socket: self.inference_socket.clone(),
             kill_grace: self.config.kill_grace,
+            output_credit,
         };
         let span = tracing::info_span!("job", job_id = %a.job_id, run_id = %run_id);
-        if exec.spec.kind == drover_core::JobKind::Inference
-            && self.config.executor == ExecutorKind::Process
-        {
+        if inference {
             // A model may take a while to load before the run starts: say it is taken now.
             self.accept(run_id, Some(out));
             tokio::spawn(
@@ -939,6 +960,7 @@ mod tests {
             unacked: VecDeque::new(),
             sent_seq: 0,
             batches_in_flight: VecDeque::new(),
+            output_credit: None,
             finished: None,
             control: None,
             accepted: true,
