@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
-use tokio::sync::Semaphore;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender};
+use tokio::sync::{Semaphore, TryAcquireError, watch};
 
 /// Longer lines are cut into entries of this size.
 pub const MAX_ENTRY_BYTES: usize = 64 * 1024;
@@ -185,6 +185,7 @@ pub async fn execute(
     };
     let pgid = child.id();
     let _ = events.send(ExecEvent::Started { run_id });
+    let (draining, draining_rx) = watch::channel(false);
     let readers = [
         tokio::spawn(read_lines(
             stdout,
@@ -193,6 +194,7 @@ pub async fn execute(
                 stream: OutStream::Stdout,
                 events: events.clone(),
                 credit: exec.output_credit.clone(),
+                draining: draining_rx.clone(),
             },
         )),
         tokio::spawn(read_lines(
@@ -202,6 +204,7 @@ pub async fn execute(
                 stream: OutStream::Stderr,
                 events: events.clone(),
                 credit: exec.output_credit.clone(),
+                draining: draining_rx.clone(),
             },
         )),
     ];
@@ -242,6 +245,9 @@ pub async fn execute(
     if exec.spec.isolation == Isolation::Container {
         remove_container(run_id).await;
     }
+    // What is left in the pipes is read without waiting for credit: the limit below is for
+    // the pipes to close, and a control plane out of reach must not cut the job's last lines.
+    let _ = draining.send(true);
     for reader in readers {
         let abort = reader.abort_handle();
         if tokio::time::timeout(DRAIN_LIMIT, reader).await.is_err() {
@@ -446,16 +452,30 @@ struct OutputSink {
     stream: OutStream,
     events: UnboundedSender<ExecEvent>,
     credit: Arc<Semaphore>,
+    /// True once the job's main process has ended.
+    draining: watch::Receiver<bool>,
 }
 
 impl OutputSink {
-    /// Hands an entry on once the run has credit for it; false when nobody takes entries
-    /// any more (the run was forgotten).
+    /// Hands an entry on once the run has credit for it, or at once after the main process
+    /// ended (the agent then gives back credit nobody took: harmless for a run that is over).
+    /// False when nobody takes entries any more (the run was forgotten).
     async fn send(&self, data: Vec<u8>) -> bool {
-        match self.credit.acquire_many(output_cost(data.len())).await {
+        let cost = output_cost(data.len());
+        match self.credit.try_acquire_many(cost) {
             // Given back by the agent when the control plane has stored the entry.
             Ok(permit) => permit.forget(),
-            Err(_) => return false,
+            Err(TryAcquireError::Closed) => return false,
+            Err(TryAcquireError::NoPermits) => {
+                let mut draining = self.draining.clone();
+                tokio::select! {
+                    permit = self.credit.acquire_many(cost) => match permit {
+                        Ok(permit) => permit.forget(),
+                        Err(_) => return false,
+                    },
+                    _ = draining.wait_for(|ended| *ended) => {}
+                }
+            }
         }
         self.events
             .send(ExecEvent::Output {
@@ -511,11 +531,13 @@ mod tests {
     async fn output_waits_for_credit_and_resumes_when_it_is_given_back() {
         let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
         let credit = Arc::new(Semaphore::new(2));
+        let (_running, draining) = watch::channel(false);
         let sink = OutputSink {
             run_id: RunId::new(),
             stream: OutStream::Stdout,
             events,
             credit: credit.clone(),
+            draining,
         };
         let reader = tokio::spawn(read_lines(&b"one\ntwo\nthree\nfour"[..], sink));
         let mut lines = Vec::new();
@@ -548,15 +570,42 @@ mod tests {
         let (events, _received) = tokio::sync::mpsc::unbounded_channel();
         let credit = Arc::new(Semaphore::new(0));
         credit.close();
+        let (_running, draining) = watch::channel(false);
         let sink = OutputSink {
             run_id: RunId::new(),
             stream: OutStream::Stderr,
             events,
             credit,
+            draining,
         };
         // An endless stream: only the closed credit can end the reader.
         let endless = tokio::io::repeat(b'\n');
         read_lines(endless, sink).await;
+    }
+
+    #[tokio::test]
+    async fn once_the_main_process_ended_output_drains_without_credit() {
+        let (events, mut received) = tokio::sync::mpsc::unbounded_channel();
+        let (ended, draining) = watch::channel(false);
+        let sink = OutputSink {
+            run_id: RunId::new(),
+            stream: OutStream::Stdout,
+            events,
+            credit: Arc::new(Semaphore::new(0)),
+            draining,
+        };
+        let reader = tokio::spawn(read_lines(&b"last\nwords\n"[..], sink));
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
+        assert!(received.try_recv().is_err(), "a line came without credit");
+        ended.send(true).expect("reader listening");
+        reader.await.expect("reader");
+        let mut lines = Vec::new();
+        while let Ok(ExecEvent::Output { data, .. }) = received.try_recv() {
+            lines.push(String::from_utf8(data).expect("utf-8"));
+        }
+        assert_eq!(lines, ["last", "words"]);
     }
 
     #[test]

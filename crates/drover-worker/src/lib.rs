@@ -333,15 +333,6 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(tmp, path)
 }
 
-impl Drop for HeldRun {
-    /// A forgotten run's output readers stop waiting for credit.
-    fn drop(&mut self) {
-        if let Some(credit) = &self.output_credit {
-            credit.close();
-        }
-    }
-}
-
 /// A run this worker holds, from assignment until the server acknowledges its end.
 struct HeldRun {
     next_seq: u64,
@@ -360,6 +351,15 @@ struct HeldRun {
     /// start (or its failure to start), so that the accept and the start travel and are
     /// written together instead of one write after the other.
     accepted: bool,
+}
+
+impl Drop for HeldRun {
+    /// A forgotten run's output readers stop waiting for credit.
+    fn drop(&mut self) {
+        if let Some(credit) = &self.output_credit {
+            credit.close();
+        }
+    }
 }
 
 struct Agent {
