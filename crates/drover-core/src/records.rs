@@ -313,10 +313,19 @@ impl CompactLogBatch {
 }
 
 impl LogStream {
-    fn number(self) -> u8 {
+    /// 1 stdout, 2 stderr: in the compact follow format and in the control plane's log files.
+    pub fn number(self) -> u8 {
         match self {
             Self::Stdout => 1,
             Self::Stderr => 2,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Self> {
+        match n {
+            1 => Some(Self::Stdout),
+            2 => Some(Self::Stderr),
+            _ => None,
         }
     }
 }
@@ -352,21 +361,16 @@ impl<'de> Deserialize<'de> for CompactLogEntry {
             ) -> Result<Self::Value, A::Error> {
                 use serde::de::Error;
                 let missing = |i| A::Error::invalid_length(i, &self);
-                let number: u64 = seq.next_element()?.ok_or_else(|| missing(0))?;
+                let entry_seq: u64 = seq.next_element()?.ok_or_else(|| missing(0))?;
                 let micros: i64 = seq.next_element()?.ok_or_else(|| missing(1))?;
-                let stream = match seq.next_element::<u8>()?.ok_or_else(|| missing(2))? {
-                    1 => LogStream::Stdout,
-                    2 => LogStream::Stderr,
-                    other => {
-                        return Err(A::Error::custom(format!(
-                            "stream {other}: 1 (stdout) or 2 (stderr)"
-                        )));
-                    }
-                };
+                let number = seq.next_element::<u8>()?.ok_or_else(|| missing(2))?;
+                let stream = LogStream::from_number(number).ok_or_else(|| {
+                    A::Error::custom(format!("stream {number}: 1 (stdout) or 2 (stderr)"))
+                })?;
                 let text: String = seq.next_element()?.ok_or_else(|| missing(3))?;
                 let data: Option<String> = seq.next_element()?;
                 Ok(CompactLogEntry {
-                    seq: number,
+                    seq: entry_seq,
                     timestamp: Timestamp(micros),
                     stream,
                     text,

@@ -16,24 +16,6 @@ const HEADER: usize = 8 + 1 + 8 + 4;
 
 pub use drover_core::records::LogStream as Stream;
 
-trait StreamByte {
-    fn to_byte(self) -> u8;
-    fn from_byte(b: u8) -> Self;
-}
-
-impl StreamByte for Stream {
-    fn to_byte(self) -> u8 {
-        match self {
-            Self::Stdout => 1,
-            Self::Stderr => 2,
-        }
-    }
-
-    fn from_byte(b: u8) -> Self {
-        if b == 2 { Self::Stderr } else { Self::Stdout }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
     pub seq: u64,
@@ -107,7 +89,7 @@ impl LogFiles {
             index.last_seq = e.seq;
             index.entry_count += 1;
             buf.extend_from_slice(&e.seq.to_le_bytes());
-            buf.push(e.stream.to_byte());
+            buf.push(e.stream.number());
             buf.extend_from_slice(&e.timestamp.as_micros().to_le_bytes());
             buf.extend_from_slice(&(e.data.len() as u32).to_le_bytes());
             buf.extend_from_slice(&e.data);
@@ -199,7 +181,7 @@ fn read_records(
     while pos + HEADER <= buf.len() {
         let h = &buf[pos..pos + HEADER];
         let seq = u64::from_le_bytes(h[0..8].try_into().unwrap_or_default());
-        let stream = Stream::from_byte(h[8]);
+        let stream = Stream::from_number(h[8]).unwrap_or(Stream::Stdout);
         let ts = i64::from_le_bytes(h[9..17].try_into().unwrap_or_default());
         let len = u32::from_le_bytes(h[17..21].try_into().unwrap_or_default()) as usize;
         if pos + HEADER + len > buf.len() {

@@ -186,27 +186,16 @@ pub async fn execute(
     let pgid = child.id();
     let _ = events.send(ExecEvent::Started { run_id });
     let (draining, draining_rx) = watch::channel(false);
+    let sink = |stream| OutputSink {
+        run_id,
+        stream,
+        events: events.clone(),
+        credit: exec.output_credit.clone(),
+        draining: draining_rx.clone(),
+    };
     let readers = [
-        tokio::spawn(read_lines(
-            stdout,
-            OutputSink {
-                run_id,
-                stream: OutStream::Stdout,
-                events: events.clone(),
-                credit: exec.output_credit.clone(),
-                draining: draining_rx.clone(),
-            },
-        )),
-        tokio::spawn(read_lines(
-            stderr,
-            OutputSink {
-                run_id,
-                stream: OutStream::Stderr,
-                events: events.clone(),
-                credit: exec.output_credit.clone(),
-                draining: draining_rx.clone(),
-            },
-        )),
+        tokio::spawn(read_lines(stdout, sink(OutStream::Stdout))),
+        tokio::spawn(read_lines(stderr, sink(OutStream::Stderr))),
     ];
 
     let timeout = exec

@@ -502,6 +502,18 @@ fn send(out: Option<&UnboundedSender<v1::WorkerMessage>>, body: Out) {
     }
 }
 
+/// [`send_unsent_logs`] if the run has room in its window of unacknowledged messages; if
+/// not, they go on its next acknowledgement.
+fn send_unsent_logs_in_window(
+    run_id: &RunId,
+    held: &mut HeldRun,
+    out: &UnboundedSender<v1::WorkerMessage>,
+) {
+    if held.batches_in_flight.len() < LOG_BATCHES_IN_FLIGHT {
+        send_unsent_logs(run_id, held, out);
+    }
+}
+
 /// Sends the run's entries not sent on this connection yet.
 fn send_unsent_logs(run_id: &RunId, held: &mut HeldRun, out: &UnboundedSender<v1::WorkerMessage>) {
     // Entries are numbered one by one, so the unsent ones are the last few: found without
@@ -717,9 +729,7 @@ impl Agent {
                     {
                         held.batches_in_flight.pop_front();
                     }
-                    if held.batches_in_flight.len() < LOG_BATCHES_IN_FLIGHT {
-                        send_unsent_logs(&run_id, held, out);
-                    }
+                    send_unsent_logs_in_window(&run_id, held, out);
                 }
             }
             In::FinishAck(ack) => {
@@ -898,9 +908,7 @@ impl Agent {
     /// room in their window of unacknowledged messages; the others send on their next ack.
     fn flush(&mut self, out: &UnboundedSender<v1::WorkerMessage>) {
         for (run_id, held) in &mut self.runs {
-            if held.batches_in_flight.len() < LOG_BATCHES_IN_FLIGHT {
-                send_unsent_logs(run_id, held, out);
-            }
+            send_unsent_logs_in_window(run_id, held, out);
         }
     }
 
