@@ -183,6 +183,19 @@ async fn ollama_node(dir: &TestDir) -> (ServerProc, WorkerProc) {
         )
         .await;
     WorkerProc::wait_connected(&s.client(), 1).await;
+    // The store calls a node connected as soon as its stream claims it; reservations are
+    // taken from the sessions the replica has attached, a moment later (the gauge).
+    let client = s.client();
+    eventually("the node's session to be attached", || async {
+        let metrics = client.metrics().await.ok()?;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("drover_workers_connected "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|n| *n >= 1.0)
+            .map(|_| ())
+    })
+    .await;
     (s, w)
 }
 
