@@ -104,6 +104,28 @@ async fn sqlite_pragmas(conn: &mut AnyConnection, read_only: bool) -> sqlx::Resu
     Ok(())
 }
 
+/// Turns off SQLite's allocation statistics, once per process and before its first
+/// connection. With them on, every allocation and free takes one process-wide mutex, and
+/// the rows a writer thread reads are freed on the runtime's threads: under load the two
+/// queue on that mutex (futex waits in both). drover never reads the statistics.
+fn quiet_sqlite_allocator() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sqlite3_config must run before sqlite3_initialize and while no other
+        // thread uses SQLite; the Once runs it before this process opens any connection.
+        // When SQLite was initialized already it answers SQLITE_MISUSE and changes nothing.
+        let code = unsafe {
+            libsqlite3_sys::sqlite3_config(
+                libsqlite3_sys::SQLITE_CONFIG_MEMSTATUS,
+                0 as std::os::raw::c_int,
+            )
+        };
+        if code != libsqlite3_sys::SQLITE_OK {
+            tracing::debug!(code, "SQLite's allocation statistics stay on");
+        }
+    });
+}
+
 impl SqlStore {
     /// Opens `sqlite://PATH` (created if missing) or `postgres://…`, and brings the schema
     /// up to date (or checks it, with [`Migrations::Check`]).
@@ -134,6 +156,7 @@ impl SqlStore {
                 })?;
             }
             let url = format!("sqlite://{path}?mode=rwc");
+            quiet_sqlite_allocator();
             let writer = AnyPoolOptions::new()
                 .max_connections(1)
                 .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn, false)))
