@@ -561,16 +561,53 @@ fn row_tuples(rows: usize, cols: usize) -> String {
         .join(", ")
 }
 
+/// Runs and jobs a transaction has read (and changed), as they now stand in it: the ends
+/// of a batch reuse what its steps read instead of reading the same rows again.
+#[derive(Default)]
+struct Loaded {
+    runs: HashMap<RunId, RunRecord>,
+    jobs: HashMap<JobId, JobRecord>,
+}
+
+impl Loaded {
+    /// Adds the runs of `ids` not held yet, then their jobs not held yet.
+    async fn read(&mut self, conn: &mut AnyConnection, ids: &[RunId]) -> Result<()> {
+        let missing: Vec<RunId> = ids
+            .iter()
+            .filter(|id| !self.runs.contains_key(id))
+            .copied()
+            .collect();
+        if !missing.is_empty() {
+            self.runs.extend(load_runs(&mut *conn, &missing).await?);
+        }
+        let mut missing: Vec<JobId> = ids
+            .iter()
+            .filter_map(|id| self.runs.get(id))
+            .map(|r| r.job_id)
+            .filter(|id| !self.jobs.contains_key(id))
+            .collect();
+        missing.sort();
+        missing.dedup();
+        if !missing.is_empty() {
+            self.jobs.extend(load_jobs(&mut *conn, &missing).await?);
+        }
+        Ok(())
+    }
+}
+
 /// The body of [`Store::advance_runs`], inside the caller's transaction.
-async fn advance_in(tx: &mut AnyConnection, batch: Vec<StepRequest>) -> Result<Vec<Result<JobId>>> {
+async fn advance_in(
+    tx: &mut AnyConnection,
+    batch: Vec<StepRequest>,
+    loaded: &mut Loaded,
+) -> Result<Vec<Result<JobId>>> {
     if batch.is_empty() {
         return Ok(Vec::new());
     }
     let now = Timestamp::now();
     let run_ids: Vec<RunId> = batch.iter().map(|r| r.run_id).collect();
-    let mut runs = load_runs(&mut *tx, &run_ids).await?;
-    let job_ids: Vec<JobId> = runs.values().map(|r| r.job_id).collect();
-    let mut jobs = load_jobs(&mut *tx, &job_ids).await?;
+    loaded.read(&mut *tx, &run_ids).await?;
+    let Loaded { runs, jobs } = loaded;
     let stored_state: HashMap<JobId, JobState> = jobs.values().map(|j| (j.id, j.state)).collect();
     let mut answers = Vec::with_capacity(batch.len());
     let mut events = Vec::new();
@@ -613,8 +650,11 @@ async fn advance_in(tx: &mut AnyConnection, batch: Vec<StepRequest>) -> Result<V
             });
             events.push(NewEvent::job(now, job.id, kind));
             job.state = to;
+            job.status_code = to.status_code();
+            job.updated_at = now;
             if req.step == RunStep::Start {
                 run.state = RunState::Running;
+                run.started_at = Some(now);
                 started.push(run.id);
             }
             Ok(job.id)
@@ -655,11 +695,12 @@ async fn finish_in(
     tx: &mut AnyConnection,
     batch: Vec<FinishRequest>,
     retry: RetrySettings,
+    loaded: Loaded,
 ) -> Result<Vec<Result<Finished>>> {
     if batch.is_empty() {
         return Ok(Vec::new());
     }
-    let mut writing = FinishBatch::read(&mut *tx, &batch, retry).await?;
+    let mut writing = FinishBatch::read(&mut *tx, &batch, retry, loaded).await?;
     let mut answers = Vec::with_capacity(batch.len());
     for req in batch {
         answers.push(writing.finish(&mut *tx, req).await?);
@@ -1300,13 +1341,18 @@ impl FinishBatch {
         conn: &mut AnyConnection,
         batch: &[FinishRequest],
         retry: RetrySettings,
+        mut loaded: Loaded,
     ) -> Result<Self> {
         let run_ids: Vec<RunId> = batch.iter().map(|r| r.run_id).collect();
-        let runs = load_runs(&mut *conn, &run_ids).await?;
-        let mut job_ids: Vec<JobId> = runs.values().map(|r| r.job_id).collect();
+        loaded.read(&mut *conn, &run_ids).await?;
+        let Loaded { runs, jobs } = loaded;
+        let mut job_ids: Vec<JobId> = run_ids
+            .iter()
+            .filter_map(|id| runs.get(id))
+            .map(|r| r.job_id)
+            .collect();
         job_ids.sort();
         job_ids.dedup();
-        let jobs = load_jobs(&mut *conn, &job_ids).await?;
         let hooks = load_hooks(&mut *conn).await?;
         let mut awaited = std::collections::HashSet::new();
         for chunk in job_ids.chunks(ROWS_PER_STATEMENT * 8) {
@@ -1970,7 +2016,7 @@ impl Store for SqlStore {
 
     async fn advance_runs(&self, batch: Vec<StepRequest>) -> Result<Vec<Result<JobId>>> {
         let mut tx = self.writer.begin().await?;
-        let answers = advance_in(&mut tx, batch).await?;
+        let answers = advance_in(&mut tx, batch, &mut Loaded::default()).await?;
         tx.commit().await?;
         Ok(answers)
     }
@@ -1981,7 +2027,7 @@ impl Store for SqlStore {
         retry: RetrySettings,
     ) -> Result<Vec<Result<Finished>>> {
         let mut tx = self.writer.begin().await?;
-        let answers = finish_in(&mut tx, batch, retry).await?;
+        let answers = finish_in(&mut tx, batch, retry, Loaded::default()).await?;
         tx.commit().await?;
         Ok(answers)
     }
@@ -1993,8 +2039,9 @@ impl Store for SqlStore {
         retry: RetrySettings,
     ) -> Result<RunReportAnswers> {
         let mut tx = self.writer.begin().await?;
-        let stepped = advance_in(&mut tx, steps).await?;
-        let ended = finish_in(&mut tx, ends, retry).await?;
+        let mut loaded = Loaded::default();
+        let stepped = advance_in(&mut tx, steps, &mut loaded).await?;
+        let ended = finish_in(&mut tx, ends, retry, loaded).await?;
         tx.commit().await?;
         Ok((stepped, ended))
     }
