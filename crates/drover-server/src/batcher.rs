@@ -7,8 +7,10 @@ use drover_store::StoreError;
 use std::future::Future;
 use tokio::sync::{mpsc, oneshot};
 
-/// At most this many requests per transaction.
-const MAX_BATCH: usize = 256;
+/// At most this many requests per transaction. Larger batches write each hot page (the
+/// tails of the tables and indexes) once per commit for more rows: 1,024 rather than 256
+/// moved the noop benchmark from about 5,500 to 6,500 jobs/s.
+const MAX_BATCH: usize = 1024;
 
 type Pending<Req, Resp> = (Req, oneshot::Sender<Result<Resp, StoreError>>);
 
