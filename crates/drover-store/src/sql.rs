@@ -547,18 +547,35 @@ fn sqlite_anonymous_binds(sql: &str) -> Option<String> {
 
 /// `$first, …` for `count` binds.
 fn placeholders(first: usize, count: usize) -> String {
-    (first..first + count)
-        .map(|i| format!("${i}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut out = String::with_capacity(count * 6);
+    push_placeholders(&mut out, first, count);
+    out
+}
+
+/// Appends `$first, …` for `count` binds (one buffer: these lists run to hundreds of binds
+/// per statement, built for every statement of a batch).
+fn push_placeholders(out: &mut String, first: usize, count: usize) {
+    use std::fmt::Write;
+    for i in first..first + count {
+        if i > first {
+            out.push_str(", ");
+        }
+        let _ = write!(out, "${i}");
+    }
 }
 
 /// `($1, …, $cols), (…)` for `rows` rows of `cols` binds.
 fn row_tuples(rows: usize, cols: usize) -> String {
-    (0..rows)
-        .map(|r| format!("({})", placeholders(r * cols + 1, cols)))
-        .collect::<Vec<_>>()
-        .join(", ")
+    let mut out = String::with_capacity(rows * (cols * 6 + 4));
+    for r in 0..rows {
+        if r > 0 {
+            out.push_str(", ");
+        }
+        out.push('(');
+        push_placeholders(&mut out, r * cols + 1, cols);
+        out.push(')');
+    }
+    out
 }
 
 /// Runs and jobs a transaction has read (and changed), as they now stand in it: the ends
@@ -3128,7 +3145,15 @@ impl Store for SqlStore {
 
 #[cfg(test)]
 mod tests {
-    use super::sqlite_anonymous_binds;
+    use super::{placeholders, row_tuples, sqlite_anonymous_binds};
+
+    #[test]
+    fn placeholder_lists_number_binds_in_order() {
+        assert_eq!(placeholders(3, 3), "$3, $4, $5");
+        assert_eq!(placeholders(1, 0), "");
+        assert_eq!(row_tuples(2, 2), "($1, $2), ($3, $4)");
+        assert_eq!(row_tuples(1, 1), "($1)");
+    }
 
     #[test]
     fn binds_in_order_become_anonymous() {
