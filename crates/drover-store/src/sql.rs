@@ -807,6 +807,11 @@ async fn load_runs(conn: &mut AnyConnection, ids: &[RunId]) -> Result<HashMap<Ru
 }
 
 /// Moves many jobs at once: one statement per (from, to) pair, not one per job.
+///
+/// The state a statement expects is written into it (`state = 'QUEUED'`, one of
+/// [`JobState::as_str`]'s fixed names), never bound: SQLite decides whether a partial
+/// index (`jobs_queue`) applies from a bound value, and then prepares the statement again
+/// every time that value is bound — a parse and a plan per statement under load.
 async fn set_job_states(
     conn: &mut AnyConnection,
     changes: &[(JobId, JobState, JobState)],
@@ -822,15 +827,15 @@ async fn set_job_states(
                 &*conn,
                 format!(
                     "UPDATE jobs SET state = $1, updated_at = $2, finished_at = $3 \
-                 WHERE state = $4 AND id IN ({})",
-                    placeholders(5, chunk.len())
+                 WHERE state = '{}' AND id IN ({})",
+                    from.as_str(),
+                    placeholders(4, chunk.len())
                 ),
             );
             let mut query = sqlx::query(&sql)
                 .bind(to.as_str())
                 .bind(now.0)
-                .bind(to.is_terminal().then_some(now.0))
-                .bind(from.as_str());
+                .bind(to.is_terminal().then_some(now.0));
             for id in chunk {
                 query = query.bind(id.to_string());
             }
@@ -1436,8 +1441,9 @@ impl FinishBatch {
                     format!(
                         "UPDATE jobs SET state = $1, updated_at = $2, finished_at = $3, \
                      exit_code = $4, error = $5, result = $6, \
-                     not_before = COALESCE($7, not_before) WHERE state = $8 AND id IN ({})",
-                        placeholders(9, chunk.len())
+                     not_before = COALESCE($7, not_before) WHERE state = '{}' AND id IN ({})",
+                        values.from,
+                        placeholders(8, chunk.len())
                     ),
                 );
                 let mut query = sqlx::query(&sql)
@@ -1447,8 +1453,7 @@ impl FinishBatch {
                     .bind(values.exit_code)
                     .bind(values.error.clone())
                     .bind(values.result.clone())
-                    .bind(values.not_before)
-                    .bind(values.from);
+                    .bind(values.not_before);
                 for id in chunk {
                     query = query.bind(id.to_string());
                 }
@@ -2013,14 +2018,14 @@ impl Store for SqlStore {
                 format!(
                     "UPDATE jobs SET attempts = attempts + 1, current_run = (SELECT r.id FROM runs r \
                  WHERE r.job_id = jobs.id AND r.attempt = jobs.attempts + 1), state = $1, \
-                 updated_at = $2 WHERE state = $3 AND id IN ({})",
-                    placeholders(4, chunk.len())
+                 updated_at = $2 WHERE state = '{}' AND id IN ({})",
+                    JobState::Queued.as_str(),
+                    placeholders(3, chunk.len())
                 ),
             );
             let mut query = sqlx::query(&sql)
                 .bind(JobState::Assigned.as_str())
-                .bind(now.0)
-                .bind(JobState::Queued.as_str());
+                .bind(now.0);
             for Assignment { job, .. } in chunk {
                 query = query.bind(job.id.to_string());
             }
