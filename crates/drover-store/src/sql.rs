@@ -100,6 +100,10 @@ async fn sqlite_pragmas(conn: &mut AnyConnection, read_only: bool) -> sqlx::Resu
         // The writer walks the upper levels of every index on each write: 16 MiB keeps them
         // cached in a queue of a million jobs (the default 2 MiB re-reads them from the OS).
         conn.execute("PRAGMA cache_size = -16384").await?;
+        // A statement that changes many rows keeps the pages it changed in a statement
+        // journal, to undo itself alone; past 64 KiB SQLite spills that journal to a temp
+        // file (a write per page), and a batch's UPDATE of hundreds of jobs goes past it.
+        conn.execute("PRAGMA temp_store = MEMORY").await?;
     }
     Ok(())
 }
