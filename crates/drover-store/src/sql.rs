@@ -104,6 +104,10 @@ async fn sqlite_pragmas(conn: &mut AnyConnection, read_only: bool) -> sqlx::Resu
         // journal, to undo itself alone; past 64 KiB SQLite spills that journal to a temp
         // file (a write per page), and a batch's UPDATE of hundreds of jobs goes past it.
         conn.execute("PRAGMA temp_store = MEMORY").await?;
+        // A checkpoint copies the newest version of each page the WAL holds: every commit
+        // rewrites the same hot pages (the tails of tables and indexes), so checkpointing
+        // every 8,192 pages (32 MiB) rather than every 1,000 copies them a few times less.
+        conn.execute("PRAGMA wal_autocheckpoint = 8192").await?;
     }
     Ok(())
 }
