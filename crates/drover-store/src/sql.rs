@@ -853,6 +853,21 @@ async fn set_job_states(
     Ok(())
 }
 
+/// Tries of a transaction that PostgreSQL rolled back to break a deadlock or a
+/// serialization conflict.
+const TRANSIENT_TRIES: usize = 3;
+
+/// A failure that running the same transaction again may not meet: PostgreSQL's
+/// `deadlock_detected` (40P01) and `serialization_failure` (40001).
+fn is_transient(e: &StoreError) -> bool {
+    match e {
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("40P01" | "40001"))
+        }
+        _ => false,
+    }
+}
+
 /// On PostgreSQL, locks the row for the rest of the transaction: every writer of a job (and
 /// of its runs) reads the job first, so concurrent changes from replicas queue up instead
 /// of overwriting each other.
@@ -2068,12 +2083,27 @@ impl Store for SqlStore {
         ends: Vec<FinishRequest>,
         retry: RetrySettings,
     ) -> Result<RunReportAnswers> {
-        let mut tx = self.writer.begin().await?;
-        let mut loaded = Loaded::default();
-        let stepped = advance_in(&mut tx, steps, &mut loaded).await?;
-        let ended = finish_in(&mut tx, ends, retry, loaded).await?;
-        tx.commit().await?;
-        Ok((stepped, ended))
+        // A worker does not send a report twice: one that a deadlock rolled back (replicas
+        // and lease renewals lock runs too) is written again here rather than lost.
+        let mut tries = 1;
+        loop {
+            let mut tx = self.writer.begin().await?;
+            let mut loaded = Loaded::default();
+            let written = async {
+                let stepped = advance_in(&mut tx, steps.clone(), &mut loaded).await?;
+                let ended = finish_in(&mut tx, ends.clone(), retry, loaded).await?;
+                tx.commit().await?;
+                Ok((stepped, ended))
+            }
+            .await;
+            match written {
+                Err(e) if is_transient(&e) && tries < TRANSIENT_TRIES => {
+                    tracing::warn!(error = %e, tries, "run reports rolled back; writing them again");
+                    tries += 1;
+                }
+                written => return written,
+            }
+        }
     }
 
     async fn renew_leases(&self, workers: &[WorkerId], until: Timestamp) -> Result<u64> {
@@ -2081,14 +2111,18 @@ impl Store for SqlStore {
             return Ok(0);
         }
         // One statement for every worker heard since the last round: heartbeats of a large
-        // fleet cost one write per interval, not one per worker.
+        // fleet cost one write per interval, not one per worker. The runs are locked in id
+        // order, as every other writer of runs locks them (load_by_ids): in the order of a
+        // scan, a renewal and a batch of run reports deadlocked on PostgreSQL.
         let list = placeholders(2, workers.len());
         let mut tx = self.writer.begin().await?;
         let sql = binds_for(
             &tx,
             format!(
-                "UPDATE runs SET lease_expires_at = $1 WHERE worker_id IN ({list}) \
-                 AND state IN ('ASSIGNED', 'RUNNING')"
+                "UPDATE runs SET lease_expires_at = $1 WHERE id IN (SELECT id FROM runs \
+                 WHERE worker_id IN ({list}) AND state IN ('ASSIGNED', 'RUNNING') \
+                 ORDER BY id{})",
+                for_update(&tx)
             ),
         );
         let mut runs = sqlx::query(&sql).bind(until.0);
@@ -2110,10 +2144,15 @@ impl Store for SqlStore {
     }
 
     async fn renew_all_leases(&self, until: Timestamp) -> Result<u64> {
-        let done = sqlx::query(
+        // Locked in id order, like every writer of runs (see renew_leases).
+        let lock = match self.engine {
+            Engine::Postgres => " FOR UPDATE",
+            Engine::Sqlite => "",
+        };
+        let done = sqlx::query(&format!(
             "UPDATE runs SET lease_expires_at = CASE WHEN lease_expires_at > $1 THEN lease_expires_at ELSE $1 END \
-             WHERE state IN ('ASSIGNED', 'RUNNING')",
-        )
+             WHERE id IN (SELECT id FROM runs WHERE state IN ('ASSIGNED', 'RUNNING') ORDER BY id{lock})",
+        ))
         .bind(until.0)
         .execute(&self.writer)
         .await?;

@@ -77,3 +77,108 @@ async fn concurrent_assignment_hands_a_job_to_one_worker_only() {
         assert_eq!(a.job_runs(id).await.unwrap().len(), 1);
     }
 }
+
+/// Heartbeats renew the leases of a worker's live runs while batches of its run reports
+/// lock the same runs. Both must lock them in one order: a renewal that locked them in the
+/// order of a table scan deadlocked with report batches (PostgreSQL then rolled one back,
+/// and a rolled-back report was lost: the job stayed ASSIGNED for good).
+#[tokio::test]
+async fn lease_renewals_and_run_reports_never_deadlock() {
+    use drover_core::{RunOutcome, Timestamp};
+    use drover_store::{FinishRequest, RetrySettings, RunEnd, RunStep, StepRequest};
+    let Some(url) = fresh_database().await else {
+        return;
+    };
+    let store = std::sync::Arc::new(SqlStore::open(&url, Migrations::Apply).await.unwrap());
+    let spec = drover_core::JobSpec {
+        command: Some("true".into()),
+        ..Default::default()
+    };
+    let token = store
+        .create_join_token(Duration::from_secs(60))
+        .await
+        .unwrap();
+    let (worker, _) = store
+        .register_worker(&token.token, "w", &Default::default())
+        .await
+        .unwrap();
+    let lease = Timestamp::now().plus(Duration::from_secs(60));
+    let submissions = (0..2000)
+        .map(|_| drover_store::Submission {
+            spec: spec.clone(),
+            owner: None,
+        })
+        .collect();
+    let jobs: Vec<_> = store
+        .create_jobs(submissions)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|answer| answer.unwrap().0.id)
+        .collect();
+    let plan: Vec<_> = jobs.iter().map(|id| (*id, worker.id)).collect();
+    let runs: Vec<_> = store
+        .assign_jobs(&plan, lease)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.run.id)
+        .collect();
+    assert_eq!(runs.len(), jobs.len());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let renewing = tokio::spawn({
+        let (store, stop) = (store.clone(), stop.clone());
+        async move {
+            let mut renewals = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                store.renew_leases(&[worker.id], lease).await?;
+                renewals += 1;
+            }
+            Ok::<_, drover_store::StoreError>(renewals)
+        }
+    });
+    let retry = RetrySettings {
+        default_backoff_base: Duration::from_secs(10),
+        jitter: 0.0,
+    };
+    // Reports in batches the size the server writes, each batch's runs newest first.
+    for chunk in runs.chunks(250) {
+        let mut chunk = chunk.to_vec();
+        chunk.reverse();
+        let steps = chunk
+            .iter()
+            .flat_map(|run_id| {
+                [RunStep::Accept, RunStep::Start].map(|step| StepRequest {
+                    run_id: *run_id,
+                    worker_id: worker.id,
+                    step,
+                })
+            })
+            .collect();
+        let ends = chunk
+            .iter()
+            .map(|run_id| FinishRequest {
+                run_id: *run_id,
+                worker_id: Some(worker.id),
+                end: RunEnd {
+                    outcome: RunOutcome::Succeeded,
+                    exit_code: Some(0),
+                    error: None,
+                    result: None,
+                },
+            })
+            .collect();
+        let (stepped, ended) = store.report_runs(steps, ends, retry).await.unwrap();
+        assert!(stepped.iter().all(Result::is_ok));
+        assert!(ended.iter().all(Result::is_ok));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let renewals = renewing.await.unwrap().expect("every renewal is written");
+    assert!(renewals > 0);
+    for id in jobs {
+        assert_eq!(
+            store.get_job(id).await.unwrap().state,
+            drover_core::JobState::Succeeded
+        );
+    }
+}
