@@ -872,10 +872,18 @@ fn is_transient(e: &StoreError) -> bool {
 /// of its runs) reads the job first, so concurrent changes from replicas queue up instead
 /// of overwriting each other.
 fn for_update(conn: &AnyConnection) -> &'static str {
-    if conn.backend_name() == "PostgreSQL" {
-        " FOR UPDATE"
-    } else {
-        ""
+    let engine = match conn.backend_name() {
+        "PostgreSQL" => Engine::Postgres,
+        _ => Engine::Sqlite,
+    };
+    row_lock(engine)
+}
+
+/// The locking clause of [`for_update`], by engine (SQLite has one writer: no row locks).
+fn row_lock(engine: Engine) -> &'static str {
+    match engine {
+        Engine::Postgres => " FOR UPDATE",
+        Engine::Sqlite => "",
     }
 }
 
@@ -2145,10 +2153,7 @@ impl Store for SqlStore {
 
     async fn renew_all_leases(&self, until: Timestamp) -> Result<u64> {
         // Locked in id order, like every writer of runs (see renew_leases).
-        let lock = match self.engine {
-            Engine::Postgres => " FOR UPDATE",
-            Engine::Sqlite => "",
-        };
+        let lock = row_lock(self.engine);
         let done = sqlx::query(&format!(
             "UPDATE runs SET lease_expires_at = CASE WHEN lease_expires_at > $1 THEN lease_expires_at ELSE $1 END \
              WHERE id IN (SELECT id FROM runs WHERE state IN ('ASSIGNED', 'RUNNING') ORDER BY id{lock})",
