@@ -2087,25 +2087,35 @@ impl Store for SqlStore {
 
     async fn report_runs(
         &self,
-        steps: Vec<StepRequest>,
-        ends: Vec<FinishRequest>,
+        mut steps: Vec<StepRequest>,
+        mut ends: Vec<FinishRequest>,
         retry: RetrySettings,
     ) -> Result<RunReportAnswers> {
         // A worker does not send a report twice: one that a deadlock rolled back (replicas
-        // and lease renewals lock runs too) is written again here rather than lost.
+        // and lease renewals lock runs too) is written again here rather than lost. Only
+        // PostgreSQL rolls back that way; the batch is copied only for a try that may fail so.
+        let tries_allowed = match self.engine {
+            Engine::Postgres => TRANSIENT_TRIES,
+            Engine::Sqlite => 1,
+        };
         let mut tries = 1;
         loop {
+            let (these_steps, these_ends) = if tries < tries_allowed {
+                (steps.clone(), ends.clone())
+            } else {
+                (std::mem::take(&mut steps), std::mem::take(&mut ends))
+            };
             let mut tx = self.writer.begin().await?;
             let mut loaded = Loaded::default();
             let written = async {
-                let stepped = advance_in(&mut tx, steps.clone(), &mut loaded).await?;
-                let ended = finish_in(&mut tx, ends.clone(), retry, loaded).await?;
+                let stepped = advance_in(&mut tx, these_steps, &mut loaded).await?;
+                let ended = finish_in(&mut tx, these_ends, retry, loaded).await?;
                 tx.commit().await?;
                 Ok((stepped, ended))
             }
             .await;
             match written {
-                Err(e) if is_transient(&e) && tries < TRANSIENT_TRIES => {
+                Err(e) if is_transient(&e) && tries < tries_allowed => {
                     tracing::warn!(error = %e, tries, "run reports rolled back; writing them again");
                     tries += 1;
                 }

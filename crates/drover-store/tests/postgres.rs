@@ -84,28 +84,18 @@ async fn concurrent_assignment_hands_a_job_to_one_worker_only() {
 /// and a rolled-back report was lost: the job stayed ASSIGNED for good).
 #[tokio::test]
 async fn lease_renewals_and_run_reports_never_deadlock() {
-    use drover_core::{RunOutcome, Timestamp};
-    use drover_store::{FinishRequest, RetrySettings, RunEnd, RunStep, StepRequest};
+    use conformance::{NO_JITTER, end, later, spec, worker};
+    use drover_core::RunOutcome;
+    use drover_store::{FinishRequest, RunStep, StepRequest};
     let Some(url) = fresh_database().await else {
         return;
     };
     let store = std::sync::Arc::new(SqlStore::open(&url, Migrations::Apply).await.unwrap());
-    let spec = drover_core::JobSpec {
-        command: Some("true".into()),
-        ..Default::default()
-    };
-    let token = store
-        .create_join_token(Duration::from_secs(60))
-        .await
-        .unwrap();
-    let (worker, _) = store
-        .register_worker(&token.token, "w", &Default::default())
-        .await
-        .unwrap();
-    let lease = Timestamp::now().plus(Duration::from_secs(60));
+    let worker = worker(&*store).await;
+    let lease = later();
     let submissions = (0..2000)
         .map(|_| drover_store::Submission {
-            spec: spec.clone(),
+            spec: spec("true"),
             owner: None,
         })
         .collect();
@@ -116,7 +106,7 @@ async fn lease_renewals_and_run_reports_never_deadlock() {
         .into_iter()
         .map(|answer| answer.unwrap().0.id)
         .collect();
-    let plan: Vec<_> = jobs.iter().map(|id| (*id, worker.id)).collect();
+    let plan: Vec<_> = jobs.iter().map(|id| (*id, worker)).collect();
     let runs: Vec<_> = store
         .assign_jobs(&plan, lease)
         .await
@@ -131,16 +121,12 @@ async fn lease_renewals_and_run_reports_never_deadlock() {
         async move {
             let mut renewals = 0u32;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                store.renew_leases(&[worker.id], lease).await?;
+                store.renew_leases(&[worker], lease).await?;
                 renewals += 1;
             }
             Ok::<_, drover_store::StoreError>(renewals)
         }
     });
-    let retry = RetrySettings {
-        default_backoff_base: Duration::from_secs(10),
-        jitter: 0.0,
-    };
     // Reports in batches the size the server writes, each batch's runs newest first.
     for chunk in runs.chunks(250) {
         let mut chunk = chunk.to_vec();
@@ -150,7 +136,7 @@ async fn lease_renewals_and_run_reports_never_deadlock() {
             .flat_map(|run_id| {
                 [RunStep::Accept, RunStep::Start].map(|step| StepRequest {
                     run_id: *run_id,
-                    worker_id: worker.id,
+                    worker_id: worker,
                     step,
                 })
             })
@@ -159,16 +145,11 @@ async fn lease_renewals_and_run_reports_never_deadlock() {
             .iter()
             .map(|run_id| FinishRequest {
                 run_id: *run_id,
-                worker_id: Some(worker.id),
-                end: RunEnd {
-                    outcome: RunOutcome::Succeeded,
-                    exit_code: Some(0),
-                    error: None,
-                    result: None,
-                },
+                worker_id: Some(worker),
+                end: end(RunOutcome::Succeeded, 0),
             })
             .collect();
-        let (stepped, ended) = store.report_runs(steps, ends, retry).await.unwrap();
+        let (stepped, ended) = store.report_runs(steps, ends, NO_JITTER).await.unwrap();
         assert!(stepped.iter().all(Result::is_ok));
         assert!(ended.iter().all(Result::is_ok));
     }

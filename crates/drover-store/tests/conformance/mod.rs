@@ -44,12 +44,12 @@ use drover_store::{
 };
 use std::time::Duration;
 
-const NO_JITTER: RetrySettings = RetrySettings {
+pub const NO_JITTER: RetrySettings = RetrySettings {
     default_backoff_base: Duration::from_secs(10),
     jitter: 0.0,
 };
 
-fn spec(command: &str) -> JobSpec {
+pub fn spec(command: &str) -> JobSpec {
     JobSpec {
         command: Some(command.into()),
         ..Default::default()
@@ -58,7 +58,7 @@ fn spec(command: &str) -> JobSpec {
     .expect("valid spec")
 }
 
-fn end(outcome: RunOutcome, exit_code: i32) -> RunEnd {
+pub fn end(outcome: RunOutcome, exit_code: i32) -> RunEnd {
     RunEnd {
         outcome,
         exit_code: Some(exit_code),
@@ -68,11 +68,11 @@ fn end(outcome: RunOutcome, exit_code: i32) -> RunEnd {
     }
 }
 
-fn later() -> Timestamp {
+pub fn later() -> Timestamp {
     Timestamp::now().plus(Duration::from_secs(60))
 }
 
-async fn worker(store: &dyn Store) -> WorkerId {
+pub async fn worker(store: &dyn Store) -> WorkerId {
     let token = store
         .create_join_token(Duration::from_secs(60))
         .await
