@@ -574,13 +574,18 @@ fn push_placeholders(out: &mut String, first: usize, count: usize) {
 
 /// `($1, …, $cols), (…)` for `rows` rows of `cols` binds.
 fn row_tuples(rows: usize, cols: usize) -> String {
+    row_tuples_from(1, rows, cols)
+}
+
+/// [`row_tuples`] numbered from `$first`.
+fn row_tuples_from(first: usize, rows: usize, cols: usize) -> String {
     let mut out = String::with_capacity(rows * (cols * 6 + 4));
     for r in 0..rows {
         if r > 0 {
             out.push_str(", ");
         }
         out.push('(');
-        push_placeholders(&mut out, r * cols + 1, cols);
+        push_placeholders(&mut out, first + r * cols, cols);
         out.push(')');
     }
     out
@@ -620,23 +625,80 @@ impl Loaded {
     }
 }
 
-/// The body of [`Store::advance_runs`], inside the caller's transaction.
+/// Row writes and events of run steps, applied in memory and not yet written: when the
+/// same batch also ends a run (a short job reports its start and its end together), the
+/// end writes the run and its job once, with their final values, and the step's writes
+/// of them are dropped ([`StepWrites::forget_run`], [`StepWrites::forget_job`]).
+struct StepWrites {
+    now: Timestamp,
+    started: std::collections::HashSet<RunId>,
+    moved: HashMap<JobId, JobState>,
+    events: Vec<NewEvent>,
+}
+
+impl StepWrites {
+    fn new(now: Timestamp) -> Self {
+        Self {
+            now,
+            started: std::collections::HashSet::new(),
+            moved: HashMap::new(),
+            events: Vec::new(),
+        }
+    }
+
+    fn forget_run(&mut self, id: RunId) {
+        self.started.remove(&id);
+    }
+
+    fn forget_job(&mut self, id: JobId) {
+        self.moved.remove(&id);
+    }
+
+    /// Writes what is left, in the caller's transaction.
+    async fn write(&mut self, tx: &mut AnyConnection) -> Result<()> {
+        let started: Vec<RunId> = self.started.drain().collect();
+        for chunk in started.chunks(ROWS_PER_STATEMENT * 8) {
+            let sql = binds_for(
+                tx,
+                format!(
+                    "UPDATE runs SET state = $1, started_at = $2 WHERE id IN ({})",
+                    placeholders(3, chunk.len())
+                ),
+            );
+            let mut query = sqlx::query(&sql)
+                .bind(RunState::Running.as_str())
+                .bind(self.now.0);
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            query.execute(&mut *tx).await?;
+        }
+        let moved: Vec<(JobId, JobState)> = self.moved.drain().collect();
+        set_job_states(&mut *tx, &moved, self.now).await?;
+        insert_events(&mut *tx, &std::mem::take(&mut self.events)).await
+    }
+}
+
+/// The body of [`Store::advance_runs`], inside the caller's transaction: the steps are
+/// applied to `loaded` and their writes returned, for the caller to write
+/// ([`StepWrites::write`]) or to hand to the ends of the same batch.
 async fn advance_in(
     tx: &mut AnyConnection,
     batch: Vec<StepRequest>,
     loaded: &mut Loaded,
-) -> Result<Vec<Result<JobId>>> {
+    now: Timestamp,
+) -> Result<(Vec<Result<JobId>>, StepWrites)> {
+    let mut writes = StepWrites::new(now);
     if batch.is_empty() {
-        return Ok(Vec::new());
+        return Ok((Vec::new(), writes));
     }
-    let now = Timestamp::now();
     let run_ids: Vec<RunId> = batch.iter().map(|r| r.run_id).collect();
     loaded.read(&mut *tx, &run_ids).await?;
     let Loaded { runs, jobs } = loaded;
     let stored_state: HashMap<JobId, JobState> = jobs.values().map(|j| (j.id, j.state)).collect();
     let mut answers = Vec::with_capacity(batch.len());
     let mut events = Vec::new();
-    let mut started = Vec::new();
+    let mut started = std::collections::HashSet::new();
     // Applied in order in memory, then written once: an accept and the start of the
     // same run may share the batch.
     for req in batch {
@@ -674,58 +736,49 @@ async fn advance_in(
                 EventKind::for_transition(job.state, event, to, Some(run.id), None, None)
             });
             events.push(NewEvent::job(now, job.id, kind));
-            job.state = to;
-            job.status_code = to.status_code();
-            job.updated_at = now;
+            if to != job.state {
+                job.state = to;
+                job.status_code = to.status_code();
+                job.updated_at = now;
+            }
             if req.step == RunStep::Start {
                 run.state = RunState::Running;
                 run.started_at = Some(now);
-                started.push(run.id);
+                started.insert(run.id);
             }
             Ok(job.id)
         })();
         answers.push(answer);
     }
-    for chunk in started.chunks(ROWS_PER_STATEMENT * 8) {
-        let sql = binds_for(
-            tx,
-            format!(
-                "UPDATE runs SET state = $1, started_at = $2 WHERE id IN ({})",
-                placeholders(3, chunk.len())
-            ),
-        );
-        let mut query = sqlx::query(&sql)
-            .bind(RunState::Running.as_str())
-            .bind(now.0);
-        for id in chunk {
-            query = query.bind(id.to_string());
-        }
-        query.execute(&mut *tx).await?;
-    }
-    let touched: std::collections::HashSet<JobId> = answers
+    writes.started = started;
+    // An accept leaves the job ASSIGNED: only its event is written.
+    writes.moved = answers
         .iter()
-        .filter_map(|a| a.as_ref().ok().copied())
+        .filter_map(|a| a.as_ref().ok())
+        .filter_map(|id| {
+            let to = jobs.get(id)?.state;
+            (stored_state.get(id) != Some(&to)).then_some((*id, to))
+        })
         .collect();
-    let moved: Vec<(JobId, JobState, JobState)> = touched
-        .iter()
-        .filter_map(|id| Some((*id, *stored_state.get(id)?, jobs.get(id)?.state)))
-        .collect();
-    set_job_states(&mut *tx, &moved, now).await?;
-    insert_events(&mut *tx, &events).await?;
-    Ok(answers)
+    writes.events = events;
+    Ok((answers, writes))
 }
 
 /// The body of [`Store::finish_runs`], inside the caller's transaction.
+/// `steps` are the writes of steps in the same batch (already applied to `loaded`); they
+/// are written here, less what the ends write anyway.
 async fn finish_in(
     tx: &mut AnyConnection,
     batch: Vec<FinishRequest>,
     retry: RetrySettings,
     loaded: Loaded,
+    mut steps: StepWrites,
 ) -> Result<Vec<Result<Finished>>> {
     if batch.is_empty() {
+        steps.write(tx).await?;
         return Ok(Vec::new());
     }
-    let mut writing = FinishBatch::read(&mut *tx, &batch, retry, loaded).await?;
+    let mut writing = FinishBatch::read(&mut *tx, &batch, retry, loaded, steps).await?;
     let mut answers = Vec::with_capacity(batch.len());
     for req in batch {
         answers.push(writing.finish(&mut *tx, req).await?);
@@ -814,29 +867,29 @@ async fn load_runs(conn: &mut AnyConnection, ids: &[RunId]) -> Result<HashMap<Ru
     load_by_ids(conn, &sql, ids, run_from_row, |r| r.id).await
 }
 
-/// Moves many jobs at once: one statement per (from, to) pair, not one per job.
+/// Moves many jobs at once: one statement per target state, not one per job.
 ///
-/// The state a statement expects is written into it (`state = 'QUEUED'`, one of
-/// [`JobState::as_str`]'s fixed names), never bound: SQLite decides whether a partial
-/// index (`jobs_queue`) applies from a bound value, and then prepares the statement again
-/// every time that value is bound — a parse and a plan per statement under load.
+/// Every caller read the jobs in this transaction (locked on PostgreSQL, [`for_update`];
+/// SQLite has one writer) and checked their state there, so the statements select by id
+/// alone. A `state = …` guard besides would be redundant, and on PostgreSQL it let the
+/// planner pick `jobs_state` from statistics taken while the queue was small, then test
+/// every queued job against the id list.
 async fn set_job_states(
     conn: &mut AnyConnection,
-    changes: &[(JobId, JobState, JobState)],
+    changes: &[(JobId, JobState)],
     now: Timestamp,
 ) -> Result<()> {
-    let mut by_move: HashMap<(JobState, JobState), Vec<JobId>> = HashMap::new();
-    for (id, from, to) in changes {
-        by_move.entry((*from, *to)).or_default().push(*id);
+    let mut by_target: HashMap<JobState, Vec<JobId>> = HashMap::new();
+    for (id, to) in changes {
+        by_target.entry(*to).or_default().push(*id);
     }
-    for ((from, to), ids) in by_move {
+    for (to, ids) in by_target {
         for chunk in ids.chunks(ROWS_PER_STATEMENT * 8) {
             let sql = binds_for(
                 &*conn,
                 format!(
                     "UPDATE jobs SET state = $1, updated_at = $2, finished_at = $3 \
-                 WHERE state = '{}' AND id IN ({})",
-                    from.as_str(),
+                 WHERE id IN ({})",
                     placeholders(4, chunk.len())
                 ),
             );
@@ -922,7 +975,7 @@ async fn transition(
     now: Timestamp,
 ) -> Result<JobState> {
     let to = job.state.apply(event)?;
-    set_job_states(&mut *conn, &[(job.id, job.state, to)], now).await?;
+    set_job_states(&mut *conn, &[(job.id, to)], now).await?;
     let kind =
         kind.unwrap_or_else(|| EventKind::for_transition(job.state, event, to, run_id, None, None));
     insert_event(conn, now, Some(job.id), None, &kind).await?;
@@ -1356,6 +1409,8 @@ async fn settle_group(conn: &mut AnyConnection, id: GroupId, now: Timestamp) -> 
 /// What a batch of run ends shares: the records read up front (kept up to date as the
 /// batch goes), the webhooks, which jobs others wait on, and the events to write.
 struct FinishBatch {
+    /// Steps of the same batch not written yet; written first at each flush.
+    steps: StepWrites,
     runs: HashMap<RunId, RunRecord>,
     jobs: HashMap<JobId, JobRecord>,
     hooks: Hooks,
@@ -1380,7 +1435,6 @@ struct RunEndValues {
 
 #[derive(PartialEq, Eq, Hash)]
 struct JobEndValues {
-    from: &'static str,
     to: &'static str,
     finished: bool,
     exit_code: Option<i64>,
@@ -1395,6 +1449,7 @@ impl FinishBatch {
         batch: &[FinishRequest],
         retry: RetrySettings,
         mut loaded: Loaded,
+        steps: StepWrites,
     ) -> Result<Self> {
         let run_ids: Vec<RunId> = batch.iter().map(|r| r.run_id).collect();
         loaded.read(&mut *conn, &run_ids).await?;
@@ -1425,6 +1480,8 @@ impl FinishBatch {
             }
         }
         Ok(Self {
+            now: steps.now,
+            steps,
             runs,
             jobs,
             hooks,
@@ -1434,12 +1491,12 @@ impl FinishBatch {
             job_writes: HashMap::new(),
             pending_jobs: std::collections::HashSet::new(),
             retry,
-            now: Timestamp::now(),
         })
     }
 
     /// Writes the row changes and events gathered so far.
     async fn flush(&mut self, conn: &mut AnyConnection) -> Result<()> {
+        self.steps.write(&mut *conn).await?;
         let now = self.now;
         for (values, ids) in std::mem::take(&mut self.run_writes) {
             for chunk in ids.chunks(ROWS_PER_STATEMENT * 8) {
@@ -1472,8 +1529,7 @@ impl FinishBatch {
                     format!(
                         "UPDATE jobs SET state = $1, updated_at = $2, finished_at = $3, \
                      exit_code = $4, error = $5, result = $6, \
-                     not_before = COALESCE($7, not_before) WHERE state = '{}' AND id IN ({})",
-                        values.from,
+                     not_before = COALESCE($7, not_before) WHERE id IN ({})",
                         placeholders(8, chunk.len())
                     ),
                 );
@@ -1529,7 +1585,6 @@ impl FinishBatch {
         // Decide: only the job's current attempt moves the job; a stale run just ends.
         let mut moves = Vec::new();
         let mut not_before = None;
-        let from = job.state;
         let mut to = job.state;
         if job.current_run == Some(run.id) && !job.state.is_terminal() {
             // A result whose start was never recorded still passes through RUNNING, so
@@ -1605,7 +1660,9 @@ impl FinishBatch {
             result: result.clone(),
         };
         self.run_writes.entry(values).or_default().push(run.id);
+        self.steps.forget_run(run.id);
         if !moves.is_empty() {
+            self.steps.forget_job(job.id);
             if !self.pending_jobs.insert(job.id) {
                 // The same job moving twice in a batch: the first move is written first.
                 self.flush(&mut *conn).await?;
@@ -1620,7 +1677,6 @@ impl FinishBatch {
             job.result = end.result.clone();
             job.not_before = not_before.unwrap_or(job.not_before);
             let values = JobEndValues {
-                from: from.as_str(),
                 to: to.as_str(),
                 finished: to.is_terminal(),
                 exit_code: end.exit_code.map(i64::from),
@@ -2043,22 +2099,21 @@ impl Store for SqlStore {
                     .bind(run.lease_expires_at.0);
             }
             query.execute(&mut *tx).await?;
-            // Each job points at the run just made for its next attempt.
+            // Each job points at the run just made for its next attempt, matched by id (the
+            // jobs were read, and on PostgreSQL locked, above: no state guard needed).
             let sql = binds_for(
                 &tx,
                 format!(
-                    "UPDATE jobs SET attempts = attempts + 1, current_run = (SELECT r.id FROM runs r \
-                 WHERE r.job_id = jobs.id AND r.attempt = jobs.attempts + 1), state = $1, \
-                 updated_at = $2 WHERE state = '{}' AND id IN ({})",
-                    JobState::Queued.as_str(),
-                    placeholders(3, chunk.len())
+                    "UPDATE jobs SET attempts = attempts + 1, current_run = v.column2, state = $1, \
+                 updated_at = $2 FROM (VALUES {}) AS v WHERE jobs.id = v.column1",
+                    row_tuples_from(3, chunk.len(), 2)
                 ),
             );
             let mut query = sqlx::query(&sql)
                 .bind(JobState::Assigned.as_str())
                 .bind(now.0);
-            for Assignment { job, .. } in chunk {
-                query = query.bind(job.id.to_string());
+            for Assignment { run, .. } in chunk {
+                query = query.bind(run.job_id.to_string()).bind(run.id.to_string());
             }
             query.execute(&mut *tx).await?;
         }
@@ -2069,7 +2124,9 @@ impl Store for SqlStore {
 
     async fn advance_runs(&self, batch: Vec<StepRequest>) -> Result<Vec<Result<JobId>>> {
         let mut tx = self.writer.begin().await?;
-        let answers = advance_in(&mut tx, batch, &mut Loaded::default()).await?;
+        let (answers, mut writes) =
+            advance_in(&mut tx, batch, &mut Loaded::default(), Timestamp::now()).await?;
+        writes.write(&mut tx).await?;
         tx.commit().await?;
         Ok(answers)
     }
@@ -2080,7 +2137,8 @@ impl Store for SqlStore {
         retry: RetrySettings,
     ) -> Result<Vec<Result<Finished>>> {
         let mut tx = self.writer.begin().await?;
-        let answers = finish_in(&mut tx, batch, retry, Loaded::default()).await?;
+        let steps = StepWrites::new(Timestamp::now());
+        let answers = finish_in(&mut tx, batch, retry, Loaded::default(), steps).await?;
         tx.commit().await?;
         Ok(answers)
     }
@@ -2108,8 +2166,9 @@ impl Store for SqlStore {
             let mut tx = self.writer.begin().await?;
             let mut loaded = Loaded::default();
             let written = async {
-                let stepped = advance_in(&mut tx, these_steps, &mut loaded).await?;
-                let ended = finish_in(&mut tx, these_ends, retry, loaded).await?;
+                let now = Timestamp::now();
+                let (stepped, writes) = advance_in(&mut tx, these_steps, &mut loaded, now).await?;
+                let ended = finish_in(&mut tx, these_ends, retry, loaded, writes).await?;
                 tx.commit().await?;
                 Ok((stepped, ended))
             }
