@@ -1070,6 +1070,41 @@ pub async fn batches_answer_each_request_and_match_single_writes(store: &dyn Sto
         kinds[kinds.len() - 2..],
         ["JobStatusChanged", "JobStatusChanged"]
     );
+    assert_eq!(run.started_at, done.run.started_at, "answer = stored");
+
+    // A start reported with an end that is refused: the start is still written.
+    let m = store.create_job(spec("m")).await.unwrap().0;
+    let made = store.assign_jobs(&[(m.id, w)], later()).await.unwrap();
+    let run_m = made[0].run.id;
+    let (stepped, ended_answers) = store
+        .report_runs(
+            vec![
+                step(run_m, w, RunStep::Accept),
+                step(run_m, w, RunStep::Start),
+            ],
+            vec![ended(run_m, other)],
+            NO_JITTER,
+        )
+        .await
+        .unwrap();
+    assert!(stepped.iter().all(|s| s.is_ok()));
+    assert!(matches!(
+        ended_answers[0],
+        Err(StoreError::NotYourRun { .. })
+    ));
+    assert_eq!(store.get_job(m.id).await.unwrap().state, JobState::Running);
+    let run = store.get_run(run_m).await.unwrap();
+    assert_eq!(run.state, RunState::Running);
+    assert!(run.started_at.is_some());
+    assert_eq!(
+        job_event_types(store, m.id).await,
+        [
+            "JobCreated",
+            "JobAssigned",
+            "JobAccepted",
+            "JobStatusChanged"
+        ]
+    );
 }
 
 /// The types of a job's events, oldest first.
