@@ -112,6 +112,17 @@ async fn sqlite_pragmas(conn: &mut AnyConnection, read_only: bool) -> sqlx::Resu
     Ok(())
 }
 
+/// Every drover query is an index lookup or an index range, and the planner must not
+/// decide otherwise from statistics: a queue's tables change faster than autovacuum
+/// analyzes them (a burst of submissions grows `jobs` tenfold in seconds), and from
+/// statistics taken when a table was small it planned the id-list reads and updates of a
+/// batch as sequential scans, testing every row against hundreds of ids. Only the cost of
+/// a sequential scan changes: a table without a usable index is still scanned.
+async fn postgres_settings(conn: &mut AnyConnection) -> sqlx::Result<()> {
+    conn.execute("SET enable_seqscan = off").await?;
+    Ok(())
+}
+
 /// Sets SQLite's allocator up, once per process and before its first connection.
 ///
 /// Allocation statistics off: with them on, every allocation and free takes one
@@ -256,6 +267,7 @@ impl SqlStore {
             let pool = AnyPoolOptions::new()
                 .max_connections(16)
                 .acquire_timeout(Duration::from_secs(10))
+                .after_connect(|conn, _| Box::pin(postgres_settings(conn)))
                 .connect(url)
                 .await
                 .map_err(unreachable)?;
