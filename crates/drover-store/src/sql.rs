@@ -768,12 +768,16 @@ async fn advance_in(
     let run_ids: Vec<RunId> = batch.iter().map(|r| r.run_id).collect();
     loaded.read(&mut *tx, &run_ids).await?;
     let Loaded { runs, jobs } = loaded;
-    let stored_state: HashMap<JobId, JobState> = jobs.values().map(|j| (j.id, j.state)).collect();
+    let StepWrites {
+        started,
+        moved,
+        events,
+        ..
+    } = &mut writes;
     let mut answers = Vec::with_capacity(batch.len());
-    let mut events = Vec::new();
-    let mut started = std::collections::HashSet::new();
     // Applied in order in memory, then written once: an accept and the start of the
-    // same run may share the batch.
+    // same run may share the batch. An accept leaves the job ASSIGNED: only its event is
+    // written.
     for req in batch {
         let answer = (|| {
             let run = runs
@@ -813,6 +817,7 @@ async fn advance_in(
                 job.state = to;
                 job.status_code = to.status_code();
                 job.updated_at = now;
+                moved.insert(job.id, to);
             }
             if req.step == RunStep::Start {
                 run.state = RunState::Running;
@@ -823,21 +828,11 @@ async fn advance_in(
         })();
         answers.push(answer);
     }
-    writes.started = started;
-    // An accept leaves the job ASSIGNED: only its event is written.
-    writes.moved = answers
-        .iter()
-        .filter_map(|a| a.as_ref().ok())
-        .filter_map(|id| {
-            let to = jobs.get(id)?.state;
-            (stored_state.get(id) != Some(&to)).then_some((*id, to))
-        })
-        .collect();
-    writes.events = events;
     Ok((answers, writes))
 }
 
 /// The body of [`Store::finish_runs`], inside the caller's transaction.
+///
 /// `steps` are the writes of steps in the same batch (already applied to `loaded`); they
 /// are written here, less what the ends write anyway.
 async fn finish_in(
