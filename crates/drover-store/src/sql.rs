@@ -50,6 +50,28 @@ const CHANNEL: &str = "drover";
 const JOB_COLS: &str = "id, name, spec, state, priority, attempts, max_attempts, exit_code, \
     error, not_before, current_run, group_id, group_position, waiting_on, created_at, \
     updated_at, finished_at, owner, result";
+/// [`JOB_COLS`] one by one, in order: how [`job_at`] finds them in a row.
+const JOB_COLUMNS: [&str; 19] = [
+    "id",
+    "name",
+    "spec",
+    "state",
+    "priority",
+    "attempts",
+    "max_attempts",
+    "exit_code",
+    "error",
+    "not_before",
+    "current_run",
+    "group_id",
+    "group_position",
+    "waiting_on",
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "owner",
+    "result",
+];
 const RESERVATION_COLS: &str =
     "id, resource, amount, worker_id, state, created_at, expires_at, ended_at, owner";
 const DELIVERY_COLS: &str = "d.id, d.webhook_id, w.url, d.event, d.idempotency_key, d.payload, \
@@ -57,6 +79,22 @@ const DELIVERY_COLS: &str = "d.id, d.webhook_id, w.url, d.event, d.idempotency_k
     d.delivered_at";
 const RUN_COLS: &str = "id, job_id, attempt, retry_of, worker_id, state, exit_code, error, \
     assigned_at, started_at, finished_at, lease_expires_at, result";
+/// [`RUN_COLS`] one by one, in order: how [`run_at`] finds them in a row.
+const RUN_COLUMNS: [&str; 13] = [
+    "id",
+    "job_id",
+    "attempt",
+    "retry_of",
+    "worker_id",
+    "state",
+    "exit_code",
+    "error",
+    "assigned_at",
+    "started_at",
+    "finished_at",
+    "lease_expires_at",
+    "result",
+];
 const WORKER_COLS: &str = "id, name, state, capabilities, created_at, last_seen_at, provider, \
     resource_id, config_version, config_status, config_error, config_applied_at, applied_version";
 
@@ -359,62 +397,142 @@ fn ts_opt(row: &AnyRow, col: &str) -> Result<Option<Timestamp>> {
     Ok(row.try_get::<Option<i64>, _>(col)?.map(Timestamp))
 }
 
+/// One record's columns in a row, found by position: from `first`, in the order of
+/// `names` (its `*_COLUMNS`), so that a join can read a run and its job in one row.
+#[derive(Clone, Copy)]
+struct Columns<'r> {
+    row: &'r AnyRow,
+    first: usize,
+    names: &'static [&'static str],
+}
+
+impl<'r> Columns<'r> {
+    fn position(&self, name: &str) -> Result<usize> {
+        self.names
+            .iter()
+            .position(|n| *n == name)
+            .map(|i| self.first + i)
+            .ok_or_else(|| corrupt(format!("no column {name} in this read")))
+    }
+
+    fn get<T>(&self, name: &str) -> Result<T>
+    where
+        T: sqlx::Decode<'r, sqlx::Any> + sqlx::Type<sqlx::Any>,
+    {
+        Ok(self.row.try_get(self.position(name)?)?)
+    }
+
+    fn parse<T: FromStr>(&self, name: &str) -> Result<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let text: String = self.get(name)?;
+        text.parse::<T>()
+            .map_err(|e| corrupt(format!("{name} {text:?}: {e}")))
+    }
+
+    fn parse_opt<T: FromStr>(&self, name: &str) -> Result<Option<T>>
+    where
+        T::Err: std::fmt::Display,
+    {
+        let text: Option<String> = self.get(name)?;
+        text.map(|t| {
+            t.parse::<T>()
+                .map_err(|e| corrupt(format!("{name} {t:?}: {e}")))
+        })
+        .transpose()
+    }
+
+    fn int<T: TryFrom<i64>>(&self, name: &str) -> Result<T> {
+        let n: i64 = self.get(name)?;
+        T::try_from(n).map_err(|_| corrupt(format!("{name} {n} is out of range")))
+    }
+
+    fn int_opt<T: TryFrom<i64>>(&self, name: &str) -> Result<Option<T>> {
+        let n: Option<i64> = self.get(name)?;
+        n.map(|n| T::try_from(n).map_err(|_| corrupt(format!("{name} {n} is out of range"))))
+            .transpose()
+    }
+
+    fn ts(&self, name: &str) -> Result<Timestamp> {
+        Ok(Timestamp(self.get(name)?))
+    }
+
+    fn ts_opt(&self, name: &str) -> Result<Option<Timestamp>> {
+        Ok(self.get::<Option<i64>>(name)?.map(Timestamp))
+    }
+
+    fn json_opt(&self, name: &str) -> Result<Option<serde_json::Value>> {
+        self.get::<Option<String>>(name)?
+            .map(|text| serde_json::from_str(&text).map_err(corrupt))
+            .transpose()
+    }
+}
+
 fn job_from_row(row: &AnyRow) -> Result<JobRecord> {
-    let spec: String = row.try_get("spec")?;
+    job_at(row, 0)
+}
+
+/// The job whose [`JOB_COLS`] start at column `first`.
+fn job_at(row: &AnyRow, first: usize) -> Result<JobRecord> {
+    let c = Columns {
+        row,
+        first,
+        names: &JOB_COLUMNS,
+    };
+    let spec: String = c.get("spec")?;
     let spec: JobSpec = serde_json::from_str(&spec).map_err(corrupt)?;
-    let state: JobState = parse(row, "state")?;
+    let state: JobState = c.parse("state")?;
     Ok(JobRecord {
-        id: parse(row, "id")?,
-        name: row.try_get("name")?,
+        id: c.parse("id")?,
+        name: c.get("name")?,
         state,
         status_code: state.status_code(),
-        priority: row.try_get::<i64, _>("priority")? as i32,
-        attempts: row.try_get::<i64, _>("attempts")? as u32,
-        max_attempts: row.try_get::<i64, _>("max_attempts")? as u32,
-        exit_code: row
-            .try_get::<Option<i64>, _>("exit_code")?
-            .map(|c| c as i32),
-        error: row.try_get("error")?,
-        not_before: ts(row, "not_before")?,
-        current_run: parse_opt(row, "current_run")?,
-        group_id: parse_opt(row, "group_id")?,
-        group_position: row
-            .try_get::<Option<i64>, _>("group_position")?
-            .map(|p| p as u32),
-        waiting_on: row.try_get::<i64, _>("waiting_on")? as u32,
-        created_at: ts(row, "created_at")?,
-        updated_at: ts(row, "updated_at")?,
-        finished_at: ts_opt(row, "finished_at")?,
+        priority: c.int("priority")?,
+        attempts: c.int("attempts")?,
+        max_attempts: c.int("max_attempts")?,
+        exit_code: c.int_opt("exit_code")?,
+        error: c.get("error")?,
+        not_before: c.ts("not_before")?,
+        current_run: c.parse_opt("current_run")?,
+        group_id: c.parse_opt("group_id")?,
+        group_position: c.int_opt("group_position")?,
+        waiting_on: c.int("waiting_on")?,
+        created_at: c.ts("created_at")?,
+        updated_at: c.ts("updated_at")?,
+        finished_at: c.ts_opt("finished_at")?,
         spec,
-        owner: row.try_get("owner")?,
-        result: json_opt(row, "result")?,
+        owner: c.get("owner")?,
+        result: c.json_opt("result")?,
     })
 }
 
 fn run_from_row(row: &AnyRow) -> Result<RunRecord> {
-    Ok(RunRecord {
-        id: parse(row, "id")?,
-        job_id: parse(row, "job_id")?,
-        attempt: row.try_get::<i64, _>("attempt")? as u32,
-        retry_of: parse_opt(row, "retry_of")?,
-        worker_id: parse(row, "worker_id")?,
-        state: parse(row, "state")?,
-        exit_code: row
-            .try_get::<Option<i64>, _>("exit_code")?
-            .map(|c| c as i32),
-        error: row.try_get("error")?,
-        assigned_at: ts(row, "assigned_at")?,
-        started_at: ts_opt(row, "started_at")?,
-        finished_at: ts_opt(row, "finished_at")?,
-        lease_expires_at: ts(row, "lease_expires_at")?,
-        result: json_opt(row, "result")?,
-    })
+    run_at(row, 0)
 }
 
-fn json_opt(row: &AnyRow, column: &str) -> Result<Option<serde_json::Value>> {
-    row.try_get::<Option<String>, _>(column)?
-        .map(|text| serde_json::from_str(&text).map_err(corrupt))
-        .transpose()
+/// The run whose [`RUN_COLS`] start at column `first`.
+fn run_at(row: &AnyRow, first: usize) -> Result<RunRecord> {
+    let c = Columns {
+        row,
+        first,
+        names: &RUN_COLUMNS,
+    };
+    Ok(RunRecord {
+        id: c.parse("id")?,
+        job_id: c.parse("job_id")?,
+        attempt: c.int("attempt")?,
+        retry_of: c.parse_opt("retry_of")?,
+        worker_id: c.parse("worker_id")?,
+        state: c.parse("state")?,
+        exit_code: c.int_opt("exit_code")?,
+        error: c.get("error")?,
+        assigned_at: c.ts("assigned_at")?,
+        started_at: c.ts_opt("started_at")?,
+        finished_at: c.ts_opt("finished_at")?,
+        lease_expires_at: c.ts("lease_expires_at")?,
+        result: c.json_opt("result")?,
+    })
 }
 
 fn worker_from_row(row: &AnyRow) -> Result<WorkerRecord> {
@@ -673,26 +791,52 @@ struct Loaded {
 }
 
 impl Loaded {
-    /// Adds the runs of `ids` not held yet, then their jobs not held yet.
+    /// Adds the runs of `ids` not held yet, and their jobs not held yet: one row per run
+    /// and its job (a job held already may have changed in this transaction; it is kept).
     async fn read(&mut self, conn: &mut AnyConnection, ids: &[RunId]) -> Result<()> {
         let missing: Vec<RunId> = ids
             .iter()
             .filter(|id| !self.runs.contains_key(id))
             .copied()
             .collect();
-        if !missing.is_empty() {
-            self.runs.extend(load_runs(&mut *conn, &missing).await?);
+        if missing.is_empty() {
+            return Ok(());
         }
-        let mut missing: Vec<JobId> = ids
-            .iter()
-            .filter_map(|id| self.runs.get(id))
-            .map(|r| r.job_id)
-            .filter(|id| !self.jobs.contains_key(id))
-            .collect();
-        missing.sort();
-        missing.dedup();
-        if !missing.is_empty() {
-            self.jobs.extend(load_jobs(&mut *conn, &missing).await?);
+        let lock = for_update(conn);
+        let prefixed = |cols: &[&str], table: &str| {
+            cols.iter()
+                .map(|c| format!("{table}.{c}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let columns = format!(
+            "{}, {}",
+            prefixed(&RUN_COLUMNS, "r"),
+            prefixed(&JOB_COLUMNS, "j")
+        );
+        for chunk in missing.chunks(ROWS_PER_STATEMENT * 8) {
+            // Locked (PostgreSQL) in run id order, each run with its job, as
+            // `load_by_ids` locks them.
+            let sql = binds_for(
+                &*conn,
+                format!(
+                    "SELECT {columns} FROM runs r JOIN jobs j ON j.id = r.job_id \
+                     WHERE r.id IN ({}) ORDER BY r.id{lock}",
+                    placeholders(1, chunk.len())
+                ),
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            for row in query.fetch_all(&mut *conn).await? {
+                let run = run_at(&row, 0)?;
+                let job_id = run.job_id;
+                self.runs.insert(run.id, run);
+                if let std::collections::hash_map::Entry::Vacant(held) = self.jobs.entry(job_id) {
+                    held.insert(job_at(&row, RUN_COLUMNS.len())?);
+                }
+            }
         }
         Ok(())
     }
@@ -928,11 +1072,6 @@ async fn load_by_ids<K: ToString + Eq + std::hash::Hash + Copy, T>(
 async fn load_jobs(conn: &mut AnyConnection, ids: &[JobId]) -> Result<HashMap<JobId, JobRecord>> {
     let sql = format!("SELECT {JOB_COLS} FROM jobs");
     load_by_ids(conn, &sql, ids, job_from_row, |j| j.id).await
-}
-
-async fn load_runs(conn: &mut AnyConnection, ids: &[RunId]) -> Result<HashMap<RunId, RunRecord>> {
-    let sql = format!("SELECT {RUN_COLS} FROM runs");
-    load_by_ids(conn, &sql, ids, run_from_row, |r| r.id).await
 }
 
 /// Moves many jobs at once: one statement per target state, not one per job.
@@ -1758,10 +1897,13 @@ impl FinishBatch {
                 .map(|kind| NewEvent::job(now, job.id, kind));
             self.events.extend(events);
         }
-        let will_retry = job.state == JobState::Queued;
-        let (event, key, payload) =
-            run_event(&job, Some(&run), run.state.as_str(), will_retry, now);
-        enqueue_for(&mut *conn, &self.hooks, event, &key, &payload, now).await?;
+        // The payload is built only for a cluster that has webhooks: most batches have none.
+        if !self.hooks.is_empty() {
+            let will_retry = job.state == JobState::Queued;
+            let (event, key, payload) =
+                run_event(&job, Some(&run), run.state.as_str(), will_retry, now);
+            enqueue_for(&mut *conn, &self.hooks, event, &key, &payload, now).await?;
+        }
         if job.state.is_terminal()
             && job.current_run == Some(run.id)
             && (job.group_id.is_some() || self.awaited.contains(&job.id))
@@ -3339,7 +3481,16 @@ impl Store for SqlStore {
 
 #[cfg(test)]
 mod tests {
-    use super::{placeholders, row_tuples, sqlite_anonymous_binds};
+    use super::{
+        JOB_COLS, JOB_COLUMNS, RUN_COLS, RUN_COLUMNS, placeholders, row_tuples,
+        sqlite_anonymous_binds,
+    };
+
+    #[test]
+    fn column_lists_name_the_same_columns_in_the_same_order() {
+        assert_eq!(JOB_COLS, JOB_COLUMNS.join(", "));
+        assert_eq!(RUN_COLS, RUN_COLUMNS.join(", "));
+    }
 
     #[test]
     fn placeholder_lists_number_binds_in_order() {
