@@ -2,7 +2,7 @@
 
 use crate::{ApiError, AppState};
 use drover_core::{JobId, JobSpec, JobState, ValidationError};
-use drover_store::JobRecord;
+use drover_store::{JobRecord, Store, StoreError, Submission};
 
 /// Stores a job; `false` when its idempotency key returned an earlier one.
 pub async fn submit(
@@ -11,11 +11,12 @@ pub async fn submit(
     owner: Option<&str>,
 ) -> Result<(JobRecord, bool), ApiError> {
     let spec = check_provider(state, spec.validated()?)?;
-    let submission = drover_store::Submission {
+    let submission = Submission {
         spec,
         owner: owner.map(str::to_string),
     };
-    let (job, created) = state.submissions.call(submission).await?;
+    let answer = state.submissions.call(vec![submission]).await?.pop();
+    let (job, created) = answer.ok_or_else(|| StoreError::BatchFailed("no answer".into()))??;
     if !created {
         return Ok((job, false));
     }
@@ -53,6 +54,57 @@ pub fn checked_specs(
         .collect()
 }
 
+/// What the store answered for each job of one submission request, in order.
+pub type Submitted = Vec<Result<(JobRecord, bool), StoreError>>;
+
+/// Jobs per transaction when the submission requests that gathered are written together:
+/// a commit rewrites the hot pages (the tails of the jobs and events tables and their
+/// indexes) once, whatever it holds.
+const JOBS_PER_WRITE: usize = 1024;
+
+/// Writes gathered submission requests (one job, or a batch of up to [`MAX_BATCH_JOBS`]),
+/// consecutive requests together in transactions of up to [`JOBS_PER_WRITE`] jobs. A
+/// request is never split: its jobs are written in one transaction, or none are.
+pub async fn write_submissions(
+    store: &dyn Store,
+    requests: Vec<Vec<Submission>>,
+) -> Result<Vec<Result<Submitted, StoreError>>, StoreError> {
+    let mut answers = Vec::with_capacity(requests.len());
+    let mut requests = requests.into_iter().peekable();
+    while requests.peek().is_some() {
+        let mut sizes = Vec::new();
+        let mut jobs = Vec::new();
+        while let Some(request) =
+            requests.next_if(|next| sizes.is_empty() || jobs.len() + next.len() <= JOBS_PER_WRITE)
+        {
+            sizes.push(request.len());
+            jobs.extend(request);
+        }
+        let count = jobs.len();
+        match store.create_jobs(jobs).await {
+            Ok(written) if written.len() == count => {
+                let mut written = written.into_iter();
+                for size in sizes {
+                    answers.push(Ok(written.by_ref().take(size).collect()));
+                }
+            }
+            outcome => {
+                let message = match outcome {
+                    Ok(written) => format!("{} answers for {count} jobs", written.len()),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(%message, "cannot write submissions");
+                answers.extend(
+                    sizes
+                        .iter()
+                        .map(|_| Err(StoreError::BatchFailed(message.clone()))),
+                );
+            }
+        }
+    }
+    Ok(answers)
+}
+
 /// Stores many jobs in one write (a batch submission). The specs are validated already;
 /// each answer stands alone: a job refused by the store (an unknown dependency, say) does
 /// not keep the others out.
@@ -63,12 +115,12 @@ pub async fn submit_many(
 ) -> Result<Vec<Result<(JobRecord, bool), ApiError>>, ApiError> {
     let submissions = specs
         .into_iter()
-        .map(|spec| drover_store::Submission {
+        .map(|spec| Submission {
             spec,
             owner: owner.map(str::to_string),
         })
         .collect();
-    let answers = state.store.create_jobs(submissions).await?;
+    let answers = state.submissions.call(submissions).await?;
     let mut any_created = false;
     let answers = answers
         .into_iter()

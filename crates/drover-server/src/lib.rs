@@ -131,7 +131,7 @@ pub(crate) struct AppState {
     pub logs: logs::LogFiles,
     pub dispatch: Notify,
     /// Where API calls and sessions hand the hot writes, to be written in batches.
-    pub submissions: batcher::Batcher<drover_store::Submission, (drover_store::JobRecord, bool)>,
+    pub submissions: batcher::Batcher<Vec<drover_store::Submission>, jobs::Submitted>,
     pub run_reports: batcher::Batcher<run_reports::RunReport, run_reports::Written>,
     /// Wakes the webhook sender when an event was written.
     pub webhooks: Notify,
@@ -312,7 +312,7 @@ fn prometheus() -> PrometheusHandle {
 
 /// The writing ends of the batchers in [`AppState`], started by [`Server::serve`].
 struct Writers {
-    submissions: batcher::Gathered<drover_store::Submission, (drover_store::JobRecord, bool)>,
+    submissions: batcher::Gathered<Vec<drover_store::Submission>, jobs::Submitted>,
     run_reports: batcher::Gathered<run_reports::RunReport, run_reports::Written>,
     final_jobs: tokio::sync::mpsc::UnboundedReceiver<JobId>,
 }
@@ -482,7 +482,7 @@ impl Server {
                     let store = state.store.clone();
                     move |batch| {
                         let store = store.clone();
-                        async move { store.create_jobs(batch).await }
+                        async move { jobs::write_submissions(&*store, batch).await }
                     }
                 })),
                 tokio::spawn(self.writers.run_reports.write_with({
