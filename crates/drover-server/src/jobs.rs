@@ -195,3 +195,71 @@ pub fn parse_state(s: &str) -> Result<Option<JobState>, ApiError> {
 pub fn parse_id(s: &str) -> Result<JobId, ApiError> {
     s.parse::<JobId>().map_err(ApiError::from)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_store::{Migrations, SqlStore};
+
+    fn submission(name: String, depends_on: Vec<JobId>) -> Submission {
+        let spec = JobSpec {
+            name,
+            command: Some("true".into()),
+            depends_on,
+            ..Default::default()
+        };
+        Submission {
+            spec: spec.validated().expect("a valid spec"),
+            owner: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn gathered_requests_are_answered_each_with_its_own_jobs_in_order() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let url = format!("sqlite://{}", dir.path().join("drover.db").display());
+        let store = SqlStore::open(&url, Migrations::Apply)
+            .await
+            .expect("a store");
+        // 1,000 + 30 passes the per-transaction limit: the second request starts the next
+        // transaction rather than being cut in two.
+        let sizes = [1000, 30, 1000, 1];
+        let requests: Vec<Vec<Submission>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(r, &size)| {
+                (0..size)
+                    .map(|j| {
+                        // One job of the second request waits on a job that does not exist:
+                        // refused alone.
+                        let depends_on = if (r, j) == (1, 7) {
+                            vec![JobId::new()]
+                        } else {
+                            Vec::new()
+                        };
+                        submission(format!("r{r}-{j}"), depends_on)
+                    })
+                    .collect()
+            })
+            .collect();
+        let answers = write_submissions(&store, requests).await.expect("written");
+        assert_eq!(answers.len(), sizes.len());
+        for (r, (answer, &size)) in answers.into_iter().zip(&sizes).enumerate() {
+            let jobs = answer.expect("a request answered");
+            assert_eq!(jobs.len(), size, "request {r}");
+            for (j, job) in jobs.into_iter().enumerate() {
+                if (r, j) == (1, 7) {
+                    assert!(job.is_err(), "an unknown dependency is refused");
+                    continue;
+                }
+                let (job, created) = job.expect("stored");
+                assert!(created);
+                assert_eq!(job.name, format!("r{r}-{j}"));
+                assert_eq!(
+                    store.get_job(job.id).await.expect("readable").name,
+                    job.name
+                );
+            }
+        }
+    }
+}
