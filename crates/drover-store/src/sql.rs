@@ -2098,12 +2098,16 @@ impl Store for SqlStore {
         owner: Option<&str>,
         limit: u32,
     ) -> Result<Vec<JobRecord>> {
+        // The state is written into the statement (one of a fixed set of names): a bound
+        // one could not be planned on `jobs_unsuccessful`, whose condition names states.
+        let in_state = state
+            .map(|s| format!("state = '{}'", s.as_str()))
+            .unwrap_or_else(|| "TRUE".into());
         let rows = sqlx::query(&format!(
-            "SELECT {} FROM jobs WHERE ($1 IS NULL OR state = $1) \
-             AND ($2 IS NULL OR owner = $2) ORDER BY id DESC LIMIT $3",
+            "SELECT {} FROM jobs WHERE {in_state} \
+             AND ($1 IS NULL OR owner = $1) ORDER BY id DESC LIMIT $2",
             jobs_json(self.engine)
         ))
-        .bind(state.map(|s| s.as_str()))
         .bind(owner)
         .bind(limit as i64)
         .fetch_all(&self.reader)

@@ -27,6 +27,7 @@ macro_rules! conformance_suite {
             logins_rotate_and_a_reused_refresh_token_revokes_the_login,
             api_tokens_and_owners,
             batches_answer_each_request_and_match_single_writes,
+            listing_by_state_finds_each_state_indexed_or_not,
         );
     };
     (@tests $open:expr; $($name:ident),+ $(,)?) => {$(
@@ -1108,6 +1109,54 @@ pub async fn batches_answer_each_request_and_match_single_writes(store: &dyn Sto
 }
 
 /// The types of a job's events, oldest first.
+/// Failed, timed-out, cancelled and skipped jobs are listed through their own partial
+/// index, the others by walking the primary key: both must find exactly the jobs in the
+/// state, newest first, and honour the owner.
+pub async fn listing_by_state_finds_each_state_indexed_or_not(store: &dyn Store) {
+    let w = worker(store).await;
+    let new_job = || async { store.create_job(spec("true")).await.unwrap().0.id };
+    let queued = new_job().await;
+    let succeeded = new_job().await;
+    run_to_end(store, succeeded, w, RunOutcome::Succeeded).await;
+    let mut once = spec("false");
+    once.max_attempts = Some(1);
+    let failed = store.create_job(once).await.unwrap().0.id;
+    run_to_end(store, failed, w, RunOutcome::Failed).await;
+    let cancelled = new_job().await;
+    store.cancel_job(cancelled, "by test").await.unwrap();
+    let later_cancelled = new_job().await;
+    store.cancel_job(later_cancelled, "by test").await.unwrap();
+    let listed = |state| async move {
+        store
+            .list_jobs(Some(state), 100)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|j| {
+                assert_eq!(j.state, state);
+                j.id
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(listed(JobState::Queued).await, vec![queued]);
+    assert_eq!(listed(JobState::Succeeded).await, vec![succeeded]);
+    assert_eq!(listed(JobState::Failed).await, vec![failed]);
+    assert_eq!(
+        listed(JobState::Cancelled).await,
+        vec![later_cancelled, cancelled],
+        "newest first"
+    );
+    assert!(listed(JobState::TimedOut).await.is_empty());
+    assert!(
+        store
+            .list_jobs_of(Some(JobState::Failed), Some("nobody"), 100)
+            .await
+            .unwrap()
+            .is_empty(),
+        "another owner's jobs are not listed"
+    );
+}
+
 async fn job_event_types(store: &dyn Store, job_id: drover_core::JobId) -> Vec<&'static str> {
     event_types(&store.job_events(job_id).await.unwrap())
 }
