@@ -72,8 +72,22 @@ fn tiny_model(path: &std::path::Path) {
         ("tokenizer.ggml.eos_token_id", gguf_file::Value::U32(eos)),
     ];
     let kv = HIDDEN / HEADS as usize * KV_HEADS as usize;
-    let random = |shape: &[usize]| {
-        let t = Tensor::randn(0f32, 0.5, shape, &dev).unwrap();
+    // Weights from a fixed sequence (xorshift64, uniform with a standard deviation of 0.5):
+    // the CPU device's generator cannot be seeded, and with weights drawn anew on each run
+    // the model's first token was now and then its end-of-turn token — no text at all.
+    let mut state = 0x2545_f491_4f6c_dd1d_u64;
+    let mut random = |shape: &[usize]| {
+        let n: usize = shape.iter().product();
+        let values: Vec<f32> = (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let unit = (state >> 40) as f32 / (1u64 << 24) as f32;
+                (unit * 2.0 - 1.0) * 0.866
+            })
+            .collect();
+        let t = Tensor::from_vec(values, shape, &dev).unwrap();
         QTensor::quantize(&t, GgmlDType::F32).unwrap()
     };
     let ones = |n: usize| {
