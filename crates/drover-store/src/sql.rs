@@ -26,6 +26,7 @@ use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::{AnyConnection, AnyPool, Executor, Row};
 use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -392,7 +393,7 @@ fn ts_opt(row: &AnyRow, col: &str) -> Result<Option<Timestamp>> {
     Ok(row.try_get::<Option<i64>, _>(col)?.map(Timestamp))
 }
 
-/// The columns of `names` (a `*_COLUMNS` list) of the table aliased `table`, as one JSON
+/// The columns of `names` (a `*_COLUMNS` list) of the table `table`, as one JSON
 /// array: jobs and runs are read as one text value per record rather than one value per
 /// column. sqlx's `Any` driver copies every value of a row on the connection's thread and
 /// again into an `AnyValue`; on SQLite that cost more than the B-tree reads behind it (a
@@ -531,14 +532,28 @@ fn run_from_row(row: &AnyRow) -> Result<RunRecord> {
     from_json::<RunJson>(row, 0)?.record()
 }
 
-/// What to select for [`job_from_row`] from `jobs`.
-fn jobs_json(engine: Engine) -> String {
-    json_record(engine, "jobs", &JOB_COLUMNS)
+/// What to select for [`job_from_row`] from `jobs` (built once per engine).
+fn jobs_json(engine: Engine) -> &'static str {
+    static SQLITE: LazyLock<String> =
+        LazyLock::new(|| json_record(Engine::Sqlite, "jobs", &JOB_COLUMNS));
+    static POSTGRES: LazyLock<String> =
+        LazyLock::new(|| json_record(Engine::Postgres, "jobs", &JOB_COLUMNS));
+    match engine {
+        Engine::Sqlite => &SQLITE,
+        Engine::Postgres => &POSTGRES,
+    }
 }
 
-/// What to select for [`run_from_row`] from `runs`.
-fn runs_json(engine: Engine) -> String {
-    json_record(engine, "runs", &RUN_COLUMNS)
+/// What to select for [`run_from_row`] from `runs` (built once per engine).
+fn runs_json(engine: Engine) -> &'static str {
+    static SQLITE: LazyLock<String> =
+        LazyLock::new(|| json_record(Engine::Sqlite, "runs", &RUN_COLUMNS));
+    static POSTGRES: LazyLock<String> =
+        LazyLock::new(|| json_record(Engine::Postgres, "runs", &RUN_COLUMNS));
+    match engine {
+        Engine::Sqlite => &SQLITE,
+        Engine::Postgres => &POSTGRES,
+    }
 }
 
 fn worker_from_row(row: &AnyRow) -> Result<WorkerRecord> {
@@ -810,18 +825,15 @@ impl Loaded {
         }
         let lock = for_update(conn);
         let engine = engine_of(conn);
-        let (run, job) = (
-            json_record(engine, "r", &RUN_COLUMNS),
-            json_record(engine, "j", &JOB_COLUMNS),
-        );
+        let (run, job) = (runs_json(engine), jobs_json(engine));
         for chunk in missing.chunks(ROWS_PER_STATEMENT * 8) {
             // Locked (PostgreSQL) in run id order, each run with its job, as
             // `load_by_ids` locks them.
             let sql = binds_for(
                 &*conn,
                 format!(
-                    "SELECT {run}, {job} FROM runs r JOIN jobs j ON j.id = r.job_id \
-                     WHERE r.id IN ({}) ORDER BY r.id{lock}",
+                    "SELECT {run}, {job} FROM runs JOIN jobs ON jobs.id = runs.job_id \
+                     WHERE runs.id IN ({}) ORDER BY runs.id{lock}",
                     placeholders(1, chunk.len())
                 ),
             );
@@ -1152,33 +1164,36 @@ fn row_lock(engine: Engine) -> &'static str {
 
 async fn load_job(conn: &mut AnyConnection, id: JobId) -> Result<JobRecord> {
     let lock = for_update(conn);
-    let row = sqlx::query(&format!(
+    let sql = format!(
         "SELECT {} FROM jobs WHERE id = $1{lock}",
         jobs_json(engine_of(conn))
-    ))
-    .bind(id.to_string())
-    .fetch_optional(conn)
-    .await?
-    .ok_or_else(|| StoreError::NotFound {
-        kind: "job",
-        id: id.to_string(),
-    })?;
-    job_from_row(&row)
+    );
+    load_one(conn, &sql, "job", id, job_from_row).await
 }
 
 async fn load_run(conn: &mut AnyConnection, id: RunId) -> Result<RunRecord> {
-    let row = sqlx::query(&format!(
+    let sql = format!(
         "SELECT {} FROM runs WHERE id = $1",
         runs_json(engine_of(conn))
-    ))
-    .bind(id.to_string())
-    .fetch_optional(conn)
-    .await?
-    .ok_or_else(|| StoreError::NotFound {
-        kind: "run",
-        id: id.to_string(),
-    })?;
-    run_from_row(&row)
+    );
+    load_one(conn, &sql, "run", id, run_from_row).await
+}
+
+/// The one row `sql` selects by `id` (its `$1`), or NotFound naming `kind`.
+async fn load_one<T>(
+    conn: &mut AnyConnection,
+    sql: &str,
+    kind: &'static str,
+    id: impl ToString,
+    from_row: fn(&AnyRow) -> Result<T>,
+) -> Result<T> {
+    let id = id.to_string();
+    let row = sqlx::query(sql)
+        .bind(&id)
+        .fetch_optional(conn)
+        .await?
+        .ok_or(StoreError::NotFound { kind, id })?;
+    from_row(&row)
 }
 
 /// Moves a job through `event`, writing the state and its event in the caller's transaction.
