@@ -618,8 +618,16 @@ async fn a_worker_restarted_keeps_its_identity() {
     let mut worker = server.worker(dir.path(), "w", None, &[]).await;
     WorkerProc::wait_connected(&client, 1).await;
     worker.proc.kill9();
+    // A job dispatched to the dead stream before the server sees it close is a lost
+    // attempt (flow 1); this test is about the identity, so it waits for the close.
+    eventually("the server to see the killed worker gone", || async {
+        let nodes = client.list_nodes().await.ok()?;
+        nodes.iter().all(|n| !n.connected).then_some(())
+    })
+    .await;
     // No token this time: the stored credential is enough.
     let _again = WorkerProc::start(&d, &server.url, dir.path(), "w", None, &[]);
+    WorkerProc::wait_connected(&client, 1).await;
     let job = client.submit_job(&command("echo back")).await.unwrap();
     let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
     assert_eq!(view.job.state, JobState::Succeeded);
