@@ -333,6 +333,7 @@ fn report_run(
     };
     let report = match &body {
         In::Accepted(m) => step(&m.run_id, drover_store::RunStep::Accept)?,
+        In::Started(m) if m.accepts => step(&m.run_id, drover_store::RunStep::AcceptAndStart)?,
         In::Started(m) => step(&m.run_id, drover_store::RunStep::Start)?,
         In::Finished(m) => RunReport::End(finish_request(worker, m.clone())?),
         _ => return Err(ApiError::Internal("not a run report".into())),
@@ -367,12 +368,19 @@ fn report_run(
                     None
                 }
                 (Ok(_), _) => None,
-                (Err(e), In::Accepted(m)) => {
+                (
+                    Err(e),
+                    In::Accepted(v1::RunAccepted { run_id })
+                    | In::Started(v1::RunStarted {
+                        run_id,
+                        accepts: true,
+                    }),
+                ) => {
                     // Cancelled between assignment and acceptance: stop it there.
                     send(
                         &tx,
                         Out::Cancel(v1::CancelRun {
-                            run_id: m.run_id,
+                            run_id,
                             reason: e.to_string(),
                         }),
                     );

@@ -10,8 +10,8 @@ pub use sql::{Engine, Migrations, SqlStore};
 
 use async_trait::async_trait;
 use drover_core::{
-    Capabilities, EventKind, GroupId, JobId, JobSpec, JobState, NodeConfig, ReservationId, RunId,
-    Timestamp, TransitionError, WorkerId, WorkerState,
+    Capabilities, EventKind, GroupId, JobEvent, JobId, JobSpec, JobState, NodeConfig,
+    ReservationId, RunId, Timestamp, TransitionError, WorkerId, WorkerState,
 };
 use std::time::Duration;
 
@@ -94,6 +94,20 @@ pub enum RunStep {
     Accept,
     /// The work itself began.
     Start,
+    /// Both at once: the worker took the assignment and began it before saying either, so
+    /// one step records the accept and the start (one message, one write, not two).
+    AcceptAndStart,
+}
+
+impl RunStep {
+    /// The job events this step applies, in order.
+    pub fn job_events(self) -> &'static [JobEvent] {
+        match self {
+            Self::Accept => &[JobEvent::Accept],
+            Self::Start => &[JobEvent::Start],
+            Self::AcceptAndStart => &[JobEvent::Accept, JobEvent::Start],
+        }
+    }
 }
 
 /// One [`RunStep`] as reported.

@@ -932,8 +932,7 @@ async fn advance_in(
     } = &mut writes;
     let mut answers = Vec::with_capacity(batch.len());
     // Applied in order in memory, then written once: an accept and the start of the
-    // same run may share the batch. An accept leaves the job ASSIGNED: only its event is
-    // written.
+    // same run may share the batch.
     for req in batch {
         let answer = (|| {
             let run = runs
@@ -954,28 +953,34 @@ async fn advance_in(
                     kind: "job",
                     id: run.job_id.to_string(),
                 })?;
-            let (event, kind) = match req.step {
-                RunStep::Accept => (
-                    JobEvent::Accept,
-                    Some(EventKind::JobAccepted {
+            // Every event is checked before any is kept: a refused step changes nothing.
+            let from = job.state;
+            let mut to = from;
+            let mut kinds = Vec::with_capacity(2);
+            for &event in req.step.job_events() {
+                let next = to.apply(event)?;
+                kinds.push(match event {
+                    // An accept leaves the job ASSIGNED: only its event is written.
+                    JobEvent::Accept => EventKind::JobAccepted {
                         run_id: run.id,
                         worker_id: run.worker_id,
-                    }),
-                ),
-                RunStep::Start => (JobEvent::Start, None),
-            };
-            let to = job.state.apply(event)?;
-            let kind = kind.unwrap_or_else(|| {
-                EventKind::for_transition(job.state, event, to, Some(run.id), None, None)
-            });
-            events.push(NewEvent::job(now, job.id, kind));
-            if to != job.state {
+                    },
+                    _ => EventKind::for_transition(to, event, next, Some(run.id), None, None),
+                });
+                to = next;
+            }
+            events.extend(
+                kinds
+                    .into_iter()
+                    .map(|kind| NewEvent::job(now, job.id, kind)),
+            );
+            if to != from {
                 job.state = to;
                 job.status_code = to.status_code();
                 job.updated_at = now;
                 moved.insert(job.id, to);
             }
-            if req.step == RunStep::Start {
+            if req.step != RunStep::Accept {
                 run.state = RunState::Running;
                 run.started_at = Some(now);
                 started.insert(run.id);

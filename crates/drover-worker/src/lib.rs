@@ -828,12 +828,14 @@ impl Agent {
     fn on_exec_event(&mut self, ev: ExecEvent, out: Option<&UnboundedSender<v1::WorkerMessage>>) {
         match ev {
             ExecEvent::Started { run_id } => {
-                if self.runs.contains_key(&run_id) {
-                    self.accept(run_id, out);
+                if let Some(held) = self.runs.get_mut(&run_id) {
+                    // Not accepted yet: the start says both, in one message.
+                    let accepts = !std::mem::replace(&mut held.accepted, true);
                     send(
                         out,
                         Out::Started(v1::RunStarted {
                             run_id: run_id.to_string(),
+                            accepts,
                         }),
                     );
                 }

@@ -698,8 +698,7 @@ async fn simulated_worker(server: String, token: String, name: String) -> anyhow
                     beat = tokio::time::interval(Duration::from_millis(w.heartbeat_interval_ms.max(100)));
                 }
                 Some(v1::ServerMessage { body: Some(In::Assignment(a)) }) => {
-                    send(Out::Accepted(v1::RunAccepted { run_id: a.run_id.clone() }));
-                    send(Out::Started(v1::RunStarted { run_id: a.run_id.clone() }));
+                    send(Out::Started(v1::RunStarted { run_id: a.run_id.clone(), accepts: true }));
                     send(Out::Finished(v1::RunFinished {
                         run_id: a.run_id,
                         outcome: v1::RunOutcome::Succeeded as i32,

@@ -28,6 +28,7 @@ macro_rules! conformance_suite {
             api_tokens_and_owners,
             batches_answer_each_request_and_match_single_writes,
             listing_by_state_finds_each_state_indexed_or_not,
+            one_step_accepts_and_starts,
         );
     };
     (@tests $open:expr; $($name:ident),+ $(,)?) => {$(
@@ -1155,6 +1156,64 @@ pub async fn listing_by_state_finds_each_state_indexed_or_not(store: &dyn Store)
             .is_empty(),
         "another owner's jobs are not listed"
     );
+}
+
+/// A worker that starts a run before saying it took it reports both in one step: the same
+/// history as an accept and a start, in one write; refused whole when either is refused.
+pub async fn one_step_accepts_and_starts(store: &dyn Store) {
+    let (job, cancelled) = (
+        store.create_job(spec("true")).await.unwrap().0,
+        store.create_job(spec("true")).await.unwrap().0,
+    );
+    let w = worker(store).await;
+    let made = store
+        .assign_jobs(&[(job.id, w), (cancelled.id, w)], later())
+        .await
+        .unwrap();
+    let (run, cancelled_run) = (made[0].run.id, made[1].run.id);
+    store.cancel_job(cancelled.id, "not wanted").await.unwrap();
+    let step = |run_id| StepRequest {
+        run_id,
+        worker_id: w,
+        step: RunStep::AcceptAndStart,
+    };
+    let answers = store
+        .advance_runs(vec![step(run), step(cancelled_run), step(run)])
+        .await
+        .unwrap();
+    assert_eq!(answers[0].as_ref().unwrap(), &job.id);
+    assert!(
+        matches!(answers[1], Err(StoreError::Conflict(_))),
+        "{:?}",
+        answers[1]
+    );
+    assert!(
+        matches!(answers[2], Err(StoreError::Conflict(_))),
+        "accepted and started twice: {:?}",
+        answers[2]
+    );
+    assert_eq!(
+        store.get_job(job.id).await.unwrap().state,
+        JobState::Running
+    );
+    let stored = store.get_run(run).await.unwrap();
+    assert_eq!(stored.state, RunState::Running);
+    assert!(stored.started_at.is_some());
+    assert_eq!(
+        job_event_types(store, job.id).await,
+        [
+            "JobCreated",
+            "JobAssigned",
+            "JobAccepted",
+            "JobStatusChanged"
+        ]
+    );
+    let history = job_event_types(store, cancelled.id).await;
+    assert_eq!(
+        store.get_job(cancelled.id).await.unwrap().state,
+        JobState::Cancelled
+    );
+    assert!(!history.contains(&"JobAccepted"), "{history:?}");
 }
 
 async fn job_event_types(store: &dyn Store, job_id: drover_core::JobId) -> Vec<&'static str> {
