@@ -268,8 +268,12 @@ impl SqlStore {
             }
             let url = format!("sqlite://{path}?mode=rwc");
             configure_sqlite_allocator();
+            // No ping before each acquire (sqlx's default): a SQLite connection is a file in
+            // this process and cannot have gone away, and the ping was a round trip to its
+            // thread before every transaction.
             let writer = AnyPoolOptions::new()
                 .max_connections(1)
+                .test_before_acquire(false)
                 .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn, false)))
                 .connect(&url)
                 .await
@@ -277,6 +281,7 @@ impl SqlStore {
             migrate(&SQLITE_MIGRATIONS, &writer, migrations).await?;
             let reader = AnyPoolOptions::new()
                 .max_connections(4)
+                .test_before_acquire(false)
                 .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn, true)))
                 .connect(&url)
                 .await
