@@ -958,27 +958,23 @@ async fn advance_in(
                     kind: "job",
                     id: run.job_id.to_string(),
                 })?;
-            // Every event is checked before any is kept: a refused step changes nothing.
+            // A refused event takes back those of the same step: a refused step changes nothing.
             let from = job.state;
             let mut to = from;
-            let mut kinds = Vec::with_capacity(2);
+            let kept = events.len();
             for &event in req.step.job_events() {
-                let next = to.apply(event)?;
-                kinds.push(match event {
+                let next = to.apply(event).inspect_err(|_| events.truncate(kept))?;
+                let kind = match event {
                     // An accept leaves the job ASSIGNED: only its event is written.
                     JobEvent::Accept => EventKind::JobAccepted {
                         run_id: run.id,
                         worker_id: run.worker_id,
                     },
                     _ => EventKind::for_transition(to, event, next, Some(run.id), None, None),
-                });
+                };
+                events.push(NewEvent::job(now, job.id, kind));
                 to = next;
             }
-            events.extend(
-                kinds
-                    .into_iter()
-                    .map(|kind| NewEvent::job(now, job.id, kind)),
-            );
             if to != from {
                 job.state = to;
                 job.status_code = to.status_code();
