@@ -111,6 +111,7 @@ impl Setup {
 struct Fleet {
     client: Client,
     server_pid: Option<u32>,
+    worker_pids: Vec<u32>,
     _children: Children,
     _dir: Option<tempfile::TempDir>,
 }
@@ -145,6 +146,7 @@ async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Resul
         return Ok(Fleet {
             client: crate::login::client(url).await?,
             server_pid: None,
+            worker_pids: Vec::new(),
             _children: Children::default(),
             _dir: None,
         });
@@ -195,6 +197,7 @@ async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Resul
         Err(e) => return Err(e.into()),
     };
     let client = client.with_token(tokens.access_token);
+    let mut worker_pids = Vec::new();
     for i in 0..setup.workers {
         let token = client
             .create_node_token(Duration::from_secs(600))
@@ -222,9 +225,9 @@ async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Resul
         .map(|s| s.to_string())
         .chain([dir.path().join(format!("worker-{i}")).display().to_string()])
         .collect();
-        children
-            .0
-            .push(spawn(&args, &dir.path().join(format!("worker-{i}.log")))?);
+        let worker = spawn(&args, &dir.path().join(format!("worker-{i}.log")))?;
+        worker_pids.push(worker.id());
+        children.0.push(worker);
     }
     while client
         .list_nodes()
@@ -241,6 +244,7 @@ async fn fleet(setup: &Setup, executor: crate::serve::Executor) -> anyhow::Resul
     Ok(Fleet {
         client,
         server_pid: Some(server_pid),
+        worker_pids,
         _children: children,
         _dir: Some(dir),
     })
@@ -258,18 +262,90 @@ fn process_usage(pid: Option<u32>) -> (Option<f64>, Option<f64>) {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map(|kb| kb / 1024.0);
-    let cpu = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            let rest = s.rsplit_once(')')?.1;
-            let fields: Vec<&str> = rest.split_whitespace().collect();
-            // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name;
-            // Linux reports them in USER_HZ, which is 100.
-            let ticks =
-                fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-            Some(ticks / 100.0)
-        });
+    let cpu = process_cpu(&pid.to_string(), false);
     (peak, cpu)
+}
+
+/// CPU seconds a process has used (`pid` a number or `self`), with those of the children
+/// it has waited for when `with_children` (a worker's job processes), from /proc.
+fn process_cpu(pid: &str, with_children: bool) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime, stime, cutime and cstime are fields 14 to 17 of stat, 12 to 15 after the
+    // name; Linux reports them in USER_HZ, which is 100.
+    let count = if with_children { 4 } else { 2 };
+    let mut ticks = 0.0;
+    for field in fields.get(11..11 + count)? {
+        ticks += field.parse::<f64>().ok()?;
+    }
+    Some(ticks / 100.0)
+}
+
+/// CPU seconds used so far: by the control plane, the workers (with their jobs) and the
+/// bench itself, and by the whole machine (busy, and busy plus idle, over all its cores).
+#[derive(Clone, Copy)]
+struct CpuReading {
+    control_plane: f64,
+    workers: f64,
+    bench: f64,
+    machine_busy: f64,
+    machine_all: f64,
+}
+
+impl CpuReading {
+    /// None for a control plane the bench did not start, or without /proc.
+    fn take(fleet: &Fleet) -> Option<Self> {
+        let control_plane = process_cpu(&fleet.server_pid?.to_string(), false)?;
+        let mut workers = 0.0;
+        for pid in &fleet.worker_pids {
+            workers += process_cpu(&pid.to_string(), true)?;
+        }
+        let bench = process_cpu("self", false)?;
+        // The first line of /proc/stat: user nice system idle iowait irq softirq steal
+        // (guest time is counted in user already), in USER_HZ.
+        let stat = std::fs::read_to_string("/proc/stat").ok()?;
+        let ticks: Vec<f64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|t| t.parse::<f64>().ok())
+            .collect::<Option<_>>()?;
+        let all: f64 = ticks.iter().sum();
+        let idle = ticks.get(3)? + ticks.get(4)?;
+        Some(Self {
+            control_plane,
+            workers,
+            bench,
+            machine_busy: (all - idle) / 100.0,
+            machine_all: all / 100.0,
+        })
+    }
+
+    /// Where the CPU went between `before` and `self`, per job, and how busy the machine
+    /// was: at 100 % the run was bound by CPU; below, by waits (a serial stage, hand-offs).
+    fn figures(self, before: Self, jobs: usize) -> Vec<(String, String)> {
+        let per_job = |after: f64, before: f64| (after - before) / jobs.max(1) as f64 * 1e6;
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let busy = (self.machine_busy - before.machine_busy)
+            / (self.machine_all - before.machine_all).max(f64::MIN_POSITIVE);
+        vec![
+            (
+                "CPU per job: control plane · workers · bench client".into(),
+                format!(
+                    "{:.0} µs · {:.0} µs · {:.0} µs",
+                    per_job(self.control_plane, before.control_plane),
+                    per_job(self.workers, before.workers),
+                    per_job(self.bench, before.bench),
+                ),
+            ),
+            (
+                "machine busy during the run".into(),
+                format!("{:.0} % of {cores} cores", busy * 100.0),
+            ),
+        ]
+    }
 }
 
 #[derive(Serialize)]
@@ -478,11 +554,13 @@ async fn throughput(
         max_attempts: Some(1),
         ..Default::default()
     };
+    let cpu_before = CpuReading::take(&fleet);
     let started = Instant::now();
     submit_all(&fleet.client, &spec, jobs, setup).await?;
     let submitted = started.elapsed();
     wait_finished(&fleet.client, before, jobs as u64).await?;
     let total = started.elapsed();
+    let cpu_after = CpuReading::take(&fleet);
     let mut figures = vec![
         ("jobs".into(), jobs.to_string()),
         (
@@ -512,6 +590,9 @@ async fn throughput(
             format!("{:.0} jobs/s", jobs as f64 / total.as_secs_f64()),
         ),
     ];
+    if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
+        figures.extend(after.figures(before, jobs));
+    }
     usage_figures(&fleet, &mut figures);
     Ok(Figures {
         scenario: "throughput".into(),

@@ -33,6 +33,13 @@ fn bench_throughput_noop_and_process_smoke() {
     assert_eq!(v["scenario"], "throughput");
     assert!(figure(&v, "throughput").ends_with("jobs/s"));
     assert!(figure(&v, "control plane peak memory").ends_with("MiB"));
+    assert_eq!(
+        figure(&v, "CPU per job: control plane · workers · bench client")
+            .matches(" µs")
+            .count(),
+        3
+    );
+    assert!(figure(&v, "machine busy during the run").ends_with(" cores"));
     let v = bench(&[
         "throughput",
         "--jobs",
