@@ -330,14 +330,18 @@ impl CpuReading {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let busy = (self.machine_busy - before.machine_busy)
             / (self.machine_all - before.machine_all).max(f64::MIN_POSITIVE);
+        let control_plane = per_job(self.control_plane, before.control_plane);
+        let workers = per_job(self.workers, before.workers);
+        let bench = per_job(self.bench, before.bench);
+        // The database server (PostgreSQL on this host), the kernel's threads, anything else.
+        let rest =
+            per_job(self.machine_busy, before.machine_busy) - control_plane - workers - bench;
         vec![
             (
-                "CPU per job: control plane · workers · bench client".into(),
+                "CPU per job: control plane · workers · bench client · rest of the machine".into(),
                 format!(
-                    "{:.0} µs · {:.0} µs · {:.0} µs",
-                    per_job(self.control_plane, before.control_plane),
-                    per_job(self.workers, before.workers),
-                    per_job(self.bench, before.bench),
+                    "{control_plane:.0} µs · {workers:.0} µs · {bench:.0} µs · {:.0} µs",
+                    rest.max(0.0)
                 ),
             ),
             (
