@@ -282,7 +282,7 @@ fn process_cpu(pid: &str, with_children: bool) -> Option<f64> {
 }
 
 /// CPU seconds used so far: by the control plane, the workers (with their jobs) and the
-/// bench itself, and by the whole machine (busy, and busy plus idle, over all its cores).
+/// bench itself, and by the whole machine (busy, and busy plus idle, over its `cores`).
 #[derive(Clone, Copy)]
 struct CpuReading {
     control_plane: f64,
@@ -290,6 +290,7 @@ struct CpuReading {
     bench: f64,
     machine_busy: f64,
     machine_all: f64,
+    cores: usize,
 }
 
 impl CpuReading {
@@ -314,12 +315,22 @@ impl CpuReading {
             .collect::<Option<_>>()?;
         let all: f64 = ticks.iter().sum();
         let idle = ticks.get(3)? + ticks.get(4)?;
+        // The cores that line sums (`cpu0`, `cpu1`, …), which a container's CPU limit
+        // does not change.
+        let cores = stat
+            .lines()
+            .filter(|l| {
+                l.strip_prefix("cpu")
+                    .is_some_and(|n| n.starts_with(|c: char| c.is_ascii_digit()))
+            })
+            .count();
         Some(Self {
             control_plane,
             workers,
             bench,
             machine_busy: (all - idle) / 100.0,
             machine_all: all / 100.0,
+            cores,
         })
     }
 
@@ -327,7 +338,6 @@ impl CpuReading {
     /// was: at 100 % the run was bound by CPU; below, by waits (a serial stage, hand-offs).
     fn figures(self, before: Self, jobs: usize) -> Vec<(String, String)> {
         let per_job = |after: f64, before: f64| (after - before) / jobs.max(1) as f64 * 1e6;
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let busy = (self.machine_busy - before.machine_busy)
             / (self.machine_all - before.machine_all).max(f64::MIN_POSITIVE);
         let control_plane = per_job(self.control_plane, before.control_plane);
@@ -346,7 +356,7 @@ impl CpuReading {
             ),
             (
                 "machine busy during the run".into(),
-                format!("{:.0} % of {cores} cores", busy * 100.0),
+                format!("{:.0} % of {} cores", busy * 100.0, self.cores),
             ),
         ]
     }
