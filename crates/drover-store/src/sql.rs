@@ -1131,6 +1131,31 @@ async fn set_job_states(
     Ok(())
 }
 
+/// How long a hot write transaction held its connection, from its first statement to its
+/// commit, recorded when dropped as `drover_store_write_seconds{kind}`. On SQLite one
+/// connection writes, so these times summed over a run say how busy that serial stage was
+/// (`drover bench throughput` prints them).
+struct WriteTimer {
+    kind: &'static str,
+    began: std::time::Instant,
+}
+
+impl WriteTimer {
+    fn start(kind: &'static str) -> Self {
+        Self {
+            kind,
+            began: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Drop for WriteTimer {
+    fn drop(&mut self) {
+        metrics::histogram!("drover_store_write_seconds", "kind" => self.kind)
+            .record(self.began.elapsed().as_secs_f64());
+    }
+}
+
 /// Tries of a transaction that PostgreSQL rolled back to break a deadlock or a
 /// serialization conflict.
 const TRANSIENT_TRIES: usize = 3;
@@ -1962,6 +1987,7 @@ impl Store for SqlStore {
     async fn create_jobs(&self, batch: Vec<Submission>) -> Result<Vec<Result<(JobRecord, bool)>>> {
         let now = Timestamp::now();
         let mut tx = self.writer.begin().await?;
+        let _timer = WriteTimer::start("submit");
         // Plain jobs (no key, dependency or reservation to look up) are written together
         // at the end; the others each in a savepoint, so that one refusal stays its own.
         let mut answers: Vec<Option<Result<(JobRecord, bool)>>> = Vec::with_capacity(batch.len());
@@ -2279,6 +2305,7 @@ impl Store for SqlStore {
         }
         let now = Timestamp::now();
         let mut tx = self.writer.begin().await?;
+        let _timer = WriteTimer::start("assign");
         let ids: Vec<JobId> = plan.iter().map(|(j, _)| *j).collect();
         let mut jobs = load_jobs(&mut tx, &ids).await?;
         let mut made = Vec::with_capacity(plan.len());
@@ -2411,6 +2438,7 @@ impl Store for SqlStore {
                 (std::mem::take(&mut steps), std::mem::take(&mut ends))
             };
             let mut tx = self.writer.begin().await?;
+            let _timer = WriteTimer::start("report");
             let mut loaded = Loaded::default();
             let written = async {
                 let now = Timestamp::now();

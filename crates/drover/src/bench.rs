@@ -13,6 +13,7 @@ use drover_client::{Client, FollowEvent};
 use drover_core::{JobSpec, Timestamp};
 use futures::StreamExt;
 use serde::Serialize;
+use std::collections::HashMap;
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::Arc;
@@ -503,6 +504,53 @@ async fn finished_count(client: &Client) -> anyhow::Result<u64> {
         .sum::<f64>() as u64)
 }
 
+/// Seconds the control plane's hot write transactions were open so far, by kind
+/// (`drover_store_write_seconds_sum{kind="…"}` from /metrics).
+async fn write_seconds(client: &Client) -> anyhow::Result<HashMap<String, f64>> {
+    let text = client.metrics().await?;
+    Ok(text
+        .lines()
+        .filter_map(|l| l.strip_prefix("drover_store_write_seconds_sum{kind=\""))
+        .filter_map(|l| {
+            let (kind, rest) = l.split_once('"')?;
+            let value = rest.rsplit_once(' ')?.1.parse::<f64>().ok()?;
+            Some((kind.to_string(), value))
+        })
+        .collect())
+}
+
+/// How long the write transactions of a run were open, per job and by kind, and on SQLite
+/// (one connection writes) how busy that one writer was over `wall`: near 100 % the writer
+/// is the serial stage that bounds the run.
+fn write_figures(
+    before: &HashMap<String, f64>,
+    after: &HashMap<String, f64>,
+    jobs: usize,
+    wall: Duration,
+    one_writer: bool,
+) -> Vec<(String, String)> {
+    let open = |kind: &str| {
+        after.get(kind).copied().unwrap_or(0.0) - before.get(kind).copied().unwrap_or(0.0)
+    };
+    let kinds = ["submit", "assign", "report"].map(open);
+    let per_job = kinds.map(|s| s / jobs.max(1) as f64 * 1e6);
+    let mut figures = vec![(
+        "write transactions open per job: submit · assign · report".into(),
+        format!(
+            "{:.0} µs · {:.0} µs · {:.0} µs",
+            per_job[0], per_job[1], per_job[2]
+        ),
+    )];
+    if one_writer {
+        let busy = kinds.iter().sum::<f64>() / wall.as_secs_f64().max(f64::MIN_POSITIVE);
+        figures.push((
+            "the one SQLite writer busy during the run".into(),
+            format!("{:.0} %", busy * 100.0),
+        ));
+    }
+    figures
+}
+
 pub async fn run(cmd: BenchCommand, output: Output) -> anyhow::Result<ExitCode> {
     let figures = match cmd {
         BenchCommand::Throughput {
@@ -568,6 +616,7 @@ async fn throughput(
         max_attempts: Some(1),
         ..Default::default()
     };
+    let writes_before = write_seconds(&fleet.client).await?;
     let cpu_before = CpuReading::take(&fleet);
     let started = Instant::now();
     submit_all(&fleet.client, &spec, jobs, setup).await?;
@@ -575,6 +624,7 @@ async fn throughput(
     wait_finished(&fleet.client, before, jobs as u64).await?;
     let total = started.elapsed();
     let cpu_after = CpuReading::take(&fleet);
+    let writes_after = write_seconds(&fleet.client).await?;
     let mut figures = vec![
         ("jobs".into(), jobs.to_string()),
         (
@@ -607,6 +657,14 @@ async fn throughput(
     if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
         figures.extend(after.figures(before, jobs));
     }
+    let one_writer = database_name(setup) == "SQLite";
+    figures.extend(write_figures(
+        &writes_before,
+        &writes_after,
+        jobs,
+        total,
+        one_writer,
+    ));
     usage_figures(&fleet, &mut figures);
     Ok(Figures {
         scenario: "throughput".into(),

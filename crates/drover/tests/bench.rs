@@ -43,6 +43,18 @@ fn bench_throughput_noop_and_process_smoke() {
         4
     );
     assert!(figure(&v, "machine busy during the run").ends_with(" cores"));
+    // The store's transaction timings reach the bench through /metrics: 30 jobs were
+    // submitted, assigned and reported, so the three cannot all be 0 µs.
+    let open: Vec<u64> = figure(
+        &v,
+        "write transactions open per job: submit · assign · report",
+    )
+    .split(" · ")
+    .map(|t| t.trim_end_matches(" µs").parse().expect("µs figure"))
+    .collect();
+    assert_eq!(open.len(), 3, "{open:?}");
+    assert!(open.iter().sum::<u64>() > 0, "{open:?}");
+    assert!(figure(&v, "the one SQLite writer busy during the run").ends_with(" %"));
     let v = bench(&[
         "throughput",
         "--jobs",
