@@ -519,9 +519,10 @@ async fn write_seconds(client: &Client) -> anyhow::Result<HashMap<String, f64>> 
         .collect())
 }
 
-/// How long the write transactions of a run were open, per job and by kind, and on SQLite
-/// (one connection writes) how busy that one writer was over `wall`: near 100 % the writer
-/// is the serial stage that bounds the run.
+/// How long the write transactions of a run were open, per job and by kind, and how many
+/// were open at once on average over `wall`: on SQLite, where one connection writes, that
+/// is how busy the writer was (near 100 % it is the serial stage that bounds the run); on
+/// PostgreSQL, how many of the pool's connections writes kept busy.
 fn write_figures(
     before: &HashMap<String, f64>,
     after: &HashMap<String, f64>,
@@ -541,13 +542,18 @@ fn write_figures(
             per_job[0], per_job[1], per_job[2]
         ),
     )];
-    if one_writer {
-        let busy = kinds.iter().sum::<f64>() / wall.as_secs_f64().max(f64::MIN_POSITIVE);
-        figures.push((
+    let open_at_once = kinds.iter().sum::<f64>() / wall.as_secs_f64().max(f64::MIN_POSITIVE);
+    figures.push(if one_writer {
+        (
             "the one SQLite writer busy during the run".into(),
-            format!("{:.0} %", busy * 100.0),
-        ));
-    }
+            format!("{:.0} %", open_at_once * 100.0),
+        )
+    } else {
+        (
+            "write transactions open at once, on average".into(),
+            format!("{open_at_once:.1}"),
+        )
+    });
     figures
 }
 

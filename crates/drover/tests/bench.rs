@@ -43,17 +43,7 @@ fn bench_throughput_noop_and_process_smoke() {
         4
     );
     assert!(figure(&v, "machine busy during the run").ends_with(" cores"));
-    // The store's transaction timings reach the bench through /metrics: 30 jobs were
-    // submitted, assigned and reported, so the three cannot all be 0 µs.
-    let open: Vec<u64> = figure(
-        &v,
-        "write transactions open per job: submit · assign · report",
-    )
-    .split(" · ")
-    .map(|t| t.trim_end_matches(" µs").parse().expect("µs figure"))
-    .collect();
-    assert_eq!(open.len(), 3, "{open:?}");
-    assert!(open.iter().sum::<u64>() > 0, "{open:?}");
+    assert_write_times(&v);
     assert!(figure(&v, "the one SQLite writer busy during the run").ends_with(" %"));
     let v = bench(&[
         "throughput",
@@ -68,6 +58,47 @@ fn bench_throughput_noop_and_process_smoke() {
     ]);
     assert_eq!(figure(&v, "executor"), "process");
     assert_eq!(figure(&v, "jobs per submit request"), "1");
+}
+
+/// The store's transaction timings reach the bench through /metrics: the jobs were
+/// submitted, assigned and reported, so the three cannot all be 0 µs.
+fn assert_write_times(v: &serde_json::Value) {
+    let open: Vec<u64> = figure(
+        v,
+        "write transactions open per job: submit · assign · report",
+    )
+    .split(" · ")
+    .map(|t| t.trim_end_matches(" µs").parse().expect("µs figure"))
+    .collect();
+    assert_eq!(open.len(), 3, "{open:?}");
+    assert!(open.iter().sum::<u64>() > 0, "{open:?}");
+}
+
+#[tokio::test]
+async fn bench_throughput_on_postgres_smoke() {
+    let Some(url) = drover_testkit::postgres_database().await else {
+        return;
+    };
+    let v = tokio::task::spawn_blocking(move || {
+        bench(&[
+            "throughput",
+            "--jobs",
+            "30",
+            "--workers",
+            "1",
+            "--database-url",
+            &url,
+        ])
+    })
+    .await
+    .expect("bench");
+    assert_eq!(v["database"], "PostgreSQL");
+    assert!(figure(&v, "throughput").ends_with("jobs/s"));
+    assert_write_times(&v);
+    let at_once: f64 = figure(&v, "write transactions open at once, on average")
+        .parse()
+        .expect("a number");
+    assert!(at_once >= 0.0);
 }
 
 #[test]
