@@ -494,13 +494,21 @@ async fn wait_finished(client: &Client, before: u64, n: u64) -> anyhow::Result<(
     Ok(())
 }
 
+/// The samples of the metric `name` in /metrics' text: each one's labels (`{…}`, or empty)
+/// and value.
+fn metric_samples<'a>(text: &'a str, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> {
+    text.lines().filter_map(move |line| {
+        let (labels, value) = line.strip_prefix(name)?.rsplit_once(' ')?;
+        (labels.is_empty() || labels.starts_with('{')).then_some(())?;
+        Some((labels, value.parse().ok()?))
+    })
+}
+
 /// `drover_jobs_finished_total` summed over states, from /metrics.
 async fn finished_count(client: &Client) -> anyhow::Result<u64> {
     let text = client.metrics().await?;
-    Ok(text
-        .lines()
-        .filter(|l| l.starts_with("drover_jobs_finished_total"))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+    Ok(metric_samples(&text, "drover_jobs_finished_total")
+        .map(|(_, value)| value)
         .sum::<f64>() as u64)
 }
 
@@ -508,12 +516,9 @@ async fn finished_count(client: &Client) -> anyhow::Result<u64> {
 /// (`drover_store_write_seconds_sum{kind="…"}` from /metrics).
 async fn write_seconds(client: &Client) -> anyhow::Result<HashMap<String, f64>> {
     let text = client.metrics().await?;
-    Ok(text
-        .lines()
-        .filter_map(|l| l.strip_prefix("drover_store_write_seconds_sum{kind=\""))
-        .filter_map(|l| {
-            let (kind, rest) = l.split_once('"')?;
-            let value = rest.rsplit_once(' ')?.1.parse::<f64>().ok()?;
+    Ok(metric_samples(&text, "drover_store_write_seconds_sum")
+        .filter_map(|(labels, value)| {
+            let kind = labels.strip_prefix("{kind=\"")?.split_once('"')?.0;
             Some((kind.to_string(), value))
         })
         .collect())
