@@ -338,7 +338,7 @@ impl CpuReading {
     /// Where the CPU went between `before` and `self`, per job, and how busy the machine
     /// was: at 100 % the run was bound by CPU; below, by waits (a serial stage, hand-offs).
     fn figures(self, before: Self, jobs: usize) -> Vec<(String, String)> {
-        let per_job = |after: f64, before: f64| (after - before) / jobs.max(1) as f64 * 1e6;
+        let per_job = |after: f64, before: f64| per_job_us(after - before, jobs);
         let busy = (self.machine_busy - before.machine_busy)
             / (self.machine_all - before.machine_all).max(f64::MIN_POSITIVE);
         let control_plane = per_job(self.control_plane, before.control_plane);
@@ -539,7 +539,7 @@ fn write_figures(
         after.get(kind).copied().unwrap_or(0.0) - before.get(kind).copied().unwrap_or(0.0)
     };
     let kinds = ["submit", "assign", "report"].map(open);
-    let per_job = kinds.map(|s| s / jobs.max(1) as f64 * 1e6);
+    let per_job = kinds.map(|s| per_job_us(s, jobs));
     let mut figures = vec![(
         "write transactions open per job: submit · assign · report".into(),
         format!(
@@ -600,9 +600,23 @@ pub async fn run(cmd: BenchCommand, output: Output) -> anyhow::Result<ExitCode> 
 fn database_name(setup: &Setup) -> String {
     match (&setup.target, &setup.database_url) {
         (Some(t), _) => format!("target {t}"),
-        (None, Some(db)) if db.starts_with("postgres") => "PostgreSQL".into(),
-        _ => "SQLite".into(),
+        _ if on_own_sqlite(setup) => "SQLite".into(),
+        _ => "PostgreSQL".into(),
     }
+}
+
+/// True when the bench's own control plane runs on SQLite (one writer connection).
+fn on_own_sqlite(setup: &Setup) -> bool {
+    setup.target.is_none()
+        && !setup
+            .database_url
+            .as_deref()
+            .is_some_and(|db| db.starts_with("postgres"))
+}
+
+/// Microseconds per job of `seconds` spent over a run of `jobs`.
+fn per_job_us(seconds: f64, jobs: usize) -> f64 {
+    seconds / jobs.max(1) as f64 * 1e6
 }
 
 fn usage_figures(fleet: &Fleet, figures: &mut Vec<(String, String)>) {
@@ -668,7 +682,7 @@ async fn throughput(
     if let (Some(before), Some(after)) = (cpu_before, cpu_after) {
         figures.extend(after.figures(before, jobs));
     }
-    let one_writer = database_name(setup) == "SQLite";
+    let one_writer = on_own_sqlite(setup);
     figures.extend(write_figures(
         &writes_before,
         &writes_after,
