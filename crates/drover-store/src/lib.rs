@@ -44,6 +44,10 @@ pub enum StoreError {
     BatchFailed(String),
     #[error("corrupt record in the store: {0}")]
     Corrupt(String),
+    /// Rows read ahead of a write transaction changed before it wrote them. The store
+    /// writes the batch again, reading inside the transaction; callers do not see it.
+    #[error("records changed since they were read; the write is retried")]
+    ReadAheadStale,
     #[error("{field}: {message}")]
     Invalid {
         field: &'static str,

@@ -43,7 +43,15 @@ pub struct SqlStore {
     reader: AnyPool,
     engine: Engine,
     url: String,
+    /// The smallest assignment or report batch read ahead ([`ReadAhead`]), on SQLite.
+    read_ahead_from: usize,
 }
+
+/// Below this many jobs a batch reads inside its write transaction: a small batch means
+/// the writer is not busy, and reading ahead is one more round trip on each job's way to
+/// RUNNING (0.2–0.3 ms more submit → RUNNING, one job at a time). Under load batches
+/// carry a hundred jobs and more.
+const READ_AHEAD_FROM: usize = 16;
 
 /// The PostgreSQL channel replicas nudge each other on.
 const CHANNEL: &str = "drover";
@@ -290,6 +298,7 @@ impl SqlStore {
                 writer,
                 reader,
                 engine: Engine::Sqlite,
+                read_ahead_from: READ_AHEAD_FROM,
                 url,
             });
         }
@@ -318,6 +327,7 @@ impl SqlStore {
                 writer: pool.clone(),
                 reader: pool,
                 engine: Engine::Postgres,
+                read_ahead_from: usize::MAX,
                 url: url.to_string(),
             });
         }
@@ -332,6 +342,169 @@ impl SqlStore {
 
     pub fn engine(&self) -> Engine {
         self.engine
+    }
+
+    /// Reads ahead, on SQLite, every assignment or report batch of at least `jobs` jobs
+    /// (16 by default): with 1, every one, as tests do to run each write through it.
+    pub fn read_ahead_from(mut self, jobs: usize) -> Self {
+        if self.engine == Engine::Sqlite {
+            self.read_ahead_from = jobs;
+        }
+        self
+    }
+
+    /// The body of [`Store::assign_jobs`], with the jobs read ahead (SQLite) or read here.
+    async fn assign_in(
+        &self,
+        plan: &[(JobId, WorkerId)],
+        lease_until: Timestamp,
+        ahead: Option<HashMap<JobId, JobRecord>>,
+    ) -> Result<Vec<Assignment>> {
+        let now = Timestamp::now();
+        let mut tx = self.writer.begin().await?;
+        let _timer = WriteTimer::start("assign");
+        let guarded = ahead.is_some();
+        let mut jobs = match ahead {
+            Some(jobs) => jobs,
+            None => {
+                let ids: Vec<JobId> = plan.iter().map(|(j, _)| *j).collect();
+                load_jobs(&mut tx, &ids).await?
+            }
+        };
+        let mut made = Vec::with_capacity(plan.len());
+        let mut events = Vec::with_capacity(plan.len());
+        for &(job_id, worker_id) in plan {
+            // Gone, or no longer QUEUED: someone else took or cancelled it.
+            let Some(job) = jobs
+                .get_mut(&job_id)
+                .filter(|j| j.state == JobState::Queued)
+            else {
+                continue;
+            };
+            let to = job.state.apply(JobEvent::Assign)?;
+            let run = RunRecord {
+                id: RunId::new(),
+                job_id,
+                attempt: job.attempts + 1,
+                retry_of: job.current_run,
+                worker_id,
+                state: RunState::Assigned,
+                exit_code: None,
+                error: None,
+                assigned_at: now,
+                started_at: None,
+                finished_at: None,
+                lease_expires_at: lease_until,
+                result: None,
+            };
+            let kind = EventKind::JobAssigned {
+                run_id: run.id,
+                worker_id,
+                attempt: run.attempt,
+            };
+            events.push(NewEvent::job(now, job_id, kind));
+            job.attempts = run.attempt;
+            job.current_run = Some(run.id);
+            job.state = to;
+            job.status_code = to.status_code();
+            job.updated_at = now;
+            made.push(Assignment {
+                run,
+                job: job.clone(),
+            });
+        }
+        const RUN_COLS_NEW: usize = 8;
+        for chunk in made.chunks(ROWS_PER_STATEMENT) {
+            let sql = binds_for(
+                &tx,
+                format!(
+                    "INSERT INTO runs (id, job_id, attempt, retry_of, worker_id, state, assigned_at, \
+                 lease_expires_at) VALUES {}",
+                    row_tuples(chunk.len(), RUN_COLS_NEW)
+                ),
+            );
+            let mut query = sqlx::query(&sql);
+            for Assignment { run, .. } in chunk {
+                query = query
+                    .bind(run.id.to_string())
+                    .bind(run.job_id.to_string())
+                    .bind(i64::from(run.attempt))
+                    .bind(run.retry_of.map(|r| r.to_string()))
+                    .bind(run.worker_id.to_string())
+                    .bind(run.state.as_str())
+                    .bind(run.assigned_at.0)
+                    .bind(run.lease_expires_at.0);
+            }
+            query.execute(&mut *tx).await?;
+            // Each job points at the run just made for its next attempt, matched by id: the
+            // jobs were read, and on PostgreSQL locked, in this transaction, or, read ahead
+            // (SQLite), each must still be QUEUED on the run it was read with (its last,
+            // the new run's `retry_of`; SQLite's `IS` matches a first attempt's none).
+            let (cols, guard) = if guarded {
+                (
+                    3,
+                    " AND jobs.state = 'QUEUED' AND jobs.current_run IS v.column3",
+                )
+            } else {
+                (2, "")
+            };
+            let sql = binds_for(
+                &tx,
+                format!(
+                    "UPDATE jobs SET attempts = attempts + 1, current_run = v.column2, state = $1, \
+                 updated_at = $2 FROM (VALUES {}) AS v WHERE jobs.id = v.column1{guard}",
+                    row_tuples_from(3, chunk.len(), cols)
+                ),
+            );
+            let mut query = sqlx::query(&sql)
+                .bind(JobState::Assigned.as_str())
+                .bind(now.0);
+            for Assignment { run, .. } in chunk {
+                query = query.bind(run.job_id.to_string()).bind(run.id.to_string());
+                if guarded {
+                    query = query.bind(run.retry_of.map(|r| r.to_string()));
+                }
+            }
+            let changed = query.execute(&mut *tx).await?.rows_affected();
+            if guarded && changed != chunk.len() as u64 {
+                return Err(StoreError::ReadAheadStale);
+            }
+        }
+        insert_events(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(made)
+    }
+
+    /// One try of [`Store::report_runs`], in one transaction, from the runs and jobs read
+    /// ahead in `loaded` (the rest are read here).
+    async fn report_in(
+        &self,
+        mut loaded: Loaded,
+        steps: Vec<StepRequest>,
+        ends: Vec<FinishRequest>,
+        retry: RetrySettings,
+    ) -> Result<RunReportAnswers> {
+        let mut tx = self.writer.begin().await?;
+        let _timer = WriteTimer::start("report");
+        let now = Timestamp::now();
+        let (stepped, writes) = advance_in(&mut tx, steps, &mut loaded, now).await?;
+        let ended = finish_in(&mut tx, ends, retry, loaded, writes).await?;
+        tx.commit().await?;
+        Ok((stepped, ended))
+    }
+
+    /// Jobs as a reader sees them, for [`SqlStore::assign_in`].
+    async fn jobs_read_ahead(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobRecord>> {
+        load_jobs(&mut *self.reader.acquire().await?, ids).await
+    }
+
+    /// Runs and their jobs as a reader sees them, to write in a transaction that expects
+    /// them so ([`ReadAhead`]).
+    async fn runs_read_ahead(&self, ids: &[RunId]) -> Result<Loaded> {
+        let mut loaded = Loaded::default();
+        loaded.read(&mut *self.reader.acquire().await?, ids).await?;
+        loaded.ahead = Some(ReadAhead::of(&loaded.runs, &loaded.jobs));
+        Ok(loaded)
     }
 }
 
@@ -814,6 +987,8 @@ fn row_tuples_from(first: usize, rows: usize, cols: usize) -> String {
 struct Loaded {
     runs: HashMap<RunId, RunRecord>,
     jobs: HashMap<JobId, JobRecord>,
+    /// Set when `runs` and `jobs` were read ahead of the transaction ([`ReadAhead`]).
+    ahead: Option<ReadAhead>,
 }
 
 impl Loaded {
@@ -859,6 +1034,232 @@ impl Loaded {
     }
 }
 
+/// Runs and jobs read ahead of a write transaction, on SQLite ([`SqlStore::runs_read_ahead`]),
+/// as the transaction expects to find them. SQLite has one writer: a read inside a write
+/// transaction is time no other write can use (a quarter of the writer's time under
+/// load), while readers run beside it. So the rows are read before, and each write of one
+/// of them matches the row as expected and counts the rows it changed: fewer mean a row
+/// moved since it was read, and the transaction is given up
+/// ([`StoreError::ReadAheadStale`]) and written again with its reads inside. Rows decided
+/// on but not written are counted as expected before the transaction settles dependents
+/// or commits ([`ReadAhead::check_unwritten`]); from then on nothing else writes until the
+/// commit. A job is expected in its state and on its current run: every new attempt moves
+/// the run, and a job comes back to a state only through another state.
+struct ReadAhead {
+    runs: HashMap<RunId, Expected<RunState>>,
+    jobs: HashMap<JobId, Expected<(JobState, Option<RunId>)>>,
+}
+
+struct Expected<T> {
+    stands: T,
+    written: bool,
+}
+
+impl<T> Expected<T> {
+    fn read(stands: T) -> Self {
+        Self {
+            stands,
+            written: false,
+        }
+    }
+}
+
+impl ReadAhead {
+    fn of(runs: &HashMap<RunId, RunRecord>, jobs: &HashMap<JobId, JobRecord>) -> Self {
+        Self {
+            runs: runs
+                .values()
+                .map(|r| (r.id, Expected::read(r.state)))
+                .collect(),
+            jobs: jobs
+                .values()
+                .map(|j| (j.id, Expected::read((j.state, j.current_run))))
+                .collect(),
+        }
+    }
+
+    /// Fails as stale unless every run and job not written yet stands as read.
+    async fn check_unwritten(self, conn: &mut AnyConnection) -> Result<()> {
+        let runs: Vec<[Option<String>; 3]> = (self.runs.iter())
+            .filter(|(_, e)| !e.written)
+            .map(|(id, e)| [Some(id.to_string()), Some(e.stands.as_str().into()), None])
+            .collect();
+        let jobs: Vec<[Option<String>; 3]> = (self.jobs.iter())
+            .filter(|(_, e)| !e.written)
+            .map(|(id, e)| {
+                let (state, current_run) = e.stands;
+                let current_run = current_run.map(|r| r.to_string());
+                [
+                    Some(id.to_string()),
+                    Some(state.as_str().into()),
+                    current_run,
+                ]
+            })
+            .collect();
+        let runs_join = "runs ON runs.id = v.column1 AND runs.state = v.column2";
+        let jobs_join = "jobs ON jobs.id = v.column1 AND jobs.state = v.column2 \
+                         AND jobs.current_run IS v.column3";
+        if count_as_read(conn, runs_join, 2, &runs).await?
+            && count_as_read(conn, jobs_join, 3, &jobs).await?
+        {
+            Ok(())
+        } else {
+            Err(StoreError::ReadAheadStale)
+        }
+    }
+}
+
+/// Whether each of `rows` (their first `cols` values) finds its match in `join`: one
+/// count per statement, no rows handed back.
+async fn count_as_read(
+    conn: &mut AnyConnection,
+    join: &str,
+    cols: usize,
+    rows: &[[Option<String>; 3]],
+) -> Result<bool> {
+    for chunk in rows.chunks(ROWS_PER_STATEMENT * 4) {
+        let sql = binds_for(
+            &*conn,
+            format!(
+                "SELECT count(*) FROM (VALUES {}) AS v JOIN {join}",
+                row_tuples(chunk.len(), cols)
+            ),
+        );
+        let mut query = sqlx::query_scalar::<_, i64>(&sql);
+        for row in chunk {
+            for value in &row[..cols] {
+                query = query.bind(value.clone());
+            }
+        }
+        if query.fetch_one(&mut *conn).await? != chunk.len() as i64 {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+type AnyQuery<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments<'q>>;
+
+/// `UPDATE runs SET {set}` (binds `$1…$set_binds`, bound by `bind_set`) for `ids`, which
+/// become `to`: by id alone, or, for runs read ahead, only where each still is as expected.
+async fn update_runs(
+    conn: &mut AnyConnection,
+    (set, set_binds): (&str, usize),
+    bind_set: &(dyn for<'q> Fn(AnyQuery<'q>) -> AnyQuery<'q> + Sync),
+    ids: &[RunId],
+    to: RunState,
+    mut ahead: Option<&mut ReadAhead>,
+) -> Result<()> {
+    let mut by_expected: HashMap<Option<RunState>, Vec<RunId>> = HashMap::new();
+    for id in ids {
+        let expected = ahead
+            .as_ref()
+            .and_then(|a| a.runs.get(id))
+            .map(|e| e.stands);
+        by_expected.entry(expected).or_default().push(*id);
+    }
+    for (expected, ids) in by_expected {
+        for chunk in ids.chunks(ROWS_PER_STATEMENT * 8) {
+            let guard = if expected.is_some() {
+                format!("state = ${} AND ", set_binds + 1)
+            } else {
+                String::new()
+            };
+            let first = set_binds + 1 + usize::from(expected.is_some());
+            let sql = binds_for(
+                &*conn,
+                format!(
+                    "UPDATE runs SET {set} WHERE {guard}id IN ({})",
+                    placeholders(first, chunk.len())
+                ),
+            );
+            let mut query = bind_set(sqlx::query(&sql));
+            if let Some(state) = expected {
+                query = query.bind(state.as_str());
+            }
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            let changed = query.execute(&mut *conn).await?.rows_affected();
+            if expected.is_some() && changed != chunk.len() as u64 {
+                return Err(StoreError::ReadAheadStale);
+            }
+        }
+    }
+    if let Some(ahead) = ahead.as_mut() {
+        for id in ids {
+            if let Some(e) = ahead.runs.get_mut(id) {
+                *e = Expected {
+                    stands: to,
+                    written: true,
+                };
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`update_runs`] for jobs, which keep their current run.
+async fn update_jobs(
+    conn: &mut AnyConnection,
+    (set, set_binds): (&str, usize),
+    bind_set: &(dyn for<'q> Fn(AnyQuery<'q>) -> AnyQuery<'q> + Sync),
+    ids: &[JobId],
+    to: JobState,
+    mut ahead: Option<&mut ReadAhead>,
+) -> Result<()> {
+    let (expected, by_id): (Vec<&JobId>, Vec<&JobId>) = ids
+        .iter()
+        .partition(|id| ahead.as_ref().is_some_and(|a| a.jobs.contains_key(id)));
+    for chunk in by_id.chunks(ROWS_PER_STATEMENT * 8) {
+        let sql = binds_for(
+            &*conn,
+            format!(
+                "UPDATE jobs SET {set} WHERE id IN ({})",
+                placeholders(set_binds + 1, chunk.len())
+            ),
+        );
+        let mut query = bind_set(sqlx::query(&sql));
+        for id in chunk {
+            query = query.bind(id.to_string());
+        }
+        query.execute(&mut *conn).await?;
+    }
+    if let Some(ahead) = ahead.as_mut() {
+        for chunk in expected.chunks(ROWS_PER_STATEMENT * 8) {
+            // SQLite's `IS`: a job read ahead may have no current run.
+            let sql = binds_for(
+                &*conn,
+                format!(
+                    "UPDATE jobs SET {set} FROM (VALUES {}) AS v WHERE jobs.id = v.column1 \
+                     AND jobs.state = v.column2 AND jobs.current_run IS v.column3",
+                    row_tuples_from(set_binds + 1, chunk.len(), 3)
+                ),
+            );
+            let mut query = bind_set(sqlx::query(&sql));
+            for id in chunk {
+                let (state, current_run) = ahead.jobs[*id].stands;
+                query = query
+                    .bind(id.to_string())
+                    .bind(state.as_str())
+                    .bind(current_run.map(|r| r.to_string()));
+            }
+            if query.execute(&mut *conn).await?.rows_affected() != chunk.len() as u64 {
+                return Err(StoreError::ReadAheadStale);
+            }
+            for id in chunk {
+                if let Some(e) = ahead.jobs.get_mut(*id) {
+                    *e = Expected {
+                        stands: (to, e.stands.1),
+                        written: true,
+                    };
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Row writes and events of run steps, applied in memory and not yet written: when the
 /// same batch also ends a run (a short job reports its start and its end together), the
 /// end writes the run and its job once, with their final values, and the step's writes
@@ -868,6 +1269,8 @@ struct StepWrites {
     started: std::collections::HashSet<RunId>,
     moved: HashMap<JobId, JobState>,
     events: Vec<NewEvent>,
+    /// The batch's runs and jobs were read ahead: the writes expect them as read.
+    ahead: Option<ReadAhead>,
 }
 
 impl StepWrites {
@@ -877,6 +1280,16 @@ impl StepWrites {
             started: std::collections::HashSet::new(),
             moved: HashMap::new(),
             events: Vec::new(),
+            ahead: None,
+        }
+    }
+
+    /// Ends the read-ahead: every run and job read ahead and not written is counted as
+    /// read (stale otherwise); from here on the batch writes by id alone.
+    async fn check_read_ahead(&mut self, tx: &mut AnyConnection) -> Result<()> {
+        match self.ahead.take() {
+            Some(ahead) => ahead.check_unwritten(tx).await,
+            None => Ok(()),
         }
     }
 
@@ -891,24 +1304,18 @@ impl StepWrites {
     /// Writes what is left, in the caller's transaction.
     async fn write(&mut self, tx: &mut AnyConnection) -> Result<()> {
         let started: Vec<RunId> = self.started.drain().collect();
-        for chunk in started.chunks(ROWS_PER_STATEMENT * 8) {
-            let sql = binds_for(
-                tx,
-                format!(
-                    "UPDATE runs SET state = $1, started_at = $2 WHERE id IN ({})",
-                    placeholders(3, chunk.len())
-                ),
-            );
-            let mut query = sqlx::query(&sql)
-                .bind(RunState::Running.as_str())
-                .bind(self.now.0);
-            for id in chunk {
-                query = query.bind(id.to_string());
-            }
-            query.execute(&mut *tx).await?;
-        }
+        let now = self.now.0;
+        update_runs(
+            &mut *tx,
+            ("state = $1, started_at = $2", 2),
+            &|q| q.bind(RunState::Running.as_str()).bind(now),
+            &started,
+            RunState::Running,
+            self.ahead.as_mut(),
+        )
+        .await?;
         let moved: Vec<(JobId, JobState)> = self.moved.drain().collect();
-        set_job_states(&mut *tx, &moved, self.now).await?;
+        set_job_states(&mut *tx, &moved, self.now, self.ahead.as_mut()).await?;
         insert_events(&mut *tx, &std::mem::take(&mut self.events)).await
     }
 }
@@ -923,12 +1330,13 @@ async fn advance_in(
     now: Timestamp,
 ) -> Result<(Vec<Result<JobId>>, StepWrites)> {
     let mut writes = StepWrites::new(now);
+    writes.ahead = loaded.ahead.take();
     if batch.is_empty() {
         return Ok((Vec::new(), writes));
     }
     let run_ids: Vec<RunId> = batch.iter().map(|r| r.run_id).collect();
     loaded.read(&mut *tx, &run_ids).await?;
-    let Loaded { runs, jobs } = loaded;
+    let Loaded { runs, jobs, .. } = loaded;
     let StepWrites {
         started,
         moved,
@@ -1006,6 +1414,7 @@ async fn finish_in(
 ) -> Result<Vec<Result<Finished>>> {
     if batch.is_empty() {
         steps.write(tx).await?;
+        steps.check_read_ahead(tx).await?;
         return Ok(Vec::new());
     }
     let mut writing = FinishBatch::read(&mut *tx, &batch, retry, loaded, steps).await?;
@@ -1014,6 +1423,7 @@ async fn finish_in(
         answers.push(writing.finish(&mut *tx, req).await?);
     }
     writing.flush(&mut *tx).await?;
+    writing.steps.check_read_ahead(tx).await?;
     Ok(answers)
 }
 
@@ -1094,39 +1504,32 @@ async fn load_jobs(conn: &mut AnyConnection, ids: &[JobId]) -> Result<HashMap<Jo
 
 /// Moves many jobs at once: one statement per target state, not one per job.
 ///
-/// Every caller read the jobs in this transaction (locked on PostgreSQL, [`for_update`];
-/// SQLite has one writer) and checked their state there, so the statements select by id
-/// alone. A `state = …` guard besides would be redundant, and on PostgreSQL it let the
+/// A caller that read the jobs in this transaction (locked on PostgreSQL, [`for_update`];
+/// SQLite has one writer) checked their state there, so the statements select by id
+/// alone: a `state = …` guard besides would be redundant, and on PostgreSQL it let the
 /// planner pick `jobs_state` from statistics taken while the queue was small, then test
-/// every queued job against the id list.
+/// every queued job against the id list. Jobs read ahead (SQLite) are matched as read.
 async fn set_job_states(
     conn: &mut AnyConnection,
     changes: &[(JobId, JobState)],
     now: Timestamp,
+    mut ahead: Option<&mut ReadAhead>,
 ) -> Result<()> {
     let mut by_target: HashMap<JobState, Vec<JobId>> = HashMap::new();
     for (id, to) in changes {
         by_target.entry(*to).or_default().push(*id);
     }
     for (to, ids) in by_target {
-        for chunk in ids.chunks(ROWS_PER_STATEMENT * 8) {
-            let sql = binds_for(
-                &*conn,
-                format!(
-                    "UPDATE jobs SET state = $1, updated_at = $2, finished_at = $3 \
-                 WHERE id IN ({})",
-                    placeholders(4, chunk.len())
-                ),
-            );
-            let mut query = sqlx::query(&sql)
-                .bind(to.as_str())
-                .bind(now.0)
-                .bind(to.is_terminal().then_some(now.0));
-            for id in chunk {
-                query = query.bind(id.to_string());
-            }
-            query.execute(&mut *conn).await?;
-        }
+        let finished = to.is_terminal().then_some(now.0);
+        update_jobs(
+            &mut *conn,
+            ("state = $1, updated_at = $2, finished_at = $3", 3),
+            &|q| q.bind(to.as_str()).bind(now.0).bind(finished),
+            &ids,
+            to,
+            ahead.as_deref_mut(),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -1237,7 +1640,7 @@ async fn transition(
     now: Timestamp,
 ) -> Result<JobState> {
     let to = job.state.apply(event)?;
-    set_job_states(&mut *conn, &[(job.id, to)], now).await?;
+    set_job_states(&mut *conn, &[(job.id, to)], now, None).await?;
     let kind =
         kind.unwrap_or_else(|| EventKind::for_transition(job.state, event, to, run_id, None, None));
     insert_event(conn, now, Some(job.id), None, &kind).await?;
@@ -1690,7 +2093,7 @@ struct FinishBatch {
 
 #[derive(PartialEq, Eq, Hash)]
 struct RunEndValues {
-    state: &'static str,
+    state: RunState,
     exit_code: Option<i64>,
     error: Option<String>,
     result: Option<String>,
@@ -1698,7 +2101,7 @@ struct RunEndValues {
 
 #[derive(PartialEq, Eq, Hash)]
 struct JobEndValues {
-    to: &'static str,
+    to: JobState,
     finished: bool,
     exit_code: Option<i64>,
     error: Option<String>,
@@ -1716,7 +2119,7 @@ impl FinishBatch {
     ) -> Result<Self> {
         let run_ids: Vec<RunId> = batch.iter().map(|r| r.run_id).collect();
         loaded.read(&mut *conn, &run_ids).await?;
-        let Loaded { runs, jobs } = loaded;
+        let Loaded { runs, jobs, .. } = loaded;
         let mut job_ids: Vec<JobId> = run_ids
             .iter()
             .filter_map(|id| runs.get(id))
@@ -1760,55 +2163,52 @@ impl FinishBatch {
     /// Writes the row changes and events gathered so far.
     async fn flush(&mut self, conn: &mut AnyConnection) -> Result<()> {
         self.steps.write(&mut *conn).await?;
-        let now = self.now;
+        let now = self.now.0;
         for (values, ids) in std::mem::take(&mut self.run_writes) {
-            for chunk in ids.chunks(ROWS_PER_STATEMENT * 8) {
-                let sql = binds_for(
-                    &*conn,
-                    format!(
-                        "UPDATE runs SET state = $1, exit_code = $2, error = $3, finished_at = $4, \
-                     started_at = COALESCE(started_at, $5), result = $6 WHERE id IN ({})",
-                        placeholders(7, chunk.len())
-                    ),
-                );
-                let mut query = sqlx::query(&sql)
-                    .bind(values.state)
-                    .bind(values.exit_code)
-                    .bind(values.error.clone())
-                    .bind(now.0)
-                    .bind(now.0)
-                    .bind(values.result.clone());
-                for id in chunk {
-                    query = query.bind(id.to_string());
-                }
-                query.execute(&mut *conn).await?;
-            }
+            update_runs(
+                &mut *conn,
+                (
+                    "state = $1, exit_code = $2, error = $3, finished_at = $4, \
+                     started_at = COALESCE(started_at, $5), result = $6",
+                    6,
+                ),
+                &|q| {
+                    q.bind(values.state.as_str())
+                        .bind(values.exit_code)
+                        .bind(values.error.clone())
+                        .bind(now)
+                        .bind(now)
+                        .bind(values.result.clone())
+                },
+                &ids,
+                values.state,
+                self.steps.ahead.as_mut(),
+            )
+            .await?;
         }
         self.pending_jobs.clear();
         for (values, ids) in std::mem::take(&mut self.job_writes) {
-            for chunk in ids.chunks(ROWS_PER_STATEMENT * 8) {
-                let sql = binds_for(
-                    &*conn,
-                    format!(
-                        "UPDATE jobs SET state = $1, updated_at = $2, finished_at = $3, \
-                     exit_code = $4, error = $5, result = $6, \
-                     not_before = COALESCE($7, not_before) WHERE id IN ({})",
-                        placeholders(8, chunk.len())
-                    ),
-                );
-                let mut query = sqlx::query(&sql)
-                    .bind(values.to)
-                    .bind(now.0)
-                    .bind(values.finished.then_some(now.0))
-                    .bind(values.exit_code)
-                    .bind(values.error.clone())
-                    .bind(values.result.clone())
-                    .bind(values.not_before);
-                for id in chunk {
-                    query = query.bind(id.to_string());
-                }
-                query.execute(&mut *conn).await?;
-            }
+            update_jobs(
+                &mut *conn,
+                (
+                    "state = $1, updated_at = $2, finished_at = $3, exit_code = $4, \
+                     error = $5, result = $6, not_before = COALESCE($7, not_before)",
+                    7,
+                ),
+                &|q| {
+                    q.bind(values.to.as_str())
+                        .bind(now)
+                        .bind(values.finished.then_some(now))
+                        .bind(values.exit_code)
+                        .bind(values.error.clone())
+                        .bind(values.result.clone())
+                        .bind(values.not_before)
+                },
+                &ids,
+                values.to,
+                self.steps.ahead.as_mut(),
+            )
+            .await?;
         }
         insert_events(&mut *conn, &std::mem::take(&mut self.events)).await
     }
@@ -1917,7 +2317,7 @@ impl FinishBatch {
         run.started_at = run.started_at.or(Some(now));
         run.result = end.result.clone();
         let values = RunEndValues {
-            state: run.state.as_str(),
+            state: run.state,
             exit_code: end.exit_code.map(i64::from),
             error: end.error.clone(),
             result: result.clone(),
@@ -1940,7 +2340,7 @@ impl FinishBatch {
             job.result = end.result.clone();
             job.not_before = not_before.unwrap_or(job.not_before);
             let values = JobEndValues {
-                to: to.as_str(),
+                to,
                 finished: to.is_terminal(),
                 exit_code: end.exit_code.map(i64::from),
                 error: end.error.clone(),
@@ -1967,6 +2367,8 @@ impl FinishBatch {
             // Dependents and groups are settled with everything so far written, in order;
             // what that changes is read again from the store from here on.
             self.flush(&mut *conn).await?;
+            // Settling reads and writes other jobs: the rows read ahead are checked first.
+            self.steps.check_read_ahead(&mut *conn).await?;
             settle_final(&mut *conn, &job, now).await?;
             let job_ids: Vec<JobId> = self.jobs.keys().copied().collect();
             self.jobs = load_jobs(&mut *conn, &job_ids).await?;
@@ -2303,99 +2705,22 @@ impl Store for SqlStore {
         if plan.is_empty() {
             return Ok(Vec::new());
         }
-        let now = Timestamp::now();
-        let mut tx = self.writer.begin().await?;
-        let _timer = WriteTimer::start("assign");
-        let ids: Vec<JobId> = plan.iter().map(|(j, _)| *j).collect();
-        let mut jobs = load_jobs(&mut tx, &ids).await?;
-        let mut made = Vec::with_capacity(plan.len());
-        let mut events = Vec::with_capacity(plan.len());
-        for &(job_id, worker_id) in plan {
-            // Gone, or no longer QUEUED: someone else took or cancelled it.
-            let Some(job) = jobs
-                .get_mut(&job_id)
-                .filter(|j| j.state == JobState::Queued)
-            else {
-                continue;
-            };
-            let to = job.state.apply(JobEvent::Assign)?;
-            let run = RunRecord {
-                id: RunId::new(),
-                job_id,
-                attempt: job.attempts + 1,
-                retry_of: job.current_run,
-                worker_id,
-                state: RunState::Assigned,
-                exit_code: None,
-                error: None,
-                assigned_at: now,
-                started_at: None,
-                finished_at: None,
-                lease_expires_at: lease_until,
-                result: None,
-            };
-            let kind = EventKind::JobAssigned {
-                run_id: run.id,
-                worker_id,
-                attempt: run.attempt,
-            };
-            events.push(NewEvent::job(now, job_id, kind));
-            job.attempts = run.attempt;
-            job.current_run = Some(run.id);
-            job.state = to;
-            job.status_code = to.status_code();
-            job.updated_at = now;
-            made.push(Assignment {
-                run,
-                job: job.clone(),
-            });
-        }
-        const RUN_COLS_NEW: usize = 8;
-        for chunk in made.chunks(ROWS_PER_STATEMENT) {
-            let sql = binds_for(
-                &tx,
-                format!(
-                    "INSERT INTO runs (id, job_id, attempt, retry_of, worker_id, state, assigned_at, \
-                 lease_expires_at) VALUES {}",
-                    row_tuples(chunk.len(), RUN_COLS_NEW)
-                ),
-            );
-            let mut query = sqlx::query(&sql);
-            for Assignment { run, .. } in chunk {
-                query = query
-                    .bind(run.id.to_string())
-                    .bind(run.job_id.to_string())
-                    .bind(i64::from(run.attempt))
-                    .bind(run.retry_of.map(|r| r.to_string()))
-                    .bind(run.worker_id.to_string())
-                    .bind(run.state.as_str())
-                    .bind(run.assigned_at.0)
-                    .bind(run.lease_expires_at.0);
+        if plan.len() >= self.read_ahead_from {
+            // Read ahead ([`ReadAhead`]): each job is then assigned only if it is still
+            // QUEUED on the run it was read with.
+            let ids: Vec<JobId> = plan.iter().map(|(j, _)| *j).collect();
+            let jobs = self.jobs_read_ahead(&ids).await?;
+            match self.assign_in(plan, lease_until, Some(jobs)).await {
+                Err(StoreError::ReadAheadStale) => {
+                    metrics::counter!("drover_store_read_ahead_stale_total", "kind" => "assign")
+                        .increment(1);
+                    tracing::debug!("jobs moved after they were read ahead; assigning again");
+                }
+                made => return made,
             }
-            query.execute(&mut *tx).await?;
-            // Each job points at the run just made for its next attempt, matched by id (the
-            // jobs were read, and on PostgreSQL locked, above: no state guard needed).
-            let sql = binds_for(
-                &tx,
-                format!(
-                    "UPDATE jobs SET attempts = attempts + 1, current_run = v.column2, state = $1, \
-                 updated_at = $2 FROM (VALUES {}) AS v WHERE jobs.id = v.column1",
-                    row_tuples_from(3, chunk.len(), 2)
-                ),
-            );
-            let mut query = sqlx::query(&sql)
-                .bind(JobState::Assigned.as_str())
-                .bind(now.0);
-            for Assignment { run, .. } in chunk {
-                query = query.bind(run.job_id.to_string()).bind(run.id.to_string());
-            }
-            query.execute(&mut *tx).await?;
         }
-        insert_events(&mut tx, &events).await?;
-        tx.commit().await?;
-        Ok(made)
+        self.assign_in(plan, lease_until, None).await
     }
-
     async fn advance_runs(&self, batch: Vec<StepRequest>) -> Result<Vec<Result<JobId>>> {
         let mut tx = self.writer.begin().await?;
         let (answers, mut writes) =
@@ -2424,31 +2749,36 @@ impl Store for SqlStore {
         retry: RetrySettings,
     ) -> Result<RunReportAnswers> {
         // A worker does not send a report twice: one that a deadlock rolled back (replicas
-        // and lease renewals lock runs too) is written again here rather than lost. Only
-        // PostgreSQL rolls back that way; the batch is copied only for a try that may fail so.
+        // and lease renewals lock runs too) is written again here rather than lost, and so
+        // is one whose rows moved after they were read ahead (SQLite). The batch is copied
+        // only for a try that may fail so.
         let tries_allowed = match self.engine {
             Engine::Postgres => TRANSIENT_TRIES,
             Engine::Sqlite => 1,
         };
+        let mut read_ahead = steps.len() + ends.len() >= self.read_ahead_from;
         let mut tries = 1;
         loop {
-            let (these_steps, these_ends) = if tries < tries_allowed {
+            let (these_steps, these_ends) = if read_ahead || tries < tries_allowed {
                 (steps.clone(), ends.clone())
             } else {
                 (std::mem::take(&mut steps), std::mem::take(&mut ends))
             };
-            let mut tx = self.writer.begin().await?;
-            let _timer = WriteTimer::start("report");
-            let mut loaded = Loaded::default();
-            let written = async {
-                let now = Timestamp::now();
-                let (stepped, writes) = advance_in(&mut tx, these_steps, &mut loaded, now).await?;
-                let ended = finish_in(&mut tx, these_ends, retry, loaded, writes).await?;
-                tx.commit().await?;
-                Ok((stepped, ended))
-            }
-            .await;
-            match written {
+            let loaded = if read_ahead {
+                let ids: Vec<RunId> = (these_steps.iter().map(|s| s.run_id))
+                    .chain(these_ends.iter().map(|e| e.run_id))
+                    .collect();
+                self.runs_read_ahead(&ids).await?
+            } else {
+                Loaded::default()
+            };
+            match self.report_in(loaded, these_steps, these_ends, retry).await {
+                Err(StoreError::ReadAheadStale) if read_ahead => {
+                    metrics::counter!("drover_store_read_ahead_stale_total", "kind" => "report")
+                        .increment(1);
+                    tracing::debug!("runs moved after they were read ahead; writing them again");
+                    read_ahead = false;
+                }
                 Err(e) if is_transient(&e) && tries < tries_allowed => {
                     tracing::warn!(error = %e, tries, "run reports rolled back; writing them again");
                     tries += 1;
@@ -3549,7 +3879,199 @@ impl Store for SqlStore {
 
 #[cfg(test)]
 mod tests {
-    use super::{placeholders, row_tuples, sqlite_anonymous_binds};
+    use super::{SqlStore, placeholders, row_tuples, sqlite_anonymous_binds};
+    use crate::{
+        FinishRequest, Migrations, RetrySettings, RunEnd, RunStep, StepRequest, Store, StoreError,
+    };
+    use drover_core::{Capabilities, JobSpec, JobState, RunOutcome, RunState, Timestamp};
+    use std::time::Duration;
+
+    const RETRY: RetrySettings = RetrySettings {
+        default_backoff_base: Duration::from_secs(10),
+        jitter: 0.0,
+    };
+
+    /// A SQLite store with one job assigned to a worker: (store, job, run, worker).
+    async fn one_assigned_run() -> (
+        SqlStore,
+        tempfile::TempDir,
+        drover_core::JobId,
+        drover_core::RunId,
+        drover_core::WorkerId,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("drover.db").display());
+        let store = SqlStore::open(&url, Migrations::Apply).await.unwrap();
+        let spec = JobSpec {
+            command: Some("true".into()),
+            ..Default::default()
+        };
+        let job = store.create_job(spec).await.unwrap().0;
+        let token = store
+            .create_join_token(Duration::from_secs(60))
+            .await
+            .unwrap();
+        let (worker, _) = store
+            .register_worker(&token.token, "w", &Capabilities::default())
+            .await
+            .unwrap();
+        let later = Timestamp::now().plus(Duration::from_secs(60));
+        let made = store.assign_job(job.id, worker.id, later).await.unwrap();
+        let run = made.expect("assigned").run.id;
+        (store, dir, job.id, run, worker.id)
+    }
+
+    fn succeeded(run_id: drover_core::RunId, worker_id: drover_core::WorkerId) -> FinishRequest {
+        FinishRequest {
+            run_id,
+            worker_id: Some(worker_id),
+            end: RunEnd {
+                outcome: RunOutcome::Succeeded,
+                exit_code: Some(0),
+                error: None,
+                result: None,
+            },
+        }
+    }
+
+    /// Read ahead and unchanged since, an assignment and a report are written as read:
+    /// the guarded writes find every row they expect (a stale try would be an error here).
+    #[tokio::test]
+    async fn batches_read_ahead_are_written_as_read() {
+        let (store, _dir, _, _, worker) = one_assigned_run().await;
+        let spec = JobSpec {
+            command: Some("true".into()),
+            ..Default::default()
+        };
+        let job = store.create_job(spec).await.unwrap().0;
+        let ahead = store.jobs_read_ahead(&[job.id]).await.unwrap();
+        let later = Timestamp::now().plus(Duration::from_secs(60));
+        let made = store
+            .assign_in(&[(job.id, worker)], later, Some(ahead))
+            .await
+            .unwrap();
+        let run = made[0].run.id;
+        assert_eq!(store.get_job(job.id).await.unwrap(), made[0].job);
+
+        let step = StepRequest {
+            run_id: run,
+            worker_id: worker,
+            step: RunStep::AcceptAndStart,
+        };
+        let ahead = store.runs_read_ahead(&[run]).await.unwrap();
+        let (stepped, _) = store
+            .report_in(ahead, vec![step], Vec::new(), RETRY)
+            .await
+            .unwrap();
+        assert_eq!(stepped[0].as_ref().ok(), Some(&job.id));
+        assert_eq!(
+            store.get_job(job.id).await.unwrap().state,
+            JobState::Running
+        );
+        let ahead = store.runs_read_ahead(&[run]).await.unwrap();
+        let (_, ended) = store
+            .report_in(ahead, Vec::new(), vec![succeeded(run, worker)], RETRY)
+            .await
+            .unwrap();
+        let ended = ended.into_iter().next().unwrap().unwrap();
+        assert!(ended.changed);
+        assert_eq!(store.get_job(job.id).await.unwrap(), ended.job);
+        assert_eq!(ended.job.state, JobState::Succeeded);
+        assert_eq!(store.get_run(run).await.unwrap().state, RunState::Succeeded);
+    }
+
+    /// A report whose run was cancelled after it was read ahead: the guarded write finds
+    /// the run moved, the try writes nothing, and the report written again sees the
+    /// cancellation (the run had ended: nothing changes).
+    #[tokio::test]
+    async fn a_report_read_ahead_of_a_cancel_is_written_again() {
+        let (store, _dir, job, run, worker) = one_assigned_run().await;
+        let stale = store.runs_read_ahead(&[run]).await.unwrap();
+        store.cancel_job(job, "not wanted").await.unwrap();
+        let events = store.job_events(job).await.unwrap().len();
+        let tried = store
+            .report_in(stale, Vec::new(), vec![succeeded(run, worker)], RETRY)
+            .await;
+        assert!(
+            matches!(tried, Err(StoreError::ReadAheadStale)),
+            "{tried:?}"
+        );
+        assert_eq!(store.get_run(run).await.unwrap().state, RunState::Cancelled);
+        assert_eq!(store.job_events(job).await.unwrap().len(), events);
+
+        let (_, ended) = store
+            .report_runs(Vec::new(), vec![succeeded(run, worker)], RETRY)
+            .await
+            .unwrap();
+        let ended = ended.into_iter().next().unwrap().unwrap();
+        assert!(!ended.changed);
+        assert_eq!(ended.job.state, JobState::Cancelled);
+        assert_eq!(store.job_events(job).await.unwrap().len(), events);
+    }
+
+    /// An accept writes no row of its run or job: what it was decided on is counted as
+    /// read before the commit, and a cancelled run is refused when written again.
+    #[tokio::test]
+    async fn an_accept_read_ahead_of_a_cancel_is_refused() {
+        let (store, _dir, job, run, worker) = one_assigned_run().await;
+        let stale = store.runs_read_ahead(&[run]).await.unwrap();
+        store.cancel_job(job, "not wanted").await.unwrap();
+        let events = store.job_events(job).await.unwrap().len();
+        let accept = StepRequest {
+            run_id: run,
+            worker_id: worker,
+            step: RunStep::Accept,
+        };
+        let tried = store
+            .report_in(stale, vec![accept], Vec::new(), RETRY)
+            .await;
+        assert!(
+            matches!(tried, Err(StoreError::ReadAheadStale)),
+            "{tried:?}"
+        );
+        assert_eq!(store.job_events(job).await.unwrap().len(), events);
+
+        let (stepped, _) = store
+            .report_runs(vec![accept], Vec::new(), RETRY)
+            .await
+            .unwrap();
+        assert!(
+            matches!(stepped[0], Err(StoreError::Conflict(_))),
+            "{stepped:?}"
+        );
+        assert_eq!(store.job_events(job).await.unwrap().len(), events);
+    }
+
+    /// A job cancelled after it was read ahead for assignment is not assigned: the try
+    /// leaves no run behind, and the assignment done again leaves the job out.
+    #[tokio::test]
+    async fn an_assignment_read_ahead_of_a_cancel_leaves_the_job_out() {
+        let (store, _dir, _, _, worker) = one_assigned_run().await;
+        let spec = JobSpec {
+            command: Some("true".into()),
+            ..Default::default()
+        };
+        let job = store.create_job(spec).await.unwrap().0;
+        let ahead = store.jobs_read_ahead(&[job.id]).await.unwrap();
+        store.cancel_job(job.id, "not wanted").await.unwrap();
+        let later = Timestamp::now().plus(Duration::from_secs(60));
+        let tried = store
+            .assign_in(&[(job.id, worker)], later, Some(ahead))
+            .await;
+        assert!(
+            matches!(tried, Err(StoreError::ReadAheadStale)),
+            "{tried:?}"
+        );
+        assert!(store.job_runs(job.id).await.unwrap().is_empty());
+
+        let made = store.assign_jobs(&[(job.id, worker)], later).await.unwrap();
+        assert!(made.is_empty());
+        assert_eq!(
+            store.get_job(job.id).await.unwrap().state,
+            JobState::Cancelled
+        );
+        assert!(store.job_runs(job.id).await.unwrap().is_empty());
+    }
 
     #[test]
     fn placeholder_lists_number_binds_in_order() {

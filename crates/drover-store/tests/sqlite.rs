@@ -19,6 +19,19 @@ async fn fresh() -> Option<(SqlStore, tempfile::TempDir)> {
 
 conformance_suite!(fresh());
 
+/// The same checks with every assignment and report batch read ahead of its write
+/// transaction (by default only batches of 16 jobs or more are, which these seldom make).
+mod reading_ahead {
+    use super::conformance;
+
+    async fn fresh() -> Option<(drover_store::SqlStore, tempfile::TempDir)> {
+        let (store, dir) = super::fresh().await?;
+        Some((store.read_ahead_from(1), dir))
+    }
+
+    crate::conformance_suite!(fresh());
+}
+
 #[tokio::test]
 async fn reopening_keeps_everything() {
     let dir = tempfile::tempdir().unwrap();

@@ -512,42 +512,74 @@ async fn finished_count(client: &Client) -> anyhow::Result<u64> {
         .sum::<f64>() as u64)
 }
 
-/// Seconds the control plane's hot write transactions were open so far, by kind
-/// (`drover_store_write_seconds_sum{kind="…"}` from /metrics).
-async fn write_seconds(client: &Client) -> anyhow::Result<HashMap<String, f64>> {
-    let text = client.metrics().await?;
-    Ok(metric_samples(&text, "drover_store_write_seconds_sum")
-        .filter_map(|(labels, value)| {
-            let kind = labels.strip_prefix("{kind=\"")?.split_once('"')?.0;
-            Some((kind.to_string(), value))
-        })
-        .collect())
+/// The control plane's hot write transactions so far, by kind: how many, and the seconds
+/// they were open (`drover_store_write_seconds_{count,sum}{kind="…"}` from /metrics).
+#[derive(Default)]
+struct WriteTotals {
+    transactions: HashMap<String, f64>,
+    seconds: HashMap<String, f64>,
 }
 
-/// How long the write transactions of a run were open, per job and by kind, and how many
-/// were open at once on average over `wall`: on SQLite, where one connection writes, that
-/// is how busy the writer was (near 100 % it is the serial stage that bounds the run); on
-/// PostgreSQL, how many of the pool's connections writes kept busy.
+async fn write_totals(client: &Client) -> anyhow::Result<WriteTotals> {
+    let text = client.metrics().await?;
+    let by_kind = |name| {
+        metric_samples(&text, name)
+            .filter_map(|(labels, value)| {
+                let kind = labels.strip_prefix("{kind=\"")?.split_once('"')?.0;
+                Some((kind.to_string(), value))
+            })
+            .collect()
+    };
+    Ok(WriteTotals {
+        transactions: by_kind("drover_store_write_seconds_count"),
+        seconds: by_kind("drover_store_write_seconds_sum"),
+    })
+}
+
+/// How the write transactions of a run went, by kind: jobs per transaction (the batches
+/// the writer saw), how long they were open per job, and how many were open at once on
+/// average over `wall`: on SQLite, where one connection writes, that is how busy the
+/// writer was (near 100 % it is the serial stage that bounds the run); on PostgreSQL, how
+/// many of the pool's connections writes kept busy.
 fn write_figures(
-    before: &HashMap<String, f64>,
-    after: &HashMap<String, f64>,
+    before: &WriteTotals,
+    after: &WriteTotals,
     jobs: usize,
     wall: Duration,
     one_writer: bool,
 ) -> Vec<(String, String)> {
-    let open = |kind: &str| {
-        after.get(kind).copied().unwrap_or(0.0) - before.get(kind).copied().unwrap_or(0.0)
+    const KINDS: [&str; 3] = ["submit", "assign", "report"];
+    let grown = |of: fn(&WriteTotals) -> &HashMap<String, f64>| {
+        KINDS.map(|kind| {
+            of(after).get(kind).copied().unwrap_or(0.0)
+                - of(before).get(kind).copied().unwrap_or(0.0)
+        })
     };
-    let kinds = ["submit", "assign", "report"].map(open);
-    let per_job = kinds.map(|s| per_job_us(s, jobs));
-    let mut figures = vec![(
-        "write transactions open per job: submit · assign · report".into(),
-        format!(
-            "{:.0} µs · {:.0} µs · {:.0} µs",
-            per_job[0], per_job[1], per_job[2]
+    let transactions = grown(|t| &t.transactions);
+    let seconds = grown(|t| &t.seconds);
+    // A dash where the control plane wrote no such transaction (its metrics not reached).
+    let per_transaction = transactions.map(|n| {
+        if n >= 1.0 {
+            format!("{:.1}", jobs as f64 / n)
+        } else {
+            "–".into()
+        }
+    });
+    let per_job = seconds.map(|s| per_job_us(s, jobs));
+    let mut figures = vec![
+        (
+            "jobs per write transaction: submit · assign · report".into(),
+            per_transaction.join(" · "),
         ),
-    )];
-    let open_at_once = kinds.iter().sum::<f64>() / wall.as_secs_f64().max(f64::MIN_POSITIVE);
+        (
+            "write transactions open per job: submit · assign · report".into(),
+            format!(
+                "{:.0} µs · {:.0} µs · {:.0} µs",
+                per_job[0], per_job[1], per_job[2]
+            ),
+        ),
+    ];
+    let open_at_once = seconds.iter().sum::<f64>() / wall.as_secs_f64().max(f64::MIN_POSITIVE);
     figures.push(if one_writer {
         (
             "the one SQLite writer busy during the run".into(),
@@ -641,7 +673,7 @@ async fn throughput(
         max_attempts: Some(1),
         ..Default::default()
     };
-    let writes_before = write_seconds(&fleet.client).await?;
+    let writes_before = write_totals(&fleet.client).await?;
     let cpu_before = CpuReading::take(&fleet);
     let started = Instant::now();
     submit_all(&fleet.client, &spec, jobs, setup).await?;
@@ -649,7 +681,7 @@ async fn throughput(
     wait_finished(&fleet.client, before, jobs as u64).await?;
     let total = started.elapsed();
     let cpu_after = CpuReading::take(&fleet);
-    let writes_after = write_seconds(&fleet.client).await?;
+    let writes_after = write_totals(&fleet.client).await?;
     let mut figures = vec![
         ("jobs".into(), jobs.to_string()),
         (

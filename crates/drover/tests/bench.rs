@@ -72,6 +72,18 @@ fn assert_write_times(v: &serde_json::Value) {
     .collect();
     assert_eq!(open.len(), 3, "{open:?}");
     assert!(open.iter().sum::<u64>() > 0, "{open:?}");
+    // The jobs were submitted, assigned and reported in transactions of each kind (a
+    // dash, not a number, if none reached the bench).
+    let per_transaction: Vec<f64> =
+        figure(v, "jobs per write transaction: submit · assign · report")
+            .split(" · ")
+            .map(|n| n.parse().expect("jobs per transaction"))
+            .collect();
+    assert_eq!(per_transaction.len(), 3, "{per_transaction:?}");
+    assert!(
+        per_transaction.iter().all(|&n| n > 0.0),
+        "{per_transaction:?}"
+    );
 }
 
 #[tokio::test]
