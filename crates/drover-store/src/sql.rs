@@ -3891,6 +3891,14 @@ mod tests {
         jitter: 0.0,
     };
 
+    async fn queued_job(store: &SqlStore) -> super::JobRecord {
+        let spec = JobSpec {
+            command: Some("true".into()),
+            ..Default::default()
+        };
+        store.create_job(spec).await.unwrap().0
+    }
+
     /// A SQLite store with one job assigned to a worker: (store, job, run, worker).
     async fn one_assigned_run() -> (
         SqlStore,
@@ -3902,11 +3910,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("drover.db").display());
         let store = SqlStore::open(&url, Migrations::Apply).await.unwrap();
-        let spec = JobSpec {
-            command: Some("true".into()),
-            ..Default::default()
-        };
-        let job = store.create_job(spec).await.unwrap().0;
+        let job = queued_job(&store).await;
         let token = store
             .create_join_token(Duration::from_secs(60))
             .await
@@ -3939,11 +3943,7 @@ mod tests {
     #[tokio::test]
     async fn batches_read_ahead_are_written_as_read() {
         let (store, _dir, _, _, worker) = one_assigned_run().await;
-        let spec = JobSpec {
-            command: Some("true".into()),
-            ..Default::default()
-        };
-        let job = store.create_job(spec).await.unwrap().0;
+        let job = queued_job(&store).await;
         let ahead = store.jobs_read_ahead(&[job.id]).await.unwrap();
         let later = Timestamp::now().plus(Duration::from_secs(60));
         let made = store
@@ -4047,11 +4047,7 @@ mod tests {
     #[tokio::test]
     async fn an_assignment_read_ahead_of_a_cancel_leaves_the_job_out() {
         let (store, _dir, _, _, worker) = one_assigned_run().await;
-        let spec = JobSpec {
-            command: Some("true".into()),
-            ..Default::default()
-        };
-        let job = store.create_job(spec).await.unwrap().0;
+        let job = queued_job(&store).await;
         let ahead = store.jobs_read_ahead(&[job.id]).await.unwrap();
         store.cancel_job(job.id, "not wanted").await.unwrap();
         let later = Timestamp::now().plus(Duration::from_secs(60));
