@@ -1159,31 +1159,11 @@ async fn update_runs(
         by_expected.entry(expected).or_default().push(*id);
     }
     for (expected, ids) in by_expected {
-        for chunk in ids.chunks(ROWS_PER_STATEMENT * 8) {
-            let guard = if expected.is_some() {
-                format!("state = ${} AND ", set_binds + 1)
-            } else {
-                String::new()
-            };
-            let first = set_binds + 1 + usize::from(expected.is_some());
-            let sql = binds_for(
-                &*conn,
-                format!(
-                    "UPDATE runs SET {set} WHERE {guard}id IN ({})",
-                    placeholders(first, chunk.len())
-                ),
-            );
-            let mut query = bind_set(sqlx::query(&sql));
-            if let Some(state) = expected {
-                query = query.bind(state.as_str());
-            }
-            for id in chunk {
-                query = query.bind(id.to_string());
-            }
-            let changed = query.execute(&mut *conn).await?.rows_affected();
-            if expected.is_some() && changed != chunk.len() as u64 {
-                return Err(StoreError::ReadAheadStale);
-            }
+        let state = expected.map(RunState::as_str);
+        let changed =
+            update_by_id(&mut *conn, "runs", (set, set_binds), bind_set, state, &ids).await?;
+        if expected.is_some() && changed != ids.len() as u64 {
+            return Err(StoreError::ReadAheadStale);
         }
     }
     if let Some(ahead) = ahead.as_mut() {
@@ -1199,6 +1179,41 @@ async fn update_runs(
     Ok(())
 }
 
+/// `UPDATE {table} SET {set} WHERE [state = …] id IN (…)` for `ids`, in statements of a few
+/// hundred: the set's binds first, then the state if given. The rows changed.
+async fn update_by_id<Id: ToString>(
+    conn: &mut AnyConnection,
+    table: &str,
+    (set, set_binds): (&str, usize),
+    bind_set: &(dyn for<'q> Fn(AnyQuery<'q>) -> AnyQuery<'q> + Sync),
+    state: Option<&'static str>,
+    ids: &[Id],
+) -> Result<u64> {
+    let (guard, first) = match state {
+        Some(_) => (format!("state = ${} AND ", set_binds + 1), set_binds + 2),
+        None => (String::new(), set_binds + 1),
+    };
+    let mut changed = 0;
+    for chunk in ids.chunks(ROWS_PER_STATEMENT * 8) {
+        let sql = binds_for(
+            &*conn,
+            format!(
+                "UPDATE {table} SET {set} WHERE {guard}id IN ({})",
+                placeholders(first, chunk.len())
+            ),
+        );
+        let mut query = bind_set(sqlx::query(&sql));
+        if let Some(state) = state {
+            query = query.bind(state);
+        }
+        for id in chunk {
+            query = query.bind(id.to_string());
+        }
+        changed += query.execute(&mut *conn).await?.rows_affected();
+    }
+    Ok(changed)
+}
+
 /// [`update_runs`] for jobs, which keep their current run.
 async fn update_jobs(
     conn: &mut AnyConnection,
@@ -1211,20 +1226,7 @@ async fn update_jobs(
     let (expected, by_id): (Vec<&JobId>, Vec<&JobId>) = ids
         .iter()
         .partition(|id| ahead.as_ref().is_some_and(|a| a.jobs.contains_key(id)));
-    for chunk in by_id.chunks(ROWS_PER_STATEMENT * 8) {
-        let sql = binds_for(
-            &*conn,
-            format!(
-                "UPDATE jobs SET {set} WHERE id IN ({})",
-                placeholders(set_binds + 1, chunk.len())
-            ),
-        );
-        let mut query = bind_set(sqlx::query(&sql));
-        for id in chunk {
-            query = query.bind(id.to_string());
-        }
-        query.execute(&mut *conn).await?;
-    }
+    update_by_id(&mut *conn, "jobs", (set, set_binds), bind_set, None, &by_id).await?;
     if let Some(ahead) = ahead.as_mut() {
         for chunk in expected.chunks(ROWS_PER_STATEMENT * 8) {
             // SQLite's `IS`: a job read ahead may have no current run.
