@@ -45,6 +45,42 @@ pub struct SqlStore {
     url: String,
     /// The smallest assignment or report batch read ahead ([`ReadAhead`]), on SQLite.
     read_ahead_from: usize,
+    /// SQLite: copies the WAL into the database beside the writer, until dropped.
+    _checkpoints: Option<Checkpoints>,
+}
+
+/// SQLite's WAL copied into the database file by a connection of its own, every
+/// [`CHECKPOINT_EVERY`]: a checkpoint on the writer's commit (SQLite's default) holds the
+/// one writer for the copy and two `fsync`s, tens of milliseconds in which no job moves.
+/// A passive checkpoint beside it takes no lock a writer waits for. The writer still
+/// checkpoints, rarely, when the WAL grows past [`WRITER_CHECKPOINT_PAGES`]: only a
+/// checkpoint with no write beside it can leave the WAL wholly copied, for the next write
+/// to start it over from its beginning.
+struct Checkpoints {
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Checkpoints {
+    async fn start(url: &str, every: Duration) -> sqlx::Result<Self> {
+        use sqlx::Connection;
+        let mut conn = AnyConnection::connect(url).await?;
+        let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").await {
+                    tracing::warn!(error = %e, "WAL checkpoint failed; the writer checkpoints");
+                }
+            }
+            let _ = conn.close().await;
+        });
+        Ok(Self { _stop: stop })
+    }
 }
 
 /// Below this many jobs a batch reads inside its write transaction: a small batch means
@@ -52,6 +88,13 @@ pub struct SqlStore {
 /// RUNNING (0.2–0.3 ms more submit → RUNNING, one job at a time). Under load batches
 /// carry a hundred jobs and more.
 const READ_AHEAD_FROM: usize = 16;
+
+/// How often [`Checkpoints`] copies SQLite's WAL into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
+
+/// WAL pages (4 KiB each: 128 MiB) past which the SQLite writer checkpoints itself on a
+/// commit ([`Checkpoints`] says why it rarely has to, and why it still must).
+const WRITER_CHECKPOINT_PAGES: u32 = 32_768;
 
 /// The PostgreSQL channel replicas nudge each other on.
 const CHANNEL: &str = "drover";
@@ -146,10 +189,10 @@ async fn sqlite_pragmas(conn: &mut AnyConnection, read_only: bool) -> sqlx::Resu
         // journal, to undo itself alone; past 64 KiB SQLite spills that journal to a temp
         // file (a write per page), and a batch's UPDATE of hundreds of jobs goes past it.
         conn.execute("PRAGMA temp_store = MEMORY").await?;
-        // A checkpoint copies the newest version of each page the WAL holds: every commit
-        // rewrites the same hot pages (the tails of tables and indexes), so checkpointing
-        // every 8,192 pages (32 MiB) rather than every 1,000 copies them a few times less.
-        conn.execute("PRAGMA wal_autocheckpoint = 8192").await?;
+        // The WAL is copied into the database beside the writer ([`Checkpoints`]); the
+        // writer checkpoints only as a backstop, rarely.
+        conn.execute(format!("PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}").as_str())
+            .await?;
     }
     Ok(())
 }
@@ -294,12 +337,16 @@ impl SqlStore {
                 .connect(&url)
                 .await
                 .map_err(unreachable)?;
+            let checkpoints = Checkpoints::start(&url, CHECKPOINT_EVERY)
+                .await
+                .map_err(unreachable)?;
             return Ok(Self {
                 writer,
                 reader,
                 engine: Engine::Sqlite,
                 read_ahead_from: READ_AHEAD_FROM,
                 url,
+                _checkpoints: Some(checkpoints),
             });
         }
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
@@ -329,6 +376,7 @@ impl SqlStore {
                 engine: Engine::Postgres,
                 read_ahead_from: usize::MAX,
                 url: url.to_string(),
+                _checkpoints: None,
             });
         }
         Err(StoreError::Invalid {

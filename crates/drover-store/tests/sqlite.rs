@@ -101,3 +101,52 @@ async fn bad_database_urls_are_clear_errors() {
         "the password must not be shown: {text}"
     );
 }
+
+/// What the writer commits reaches the database file itself (not only the WAL) while the
+/// store is open, long before the writer's own checkpoint would copy it: the WAL is
+/// copied beside the writer.
+#[tokio::test]
+async fn commits_reach_the_database_file_beside_the_writer() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("drover.db");
+    let store = open(&path).await;
+    let batch = (0..200)
+        .map(|i| drover_store::Submission {
+            spec: drover_core::JobSpec {
+                command: Some(format!("echo {i}")),
+                ..Default::default()
+            },
+            owner: None,
+        })
+        .collect();
+    let created = drover_store::Store::create_jobs(&store, batch)
+        .await
+        .unwrap();
+    assert!(created.iter().all(|c| c.is_ok()));
+    // The database file alone, without its WAL, copied until it holds the jobs.
+    let copy = dir.path().join("file-alone.db");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        for suffix in ["-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", copy.display()));
+        }
+        std::fs::copy(&path, &copy).unwrap();
+        let url = format!("sqlite://{}?mode=rwc", copy.display());
+        let mut conn = sqlx::AnyConnection::connect(&url).await.unwrap();
+        // A copy taken mid-checkpoint may not read yet: it is taken again.
+        let jobs: Option<i64> = sqlx::query_scalar("SELECT count(*) FROM jobs")
+            .fetch_one(&mut conn)
+            .await
+            .ok();
+        conn.close().await.unwrap();
+        if jobs == Some(200) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the database file holds {jobs:?} jobs of 200: nothing copies the WAL into it"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
