@@ -61,20 +61,27 @@ struct Checkpoints {
 }
 
 impl Checkpoints {
-    async fn start(url: &str, every: Duration) -> sqlx::Result<Self> {
+    async fn start(url: &str) -> sqlx::Result<Self> {
         use sqlx::Connection;
         let mut conn = AnyConnection::connect(url).await?;
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
+            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
             loop {
                 tokio::select! {
                     _ = &mut stopped => break,
                     _ = tick.tick() => {}
                 }
-                if let Err(e) = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").await {
-                    tracing::warn!(error = %e, "WAL checkpoint failed; the writer checkpoints");
+                // Told once per run of failures, not four times a second.
+                match conn.execute("PRAGMA wal_checkpoint(PASSIVE)").await {
+                    Ok(_) => failing = false,
+                    Err(e) if !failing => {
+                        failing = true;
+                        tracing::warn!(error = %e, "WAL checkpoint failed; the writer checkpoints");
+                    }
+                    Err(_) => {}
                 }
             }
             let _ = conn.close().await;
@@ -337,9 +344,7 @@ impl SqlStore {
                 .connect(&url)
                 .await
                 .map_err(unreachable)?;
-            let checkpoints = Checkpoints::start(&url, CHECKPOINT_EVERY)
-                .await
-                .map_err(unreachable)?;
+            let checkpoints = Checkpoints::start(&url).await.map_err(unreachable)?;
             return Ok(Self {
                 writer,
                 reader,
