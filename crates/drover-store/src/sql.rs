@@ -26,7 +26,7 @@ use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::{AnyConnection, AnyPool, Executor, Row};
 use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
 static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/sqlite");
@@ -49,8 +49,9 @@ pub struct SqlStore {
     _checkpoints: Option<Checkpoints>,
 }
 
-/// SQLite's WAL copied into the database file by a connection of its own, every
-/// [`CHECKPOINT_EVERY`]: a checkpoint on the writer's commit (SQLite's default) holds the
+/// SQLite's WAL copied into the database file by a connection of its own, at most every
+/// [`CHECKPOINT_EVERY`] and only after the writer was used (an idle control plane does
+/// not wake for it): a checkpoint on the writer's commit (SQLite's default) holds the
 /// one writer for the copy and two `fsync`s, tens of milliseconds in which no job moves.
 /// A passive checkpoint beside it takes no lock a writer waits for. The writer still
 /// checkpoints, rarely, when the WAL grows past [`WRITER_CHECKPOINT_PAGES`]: only a
@@ -61,19 +62,19 @@ struct Checkpoints {
 }
 
 impl Checkpoints {
-    async fn start(url: &str) -> sqlx::Result<Self> {
+    /// `written` is told each time the writer connection goes back to its pool.
+    async fn start(url: &str, written: Arc<tokio::sync::Notify>) -> sqlx::Result<Self> {
         use sqlx::Connection;
         let mut conn = AnyConnection::connect(url).await?;
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(CHECKPOINT_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut failing = false;
             loop {
                 tokio::select! {
                     _ = &mut stopped => break,
-                    _ = tick.tick() => {}
+                    _ = written.notified() => {}
                 }
+                metrics::counter!("drover_store_checkpoints_total").increment(1);
                 // Told once per run of failures, not four times a second.
                 match conn.execute("PRAGMA wal_checkpoint(PASSIVE)").await {
                     Ok(_) => failing = false,
@@ -82,6 +83,11 @@ impl Checkpoints {
                         tracing::warn!(error = %e, "WAL checkpoint failed; the writer checkpoints");
                     }
                     Err(_) => {}
+                }
+                // Writes meanwhile leave `written` told: the next checkpoint copies them.
+                tokio::select! {
+                    _ = &mut stopped => break,
+                    _ = tokio::time::sleep(CHECKPOINT_EVERY) => {}
                 }
             }
             let _ = conn.close().await;
@@ -329,10 +335,16 @@ impl SqlStore {
             // No ping before each acquire (sqlx's default): a SQLite connection is a file in
             // this process and cannot have gone away, and the ping was a round trip to its
             // thread before every transaction.
+            let written = Arc::new(tokio::sync::Notify::new());
+            let released = written.clone();
             let writer = AnyPoolOptions::new()
                 .max_connections(1)
                 .test_before_acquire(false)
                 .after_connect(|conn, _| Box::pin(sqlite_pragmas(conn, false)))
+                .after_release(move |_, _| {
+                    released.notify_one();
+                    Box::pin(async { Ok(true) })
+                })
                 .connect(&url)
                 .await
                 .map_err(unreachable)?;
@@ -344,7 +356,9 @@ impl SqlStore {
                 .connect(&url)
                 .await
                 .map_err(unreachable)?;
-            let checkpoints = Checkpoints::start(&url).await.map_err(unreachable)?;
+            let checkpoints = Checkpoints::start(&url, written)
+                .await
+                .map_err(unreachable)?;
             return Ok(Self {
                 writer,
                 reader,
