@@ -102,7 +102,8 @@ impl Checkpoints {
 /// carry a hundred jobs and more.
 const READ_AHEAD_FROM: usize = 16;
 
-/// How often [`Checkpoints`] copies SQLite's WAL into the database file.
+/// The least time between two checkpoints of [`Checkpoints`] (the WAL copied into the
+/// database file).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// WAL pages (4 KiB each: 128 MiB) past which the SQLite writer checkpoints itself on a
