@@ -1553,7 +1553,7 @@ async fn insert_events(conn: &mut AnyConnection, events: &[NewEvent]) -> Result<
                 .bind(row.at.0)
                 .bind(row.job_id.map(|j| j.to_string()))
                 .bind(row.worker_id.map(|w| w.to_string()))
-                .bind(row.types.join(","))
+                .bind(row.types())
                 .bind(row.data()?);
         }
         query.execute(&mut *conn).await?;
@@ -1570,11 +1570,16 @@ struct EventRow<'a> {
     at: Timestamp,
     job_id: Option<JobId>,
     worker_id: Option<WorkerId>,
-    types: Vec<&'static str>,
     kinds: Vec<&'a EventKind>,
 }
 
 impl EventRow<'_> {
+    /// The `type` column: the events' types, comma-separated.
+    fn types(&self) -> String {
+        let types: Vec<&str> = self.kinds.iter().map(|k| k.type_name()).collect();
+        types.join(",")
+    }
+
     /// The event as a JSON object, or several as an array of them.
     fn data(&self) -> Result<String> {
         match self.kinds.as_slice() {
@@ -1595,32 +1600,25 @@ fn event_rows(events: &[NewEvent]) -> Vec<EventRow<'_>> {
     let mut rows: Vec<EventRow<'_>> = Vec::with_capacity(events.len());
     let mut open: HashMap<JobId, usize> = HashMap::new();
     for e in events {
-        let joins = match (e.job_id, e.worker_id) {
-            (Some(job_id), None) => open.get(&job_id).copied().filter(|&i| {
-                let row = &rows[i];
-                row.at == e.at && row.kinds.len() < EVENTS_PER_ROW
-            }),
-            _ => None,
-        };
+        // Only the events of a job alone (naming no worker) share rows.
+        let alone = e.job_id.filter(|_| e.worker_id.is_none());
+        let joins = alone
+            .and_then(|job| open.get(&job).copied())
+            .filter(|&i| rows[i].at == e.at && rows[i].kinds.len() < EVENTS_PER_ROW);
         if let Some(i) = joins {
-            rows[i].types.push(e.kind.type_name());
             rows[i].kinds.push(&e.kind);
             continue;
         }
-        match (e.job_id, e.worker_id) {
-            (Some(job_id), None) => {
-                open.insert(job_id, rows.len());
-            }
-            (Some(job_id), Some(_)) => {
-                open.remove(&job_id);
-            }
-            (None, _) => {}
+        if let Some(job) = e.job_id {
+            match alone {
+                Some(_) => open.insert(job, rows.len()),
+                None => open.remove(&job),
+            };
         }
         rows.push(EventRow {
             at: e.at,
             job_id: e.job_id,
             worker_id: e.worker_id,
-            types: vec![e.kind.type_name()],
             kinds: vec![&e.kind],
         });
     }
