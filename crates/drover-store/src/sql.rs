@@ -1576,8 +1576,14 @@ struct EventRow<'a> {
 impl EventRow<'_> {
     /// The `type` column: the events' types, comma-separated.
     fn types(&self) -> String {
-        let types: Vec<&str> = self.kinds.iter().map(|k| k.type_name()).collect();
-        types.join(",")
+        let mut types = String::new();
+        for kind in &self.kinds {
+            if !types.is_empty() {
+                types.push(',');
+            }
+            types.push_str(kind.type_name());
+        }
+        types
     }
 
     /// The event as a JSON object, or several as an array of them.
