@@ -7,11 +7,12 @@ mod tokenizer;
 
 pub use tokenizer::build_tokenizer;
 
-use candle_core::quantized::gguf_file;
+use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
 use candle_core::{Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use candle_transformers::models::quantized_llama::ModelWeights;
 use serde::{Deserialize, Serialize};
+use std::io::Seek;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -134,8 +135,15 @@ impl Model {
         let context_length =
             metadata_u32(&content, "llama.context_length").unwrap_or(2048) as usize;
         let device = Device::Cpu;
-        let weights = ModelWeights::from_gguf(content, &mut file, &device)
-            .map_err(|e| format(e.to_string()))?;
+        let weights = match requantize_slow_weights(&content, &mut file, &device)
+            .map_err(|e| format(e.to_string()))?
+        {
+            Some((content, mut rewritten)) => {
+                ModelWeights::from_gguf(content, &mut rewritten, &device)
+            }
+            None => ModelWeights::from_gguf(content, &mut file, &device),
+        }
+        .map_err(|e| format(e.to_string()))?;
         let mut stop_ids = vec![built.eos_id];
         // Chat models end a turn with <|im_end|> (ChatML) or <|eot_id|>.
         for end in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
@@ -290,6 +298,50 @@ impl Model {
             tokens_per_second,
         })
     }
+}
+
+/// Weight types candle multiplies with scalar code only, whatever the CPU: a model in
+/// Q4_1 ran at 32 tokens/s here and took a second for a 41-token prompt, against 84
+/// tokens/s and 0.18 s once its weights are Q8_0, which has SIMD kernels (AVX2,
+/// AVX512-VNNI, NEON). Eight bits where the file had four: each weight stays within 0.45 %
+/// of its block's largest magnitude of the value the file gives, and the weights take 1.7
+/// times the memory.
+const REQUANTIZE_TO_Q8_0: [GgmlDType; 1] = [GgmlDType::Q4_1];
+
+/// The model with its [`REQUANTIZE_TO_Q8_0`] weights requantized, written as a GGUF to an
+/// unnamed temporary file (gone when closed; on disk, so that the copy is not held in the
+/// heap beside the weights loaded from it) to load from; `None` when it has none.
+fn requantize_slow_weights<R: std::io::Read + std::io::Seek>(
+    content: &gguf_file::Content,
+    reader: &mut R,
+    device: &Device,
+) -> candle_core::Result<Option<(gguf_file::Content, std::fs::File)>> {
+    let slow = |info: &gguf_file::TensorInfo| REQUANTIZE_TO_Q8_0.contains(&info.ggml_dtype);
+    if !content.tensor_infos.values().any(slow) {
+        return Ok(None);
+    }
+    let mut tensors = Vec::with_capacity(content.tensor_infos.len());
+    for (name, info) in &content.tensor_infos {
+        let tensor = content.tensor(reader, name, device)?;
+        let tensor = if slow(info) {
+            QTensor::quantize(&tensor.dequantize(device)?, GgmlDType::Q8_0)?
+        } else {
+            tensor
+        };
+        tensors.push((name.as_str(), tensor));
+    }
+    let metadata: Vec<_> = content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.as_str(), v))
+        .collect();
+    let tensors: Vec<_> = tensors.iter().map(|(name, t)| (*name, t)).collect();
+    let mut rewritten = std::io::BufWriter::new(tempfile::tempfile()?);
+    gguf_file::write(&mut rewritten, &metadata, &tensors)?;
+    let mut rewritten = rewritten.into_inner().map_err(|e| e.into_error())?;
+    rewritten.rewind()?;
+    let content = gguf_file::Content::read(&mut rewritten)?;
+    Ok(Some((content, rewritten)))
 }
 
 /// The ChatML template, for models whose GGUF carries none.
@@ -454,4 +506,77 @@ pub fn fetch_model(name: &str, dir: &Path) -> Result<PathBuf, FetchError> {
     }
     std::fs::rename(&partial, &target)?;
     Ok(target)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gguf(tensors: &[(&str, &QTensor)]) -> std::io::Cursor<Vec<u8>> {
+        let name = gguf_file::Value::String("t".into());
+        let mut file = std::io::Cursor::new(Vec::new());
+        gguf_file::write(&mut file, &[("general.name", &name)], tensors).unwrap();
+        file.set_position(0);
+        file
+    }
+
+    fn values(t: &QTensor) -> Vec<f32> {
+        let t = t.dequantize(&Device::Cpu).unwrap();
+        t.flatten_all().unwrap().to_vec1().unwrap()
+    }
+
+    #[test]
+    fn q4_1_weights_are_requantized_to_q8_0_and_the_rest_kept_as_is() {
+        let dev = Device::Cpu;
+        // Two rows of 64: two blocks of 32 a row, values of both signs and magnitudes.
+        let raw: Vec<f32> = (0..128)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let raw = Tensor::from_vec(raw, (2, 64), &dev).unwrap();
+        let q4_1 = QTensor::quantize(&raw, GgmlDType::Q4_1).unwrap();
+        let kept = QTensor::quantize(&raw, GgmlDType::F32).unwrap();
+        let mut file = gguf(&[("slow", &q4_1), ("kept", &kept)]);
+        let content = gguf_file::Content::read(&mut file).unwrap();
+
+        let (content, mut rewritten) = requantize_slow_weights(&content, &mut file, &dev)
+            .unwrap()
+            .expect("a Q4_1 tensor is rewritten");
+        assert_eq!(
+            content.metadata["general.name"].to_string().unwrap(),
+            "t",
+            "metadata kept"
+        );
+        let slow = content.tensor(&mut rewritten, "slow", &dev).unwrap();
+        assert_eq!(slow.dtype(), GgmlDType::Q8_0);
+        assert_eq!(slow.shape().dims(), &[2, 64]);
+        // Each value within Q8_0's half step (1/254 of its block's largest magnitude), and
+        // the rounding of the block's f16 scale (1/2048 of it), of what the Q4_1 file gave.
+        let (before, after) = (values(&q4_1), values(&slow));
+        for (block, (b, a)) in before.chunks(32).zip(after.chunks(32)).enumerate() {
+            let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+            for (x, y) in b.iter().zip(a) {
+                assert!(
+                    (x - y).abs() <= amax * (1.0 / 254.0 + 1.0 / 2048.0),
+                    "block {block}: {x} became {y}"
+                );
+            }
+        }
+        let kept_back = content.tensor(&mut rewritten, "kept", &dev).unwrap();
+        assert_eq!(kept_back.dtype(), GgmlDType::F32);
+        assert_eq!(values(&kept_back), values(&kept));
+    }
+
+    #[test]
+    fn a_model_without_slow_weights_is_loaded_from_its_file() {
+        let dev = Device::Cpu;
+        let t = Tensor::ones((1, 32), candle_core::DType::F32, &dev).unwrap();
+        let q8 = QTensor::quantize(&t, GgmlDType::Q8_0).unwrap();
+        let mut file = gguf(&[("fast", &q8)]);
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        assert!(
+            requantize_slow_weights(&content, &mut file, &dev)
+                .unwrap()
+                .is_none()
+        );
+    }
 }

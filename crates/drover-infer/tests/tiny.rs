@@ -12,7 +12,8 @@ const KV_HEADS: u32 = 2;
 const FFN: usize = 128;
 const BLOCKS: usize = 2;
 
-fn tiny_model(path: &std::path::Path) {
+/// The tiny model; `store` gives each weight matrix the type it is written in.
+fn tiny_model(path: &std::path::Path, store: &dyn Fn(Tensor) -> QTensor) {
     let dev = Device::Cpu;
     let mut alphabet: Vec<char> = ByteLevel::alphabet().into_iter().collect();
     alphabet.sort();
@@ -87,8 +88,7 @@ fn tiny_model(path: &std::path::Path) {
                 (unit * 2.0 - 1.0) * 0.866
             })
             .collect();
-        let t = Tensor::from_vec(values, shape, &dev).unwrap();
-        QTensor::quantize(&t, GgmlDType::F32).unwrap()
+        store(Tensor::from_vec(values, shape, &dev).unwrap())
     };
     let ones = |n: usize| {
         QTensor::quantize(
@@ -121,9 +121,13 @@ fn tiny_model(path: &std::path::Path) {
 }
 
 fn temp_model() -> (tempfile::TempDir, std::path::PathBuf) {
+    temp_model_of(&|t| QTensor::quantize(&t, GgmlDType::F32).unwrap())
+}
+
+fn temp_model_of(store: &dyn Fn(Tensor) -> QTensor) -> (tempfile::TempDir, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    tiny_model(&path);
+    tiny_model(&path, store);
     (dir, path)
 }
 
@@ -185,4 +189,35 @@ fn the_byte_level_tokenizer_round_trips_any_text() {
         partial.contains('\u{FFFD}'),
         "half a character is not text yet: {partial:?}"
     );
+}
+
+/// Q4_1 weights run requantized to Q8_0 (candle has no SIMD kernel for Q4_1): a Q4_1 model
+/// generates exactly what the same weights written requantized generate.
+#[test]
+fn a_q4_1_model_generates_as_its_weights_requantized_to_q8_0() {
+    let q4_1 = |t: Tensor| QTensor::quantize(&t, GgmlDType::Q4_1).unwrap();
+    let requantized = |t: Tensor| {
+        let back = q4_1(t).dequantize(&Device::Cpu).unwrap();
+        QTensor::quantize(&back, GgmlDType::Q8_0).unwrap()
+    };
+    let (_a, as_q4_1) = temp_model_of(&q4_1);
+    let (_b, as_q8_0) = temp_model_of(&requantized);
+    let generate = |path: &std::path::Path| {
+        let mut model = Model::load(path).expect("load");
+        let prompt = model
+            .chat_prompt(&[ChatMessage {
+                role: "user".into(),
+                content: "hello there".into(),
+            }])
+            .unwrap();
+        let greedy = GenerateParams {
+            max_tokens: 24,
+            ..Default::default()
+        };
+        let out = model.generate(&prompt, &greedy, |_| true).unwrap();
+        (out.text, out.completion_tokens)
+    };
+    let from_q4_1 = generate(&as_q4_1);
+    assert!(from_q4_1.1 > 0, "{from_q4_1:?}");
+    assert_eq!(from_q4_1, generate(&as_q8_0));
 }
