@@ -317,9 +317,14 @@ fn requantize_slow_weights<R: std::io::Read + std::io::Seek>(
     device: &Device,
 ) -> candle_core::Result<Option<(gguf_file::Content, std::fs::File)>> {
     let slow = |info: &gguf_file::TensorInfo| REQUANTIZE_TO_Q8_0.contains(&info.ggml_dtype);
-    if !content.tensor_infos.values().any(slow) {
+    let count = content.tensor_infos.values().filter(|i| slow(i)).count();
+    if count == 0 {
         return Ok(None);
     }
+    tracing::info!(
+        tensors = count,
+        "requantizing Q4_1 weights to Q8_0 (candle has no fast kernel for Q4_1)"
+    );
     let mut tensors = Vec::with_capacity(content.tensor_infos.len());
     for (name, info) in &content.tensor_infos {
         let tensor = content.tensor(reader, name, device)?;
