@@ -323,7 +323,8 @@ fn requantize_slow_weights<R: std::io::Read + Seek>(
     }
     tracing::info!(
         tensors = count,
-        "requantizing Q4_1, Q5_0 and Q5_1 weights to Q8_0 (candle has no fast kernel for them)"
+        types = ?REQUANTIZE_TO_Q8_0,
+        "requantizing weights to Q8_0 (candle has no fast kernel for their types)"
     );
     let mut tensors = Vec::with_capacity(content.tensor_infos.len());
     for (name, info) in &content.tensor_infos {
