@@ -3083,12 +3083,22 @@ impl Store for SqlStore {
         let provisioned: Option<WorkerId> = parse_opt(&row, "worker_id")?;
         let id = provisioned.unwrap_or_default();
         let secret = random_hex(32);
-        sqlx::query("UPDATE join_tokens SET used_at = $1, used_by = $2 WHERE token_hash = $3")
-            .bind(now.0)
-            .bind(id.to_string())
-            .bind(&hash)
-            .execute(&mut *tx)
-            .await?;
+        // Conditional: of concurrent registrations with one token, whichever UPDATE comes
+        // second finds it used (PostgreSQL re-checks the row after the first commits).
+        let taken = sqlx::query(
+            "UPDATE join_tokens SET used_at = $1, used_by = $2 \
+             WHERE token_hash = $3 AND used_at IS NULL",
+        )
+        .bind(now.0)
+        .bind(id.to_string())
+        .bind(&hash)
+        .execute(&mut *tx)
+        .await?;
+        if taken.rows_affected() != 1 {
+            return Err(StoreError::TokenRefused(
+                "this one-time token was already used",
+            ));
+        }
         let caps = serde_json::to_string(capabilities).map_err(corrupt)?;
         if provisioned.is_some() {
             // The record the provider made: it takes the node's name, capabilities and
@@ -3555,9 +3565,30 @@ impl Store for SqlStore {
         if row.try_get::<Option<i64>, _>("revoked_at")?.is_some() {
             return Err(StoreError::TokenRejected("this refresh token was revoked"));
         }
-        if row.try_get::<Option<i64>, _>("used_at")?.is_some() {
+        if row.try_get::<i64, _>("expires_at")? < now.0 {
+            return Err(StoreError::TokenRejected("this refresh token expired"));
+        }
+        // Conditional: of concurrent rotations of one token exactly one marks it used; the
+        // others (PostgreSQL re-checks the row after the first commits) are reuse.
+        let rotated = match row.try_get::<Option<i64>, _>("used_at")? {
+            Some(_) => false,
+            None => {
+                sqlx::query(
+                    "UPDATE auth_tokens SET used_at = $1 \
+                     WHERE token_hash = $2 AND used_at IS NULL AND revoked_at IS NULL",
+                )
+                .bind(now.0)
+                .bind(sha256_hex(refresh_token))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                    == 1
+            }
+        };
+        if !rotated {
             // Reuse: whoever holds the newer one and whoever replays this one are the same
-            // login; neither is trusted any more.
+            // login; neither is trusted any more. A rotation that won the race has
+            // committed by now (this UPDATE waited for its lock), so its pair is revoked too.
             sqlx::query(
                 "UPDATE auth_tokens SET revoked_at = $1 WHERE family = $2 AND revoked_at IS NULL",
             )
@@ -3570,14 +3601,6 @@ impl Store for SqlStore {
                 "this refresh token was already used; every token of its login is now revoked",
             ));
         }
-        if row.try_get::<i64, _>("expires_at")? < now.0 {
-            return Err(StoreError::TokenRejected("this refresh token expired"));
-        }
-        sqlx::query("UPDATE auth_tokens SET used_at = $1 WHERE token_hash = $2")
-            .bind(now.0)
-            .bind(sha256_hex(refresh_token))
-            .execute(&mut *tx)
-            .await?;
         let user = load_user(&mut tx, &user_id).await?;
         let pair = issue_pair(&mut tx, &user_id, &family, access_ttl, refresh_ttl, now).await?;
         tx.commit().await?;

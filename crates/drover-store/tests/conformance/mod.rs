@@ -29,6 +29,8 @@ macro_rules! conformance_suite {
             batches_answer_each_request_and_match_single_writes,
             listing_by_state_finds_each_state_indexed_or_not,
             one_step_accepts_and_starts,
+            a_join_token_registers_one_node_under_concurrent_callers,
+            concurrent_rotations_of_a_refresh_token_rotate_it_once,
         );
     };
     (@tests $open:expr; $($name:ident),+ $(,)?) => {$(
@@ -1218,4 +1220,74 @@ pub async fn one_step_accepts_and_starts(store: &dyn Store) {
 
 async fn job_event_types(store: &dyn Store, job_id: drover_core::JobId) -> Vec<&'static str> {
     event_types(&store.job_events(job_id).await.unwrap())
+}
+
+/// Many registrations racing with one one-time token: exactly one node registers (on
+/// PostgreSQL they run on separate connections at once; SQLite's one writer orders them).
+pub async fn a_join_token_registers_one_node_under_concurrent_callers(store: &impl Store) {
+    let caps = Capabilities::default();
+    // Several rounds: each is one race, which a lost update does not lose every time.
+    for round in 0..8 {
+        let token = store
+            .create_join_token(Duration::from_secs(60))
+            .await
+            .expect("token");
+        let names: Vec<String> = (0..16).map(|i| format!("racer-{round}-{i}")).collect();
+        let results = futures::future::join_all(
+            names
+                .iter()
+                .map(|name| store.register_worker(&token.token, name, &caps)),
+        )
+        .await;
+        let registered = results.iter().filter(|r| r.is_ok()).count();
+        assert_eq!(registered, 1, "round {round}: {results:?}");
+        for refused in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert!(
+                matches!(refused, StoreError::TokenRefused(_)),
+                "{refused:?}"
+            );
+        }
+    }
+    let workers = store.list_workers().await.expect("workers");
+    assert_eq!(
+        workers
+            .iter()
+            .filter(|w| w.name.starts_with("racer-"))
+            .count(),
+        8
+    );
+}
+
+/// Many rotations racing with one refresh token: at most one rotates it, the others are
+/// reuse, and reuse revokes every token of the login, the winner's new pair included.
+pub async fn concurrent_rotations_of_a_refresh_token_rotate_it_once(store: &impl Store) {
+    use drover_store::Role;
+    let carol = store
+        .create_user("carol", Role::User, "x")
+        .await
+        .expect("user");
+    let ttl = Duration::from_secs(600);
+    let login = store
+        .issue_tokens(&carol.id, ttl, ttl)
+        .await
+        .expect("login");
+    let results = futures::future::join_all(
+        (0..16).map(|_| store.rotate_refresh(&login.refresh_token, ttl, ttl)),
+    )
+    .await;
+    let rotated: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(rotated.len(), 1, "exactly one rotation wins: {results:?}");
+    for (_, pair) in rotated {
+        assert!(
+            store.authenticate_token(&pair.access_token).await.is_err(),
+            "the reuse revoked the winner's access token too"
+        );
+        assert!(
+            store
+                .rotate_refresh(&pair.refresh_token, ttl, ttl)
+                .await
+                .is_err()
+        );
+    }
+    assert!(store.authenticate_token(&login.access_token).await.is_err());
 }
