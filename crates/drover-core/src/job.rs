@@ -139,10 +139,13 @@ pub const INFERENCE_RESOURCE: &str = "inference";
 impl InferenceSpec {
     fn validate(&self) -> Result<(), ValidationError> {
         let field = |f: &str| format!("inference.{f}");
-        if self.model.trim().is_empty() || self.model.len() > 256 {
+        if self.model.trim().is_empty()
+            || self.model.len() > 256
+            || self.model.chars().any(char::is_control)
+        {
             return Err(ValidationError::new(
                 field("model"),
-                "is required (1-256 bytes)",
+                "is required (1-256 bytes, no control characters)",
             ));
         }
         match (&self.prompt, self.messages.is_empty()) {
@@ -352,8 +355,11 @@ impl JobSpec {
                 if program.trim().is_empty() {
                     return Err(ValidationError::new("program", "must not be empty"));
                 }
-                if program.contains('\0') {
-                    return Err(ValidationError::new("program", "must not contain NUL"));
+                if program.len() > 4096 || program.chars().any(char::is_control) {
+                    return Err(ValidationError::new(
+                        "program",
+                        "at most 4096 bytes, without control characters",
+                    ));
                 }
                 if self.args.len() > MAX_ARGS {
                     return Err(ValidationError::new(
@@ -378,17 +384,17 @@ impl JobSpec {
         }
         let mut env_total = 0;
         for (name, value) in &self.env {
-            let field = format!("env.{}", name.chars().take(64).collect::<String>());
+            let field = format!("env.{}", printable_prefix(name));
             if name.is_empty() {
                 return Err(ValidationError::new(
                     "env",
                     "a variable name must not be empty",
                 ));
             }
-            if name.contains('=') || name.contains('\0') {
+            if name.contains('=') || name.chars().any(|c| c.is_control() || c.is_whitespace()) {
                 return Err(ValidationError::new(
                     field,
-                    "a variable name must not contain '=' or NUL",
+                    "a variable name must not contain '=', white space or control characters",
                 ));
             }
             if name.len() > MAX_ENV_NAME_BYTES {
@@ -418,11 +424,11 @@ impl JobSpec {
             ));
         }
         if let Some(dir) = &self.working_dir
-            && (dir.is_empty() || dir.contains('\0'))
+            && (!dir.starts_with('/') || dir.len() > 4096 || dir.chars().any(char::is_control))
         {
             return Err(ValidationError::new(
                 "working_dir",
-                "must be a non-empty path without NUL",
+                "must be an absolute path (at most 4096 bytes) without control characters",
             ));
         }
         if let Some(ms) = self.timeout_ms {
@@ -455,16 +461,33 @@ impl JobSpec {
                 "must be at most one day",
             ));
         }
+        if self.labels.len() > MAX_LABELS {
+            return Err(ValidationError::new(
+                "labels",
+                format!("{} labels; at most {MAX_LABELS}", self.labels.len()),
+            ));
+        }
         for (k, v) in &self.labels {
-            if k.is_empty() || k.len() > 256 || v.len() > 256 {
+            if k.is_empty()
+                || k.len() > 256
+                || v.len() > 256
+                || k.chars().chain(v.chars()).any(char::is_control)
+            {
                 return Err(ValidationError::new(
-                    format!("labels.{}", k.chars().take(64).collect::<String>()),
-                    "label names must be 1-256 bytes and values at most 256 bytes",
+                    format!("labels.{}", printable_prefix(k)),
+                    "label names must be 1-256 bytes and values at most 256 bytes, \
+                     without control characters",
                 ));
             }
         }
+        if self.resources.len() > MAX_LABELS {
+            return Err(ValidationError::new(
+                "resources",
+                format!("{} resources; at most {MAX_LABELS}", self.resources.len()),
+            ));
+        }
         for (k, &v) in &self.resources {
-            let field = format!("resources.{}", k.chars().take(64).collect::<String>());
+            let field = format!("resources.{}", printable_prefix(k));
             if !valid_resource_name(k) {
                 return Err(ValidationError::new(
                     field,
@@ -499,14 +522,11 @@ impl JobSpec {
                     "is required with isolation container",
                 ));
             }
-            (Isolation::Container, Some(image))
-                if image.is_empty()
-                    || image.len() > 512
-                    || image.chars().any(char::is_whitespace) =>
-            {
+            (Isolation::Container, Some(image)) if !valid_image_reference(image) => {
                 return Err(ValidationError::new(
                     "image",
-                    "must be an image reference without spaces",
+                    "must be an image reference: [HOST[:PORT]/]NAME[:TAG][@sha256:DIGEST], \
+                     lower-case name components (at most 512 bytes)",
                 ));
             }
             (Isolation::Process | Isolation::Sandbox, Some(_)) => {
@@ -553,6 +573,110 @@ impl JobSpec {
         }
         name
     }
+}
+
+/// At most this many labels, and as many resources, on a job.
+pub const MAX_LABELS: usize = 64;
+
+/// A field name's key part for an error message: its first 64 characters, control
+/// characters shown escaped (the message must not carry a newline from the input).
+fn printable_prefix(key: &str) -> String {
+    key.chars().take(64).flat_map(char::escape_debug).collect()
+}
+
+/// A container image reference as Docker reads one: `[HOST[:PORT]/]PATH[:TAG][@DIGEST]`,
+/// where PATH is lower-case components (`a-z0-9` joined by `.`, `_`, `__` or dashes) split
+/// by `/`. Nothing else gets through: the reference is a command-line word of `docker run`.
+pub fn valid_image_reference(reference: &str) -> bool {
+    if reference.is_empty() || reference.len() > 512 || !reference.is_ascii() {
+        return false;
+    }
+    let (rest, digest) = match reference.split_once('@') {
+        Some((rest, digest)) => (rest, Some(digest)),
+        None => (reference, None),
+    };
+    if let Some(digest) = digest {
+        let Some((algorithm, hex)) = digest.split_once(':') else {
+            return false;
+        };
+        let algorithm_ok = !algorithm.is_empty()
+            && algorithm.split(['+', '.', '_', '-']).all(|part| {
+                !part.is_empty()
+                    && part
+                        .bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            });
+        if !algorithm_ok || hex.len() < 32 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return false;
+        }
+    }
+    // A tag is after the last ':' that follows the last '/' (an earlier one is a port).
+    let last_slash = rest.rfind('/').map_or(0, |i| i + 1);
+    let (name, tag) = match rest[last_slash..].rfind(':') {
+        Some(i) => (&rest[..last_slash + i], Some(&rest[last_slash + i + 1..])),
+        None => (rest, None),
+    };
+    if let Some(tag) = tag {
+        let mut bytes = tag.bytes();
+        let first_ok = bytes
+            .next()
+            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !first_ok
+            || tag.len() > 128
+            || !bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        {
+            return false;
+        }
+    }
+    let mut components: Vec<&str> = name.split('/').collect();
+    let first = components[0];
+    if components.len() > 1 && (first.contains(['.', ':']) || first == "localhost") {
+        let (host, port) = match first.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (first, None),
+        };
+        let host_ok = host.split('.').all(|label| {
+            !label.is_empty()
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+        let port_ok = port
+            .is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+        if !host_ok || !port_ok {
+            return false;
+        }
+        components.remove(0);
+    }
+    components.iter().all(|c| valid_path_component(c))
+}
+
+/// `a-z0-9` runs joined by `.`, `_`, `__` or one or more `-`.
+fn valid_path_component(component: &str) -> bool {
+    let bytes = component.as_bytes();
+    let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    if bytes.is_empty() || !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+        return false;
+    }
+    let mut i = 0;
+    while i < bytes.len() {
+        if alnum(bytes[i]) {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i < bytes.len() && !alnum(bytes[i]) {
+            i += 1;
+        }
+        let separator = &component[start..i];
+        let ok = matches!(separator, "." | "_" | "__") || separator.bytes().all(|b| b == b'-');
+        if !ok {
+            return false;
+        }
+    }
+    true
 }
 
 /// Letters, digits, `-`, `_`, `.`; 1 to 64 of them.
@@ -839,6 +963,87 @@ mod tests {
         }
     }
 
+    #[test]
+    fn image_references_are_docker_references_and_nothing_else() {
+        for good in [
+            "busybox",
+            "drover-busybox:latest",
+            "library/busybox:1.36",
+            "localhost:5000/team/app:v1.2-rc_3",
+            "registry.example.com/a/b__c/d.e",
+            "ghcr.io/org/image@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "app:tag@sha256:0123456789abcdef0123456789abcdef",
+            "a---b",
+        ] {
+            assert!(valid_image_reference(good), "{good}");
+        }
+        for bad in [
+            "",
+            "-v",
+            "--volume=/:/host:ro",
+            "--privileged",
+            "busybox --privileged",
+            "Busybox",
+            "busybox:",
+            "busybox:-tag",
+            "busybox:tag with space",
+            "/busybox",
+            "busybox/",
+            "a//b",
+            "a..b",
+            "a___b",
+            "_a",
+            "a-",
+            "host:port/x:y:z",
+            "busybox@sha256:short",
+            "busybox@:0123456789abcdef0123456789abcdef",
+            "busybox\n",
+            "bus\u{0}box",
+            "büsybox",
+            "-host.example.com/x",
+            "host.example.com:port/x",
+        ] {
+            assert!(!valid_image_reference(bad), "{bad:?}");
+        }
+        assert!(!valid_image_reference(&"a".repeat(513)));
+    }
+
+    #[test]
+    fn fields_that_reach_a_command_line_or_a_path_are_refused_with_control_characters() {
+        let container = |image: &str| JobSpec {
+            isolation: Isolation::Container,
+            image: Some(image.into()),
+            ..spec("true")
+        };
+        assert_eq!(field_of(container("--volume=/:/host:ro")), "image");
+        let mut s = spec("true");
+        s.env.insert("A\nB".into(), "x".into());
+        assert_eq!(field_of(s), "env.A\\nB");
+        let mut s = spec("true");
+        s.env.insert("A B".into(), "x".into());
+        assert_eq!(field_of(s), "env.A B");
+        let mut s = spec("true");
+        s.labels.insert("zone".into(), "a\u{0}".into());
+        assert_eq!(field_of(s), "labels.zone");
+        let mut s = spec("true");
+        s.labels = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), "v".into()))
+            .collect();
+        assert_eq!(field_of(s), "labels");
+        for dir in ["relative/dir", "/tmp/a\nb", ""] {
+            let s = JobSpec {
+                working_dir: Some(dir.into()),
+                ..spec("true")
+            };
+            assert_eq!(field_of(s), "working_dir", "{dir:?}");
+        }
+        let s = JobSpec {
+            program: Some("/bin/echo\r".into()),
+            ..Default::default()
+        };
+        assert_eq!(field_of(s), "program");
+    }
+
     fn field_of(spec: JobSpec) -> String {
         spec.validated().unwrap_err().field
     }
@@ -881,7 +1086,7 @@ mod tests {
                     env: [("A\0".to_string(), "x".to_string())].into(),
                     ..spec("true")
                 },
-                "env.A\0",
+                "env.A\\0",
             ),
             (
                 JobSpec {

@@ -1,6 +1,7 @@
 //! drover's domain model. Pure: no I/O, no async, no database. Every state change of a job
 //! goes through [`job::JobState::apply`], whose table is the single list of legal moves.
 
+pub mod access;
 pub mod event;
 pub mod ids;
 pub mod job;
