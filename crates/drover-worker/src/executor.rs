@@ -5,8 +5,10 @@ use crate::spawn::{JobProcess, Launch, Spawned};
 use drover_core::{Isolation, JobSpec, RunId, RunOutcome, Timestamp};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,6 +75,9 @@ pub struct Execution {
     pub inference_socket: Option<PathBuf>,
     /// Output read and not yet stored by the control plane, bounded: see [`output_cost`].
     pub output_credit: Arc<Semaphore>,
+    /// Paths a sandbox must not show even where it shows the host's system directories
+    /// (the node's state, drover's data directory).
+    pub hidden_paths: Vec<PathBuf>,
 }
 
 /// Output entries (weighted by [`output_cost`]) a run may have read and not yet had stored
@@ -148,19 +153,14 @@ pub async fn execute(
         Some(d) => PathBuf::from(d),
         None => scratch.clone(),
     };
-    let Some(mut cmd) = command(&exec, &dir) else {
-        let _ = events.send(exited(
-            RunOutcome::Failed,
-            None,
-            Some("the job has neither command nor program".into()),
-        ));
-        return;
+    let cmd = match command(&exec, &dir) {
+        Ok(cmd) => cmd,
+        Err(why) => {
+            let _ = events.send(exited(RunOutcome::Failed, None, Some(why)));
+            let _ = std::fs::remove_dir_all(&scratch);
+            return;
+        }
     };
-    cmd.envs(&exec.spec.env)
-        .env("DROVER_JOB_ID", &exec.job_id)
-        .env("DROVER_RUN_ID", run_id.to_string())
-        .env("DROVER_ATTEMPT", exec.attempt.to_string())
-        .env("DROVER_SCRATCH", &scratch);
     // In its own process group, stdin /dev/null, and killed if the worker dies (see spawn.rs).
     let Spawned {
         process: mut child,
@@ -273,88 +273,270 @@ pub async fn execute(
     let _ = events.send(event);
 }
 
-/// The command line for the job's isolation mode; None when the spec names nothing to run.
-fn command(exec: &Execution, dir: &std::path::Path) -> Option<Launch> {
+/// The command line for the job's isolation mode, with the job's environment: never the
+/// worker's own (which may hold a database URL, an admin password or an API key).
+fn command(exec: &Execution, dir: &Path) -> Result<Launch, String> {
     let argv: Vec<&str> = match (&exec.spec.command, &exec.spec.program) {
         (Some(command), _) => vec!["/bin/sh", "-c", command],
         (None, Some(program)) => std::iter::once(program.as_str())
             .chain(exec.spec.args.iter().map(String::as_str))
             .collect(),
-        (None, None) => return None,
+        (None, None) => return Err("the job has neither command nor program".into()),
     };
-    let mut cmd = match exec.spec.isolation {
-        Isolation::Sandbox => {
-            let mut c = Launch::new("bwrap");
-            c.args(SANDBOX_ARGS)
-                .arg("--bind")
-                .arg(&exec.scratch_dir)
-                .arg(&exec.scratch_dir);
-            if let Some(socket) = &exec.inference_socket {
-                c.arg("--bind")
-                    .arg(socket)
-                    .arg(SANDBOX_INFERENCE_SOCKET)
-                    .env("DROVER_INFERENCE_URL", unix_url(SANDBOX_INFERENCE_SOCKET))
-                    .env("DROVER_INFERENCE_SOCKET", SANDBOX_INFERENCE_SOCKET);
-            }
-            c.arg("--chdir")
-                .arg(dir)
-                .arg("--")
-                .args(&argv)
-                .current_dir(&exec.scratch_dir);
-            c
-        }
-        Isolation::Container => {
-            // `docker run` attaches: the container's output and exit code are its own.
-            let mut c = Launch::new("docker");
-            c.args(["run", "--rm", "--network", "none", "--name"])
-                .arg(container_name(exec.run_id))
-                .args(["--label", "drover.managed=true", "--label"])
-                .arg(format!("drover.run={}", exec.run_id))
-                .arg("--label")
-                .arg(format!("drover.node={}", exec.node_id));
-            for (k, v) in &exec.spec.env {
-                c.arg("--env").arg(format!("{k}={v}"));
-            }
-            if let Some(wd) = &exec.spec.working_dir {
-                c.arg("--workdir").arg(wd);
-            }
-            c.arg(exec.spec.image.as_deref().unwrap_or_default())
-                .args(&argv)
-                .current_dir(&exec.scratch_dir);
-            c
-        }
+    Ok(match exec.spec.isolation {
+        Isolation::Sandbox => sandbox_command(exec, dir, &argv)?,
+        Isolation::Container => container_command(exec, &argv),
         Isolation::Process => {
             let mut c = Launch::new(argv[0]);
-            c.args(&argv[1..]).current_dir(dir);
-            if let Some(socket) = &exec.inference_socket {
-                let path = socket.display().to_string();
-                c.env("DROVER_INFERENCE_URL", unix_url(&path))
-                    .env("DROVER_INFERENCE_SOCKET", path);
-            }
+            c.args(&argv[1..]).current_dir(dir).env_clear();
+            let socket = exec
+                .inference_socket
+                .as_ref()
+                .map(|s| s.display().to_string());
+            c.envs(job_environment(exec, &exec.scratch_dir, socket.as_deref()));
             c
         }
-    };
-    cmd.env("DROVER_ISOLATION", exec.spec.isolation.as_str());
-    Some(cmd)
+    })
 }
 
-/// No network but a loopback of its own, its own pid (and every other) namespace, a
-/// read-only view of the host's files, private /dev, /proc and /tmp, and death with the
-/// worker. The run's scratch directory is bound writable on top.
-const SANDBOX_ARGS: &[&str] = &[
-    "--unshare-all",
-    "--die-with-parent",
-    "--new-session",
-    "--ro-bind",
-    "/",
-    "/",
-    "--dev",
-    "/dev",
-    "--proc",
-    "/proc",
-    "--tmpfs",
-    "/tmp",
-];
+/// What every job finds in its environment: a PATH, its HOME (the scratch directory), the
+/// spec's variables, then drover's (which the spec cannot override).
+pub fn job_environment(
+    exec: &Execution,
+    scratch: &Path,
+    inference_socket: Option<&str>,
+) -> Vec<(String, String)> {
+    let scratch = scratch.display().to_string();
+    let mut env = vec![
+        ("PATH".to_string(), JOB_PATH.to_string()),
+        ("HOME".to_string(), scratch.clone()),
+        ("LANG".to_string(), "C.UTF-8".to_string()),
+    ];
+    env.extend(exec.spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    env.extend([
+        ("DROVER_JOB_ID".to_string(), exec.job_id.clone()),
+        ("DROVER_RUN_ID".to_string(), exec.run_id.to_string()),
+        ("DROVER_ATTEMPT".to_string(), exec.attempt.to_string()),
+        ("DROVER_SCRATCH".to_string(), scratch),
+        (
+            "DROVER_ISOLATION".to_string(),
+            exec.spec.isolation.as_str().to_string(),
+        ),
+    ]);
+    if let Some(socket) = inference_socket {
+        env.push(("DROVER_INFERENCE_URL".to_string(), unix_url(socket)));
+        env.push(("DROVER_INFERENCE_SOCKET".to_string(), socket.to_string()));
+    }
+    env
+}
+
+const JOB_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The user sandboxed jobs run as when the worker runs as root: `nobody`. bubblewrap is then
+/// started as that user, so the job's user namespace maps to it and not to root (whose
+/// files a job mapped to root could read: the kernel checks file access against the
+/// outside uid). Under any other worker user, bubblewrap runs as that user and the job as
+/// uid 65534 inside, mapped to it.
+pub const SANDBOX_UID: u32 = 65534;
+
+/// Where a node's runs get their scratch directories and its inference socket lives: under
+/// the node's state directory, unless the worker runs as root. Sandboxed jobs then run as
+/// [`SANDBOX_UID`], and bubblewrap, started as that user, must walk to what it binds, which
+/// it cannot through a private state directory (or through /root). So a root worker keeps
+/// them in `/run/drover/node-<hash of the state directory>`: /run is writable by root only,
+/// and these directories are mode 0711 (walked through, not listed). Scratch directories
+/// left by an earlier life of the node (killed with -9) are removed.
+pub fn jobs_dir(state_dir: &Path) -> std::io::Result<PathBuf> {
+    use sha2::Digest;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let (dir, mode) = if running_as_root() && Path::new("/run").is_dir() {
+        let digest = hex::encode(sha2::Sha256::digest(state_dir.as_os_str().as_bytes()));
+        let dir = Path::new("/run/drover").join(format!("node-{}", &digest[..16]));
+        (dir, 0o711)
+    } else {
+        (state_dir.join("runs"), 0o700)
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(&dir)?;
+    for made in [Some(dir.as_path()), dir.parent().filter(|_| mode == 0o711)]
+        .into_iter()
+        .flatten()
+    {
+        std::fs::set_permissions(made, std::fs::Permissions::from_mode(mode))?;
+    }
+    for entry in std::fs::read_dir(&dir)?.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    Ok(dir)
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// bubblewrap: every namespace of its own (no network but loopback, own pids), an
+/// unprivileged user with no capabilities that cannot make user namespaces, and a root of
+/// the host's system directories only (/usr, /etc and the library and binary links), read-
+/// only: no home directories, /run, /var, drover's data or the node's state. A private
+/// /dev, /proc and /tmp; the run's scratch directory bound writable at its own path.
+fn sandbox_command(exec: &Execution, dir: &Path, argv: &[&str]) -> Result<Launch, String> {
+    let mut c = Launch::new("bwrap");
+    c.env_clear()
+        .env("PATH", JOB_PATH)
+        .args(sandbox_root_args());
+    for hidden in &exec.hidden_paths {
+        if SANDBOX_SYSTEM_DIRS.iter().any(|d| hidden.starts_with(d)) {
+            c.arg("--tmpfs").arg(hidden);
+        }
+    }
+    let root = running_as_root();
+    if root {
+        c.user(SANDBOX_UID, SANDBOX_UID);
+        std::os::unix::fs::chown(&exec.scratch_dir, Some(SANDBOX_UID), Some(SANDBOX_UID))
+            .map_err(|e| format!("cannot hand the scratch directory to the sandbox user: {e}"))?;
+    }
+    // Bound through descriptors the worker opened: the sandbox user need not be able to
+    // walk to them (the state directory is the worker's own, mode 0700).
+    let scratch = open_path(&exec.scratch_dir)
+        .map_err(|e| format!("cannot open the scratch directory: {e}"))?;
+    let fd = c.pass_fd(scratch);
+    c.arg("--bind-fd")
+        .arg(fd.to_string())
+        .arg(&exec.scratch_dir);
+    let mut socket_inside = None;
+    if let Some(socket) = &exec.inference_socket
+        && let Ok(socket) = open_path(socket)
+    {
+        let fd = c.pass_fd(socket);
+        c.arg("--bind-fd")
+            .arg(fd.to_string())
+            .arg(SANDBOX_INFERENCE_SOCKET);
+        socket_inside = Some(SANDBOX_INFERENCE_SOCKET);
+    }
+    c.arg("--chdir").arg(dir).arg("--clearenv");
+    for (k, v) in job_environment(exec, &exec.scratch_dir, socket_inside) {
+        c.arg("--setenv").arg(k).arg(v);
+    }
+    c.arg("--").args(argv);
+    Ok(c)
+}
+
+/// The host directories a sandbox sees, read-only.
+const SANDBOX_SYSTEM_DIRS: &[&str] = &["/usr", "/etc"];
+/// Links into /usr on merged-/usr systems, directories elsewhere.
+const SANDBOX_SYSTEM_LINKS: &[&str] = &["/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+
+/// Namespaces, user, capabilities, and the read-only system root; the same for the
+/// availability probe as for jobs.
+fn sandbox_root_args() -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--unshare-all",
+        "--unshare-user",
+        "--disable-userns",
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--die-with-parent",
+        "--new-session",
+        "--cap-drop",
+        "ALL",
+    ]
+    .map(String::from)
+    .to_vec();
+    for dir in SANDBOX_SYSTEM_DIRS {
+        if Path::new(dir).is_dir() {
+            args.extend(["--ro-bind".into(), dir.to_string(), dir.to_string()]);
+        }
+    }
+    for link in SANDBOX_SYSTEM_LINKS {
+        match std::fs::read_link(link) {
+            Ok(target) => args.extend([
+                "--symlink".into(),
+                target.display().to_string(),
+                link.to_string(),
+            ]),
+            Err(_) if Path::new(link).is_dir() => {
+                args.extend(["--ro-bind".into(), link.to_string(), link.to_string()])
+            }
+            Err(_) => {}
+        }
+    }
+    args.extend(["--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"].map(String::from));
+    args
+}
+
+/// A descriptor naming a file or directory without opening it for reading (works for a
+/// socket), closed on exec unless passed.
+fn open_path(path: &Path) -> std::io::Result<OwnedFd> {
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: a NUL-terminated path; the answer is a new descriptor or -1.
+    let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new descriptor owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// `docker run`, attached (the container's output and exit code are the job's): no network,
+/// no capabilities, no privilege gain, an unprivileged user, a read-only root with a
+/// private /tmp as scratch. The image is validated as a reference (drover-core) and comes
+/// after `--`, so that nothing the job names is read as an option of `docker run`.
+fn container_command(exec: &Execution, argv: &[&str]) -> Launch {
+    let mut c = Launch::new("docker");
+    c.env_clear().env("PATH", JOB_PATH);
+    // The docker client's own settings (which engine, its config), not the job's.
+    for (k, v) in std::env::vars_os() {
+        if k == "HOME" || k.to_string_lossy().starts_with("DOCKER_") {
+            c.env(k, v);
+        }
+    }
+    c.args(["run", "--rm", "--network", "none", "--name"])
+        .arg(container_name(exec.run_id))
+        .args(["--label", "drover.managed=true", "--label"])
+        .arg(format!("drover.run={}", exec.run_id))
+        .arg("--label")
+        .arg(format!("drover.node={}", exec.node_id))
+        .args([
+            "--cap-drop",
+            "ALL",
+            "--security-opt",
+            "no-new-privileges",
+            "--user",
+            "65534:65534",
+            "--read-only",
+            "--tmpfs",
+            "/tmp:exec",
+            "--pids-limit",
+            "4096",
+        ]);
+    for (k, v) in job_environment(exec, Path::new(CONTAINER_SCRATCH), None) {
+        if k != "PATH" {
+            c.arg("--env").arg(format!("{k}={v}"));
+        }
+    }
+    c.arg("--workdir").arg(
+        exec.spec
+            .working_dir
+            .as_deref()
+            .unwrap_or(CONTAINER_SCRATCH),
+    );
+    c.arg("--")
+        .arg(exec.spec.image.as_deref().unwrap_or_default())
+        .args(argv)
+        .current_dir(&exec.scratch_dir);
+    c
+}
+
+/// A container job's scratch directory (a tmpfs inside the container).
+const CONTAINER_SCRATCH: &str = "/tmp";
 
 pub fn container_name(run_id: RunId) -> String {
     format!("drover-run-{run_id}")
@@ -415,16 +597,24 @@ pub fn docker_available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// True when bubblewrap is installed and can build a sandbox here.
+/// True when bubblewrap is installed and can build a sandbox here, as jobs get it (as the
+/// sandbox user when the worker is root).
 pub fn sandbox_available() -> bool {
-    std::process::Command::new("bwrap")
-        .args(SANDBOX_ARGS)
+    let mut probe = std::process::Command::new("bwrap");
+    probe
+        .args(sandbox_root_args())
         .args(["--", "/bin/true"])
+        .env_clear()
+        .env("PATH", JOB_PATH)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+        .stderr(Stdio::null());
+    if running_as_root() {
+        // std drops the supplementary groups too when root sets a uid.
+        use std::os::unix::process::CommandExt;
+        probe.uid(SANDBOX_UID).gid(SANDBOX_UID);
+    }
+    probe.status().is_ok_and(|s| s.success())
 }
 
 fn humanize(d: Duration) -> String {

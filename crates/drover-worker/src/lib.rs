@@ -79,6 +79,9 @@ pub struct WorkerConfig {
     /// An OpenAI-compatible provider serving models for this node instead of loading
     /// them: (base URL, API key, model names).
     pub external_inference: Option<(String, Option<String>, Vec<String>)>,
+    /// Besides the state directory, paths sandboxed jobs must not see (`drover up` names
+    /// its data directory).
+    pub hidden_paths: Vec<PathBuf>,
 }
 
 /// How a worker runs what it is given.
@@ -366,6 +369,8 @@ struct Agent {
     config: WorkerConfig,
     node_id: String,
     inference_socket: Option<PathBuf>,
+    /// Where runs get their scratch directories (see `executor::jobs_dir`).
+    jobs_dir: PathBuf,
     models: inference::Models,
     /// A heartbeat interval set by node configuration (never slower than the server asks).
     heartbeat_override: Option<Duration>,
@@ -393,7 +398,11 @@ pub async fn run(
     mut config: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), WorkerError> {
-    std::fs::create_dir_all(&config.state_dir).map_err(state_dir_error(&config.state_dir))?;
+    // The node's credential and its runs' scratch directories are the node's alone; a
+    // directory that exists keeps the mode its owner gave it.
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&config.state_dir)
+        .map_err(state_dir_error(&config.state_dir))?;
     // Absolute, because jobs run in other directories (and sandboxes bind it by path).
     config.state_dir =
         std::fs::canonicalize(&config.state_dir).map_err(state_dir_error(&config.state_dir))?;
@@ -408,8 +417,9 @@ pub async fn run(
                 .clone()
                 .map(|(url, key, names)| inference::External::new(url, key, names)),
         );
-    let mut inference_socket =
-        (!models.is_empty()).then(|| config.state_dir.join("inference.sock"));
+    let jobs_dir =
+        executor::jobs_dir(&config.state_dir).map_err(state_dir_error(&config.state_dir))?;
+    let mut inference_socket = (!models.is_empty()).then(|| jobs_dir.join("inference.sock"));
     let _socket = match &inference_socket {
         Some(path) => match ollama::start_unix(path, models.clone()).await {
             Ok(task) => Some(AbortOnDrop(task)),
@@ -449,6 +459,7 @@ pub async fn run(
         config,
         node_id: cred.node_id.clone(),
         inference_socket,
+        jobs_dir,
         models,
         heartbeat_override: None,
         caps,
@@ -785,11 +796,14 @@ impl Agent {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
             spec,
-            scratch_dir: self.config.state_dir.join("runs").join(run_id.to_string()),
+            scratch_dir: self.jobs_dir.join(run_id.to_string()),
             node_id: self.node_id.clone(),
             inference_socket: self.inference_socket.clone(),
             kill_grace: self.config.kill_grace,
             output_credit,
+            hidden_paths: std::iter::once(self.config.state_dir.clone())
+                .chain(self.config.hidden_paths.iter().cloned())
+                .collect(),
         };
         let span = tracing::info_span!("job", job_id = %a.job_id, run_id = %run_id);
         if inference {

@@ -52,6 +52,9 @@ pub async fn start_unix(
 ) -> std::io::Result<tokio::task::JoinHandle<()>> {
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path)?;
+    // Sandboxed jobs run as another user (see executor.rs) and must be able to connect; the
+    // socket is reached only through the node's state directory or the sandbox's bind.
+    std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o666))?;
     let app = router(models).layer(axum::middleware::from_fn(deadline));
     tracing::info!(socket = %path.display(), "inference socket for jobs");
     Ok(tokio::spawn(async move {

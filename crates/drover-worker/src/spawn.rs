@@ -23,14 +23,20 @@ use tokio::net::unix::pipe;
 /// The child's own stack until it execs: it runs a few system calls and nothing else.
 const CHILD_STACK_BYTES: usize = 64 * 1024;
 
-/// What to run: a program, its arguments, environment changes on top of the worker's own,
-/// and the working directory. Built like `std::process::Command`.
-#[derive(Debug, Clone)]
+/// What to run: a program, its arguments, its environment (the worker's own with changes, or
+/// only what is given after [`Launch::env_clear`]), the working directory, and optionally
+/// the user it runs as and descriptors it inherits. Built like `std::process::Command`.
+#[derive(Debug)]
 pub struct Launch {
     program: OsString,
     args: Vec<OsString>,
     env: BTreeMap<OsString, OsString>,
+    inherit_env: bool,
     current_dir: Option<PathBuf>,
+    /// (uid, gid) to switch to before exec, with no supplementary groups.
+    user: Option<(u32, u32)>,
+    /// Descriptors the child gets as 3, 4, … in this order (every other one closes on exec).
+    pass_fds: Vec<OwnedFd>,
 }
 
 /// A started process with its output pipes. Stdin is /dev/null; the process leads a new
@@ -47,8 +53,31 @@ impl Launch {
             program: program.as_ref().to_owned(),
             args: Vec::new(),
             env: BTreeMap::new(),
+            inherit_env: true,
             current_dir: None,
+            user: None,
+            pass_fds: Vec::new(),
         }
+    }
+
+    /// The child gets only the variables given with [`Launch::env`], none of the worker's.
+    pub fn env_clear(&mut self) -> &mut Self {
+        self.inherit_env = false;
+        self.env.clear();
+        self
+    }
+
+    /// Runs the child as this user and group, without supplementary groups (the worker must
+    /// be allowed to switch: root, or the same ids).
+    pub fn user(&mut self, uid: u32, gid: u32) -> &mut Self {
+        self.user = Some((uid, gid));
+        self
+    }
+
+    /// Hands the child this descriptor as the next of 3, 4, …; returns its number there.
+    pub fn pass_fd(&mut self, fd: OwnedFd) -> i32 {
+        self.pass_fds.push(fd);
+        2 + self.pass_fds.len() as i32
     }
 
     pub fn arg(&mut self, arg: impl AsRef<OsStr>) -> &mut Self {
@@ -113,6 +142,13 @@ impl Launch {
             .transpose()?;
 
         let stdin = above_stdio(open_dev_null()?)?;
+        // Above every number they are placed on, so that placing one cannot close another.
+        let passed = self
+            .pass_fds
+            .iter()
+            .map(|fd| dup_at_least(fd.as_raw_fd(), PASSED_FDS_FROM))
+            .collect::<io::Result<Vec<_>>>()?;
+        let passed_raw: Vec<RawFd> = passed.iter().map(AsRawFd::as_raw_fd).collect();
         let (stdout_read, stdout_write) = pipe_pair()?;
         let (stderr_read, stderr_write) = pipe_pair()?;
 
@@ -128,6 +164,9 @@ impl Launch {
                 stdout_write.as_raw_fd(),
                 stderr_write.as_raw_fd(),
             ],
+            passed: passed_raw.as_ptr(),
+            passed_len: passed_raw.len(),
+            user: self.user.map_or([-1, -1], |(u, g)| [u as i64, g as i64]),
             // SAFETY: getpid cannot fail.
             parent: unsafe { libc::getpid() },
             errno: 0,
@@ -156,7 +195,7 @@ impl Launch {
             }
             pid
         };
-        drop((stdin, stdout_write, stderr_write));
+        drop((stdin, stdout_write, stderr_write, passed));
         // SAFETY: the child wrote it, if at all, before it exited; CLONE_VFORK held this
         // thread until then.
         let child_errno = unsafe { std::ptr::read_volatile(&raw const setup.errno) };
@@ -172,9 +211,13 @@ impl Launch {
         })
     }
 
-    /// The worker's environment with this launch's changes.
+    /// The worker's environment with this launch's changes, or only those.
     fn environment(&self) -> BTreeMap<OsString, OsString> {
-        let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
+        let mut env: BTreeMap<OsString, OsString> = if self.inherit_env {
+            std::env::vars_os().collect()
+        } else {
+            BTreeMap::new()
+        };
         env.extend(self.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         env
     }
@@ -191,6 +234,11 @@ struct ChildSetup {
     cwd: *const c_char,
     /// Stdin, stdout and stderr to be; each above 2, so placing one cannot close another.
     stdio: [RawFd; 3],
+    /// Descriptors to place at 3, 4, …; each at or above [`PASSED_FDS_FROM`].
+    passed: *const RawFd,
+    passed_len: usize,
+    /// (uid, gid) to switch to, or -1s to stay.
+    user: [i64; 2],
     parent: libc::pid_t,
     /// Set by the child when a step fails; it then exits with 127.
     errno: c_int,
@@ -225,6 +273,17 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         }
         // Rust programs ignore SIGPIPE; a job gets the default, as std's Command gives it.
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        // Raw system calls: glibc's setuid would tell every thread of the worker (this child
+        // shares its memory) to switch too. Before PR_SET_PDEATHSIG, which a change of
+        // credentials clears.
+        if let [uid, gid] = setup.user
+            && uid >= 0
+            && (libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0)
+        {
+            return fail(setup);
+        }
         if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
             return fail(setup);
         }
@@ -237,6 +296,12 @@ extern "C" fn child_main(arg: *mut c_void) -> c_int {
         }
         for (target, fd) in setup.stdio.into_iter().enumerate() {
             if libc::dup2(fd, target as c_int) == -1 {
+                return fail(setup);
+            }
+        }
+        for i in 0..setup.passed_len {
+            // dup2 leaves the new number open across exec.
+            if libc::dup2(*setup.passed.add(i), 3 + i as c_int) == -1 {
                 return fail(setup);
             }
         }
@@ -414,6 +479,20 @@ fn pipe_pair() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: both are new descriptors owned by nobody else.
     let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     Ok((above_stdio(read)?, above_stdio(write)?))
+}
+
+/// Passed descriptors are moved to this number or above before they are placed at 3, 4, …
+const PASSED_FDS_FROM: RawFd = 64;
+
+/// A copy of `fd` numbered `min` or above, closed on exec.
+fn dup_at_least(fd: RawFd, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor or -1.
+    let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) };
+    if copy == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the new descriptor is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(copy) })
 }
 
 /// A worker started with a standard descriptor closed gets new descriptors among 0–2;
