@@ -6,12 +6,15 @@
 use crate::{ApiError, AppState};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use axum::extract::{Request, State};
+use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use drover_core::Timestamp;
+use drover_core::{GroupId, JobId, ReservationId, RunId, Timestamp};
 use drover_store::{AuditRecord, Role, UserRecord};
 use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -55,6 +58,27 @@ pub fn verify_password(password: &str, hash: &str) -> bool {
     })
 }
 
+/// At most `max` bytes of `text`, cut at a character boundary, with control characters
+/// escaped; `…` marks a cut.
+fn bounded(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for c in text.chars().flat_map(|c| {
+        let escaped: Vec<char> = if c.is_control() {
+            c.escape_debug().collect()
+        } else {
+            vec![c]
+        };
+        escaped
+    }) {
+        if out.len() + c.len_utf8() > max {
+            out.push('…');
+            break;
+        }
+        out.push(c);
+    }
+    out
+}
+
 /// The bearer token of a request, if it carries one.
 pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
     headers
@@ -66,7 +90,11 @@ pub fn bearer(headers: &axum::http::HeaderMap) -> Option<&str> {
 }
 
 pub fn address_of(req: &Request) -> Option<String> {
-    req.extensions()
+    address_in(req.extensions())
+}
+
+fn address_in(extensions: &axum::http::Extensions) -> Option<String> {
+    extensions
         .get::<axum::extract::ConnectInfo<crate::listener::PeerAddr>>()
         .map(|c| c.0.0.ip().to_string())
 }
@@ -82,15 +110,16 @@ impl AppState {
         address: Option<String>,
         detail: Option<String>,
     ) {
+        // Bounded, whatever a caller put in a path or a name.
         let record = AuditRecord {
             seq: 0,
             at: Timestamp::now(),
-            actor: actor.map(str::to_string),
+            actor: actor.map(|a| bounded(a, 64)),
             action: action.to_string(),
-            target,
+            target: target.map(|t| bounded(&t, 256)),
             outcome: if refused { "refused" } else { "ok" }.to_string(),
-            address,
-            detail,
+            address: address.map(|a| bounded(&a, 64)),
+            detail: detail.map(|d| bounded(&d, 512)),
         };
         if let Err(e) = self.store.audit(&record).await {
             tracing::error!(error = %e, action, "cannot write the audit trail");
@@ -152,24 +181,16 @@ async fn guard(state: Arc<AppState>, mut req: Request, next: Next, admin: bool) 
             return e.into_response();
         }
     };
-    let allowed = if admin && !caller.is_admin() {
-        Err(ApiError::PermissionDenied(format!(
-            "{what} is for admins only"
-        )))
-    } else {
-        check_ownership(&state, &caller, req.uri().path()).await
-    };
-    if let Err(e) = allowed {
-        if matches!(e, ApiError::PermissionDenied(_)) {
-            refused(
-                &state,
-                Some(&caller.user.name),
-                what,
-                address,
-                e.to_string(),
-            )
-            .await;
-        }
+    if admin && !caller.is_admin() {
+        let e = ApiError::PermissionDenied(format!("{what} is for admins only"));
+        refused(
+            &state,
+            Some(&caller.user.name),
+            what,
+            address,
+            e.to_string(),
+        )
+        .await;
         return e.into_response();
     }
     req.extensions_mut().insert(caller);
@@ -189,99 +210,203 @@ async fn refused(
         .await;
 }
 
-/// A user may act on a job, run, group or reservation only if it is theirs. What does not
-/// exist is left to the handler (404).
-async fn check_ownership(state: &AppState, caller: &Caller, path: &str) -> Result<(), ApiError> {
-    if caller.is_admin() {
-        return Ok(());
-    }
-    let mut parts = path.trim_start_matches('/').split('/');
-    let (Some("v1"), Some(kind), Some(id)) = (parts.next(), parts.next(), parts.next()) else {
-        return Ok(());
-    };
-    let owner = match kind {
-        "jobs" => match id.parse() {
-            Ok(id) => state.store.get_job(id).await.ok().map(|j| j.owner),
-            Err(_) => None,
-        },
-        "runs" => match id.parse() {
-            Ok(id) => match state.store.get_run(id).await {
-                Ok(run) => state.store.get_job(run.job_id).await.ok().map(|j| j.owner),
-                Err(_) => None,
-            },
-            Err(_) => None,
-        },
-        "groups" => match id.parse() {
-            Ok(id) => state
-                .store
-                .get_group(id)
-                .await
-                .ok()
-                .map(|g| g.jobs.first().and_then(|j| j.owner.clone())),
-            Err(_) => None,
-        },
-        "reservations" => match id.parse() {
-            Ok(id) => state.store.get_reservation(id).await.ok().map(|r| r.owner),
-            Err(_) => None,
-        },
-        _ => None,
-    };
-    match owner {
-        Some(owner) if !caller.may_touch(owner.as_deref()) => Err(ApiError::PermissionDenied(
-            format!("{kind}/{id} belongs to another user"),
-        )),
-        _ => Ok(()),
+/// The id in a route's path (`/v1/jobs/{id}`, …) of something a user may touch only if it is
+/// theirs: a job, a run, a group or a reservation. Handlers take their id only through this
+/// extractor, so the id that is checked is the id that is used — decoded and parsed once,
+/// by axum's `Path` and the id's own parser, whatever form the caller sent (percent-encoded,
+/// upper case). What does not exist is 404.
+pub struct Owned<T>(pub T);
+
+/// Something with an owner, found by its id.
+pub trait OwnedKind: FromStr<Err = drover_core::IdError> + fmt::Display + Copy + Send {
+    const KIND: &'static str;
+    /// Its owner (None for what predates users); an error when it does not exist.
+    fn owner(
+        state: &AppState,
+        id: Self,
+    ) -> impl Future<Output = Result<Option<String>, ApiError>> + Send;
+}
+
+impl OwnedKind for JobId {
+    const KIND: &'static str = "job";
+    async fn owner(state: &AppState, id: Self) -> Result<Option<String>, ApiError> {
+        Ok(state.store.get_job(id).await?.owner)
     }
 }
 
-/// Slows down password guessing: after `LOGIN_FAILURES` failures within `LOGIN_WINDOW`
-/// for one user name or one address, logins from there are refused until the window passes.
+impl OwnedKind for RunId {
+    const KIND: &'static str = "run";
+    async fn owner(state: &AppState, id: Self) -> Result<Option<String>, ApiError> {
+        let run = state.store.get_run(id).await?;
+        Ok(state.store.get_job(run.job_id).await?.owner)
+    }
+}
+
+impl OwnedKind for GroupId {
+    const KIND: &'static str = "group";
+    async fn owner(state: &AppState, id: Self) -> Result<Option<String>, ApiError> {
+        let group = state.store.get_group(id).await?;
+        Ok(group.jobs.first().and_then(|j| j.owner.clone()))
+    }
+}
+
+impl OwnedKind for ReservationId {
+    const KIND: &'static str = "reservation";
+    async fn owner(state: &AppState, id: Self) -> Result<Option<String>, ApiError> {
+        Ok(state.store.get_reservation(id).await?.owner)
+    }
+}
+
+impl<T: OwnedKind> FromRequestParts<Arc<AppState>> for Owned<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, ApiError> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::invalid("id", e.body_text()))?;
+        let id: T = raw.parse()?;
+        let caller = parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::Internal("an owned id on a route without a signed-in caller".into())
+        })?;
+        if caller.is_admin() {
+            return Ok(Owned(id));
+        }
+        let owner = T::owner(state, id).await?;
+        if caller.may_touch(owner.as_deref()) {
+            return Ok(Owned(id));
+        }
+        let e = ApiError::PermissionDenied(format!("{} {id} belongs to another user", T::KIND));
+        let what = format!("{} {}", parts.method, parts.uri.path());
+        refused(
+            state,
+            Some(&caller.user.name),
+            what,
+            address_in(&parts.extensions),
+            e.to_string(),
+        )
+        .await;
+        Err(e)
+    }
+}
+
+/// Slows down password guessing without letting anyone lock a user out:
+/// - an address with `LOGIN_FAILURES` failed logins within `LOGIN_WINDOW` (whatever the
+///   names) is refused until the window passes;
+/// - a user with that many failures (from anywhere) has every login attempt slowed by
+///   `USER_SLOWDOWN`, the right password from another address included, but not refused.
+///
+/// Only existing users are counted, and at most `MAX_ADDRESSES` addresses, so that its
+/// memory is bounded whatever an anonymous caller sends.
 #[derive(Default)]
 pub struct LoginLimiter {
-    failures: Mutex<HashMap<String, Vec<Instant>>>,
+    failures: Mutex<LoginFailures>,
+}
+
+#[derive(Default)]
+struct LoginFailures {
+    by_address: HashMap<String, Vec<Instant>>,
+    by_user: HashMap<String, Vec<Instant>>,
 }
 
 const LOGIN_FAILURES: usize = 5;
 const LOGIN_WINDOW: Duration = Duration::from_secs(60);
+const USER_SLOWDOWN: Duration = Duration::from_secs(1);
+const MAX_ADDRESSES: usize = 10_000;
+
+/// The failures still in the window, at most [`LOGIN_FAILURES`] of them.
+fn recent(times: &mut Vec<Instant>) -> usize {
+    times.retain(|t| t.elapsed() < LOGIN_WINDOW);
+    times.len()
+}
+
+fn record(map: &mut HashMap<String, Vec<Instant>>, key: &str) {
+    let times = map.entry(key.to_string()).or_default();
+    recent(times);
+    if times.len() >= LOGIN_FAILURES {
+        times.remove(0);
+    }
+    times.push(Instant::now());
+}
 
 impl LoginLimiter {
-    fn keys(user: &str, address: Option<&str>) -> Vec<String> {
-        let mut keys = vec![format!("user:{user}")];
-        if let Some(a) = address {
-            keys.push(format!("addr:{a}"));
-        }
-        keys
+    fn lock(&self) -> std::sync::MutexGuard<'_, LoginFailures> {
+        self.failures.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Seconds to wait before trying again, if the limit is reached.
-    pub fn blocked(&self, user: &str, address: Option<&str>) -> Option<u64> {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        let mut wait = None;
-        for key in Self::keys(user, address) {
-            if let Some(times) = map.get_mut(&key) {
-                times.retain(|t| t.elapsed() < LOGIN_WINDOW);
-                if times.len() >= LOGIN_FAILURES
-                    && let Some(oldest) = times.first()
-                {
-                    let left = LOGIN_WINDOW.saturating_sub(oldest.elapsed()).as_secs() + 1;
-                    wait = Some(wait.map_or(left, |w: u64| w.max(left)));
-                }
+    /// Seconds to wait before this address may try again, if it reached the limit.
+    pub fn blocked(&self, address: Option<&str>) -> Option<u64> {
+        let mut failures = self.lock();
+        let times = failures.by_address.get_mut(address?)?;
+        if recent(times) < LOGIN_FAILURES {
+            return None;
+        }
+        let oldest = times.first()?;
+        Some(LOGIN_WINDOW.saturating_sub(oldest.elapsed()).as_secs() + 1)
+    }
+
+    /// How long a login attempt for this user waits first.
+    pub fn slowdown(&self, user_id: &str) -> Duration {
+        let mut failures = self.lock();
+        let failed = failures.by_user.get_mut(user_id).map_or(0, recent);
+        if failed >= LOGIN_FAILURES {
+            USER_SLOWDOWN
+        } else {
+            Duration::ZERO
+        }
+    }
+
+    /// A failed login: for the user, when one of that name exists, and the address.
+    pub fn failed(&self, user_id: Option<&str>, address: Option<&str>) {
+        let mut failures = self.lock();
+        if let Some(user_id) = user_id {
+            record(&mut failures.by_user, user_id);
+        }
+        if let Some(address) = address {
+            if failures.by_address.len() >= MAX_ADDRESSES {
+                failures.by_address.retain(|_, times| recent(times) > 0);
             }
-        }
-        wait
-    }
-
-    pub fn failed(&self, user: &str, address: Option<&str>) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        for key in Self::keys(user, address) {
-            map.entry(key).or_default().push(Instant::now());
+            // Past the bound, start over: a caller with that many addresses is not held
+            // back by a limit per address anyway.
+            if failures.by_address.len() >= MAX_ADDRESSES {
+                failures.by_address.clear();
+            }
+            record(&mut failures.by_address, address);
         }
     }
 
-    pub fn succeeded(&self, user: &str) {
-        let mut map = self.failures.lock().unwrap_or_else(|p| p.into_inner());
-        map.remove(&format!("user:{user}"));
+    pub fn succeeded(&self, user_id: &str, address: Option<&str>) {
+        let mut failures = self.lock();
+        failures.by_user.remove(user_id);
+        if let Some(address) = address {
+            failures.by_address.remove(address);
+        }
     }
+
+    /// Addresses and users it keeps failures of (for tests of its bound).
+    #[cfg(test)]
+    fn tracked(&self) -> (usize, usize) {
+        let failures = self.lock();
+        (failures.by_address.len(), failures.by_user.len())
+    }
+}
+
+/// An argon2id hash of a random password, verified against when a login names no user, so
+/// that an unknown name takes as long as a wrong password.
+pub fn unknown_user_hash() -> &'static str {
+    static HASH: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HASH.get_or_init(|| {
+        let password: [u8; 16] = rand::random();
+        let Ok(salt) = SaltString::encode_b64(&rand::random::<[u8; 16]>()) else {
+            return String::new();
+        };
+        Argon2::default()
+            .hash_password(&password, &salt)
+            .map(|h| h.to_string())
+            .unwrap_or_default()
+    })
 }
 
 /// Bearer tokens found valid a moment ago, so that a burst of API calls costs one lookup
@@ -332,5 +457,50 @@ impl TokenCache {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_guessing_address_is_refused_and_its_victim_only_slowed() {
+        let limiter = LoginLimiter::default();
+        for _ in 0..LOGIN_FAILURES {
+            assert_eq!(limiter.blocked(Some("10.0.0.1")), None);
+            limiter.failed(Some("admin-id"), Some("10.0.0.1"));
+        }
+        assert!(limiter.blocked(Some("10.0.0.1")).is_some());
+        // The admin, elsewhere, is not refused: only slowed.
+        assert_eq!(limiter.blocked(Some("10.0.0.2")), None);
+        assert_eq!(limiter.slowdown("admin-id"), USER_SLOWDOWN);
+        assert_eq!(limiter.slowdown("other-id"), Duration::ZERO);
+        limiter.succeeded("admin-id", Some("10.0.0.2"));
+        assert_eq!(limiter.slowdown("admin-id"), Duration::ZERO);
+    }
+
+    #[test]
+    fn the_limiter_memory_is_bounded() {
+        let limiter = LoginLimiter::default();
+        for i in 0..(MAX_ADDRESSES + 500) {
+            limiter.failed(None, Some(&format!("addr-{i}")));
+        }
+        let (addresses, users) = limiter.tracked();
+        assert!(addresses <= MAX_ADDRESSES, "{addresses}");
+        assert_eq!(users, 0, "only existing users are counted");
+        for _ in 0..100 {
+            limiter.failed(Some("u"), Some("a"));
+        }
+        assert!(limiter.lock().by_user["u"].len() <= LOGIN_FAILURES);
+    }
+
+    #[test]
+    fn audit_fields_are_bounded_and_escaped() {
+        assert_eq!(bounded("short", 64), "short");
+        let long = bounded(&"é".repeat(1000), 64);
+        assert!(long.len() <= 64 + '…'.len_utf8(), "{}", long.len());
+        assert!(long.ends_with('…'));
+        assert_eq!(bounded("a\nb", 64), "a\\nb");
     }
 }

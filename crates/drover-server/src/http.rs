@@ -1,6 +1,6 @@
 //! The HTTP JSON API (`/v1/...`), live logs over server-sent events, health and metrics.
 
-use crate::auth::{Caller, hash_password, verify_password};
+use crate::auth::{Caller, Owned, hash_password, verify_password};
 use crate::logs::Entry;
 use crate::{ApiError, AppState, Notice, jobs};
 use axum::body::Bytes;
@@ -219,13 +219,32 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+/// What no route matches: a gRPC call gets gRPC's `UNIMPLEMENTED`, anything else 404 with
+/// the JSON error every refusal has (tonic's own fallback answered 200 with an empty body).
+pub(crate) async fn unknown_route(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let grpc = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"));
+    if grpc {
+        return tonic::Status::unimplemented(format!("no gRPC method {}", uri.path()))
+            .into_http::<axum::body::Body>();
+    }
+    let path: String = uri.path().chars().take(256).collect();
+    ApiError::NotFound(format!("no route {method} {path}")).into_response()
+}
+
 /// Parses a JSON body, naming the field at fault (`env.FOO`, `timeout_ms`) on error.
 pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     if body.is_empty() {
         return Err(ApiError::invalid("body", "a JSON object is required"));
     }
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let field = if path == "." || path == "?" {
             "body".to_string()
@@ -233,7 +252,15 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
             path
         };
         ApiError::invalid(field, e.into_inner().to_string())
-    })
+    })?;
+    // One JSON value and nothing after it but white space.
+    de.end().map_err(|e| {
+        ApiError::invalid(
+            "body",
+            format!("trailing characters after the JSON value ({e})"),
+        )
+    })?;
+    Ok(value)
 }
 
 fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
@@ -357,22 +384,19 @@ async fn job_view(state: &AppState, id: JobId) -> ApiResult<JobView> {
     Ok(JobView { job, runs })
 }
 
-async fn get_job(State(state): St, Path(id): Path<String>) -> ApiResult<Json<JobView>> {
-    let id = jobs::parse_id(&id)?;
+async fn get_job(State(state): St, Owned(id): Owned<JobId>) -> ApiResult<Json<JobView>> {
     Ok(Json(job_view(&state, id).await?))
 }
 
 async fn job_events(
     State(state): St,
-    Path(id): Path<String>,
+    Owned(id): Owned<JobId>,
 ) -> ApiResult<Json<Vec<drover_store::EventRecord>>> {
-    let id = jobs::parse_id(&id)?;
     state.store.get_job(id).await?;
     Ok(Json(state.store.job_events(id).await?))
 }
 
-async fn cancel_job(State(state): St, Path(id): Path<String>) -> ApiResult<Json<JobRecord>> {
-    let id = jobs::parse_id(&id)?;
+async fn cancel_job(State(state): St, Owned(id): Owned<JobId>) -> ApiResult<Json<JobRecord>> {
     Ok(Json(jobs::cancel(&state, id).await?))
 }
 
@@ -385,10 +409,9 @@ struct WaitQuery {
 /// Long poll: answers when the job is final, or with its current state after the timeout.
 async fn wait_job(
     State(state): St,
-    Path(id): Path<String>,
+    Owned(id): Owned<JobId>,
     q: Result<Query<WaitQuery>, QueryRejection>,
 ) -> ApiResult<Json<JobView>> {
-    let id = jobs::parse_id(&id)?;
     let timeout = Duration::from_millis(query(q)?.timeout_ms.unwrap_or(30_000).min(300_000));
     let deadline = tokio::time::Instant::now() + timeout;
     let mut notices = state.notices.subscribe();
@@ -481,10 +504,9 @@ fn pick_run(runs: &[RunRecord], attempt: Option<u32>) -> ApiResult<Option<RunRec
 
 async fn job_logs(
     State(state): St,
-    Path(id): Path<String>,
+    Owned(id): Owned<JobId>,
     q: Result<Query<LogsQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
-    let id = jobs::parse_id(&id)?;
     let q = query(q)?;
     state.store.get_job(id).await?;
     if q.format == FollowFormat::Compact && !q.follow {
@@ -725,8 +747,7 @@ fn parse_path_id<T: std::str::FromStr<Err = drover_core::IdError>>(s: &str) -> A
 }
 
 /// Retries a finished attempt by hand: a new attempt in the same chain.
-async fn retry_run(State(state): St, Path(id): Path<String>) -> ApiResult<Json<JobRecord>> {
-    let run_id: RunId = parse_path_id(&id)?;
+async fn retry_run(State(state): St, Owned(run_id): Owned<RunId>) -> ApiResult<Json<JobRecord>> {
     let job = state.store.resubmit_run(run_id).await?;
     tracing::info_span!("job", job_id = %job.id)
         .in_scope(|| tracing::info!(%run_id, "retried by hand"));
@@ -780,15 +801,13 @@ async fn create_group(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-async fn get_group(State(state): St, Path(id): Path<String>) -> ApiResult<Json<GroupView>> {
-    let id: GroupId = parse_path_id(&id)?;
+async fn get_group(State(state): St, Owned(id): Owned<GroupId>) -> ApiResult<Json<GroupView>> {
     Ok(Json(state.store.get_group(id).await?))
 }
 
 /// Cancels every member not final yet, last first, so that they end CANCELLED rather than
 /// SKIPPED by the cancel of the one before.
-async fn cancel_group(State(state): St, Path(id): Path<String>) -> ApiResult<Json<GroupView>> {
-    let id: GroupId = parse_path_id(&id)?;
+async fn cancel_group(State(state): St, Owned(id): Owned<GroupId>) -> ApiResult<Json<GroupView>> {
     let view = state.store.get_group(id).await?;
     for job in view.jobs.iter().rev().filter(|j| !j.state.is_terminal()) {
         match jobs::cancel(&state, job.id).await {
@@ -878,17 +897,15 @@ async fn create_reservation(
 
 async fn get_reservation(
     State(state): St,
-    Path(id): Path<String>,
+    Owned(id): Owned<ReservationId>,
 ) -> ApiResult<Json<ReservationRecord>> {
-    let id: ReservationId = parse_path_id(&id)?;
     Ok(Json(state.store.get_reservation(id).await?))
 }
 
 async fn release_reservation(
     State(state): St,
-    Path(id): Path<String>,
+    Owned(id): Owned<ReservationId>,
 ) -> ApiResult<Json<ReservationRecord>> {
-    let id: ReservationId = parse_path_id(&id)?;
     let r = state.store.release_reservation(id).await?;
     state.dispatch.notify_one();
     Ok(Json(r))
@@ -992,10 +1009,17 @@ async fn login(
 ) -> ApiResult<Json<drover_store::IssuedTokens>> {
     let req: LoginRequest = parse_body(&body)?;
     let address = Some(peer.ip().to_string());
-    if let Some(wait) = state.logins.blocked(&req.username, address.as_deref()) {
+    // Nothing of an oversized or malformed name is looked up, limited by or kept: no user
+    // has such a name, and the audit trail must not grow by what an anonymous caller sends.
+    let name_ok = drover_core::access::validate_user_name(&req.username).is_ok();
+    if req.password.len() > drover_core::access::MAX_PASSWORD_BYTES {
+        return Err(ApiError::invalid("password", "at most 1024 bytes"));
+    }
+    let name = name_ok.then_some(req.username.as_str());
+    if let Some(wait) = state.logins.blocked(address.as_deref()) {
         state
             .audit(
-                Some(&req.username),
+                name,
                 "login",
                 None,
                 true,
@@ -1004,37 +1028,47 @@ async fn login(
             )
             .await;
         return Err(ApiError::TooManyRequests(format!(
-            "too many failed logins; try again in {wait} s"
+            "too many failed logins from this address; try again in {wait} s"
         )));
     }
-    let found = state.store.user_by_name(&req.username).await?;
-    let password = req.password.clone();
-    let user = match found {
-        Some((user, hash)) => {
-            let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
-                .await
-                .unwrap_or(false);
-            ok.then_some(user)
-        }
+    let found = match name {
+        Some(name) => state.store.user_by_name(name).await?,
         None => None,
     };
-    let Some(user) = user else {
-        state.logins.failed(&req.username, address.as_deref());
+    if let Some((user, _)) = &found {
+        // A user whose password is being guessed from many addresses: every attempt at it
+        // is slowed, none refused, so the right password still gets in.
+        let slow = state.logins.slowdown(&user.id);
+        if !slow.is_zero() {
+            tokio::time::sleep(slow).await;
+        }
+    }
+    // An unknown user costs a verification too, so that the time taken does not tell
+    // whether a user exists.
+    let user_id = found.as_ref().map(|(u, _)| u.id.clone());
+    let password = req.password.clone();
+    let (user, hash) = match found {
+        Some((user, hash)) => (Some(user), hash),
+        None => (None, crate::auth::unknown_user_hash().to_string()),
+    };
+    let ok = tokio::task::spawn_blocking(move || verify_password(&password, &hash))
+        .await
+        .unwrap_or(false);
+    let Some(user) = user.filter(|_| ok) else {
+        state.logins.failed(user_id.as_deref(), address.as_deref());
+        let detail = if name_ok {
+            "wrong user name or password"
+        } else {
+            "not a valid user name"
+        };
         state
-            .audit(
-                Some(&req.username),
-                "login",
-                None,
-                true,
-                address,
-                Some("wrong user name or password".into()),
-            )
+            .audit(name, "login", None, true, address, Some(detail.into()))
             .await;
         return Err(ApiError::Unauthenticated(
             "wrong user name or password".into(),
         ));
     };
-    state.logins.succeeded(&req.username);
+    state.logins.succeeded(&user.id, address.as_deref());
     let tokens = state
         .store
         .issue_tokens(&user.id, state.config.access_ttl, state.config.refresh_ttl)
@@ -1206,21 +1240,8 @@ async fn create_user(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<drover_store::UserRecord>)> {
     let req: UserRequest = parse_body(&body)?;
-    let valid_name = !req.name.is_empty()
-        && req.name.len() <= 64
-        && req
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c));
-    if !valid_name {
-        return Err(ApiError::invalid(
-            "name",
-            "1-64 letters, digits, '-', '_', '.' or '@'",
-        ));
-    }
-    if req.password.len() < 8 || req.password.len() > 1024 {
-        return Err(ApiError::invalid("password", "8 to 1024 bytes"));
-    }
+    drover_core::access::validate_user_name(&req.name)?;
+    drover_core::access::validate_new_password(&req.password)?;
     let role = drover_store::Role::parse(&req.role)
         .ok_or_else(|| ApiError::invalid("role", "admin or user"))?;
     let password = req.password.clone();

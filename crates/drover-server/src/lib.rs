@@ -343,10 +343,14 @@ pub struct Server {
 impl Server {
     /// Opens the store (applying migrations), recovers leases, and binds the listener.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
-        std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
-            path: config.data_dir.clone(),
-            source,
-        })?;
+        // Made private (the database, log files and API address are the control plane's);
+        // a directory that exists keeps the mode its owner gave it.
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&config.data_dir)
+            .map_err(|source| ServerError::DataDir {
+                path: config.data_dir.clone(),
+                source,
+            })?;
         let url = config
             .database_url
             .clone()
@@ -496,7 +500,9 @@ impl Server {
                 })),
                 tokio::spawn(providers::run(state.clone(), self.providers)),
             ];
-        let app = http::router(state.clone()).merge(grpc::router(state.clone()));
+        let app = http::router(state.clone())
+            .merge(grpc::router(state.clone()))
+            .fallback(http::unknown_route);
         let closing = state.clone();
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
         let graceful = async move {
