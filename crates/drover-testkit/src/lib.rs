@@ -25,9 +25,16 @@ pub struct TestDir {
 
 impl TestDir {
     pub fn new() -> Self {
+        Self::new_in(&std::env::temp_dir())
+    }
+
+    /// In another parent than the system's temporary directory (which sandboxes replace
+    /// with a tmpfs of their own, so that a test of what they hide would prove nothing).
+    pub fn new_in(parent: &Path) -> Self {
+        std::fs::create_dir_all(parent).expect("create the parent directory");
         let dir = tempfile::Builder::new()
             .prefix("drover-test-")
-            .tempdir()
+            .tempdir_in(parent)
             .expect("create a temporary directory");
         let path = dir.path().to_path_buf();
         Self {
@@ -64,13 +71,38 @@ pub struct Proc {
     name: String,
 }
 
+/// How a process under test is started besides its arguments.
+#[derive(Debug, Clone, Default)]
+pub struct Launch {
+    /// Variables added to its environment.
+    pub env: Vec<(String, String)>,
+    /// Run it as this uid and gid (through `setpriv`; the test must be root).
+    pub as_user: Option<u32>,
+}
+
 impl Proc {
     fn spawn(bin: &Path, args: &[String], log: PathBuf, name: &str) -> Self {
+        Self::spawn_with(bin, args, log, name, &Launch::default())
+    }
+
+    fn spawn_with(bin: &Path, args: &[String], log: PathBuf, name: &str, launch: &Launch) -> Self {
         let stderr = std::fs::File::create(&log).expect("create the process log");
         // The test's own config dir: `drover up` stores its login there, not in the user's.
         let config = log.parent().unwrap_or(Path::new(".")).join("config");
-        let child = Command::new(bin)
+        let mut command = match launch.as_user {
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={uid}"))
+                    .args(["--clear-groups", "--"])
+                    .arg(bin);
+                c
+            }
+            None => Command::new(bin),
+        };
+        let child = command
             .args(args)
+            .envs(launch.env.iter().map(|(k, v)| (k, v)))
             .env("DROVER_LOG", "info,drover=debug")
             .env("XDG_CONFIG_HOME", &config)
             .env_remove("DROVER_SERVER")
@@ -512,8 +544,25 @@ impl WorkerProc {
         token: Option<&str>,
         extra: &[&str],
     ) -> Self {
+        Self::start_with(drover, server, dir, name, token, extra, &Launch::default())
+    }
+
+    /// A worker with a changed environment or as another user (its state directory is
+    /// then made theirs).
+    pub fn start_with(
+        drover: &Drover,
+        server: &str,
+        dir: &Path,
+        name: &str,
+        token: Option<&str>,
+        extra: &[&str],
+        launch: &Launch,
+    ) -> Self {
         let state_dir = dir.join(format!("worker-{name}"));
         std::fs::create_dir_all(&state_dir).expect("state dir");
+        if let Some(uid) = launch.as_user {
+            std::os::unix::fs::chown(&state_dir, Some(uid), Some(uid)).expect("chown state dir");
+        }
         let mut args: Vec<String> = vec![
             "worker".into(),
             "--server".into(),
@@ -533,7 +582,7 @@ impl WorkerProc {
             .map(|d| d.count())
             .unwrap_or(0);
         let log = state_dir.join(format!("worker-{n}.log"));
-        let proc = Proc::spawn(&drover.bin, &args, log, "drover worker");
+        let proc = Proc::spawn_with(&drover.bin, &args, log, "drover worker", launch);
         Self { proc, state_dir }
     }
 
@@ -564,6 +613,10 @@ pub struct UpProc {
 
 impl UpProc {
     pub async fn start(drover: &Drover, dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with(drover, dir, extra, &Launch::default()).await
+    }
+
+    pub async fn start_with(drover: &Drover, dir: &Path, extra: &[&str], launch: &Launch) -> Self {
         let data_dir = dir.join("drover-up");
         std::fs::create_dir_all(&data_dir).expect("data dir");
         let _ = std::fs::remove_file(data_dir.join("api.addr"));
@@ -576,11 +629,12 @@ impl UpProc {
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let n = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
-        let proc = Proc::spawn(
+        let proc = Proc::spawn_with(
             &drover.bin,
             &args,
             dir.join(format!("up-{n}.log")),
             "drover up",
+            launch,
         );
         let url = wait_for_addr_file(&data_dir.join("api.addr"), &proc).await;
         wait_ready(&url, &proc).await;

@@ -22,8 +22,17 @@ pub struct ServerArgs {
     #[arg(long, env = "DROVER_DATA_DIR", default_value = ".drover")]
     data_dir: PathBuf,
     /// sqlite://PATH (default: DATA_DIR/drover.db) or postgres://USER:PASSWORD@HOST/DB.
-    #[arg(long, env = "DROVER_DATABASE_URL")]
+    /// Its value is never shown by --help; prefer the environment or --database-url-file to
+    /// keep a password out of the process list.
+    #[arg(long, env = "DROVER_DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
+    /// Read the database URL from this file (first line), e.g. a mounted secret.
+    #[arg(
+        long,
+        env = "DROVER_DATABASE_URL_FILE",
+        conflicts_with = "database_url"
+    )]
+    database_url_file: Option<PathBuf>,
     /// Do not apply migrations at start; refuse a schema that is behind (`drover migrate`).
     #[arg(long)]
     no_migrate: bool,
@@ -107,9 +116,12 @@ fn parse_provider(s: &str) -> Result<ProviderConfig, String> {
 }
 
 impl ServerArgs {
-    fn config(&self) -> ServerConfig {
+    fn config(&self) -> anyhow::Result<ServerConfig> {
         let mut c = ServerConfig::new(self.listen, self.data_dir.clone());
-        c.database_url = self.database_url.clone();
+        c.database_url = match &self.database_url_file {
+            Some(file) => Some(read_secret_file(file, "--database-url-file")?),
+            None => self.database_url.clone(),
+        };
         c.migrate = !self.no_migrate;
         c.lease = self.lease;
         c.default_backoff_base = self.backoff_base;
@@ -121,7 +133,7 @@ impl ServerArgs {
         c.access_ttl = self.access_token_ttl;
         c.tls = self.tls_cert.clone().zip(self.tls_key.clone());
         c.require_inference = self.require_inference;
-        c
+        Ok(c)
     }
 }
 
@@ -180,7 +192,7 @@ pub struct WorkerArgs {
     #[arg(long)]
     require_inference: bool,
     /// One-time token from `drover node token create` (first start only).
-    #[arg(long, env = "DROVER_TOKEN")]
+    #[arg(long, env = "DROVER_TOKEN", hide_env_values = true)]
     token: Option<String>,
     /// Where the node keeps its credential and run scratch directories.
     #[arg(long, env = "DROVER_STATE_DIR")]
@@ -282,7 +294,19 @@ fn worker_config(
             Executor::Noop => drover_worker::ExecutorKind::Noop,
         },
         ca_cert: None,
+        hidden_paths: Vec::new(),
     })
+}
+
+/// The first line of a file holding a secret (a database URL with its password).
+fn read_secret_file(file: &Path, flag: &str) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", file.display()))?;
+    let line = text.lines().next().unwrap_or_default().trim();
+    if line.is_empty() {
+        anyhow::bail!("{flag} {}: the file is empty", file.display());
+    }
+    Ok(line.to_string())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
@@ -304,7 +328,7 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
 }
 
 async fn bind(args: &ServerArgs) -> anyhow::Result<Server> {
-    let server = Server::bind(args.config()).await?;
+    let server = Server::bind(args.config()?).await?;
     let addr_file = args.data_dir.join("api.addr");
     std::fs::write(&addr_file, format!("{}\n", server.url()))
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
@@ -391,6 +415,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     )?;
     // The local worker trusts the control plane's own certificate.
     config.ca_cert = crate::login::ca_cert().or_else(|| args.server.tls_cert.clone());
+    // Sandboxed jobs must not see the database, whatever the data directory's place.
+    config.hidden_paths = std::fs::canonicalize(&args.server.data_dir)
+        .into_iter()
+        .collect();
     let slots = drover_worker::capabilities(&config).slots;
     let mut worker_task = tokio::spawn(drover_worker::run(config, stopped(stop_rx)));
     println!("drover is up");
@@ -423,7 +451,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
 #[derive(Args)]
 pub struct MigrateArgs {
     /// sqlite://PATH or postgres://USER:PASSWORD@HOST/DB.
-    #[arg(long, env = "DROVER_DATABASE_URL")]
+    #[arg(long, env = "DROVER_DATABASE_URL", hide_env_values = true)]
     database_url: String,
 }
 

@@ -1,0 +1,849 @@
+//! The attack suite: what an ordinary user (role `user`) tries in order to reach what is not
+//! theirs, and what drover must refuse. Two halves:
+//!
+//! - **Isolation**: a job that probes its surroundings — the control plane's database, the
+//!   node's credential, the CLI's credentials, another job's scratch directory, the host's
+//!   files, processes and network, the Docker socket, its capabilities and user, the
+//!   worker's environment — in every isolation mode, under a root worker (`drover up`, as
+//!   people run it) and under an unprivileged worker. Their directories live under the
+//!   build's own temporary directory, not /tmp: a sandbox replaces /tmp with a tmpfs of its
+//!   own, and a secret hidden only by that would prove nothing.
+//! - **API**: every route with an owned id in every form that names the same thing
+//!   (raw, percent-encoded, upper case, trailing slash), oversized and malformed input from
+//!   anonymous callers, a lock-out attempt, login timing, races on one-time and refresh
+//!   tokens (run again on PostgreSQL by scripts/test), secrets in `--help`.
+
+use drover_client::Client;
+use drover_core::{Isolation, JobSpec, JobState};
+use drover_server::{Access, route_table};
+use drover_testkit::{
+    ADMIN_PASSWORD, Drover, Launch, ServerOptions, ServerProc, TestDir, UpProc, WorkerProc,
+    drover_client, eventually, service_available,
+};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn drover() -> Drover {
+    Drover::new(env!("CARGO_BIN_EXE_drover"))
+}
+
+/// A test directory outside /tmp (see the module comment), readable by other users so that
+/// an unprivileged worker can reach its own state directory inside it.
+fn attack_dir() -> TestDir {
+    let dir = TestDir::new_in(&PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("attack"));
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod test dir");
+    dir
+}
+
+/// Variables a worker is started with that no job may see.
+const CANARIES: &[(&str, &str)] = &[
+    ("DROVER_ADMIN_PASSWORD", "canary-admin-password-5f1c"),
+    ("OPENAI_API_KEY", "canary-openai-key-5f1c"),
+    (
+        "DATABASE_URL",
+        "postgres://drover:canary-db-password-5f1c@db/drover",
+    ),
+];
+
+fn canary_launch(as_user: Option<u32>) -> Launch {
+    Launch {
+        env: CANARIES
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        as_user,
+    }
+}
+
+fn bwrap_usable() -> bool {
+    let ok = std::process::Command::new("bwrap")
+        .args(["--unshare-all", "--ro-bind", "/", "/", "--", "/bin/true"])
+        .status()
+        .is_ok_and(|s| s.success());
+    service_available(
+        ok,
+        "a usable bubblewrap (bwrap)",
+        "scripts/test installs it",
+    )
+}
+
+const IMAGE: &str = "drover-busybox:latest";
+
+fn docker_usable() -> bool {
+    let ok = std::process::Command::new("docker")
+        .args(["image", "inspect", IMAGE])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    service_available(
+        ok,
+        &format!("a Docker engine with {IMAGE}"),
+        "scripts/test builds it with scripts/build-images",
+    )
+}
+
+fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+}
+
+/// What a probe looks for, on the host.
+struct Secrets {
+    /// Files a job must not read: (what, path).
+    files: Vec<(&'static str, PathBuf)>,
+    /// A directory of drover's a job must not write in.
+    data_dir: PathBuf,
+    /// The worker's pid (host namespace).
+    worker_pid: i32,
+}
+
+/// Whether the worker's environment reached the job.
+const ENVIRONMENT_PROBE: &str =
+    "if env | grep -q canary-; then echo environment=leaked; else echo environment=clean; fi";
+
+/// A shell script (POSIX sh and busybox) printing `what=verdict` lines.
+fn probe_script(secrets: &Secrets, port: u16) -> String {
+    let mut s = String::from(
+        "r() { if cat \"$2\" >/dev/null 2>&1; then echo \"$1=readable\"; else echo \"$1=hidden\"; fi; }\n\
+         w() { if (echo x > \"$2\") 2>/dev/null; then echo \"$1=written\"; else echo \"$1=refused\"; fi; }\n",
+    );
+    for (what, path) in &secrets.files {
+        s.push_str(&format!("r {what} '{}'\n", path.display()));
+    }
+    s.push_str("r shadow /etc/shadow\n");
+    let marker = format!("drover-attack-{}", std::process::id());
+    for (what, dir) in [
+        ("write_usr", PathBuf::from("/usr")),
+        ("write_etc", PathBuf::from("/etc")),
+        ("write_data_dir", secrets.data_dir.clone()),
+    ] {
+        s.push_str(&format!("w {what} '{}/{marker}'\n", dir.display()));
+    }
+    let pid = secrets.worker_pid;
+    s.push_str(&format!(
+        "mount -o remount,rw / 2>/dev/null && echo remount=done || echo remount=refused\n\
+         if [ -e /var/run/docker.sock ] || [ -e /run/docker.sock ]; then echo docker_socket=visible; else echo docker_socket=hidden; fi\n\
+         echo caps=$(grep CapEff /proc/self/status | tr -d 'CapEff:\\t ')\n\
+         echo uid=$(id -u)\n\
+         if [ -e /proc/{pid}/status ]; then echo worker_process=visible; else echo worker_process=hidden; fi\n\
+         kill -0 {pid} 2>/dev/null && echo signal_worker=sent || echo signal_worker=refused\n\
+         echo interfaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort | tr '\\n' ,)\n\
+         if env | grep -q canary-; then echo environment=leaked; else echo environment=clean; fi\n\
+         for d in /root /home /var/run /var/lib; do if ls -A \"$d\" 2>/dev/null | grep -q .; then echo \"listed$d=yes\"; fi; done\n\
+         if ls -A /run 2>/dev/null | grep -qvE '^(drover|mount)$' || ls -A /run/mount 2>/dev/null | grep -q .; then echo listed/run=$(ls -A /run | tr '\\n' ' '); fi\n\
+         echo port={port}\n"
+    ));
+    s
+}
+
+fn verdicts(lines: &[String]) -> BTreeMap<String, String> {
+    lines
+        .iter()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+async fn run_probe(client: &Client, spec: JobSpec) -> BTreeMap<String, String> {
+    let job = client.submit_job(&spec).await.expect("submit the probe");
+    let id = job.id.to_string();
+    let view = client.wait_job(&id, |_| {}).await.expect("wait");
+    let lines: Vec<String> = client
+        .job_logs(&id, None)
+        .await
+        .expect("logs")
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    assert_eq!(
+        view.job.state,
+        JobState::Succeeded,
+        "the probe runs to its end: {:?} {lines:?}",
+        view.job.error
+    );
+    verdicts(&lines)
+}
+
+fn probe_spec(script: &str, isolation: Isolation) -> JobSpec {
+    JobSpec {
+        command: Some(script.to_string()),
+        isolation,
+        image: (isolation == Isolation::Container).then(|| IMAGE.to_string()),
+        max_attempts: Some(1),
+        ..Default::default()
+    }
+}
+
+/// What every isolating mode promises (spec/product.md §9); `mode` names the case.
+fn assert_isolated(mode: &str, v: &BTreeMap<String, String>, secrets: &Secrets) {
+    let get = |k: &str| v.get(k).map(String::as_str).unwrap_or("missing");
+    for (what, _) in &secrets.files {
+        assert_eq!(get(what), "hidden", "{mode}: {what} — {v:?}");
+    }
+    assert_eq!(get("shadow"), "hidden", "{mode}: {v:?}");
+    for what in ["write_usr", "write_etc"] {
+        assert_eq!(get(what), "refused", "{mode}: {what} — {v:?}");
+    }
+    // Where a sandbox shows the path of its scratch directory, the directories above it
+    // are its own (an empty tmpfs), so a write there may succeed: what counts is the host.
+    let marker = secrets
+        .data_dir
+        .join(format!("drover-attack-{}", std::process::id()));
+    assert!(!marker.exists(), "{mode}: wrote {}", marker.display());
+    assert_eq!(get("remount"), "refused", "{mode}: {v:?}");
+    assert_eq!(get("docker_socket"), "hidden", "{mode}: {v:?}");
+    assert_eq!(
+        get("caps"),
+        "0000000000000000",
+        "{mode}: capabilities — {v:?}"
+    );
+    assert_ne!(get("uid"), "0", "{mode}: root in the job — {v:?}");
+    assert_eq!(get("worker_process"), "hidden", "{mode}: {v:?}");
+    assert_eq!(get("signal_worker"), "refused", "{mode}: {v:?}");
+    assert_eq!(
+        get("interfaces"),
+        "lo,",
+        "{mode}: a network beyond loopback — {v:?}"
+    );
+    assert_eq!(get("environment"), "clean", "{mode}: {v:?}");
+    let listed: Vec<_> = v.keys().filter(|k| k.starts_with("listed")).collect();
+    assert!(
+        listed.is_empty(),
+        "{mode}: host directories visible: {listed:?} in {v:?}"
+    );
+    for (_, dir) in [("usr", "/usr"), ("etc", "/etc")] {
+        let marker = Path::new(dir).join(format!("drover-attack-{}", std::process::id()));
+        assert!(!marker.exists(), "{mode}: wrote {}", marker.display());
+    }
+}
+
+/// Job A keeps a secret in its scratch directory; job B, of another user, looks for it.
+async fn other_jobs_scratch_is_hidden(
+    owner: &Client,
+    other: &Client,
+    isolation: Isolation,
+    mode: &str,
+) {
+    let keeper = probe_spec(
+        "echo secret-of-a > \"$DROVER_SCRATCH/secret\"; echo \"scratch=$DROVER_SCRATCH\"; sleep 60",
+        isolation,
+    );
+    let job = owner.submit_job(&keeper).await.expect("submit");
+    let id = job.id.to_string();
+    let scratch = eventually("the keeper to say where its scratch is", || async {
+        let logs = owner.job_logs(&id, None).await.ok()?;
+        logs.iter()
+            .find_map(|e| e.text.strip_prefix("scratch=").map(str::to_string))
+    })
+    .await;
+    let probe = probe_spec(
+        &format!(
+            "if cat '{scratch}/secret' 2>/dev/null; then echo other_scratch=readable; \
+             else echo other_scratch=hidden; fi; \
+             if ls -A '{}' 2>/dev/null | grep -qv \"^$(basename \"$DROVER_SCRATCH\")$\"; \
+             then echo scratch_parent=listed; fi",
+            Path::new(&scratch)
+                .parent()
+                .unwrap_or(Path::new("/"))
+                .display()
+        ),
+        isolation,
+    );
+    let v = run_probe(other, probe).await;
+    assert_eq!(
+        v.get("other_scratch").map(String::as_str),
+        Some("hidden"),
+        "{mode}: {v:?}"
+    );
+    // A container's scratch is its own /tmp, whose parent is the image's root.
+    if isolation != Isolation::Container {
+        assert!(!v.contains_key("scratch_parent"), "{mode}: {v:?}");
+    }
+    owner.cancel_job(&id).await.expect("cancel the keeper");
+}
+
+async fn plain_user(admin: &Client, url: &str, name: &str) -> Client {
+    let password = format!("{name}-password");
+    admin
+        .create_user(name, &password, "user")
+        .await
+        .expect("create user");
+    let tokens = Client::new(url)
+        .expect("client")
+        .login(name, &password)
+        .await
+        .expect("login");
+    Client::new(url)
+        .expect("client")
+        .with_token(tokens.access_token)
+}
+
+/// `drover up` as root, as people run it: the control plane's database, the node's
+/// credential and the CLI's login sit in the data and config directories.
+#[tokio::test]
+async fn isolation_under_a_root_worker_drover_up() {
+    if !running_as_root() {
+        eprintln!("skipped: the root worker case needs the test to run as root");
+        return;
+    }
+    let sandbox = bwrap_usable();
+    let container = docker_usable();
+    let dir = attack_dir();
+    let up = UpProc::start_with(&drover(), dir.path(), &[], &canary_launch(None)).await;
+    let admin = up.client();
+    let mallory = plain_user(&admin, &up.url, "mallory").await;
+    let alice = plain_user(&admin, &up.url, "alice").await;
+    let secrets = Secrets {
+        files: vec![
+            ("database", up.data_dir.join("drover.db")),
+            ("node_credential", up.data_dir.join("worker/node.json")),
+            (
+                "cli_credentials",
+                dir.path().join("config/drover/credentials.json"),
+            ),
+        ],
+        data_dir: up.data_dir.clone(),
+        worker_pid: up.proc.pid(),
+    };
+    for (_, f) in &secrets.files {
+        assert!(f.exists(), "the secret {} exists on the host", f.display());
+    }
+    let script = probe_script(&secrets, 0);
+    // A process job runs with the worker's rights (nothing more is promised) but never
+    // with its environment.
+    let v = run_probe(&mallory, probe_spec(ENVIRONMENT_PROBE, Isolation::Process)).await;
+    assert_eq!(
+        v.get("environment").map(String::as_str),
+        Some("clean"),
+        "{v:?}"
+    );
+    if sandbox {
+        let v = run_probe(&mallory, probe_spec(&script, Isolation::Sandbox)).await;
+        assert_isolated("sandbox under root", &v, &secrets);
+        assert_eq!(v.get("uid").map(String::as_str), Some("65534"));
+        other_jobs_scratch_is_hidden(&alice, &mallory, Isolation::Sandbox, "sandbox").await;
+    }
+    if container {
+        let v = run_probe(&mallory, probe_spec(&script, Isolation::Container)).await;
+        assert_isolated("container under root", &v, &secrets);
+        other_jobs_scratch_is_hidden(&alice, &mallory, Isolation::Container, "container").await;
+    }
+    // Nothing was written on the host.
+    let marker = up
+        .data_dir
+        .join(format!("drover-attack-{}", std::process::id()));
+    assert!(!marker.exists());
+}
+
+/// A worker running as an unprivileged user (uid 4242): the sandbox must hide that user's
+/// own files too (the node's credential is readable by it).
+#[tokio::test]
+async fn isolation_under_an_unprivileged_worker() {
+    if !running_as_root() {
+        eprintln!("skipped: starting a worker as another user needs the test to run as root");
+        return;
+    }
+    if !bwrap_usable() {
+        return;
+    }
+    let dir = attack_dir();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let admin = server.client();
+    let token = server.token().await;
+    let worker = WorkerProc::start_with(
+        &drover(),
+        &server.url,
+        dir.path(),
+        "unprivileged",
+        Some(&token),
+        &[],
+        &canary_launch(Some(4242)),
+    );
+    WorkerProc::wait_connected(&admin, 1).await;
+    let nodes = admin.list_nodes().await.expect("nodes");
+    assert!(
+        nodes[0]
+            .worker
+            .capabilities
+            .isolation_modes
+            .contains(&"sandbox".to_string()),
+        "an unprivileged worker offers sandboxes: {nodes:?}; log: {}",
+        worker.proc.log_text()
+    );
+    let mallory = plain_user(&admin, &server.url, "mallory").await;
+    let alice = plain_user(&admin, &server.url, "alice").await;
+    let credential = worker.state_dir.join("node.json");
+    assert!(credential.exists());
+    let secrets = Secrets {
+        files: vec![
+            ("node_credential", credential),
+            ("database", server.data_dir.join("drover.db")),
+        ],
+        data_dir: worker.state_dir.clone(),
+        worker_pid: worker.proc.pid(),
+    };
+    let script = probe_script(&secrets, 0);
+    let process_probe = format!(
+        "{ENVIRONMENT_PROBE}\nif cat '{}' >/dev/null; then echo node_credential=readable; fi",
+        secrets.files[0].1.display()
+    );
+    let v = run_probe(&mallory, probe_spec(&process_probe, Isolation::Process)).await;
+    assert_eq!(
+        v.get("environment").map(String::as_str),
+        Some("clean"),
+        "{v:?}"
+    );
+    assert_eq!(
+        v.get("node_credential").map(String::as_str),
+        Some("readable"),
+        "a process job has the worker's rights (the probe itself works): {v:?}"
+    );
+    let v = run_probe(&mallory, probe_spec(&script, Isolation::Sandbox)).await;
+    assert_isolated("sandbox under uid 4242", &v, &secrets);
+    other_jobs_scratch_is_hidden(&alice, &mallory, Isolation::Sandbox, "sandbox").await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The API
+// ---------------------------------------------------------------------------------------
+
+/// A raw call: (status, body).
+async fn call(
+    url: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> (u16, String) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut request = reqwest::Client::new().request(method.clone(), format!("{url}{path}"));
+    if let Some(t) = token {
+        request = request.bearer_auth(t);
+    }
+    match body {
+        Some(body) => {
+            request = request
+                .header("content-type", "application/json")
+                .body(body)
+        }
+        None if method == reqwest::Method::POST => {
+            request = request.json(&serde_json::json!({}));
+        }
+        None => {}
+    }
+    let r = request.send().await.expect("request");
+    (r.status().as_u16(), r.text().await.unwrap_or_default())
+}
+
+/// Every form of an id that names the same thing, as an attacker would write it.
+fn id_forms(id: &str) -> Vec<(String, &'static str)> {
+    let percent_dashes = id.replace('-', "%2D");
+    let percent_all: String = id.bytes().map(|b| format!("%{b:02X}")).collect();
+    vec![
+        (id.to_string(), "raw"),
+        (percent_dashes, "dashes percent-encoded"),
+        (percent_all, "every byte percent-encoded"),
+        (id.to_uppercase(), "upper case"),
+        (id.replace('-', ""), "without dashes"),
+        (format!("urn:uuid:{id}"), "as a URN"),
+        (format!("{id}/"), "with a trailing slash"),
+    ]
+}
+
+/// Bob, a plain user, calls every owned route on the admin's things with every form of
+/// their ids: nothing answers, nothing leaks, nothing changes.
+#[tokio::test]
+async fn a_user_reaches_nothing_of_another_user_by_any_form_of_its_id() {
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let admin = server.client();
+    let _worker = server
+        .worker(dir.path(), "w", None, &["--resources", "gpu=1"])
+        .await;
+    WorkerProc::wait_connected(&admin, 1).await;
+    let secret_job = JobSpec {
+        command: Some("echo the-admins-secret-output".into()),
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    let job = admin.submit_job(&secret_job).await.expect("submit");
+    let view = admin
+        .wait_job(&job.id.to_string(), |_| {})
+        .await
+        .expect("wait");
+    let run_id = view.runs[0].run.id.to_string();
+    let group = admin
+        .create_group("g", std::slice::from_ref(&secret_job))
+        .await
+        .expect("group")
+        .group
+        .id
+        .to_string();
+    let reservation = admin
+        .reserve("gpu", 1, None, std::time::Duration::from_secs(60))
+        .await
+        .expect("reserve")
+        .id
+        .to_string();
+    let bob = plain_user(&admin, &server.url, "bob").await;
+    let bob_token = bob.token().expect("token").to_string();
+    let events_before = admin
+        .job_events(&job.id.to_string())
+        .await
+        .expect("events")
+        .len();
+
+    let owned: [(&str, String); 4] = [
+        ("/v1/jobs/{id}", job.id.to_string()),
+        ("/v1/runs/{id}", run_id.clone()),
+        ("/v1/groups/{id}", group.clone()),
+        ("/v1/reservations/{id}", reservation.clone()),
+    ];
+    let mut tried = 0;
+    for route in route_table() {
+        let Some((prefix, id)) = owned.iter().find(|(p, _)| route.path.starts_with(p)) else {
+            continue;
+        };
+        assert_eq!(route.access, Access::User, "{}", route.path);
+        for (form, how) in id_forms(id) {
+            let path = route
+                .path
+                .replace(prefix, &prefix.replace("{id}", &form))
+                .replace("//", "/");
+            let (status, body) =
+                call(&server.url, route.method, &path, Some(&bob_token), None).await;
+            let what = format!("{} {path} ({how})", route.method);
+            assert!(
+                matches!(status, 400 | 403 | 404 | 405),
+                "{what} answered {status}: {body}"
+            );
+            assert!(
+                !body.contains("the-admins-secret-output") && !body.contains("\"spec\""),
+                "{what} leaked: {body}"
+            );
+            if matches!(
+                how,
+                "raw" | "dashes percent-encoded" | "every byte percent-encoded" | "upper case"
+            ) {
+                assert_eq!(status, 403, "{what}: {body}");
+            }
+            tried += 1;
+        }
+    }
+    assert!(tried >= 9 * 7, "every owned route in every form: {tried}");
+    // Nothing changed: the job, its events, the group and the reservation.
+    let after = admin.get_job(&job.id.to_string()).await.expect("job");
+    assert_eq!(after.job.state, JobState::Succeeded);
+    assert_eq!(after.runs.len(), 1, "no retry by bob");
+    assert_eq!(
+        admin
+            .job_events(&job.id.to_string())
+            .await
+            .expect("events")
+            .len(),
+        events_before
+    );
+    let reservation_after = admin
+        .call(
+            reqwest::Method::GET,
+            &["v1", "reservations", reservation.as_str()],
+            None,
+        )
+        .await
+        .expect("reservation");
+    assert_eq!(reservation_after["state"], "ACTIVE", "{reservation_after}");
+    // The admin still reaches them in every form that parses.
+    let (status, body) = call(
+        &server.url,
+        "GET",
+        &format!("/v1/jobs/{}/logs", job.id.to_string().replace('-', "%2D")),
+        Some(&server.token),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("the-admins-secret-output"));
+}
+
+/// Anonymous callers with huge names, malformed bodies and garbage: refused before
+/// anything is kept, so neither memory nor the database grows by what they send.
+#[tokio::test]
+async fn anonymous_oversized_input_is_refused_before_anything_is_kept() {
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let admin = server.client();
+    let db_size = || {
+        ["drover.db", "drover.db-wal"]
+            .iter()
+            .map(|f| {
+                std::fs::metadata(server.data_dir.join(f))
+                    .map(|m| m.len())
+                    .unwrap_or(0)
+            })
+            .sum::<u64>()
+    };
+    let before = db_size();
+    let huge = "u".repeat(1 << 20);
+    for _ in 0..40 {
+        let body = serde_json::to_vec(&serde_json::json!({"username": huge, "password": "x"}))
+            .expect("json");
+        let (status, _) = call(&server.url, "POST", "/v1/auth/login", None, Some(body)).await;
+        assert!(matches!(status, 401 | 429), "{status}");
+        let body = serde_json::to_vec(&serde_json::json!({"username": "admin", "password": huge}))
+            .expect("json");
+        let (status, body) = call(&server.url, "POST", "/v1/auth/login", None, Some(body)).await;
+        assert!(matches!(status, 400 | 429), "{status} {body}");
+    }
+    let audit = admin.audit(1000).await.expect("audit");
+    for row in &audit {
+        let size = serde_json::to_string(row).expect("json").len();
+        assert!(size < 2048, "an audit row of {size} bytes: {row:?}");
+    }
+    if !drover_testkit::on_postgres() {
+        let grown = db_size().saturating_sub(before);
+        assert!(grown < 4 << 20, "the database grew by {grown} bytes");
+    }
+    // Trailing garbage, control characters and too many labels are refused, naming the field.
+    let token = Some(server.token.as_str());
+    for (body, field) in [
+        (r#"{"command": "true"} trailing"#.to_string(), "body"),
+        (r#"{"command": "true"}{"command": "true"}"#.to_string(), "body"),
+        (
+            r#"{"command": "true", "env": {"A\nB": "x"}}"#.to_string(),
+            "env.A\\nB",
+        ),
+        (
+            r#"{"command": "true", "labels": {"zone": "a\u0000b"}}"#.to_string(),
+            "labels.zone",
+        ),
+        (
+            serde_json::json!({
+                "command": "true",
+                "labels": (0..5000).map(|i| (format!("k{i}"), "v".to_string())).collect::<BTreeMap<_, _>>(),
+            })
+            .to_string(),
+            "labels",
+        ),
+        (
+            r#"{"command": "true", "isolation": "container", "image": "--volume=/:/host"}"#
+                .to_string(),
+            "image",
+        ),
+        (
+            r#"{"command": "true", "working_dir": "relative"}"#.to_string(),
+            "working_dir",
+        ),
+    ] {
+        let (status, answer) = call(&server.url, "POST", "/v1/jobs", token, Some(body.into_bytes())).await;
+        assert_eq!(status, 400, "{answer}");
+        let answer: serde_json::Value = serde_json::from_str(&answer).expect("json error");
+        assert_eq!(answer["error"]["field"], field, "{answer}");
+    }
+    assert!(admin.list_jobs(None, 10).await.expect("jobs").is_empty());
+}
+
+/// A login from a given local address (the loopback range is all this machine's).
+async fn login_from(
+    url: &str,
+    from: [u8; 4],
+    user: &str,
+    password: &str,
+) -> (u16, std::time::Duration) {
+    let client = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(from))
+        .build()
+        .expect("client");
+    let started = std::time::Instant::now();
+    let r = client
+        .post(format!("{url}/v1/auth/login"))
+        .json(&serde_json::json!({"username": user, "password": password}))
+        .send()
+        .await
+        .expect("login request");
+    (r.status().as_u16(), started.elapsed())
+}
+
+/// Mallory fails the admin's password over and over from one address: that address is
+/// refused, and the admin, from another, still signs in.
+#[tokio::test]
+async fn failing_the_admins_password_elsewhere_does_not_lock_the_admin_out() {
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let url = server.url.clone();
+    let mut refused_at = None;
+    for i in 0..12 {
+        let (status, _) = login_from(&url, [127, 0, 0, 2], "admin", "guess").await;
+        assert!(matches!(status, 401 | 429), "{status}");
+        if status == 429 && refused_at.is_none() {
+            refused_at = Some(i);
+        }
+    }
+    assert_eq!(
+        refused_at,
+        Some(5),
+        "the guessing address is refused after five failures"
+    );
+    let (status, _) = login_from(&url, [127, 0, 0, 3], "admin", ADMIN_PASSWORD).await;
+    assert_eq!(status, 200, "the admin signs in from elsewhere");
+    // The guessing address stays refused, right password or not.
+    let (status, _) = login_from(&url, [127, 0, 0, 2], "admin", ADMIN_PASSWORD).await;
+    assert_eq!(status, 429);
+}
+
+/// Whether a user exists must not show in how long a failed login takes: an unknown name
+/// is verified against a hash as a known one is. Compared as a ratio of medians, each
+/// login from an address of its own (the limiter counts per address).
+#[tokio::test]
+async fn login_time_does_not_tell_whether_a_user_exists() {
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let mut known = Vec::new();
+    let mut unknown = Vec::new();
+    for i in 0..4u8 {
+        let (status, t) = login_from(&server.url, [127, 0, 1, i], "admin", "wrong-password").await;
+        assert_eq!(status, 401);
+        known.push(t);
+        let (status, t) =
+            login_from(&server.url, [127, 0, 2, i], "nobody-here", "wrong-password").await;
+        assert_eq!(status, 401);
+        unknown.push(t);
+    }
+    known.sort();
+    unknown.sort();
+    let (k, u) = (known[2].as_secs_f64(), unknown[2].as_secs_f64());
+    assert!(
+        u > k * 0.3,
+        "an unknown user answers in {u:.4} s, a known one in {k:.4} s: the difference tells"
+    );
+}
+
+/// Many refreshes racing with one refresh token through the API: one rotation at most, and
+/// no access token from it survives the reuse. On PostgreSQL too (scripts/test).
+#[tokio::test]
+async fn racing_refreshes_rotate_a_refresh_token_once() {
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let anonymous = Client::new(&server.url).expect("client");
+    let tokens = anonymous
+        .login("admin", ADMIN_PASSWORD)
+        .await
+        .expect("login");
+    let answers = futures::future::join_all((0..10).map(|_| {
+        let body = serde_json::to_vec(&serde_json::json!({"refresh_token": tokens.refresh_token}))
+            .expect("json");
+        call(&server.url, "POST", "/v1/auth/refresh", None, Some(body))
+    }))
+    .await;
+    let won: Vec<&String> = answers
+        .iter()
+        .filter(|(s, _)| *s == 200)
+        .map(|(_, b)| b)
+        .collect();
+    assert!(won.len() <= 1, "{answers:?}");
+    for body in won {
+        let pair: serde_json::Value = serde_json::from_str(body).expect("json");
+        let access = pair["access_token"].as_str().expect("access token");
+        let (status, _) = call(&server.url, "GET", "/v1/auth/whoami", Some(access), None).await;
+        assert_eq!(status, 401, "an access token of a reused login still works");
+    }
+}
+
+/// Several workers registering at once with one one-time token: one node joins.
+#[tokio::test]
+async fn a_join_token_used_by_racing_workers_registers_one_node() {
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let token = server.token().await;
+    let workers: Vec<WorkerProc> = (0..6)
+        .map(|i| {
+            WorkerProc::start(
+                &drover(),
+                &server.url,
+                dir.path(),
+                &format!("racer-{i}"),
+                Some(&token),
+                &[],
+            )
+        })
+        .collect();
+    WorkerProc::wait_connected(&server.client(), 1).await;
+    // Every loser has given up by the time it exits or says so in its log.
+    eventually("the other workers to be refused", || async {
+        let refused = workers
+            .iter()
+            .filter(|w| w.proc.log_text().contains("already used"))
+            .count();
+        (refused == 5).then_some(())
+    })
+    .await;
+    let nodes = server.client().list_nodes().await.expect("nodes");
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+}
+
+/// Secrets given through the environment are not printed by `--help`.
+#[tokio::test]
+async fn help_does_not_print_secret_values_from_the_environment() {
+    for command in [
+        vec!["server", "--help"],
+        vec!["migrate", "--help"],
+        vec!["worker", "--help"],
+        vec!["up", "--help"],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+            .args(&command)
+            .env(
+                "DROVER_DATABASE_URL",
+                "postgres://drover:canary-pw-77@db/drover",
+            )
+            .env("DROVER_ADMIN_PASSWORD", "canary-admin-77")
+            .env("DROVER_TOKEN", "canary-join-77")
+            .env("DROVER_API_TOKEN", "canary-api-77")
+            .env("DROVER_OPENAI_API_KEY", "canary-openai-77")
+            .output()
+            .expect("drover --help");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{command:?}");
+        assert!(
+            !text.contains("canary"),
+            "{command:?} printed a secret:\n{text}"
+        );
+    }
+}
+
+/// The database URL can come from a file, so that its password is in no process list.
+#[tokio::test]
+async fn the_database_url_can_come_from_a_file() {
+    let dir = TestDir::new();
+    let data = dir.path().join("data");
+    let url_file = dir.path().join("db-url");
+    std::fs::write(
+        &url_file,
+        format!("sqlite://{}/from-file.db\n", dir.path().display()),
+    )
+    .expect("write");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["server", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&data)
+        .arg("--database-url-file")
+        .arg(&url_file)
+        .kill_on_drop(true)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("server");
+    eventually("the database named in the file to be made", || async {
+        dir.path().join("from-file.db").exists().then_some(())
+    })
+    .await;
+    drop(out);
+    let missing = std::process::Command::new(env!("CARGO_BIN_EXE_drover"))
+        .args(["server", "--database-url-file", "/nonexistent/db-url"])
+        .output()
+        .expect("server");
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("--database-url-file"));
+}
