@@ -327,6 +327,37 @@ pub fn service_available(available: bool, what: &str, provided_by: &str) -> bool
     available
 }
 
+/// True when bubblewrap can build a sandbox here; under CI=true a missing one fails the test.
+pub fn bwrap_usable() -> bool {
+    let ok = Command::new("bwrap")
+        .args(["--unshare-all", "--ro-bind", "/", "/", "--", "/bin/true"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    service_available(
+        ok,
+        "a usable bubblewrap (bwrap)",
+        "scripts/test installs it",
+    )
+}
+
+/// True when the Docker engine answers and the locally built `image` exists (scripts/test
+/// builds it with scripts/build-images); under CI=true a missing one fails the test.
+pub fn docker_image_usable(image: &str) -> bool {
+    let ok = Command::new("docker")
+        .args(["image", "inspect", image])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    service_available(
+        ok,
+        &format!("a Docker engine with {image}"),
+        "scripts/test builds it with scripts/build-images",
+    )
+}
+
 /// A fresh database on the test PostgreSQL cluster (DROVER_TEST_POSTGRES_URL, which
 /// `scripts/test` sets up). None when there is none: callers skip, except under CI=true,
 /// where this fails the test.

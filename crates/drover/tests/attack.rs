@@ -18,7 +18,7 @@ use drover_core::{Isolation, JobSpec, JobState};
 use drover_server::{Access, route_table};
 use drover_testkit::{
     ADMIN_PASSWORD, Drover, Launch, ServerOptions, ServerProc, TestDir, UpProc, WorkerProc,
-    drover_client, eventually, service_available,
+    bwrap_usable, drover_client, eventually,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -59,32 +59,10 @@ fn canary_launch(as_user: Option<u32>) -> Launch {
     }
 }
 
-fn bwrap_usable() -> bool {
-    let ok = std::process::Command::new("bwrap")
-        .args(["--unshare-all", "--ro-bind", "/", "/", "--", "/bin/true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    service_available(
-        ok,
-        "a usable bubblewrap (bwrap)",
-        "scripts/test installs it",
-    )
-}
-
 const IMAGE: &str = "drover-busybox:latest";
 
 fn docker_usable() -> bool {
-    let ok = std::process::Command::new("docker")
-        .args(["image", "inspect", IMAGE])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    service_available(
-        ok,
-        &format!("a Docker engine with {IMAGE}"),
-        "scripts/test builds it with scripts/build-images",
-    )
+    drover_testkit::docker_image_usable(IMAGE)
 }
 
 fn running_as_root() -> bool {

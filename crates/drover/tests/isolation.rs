@@ -5,23 +5,11 @@
 use drover_client::records::LogEntryView;
 use drover_core::{Isolation, JobSpec, JobState};
 use drover_testkit::{
-    Drover, ServerOptions, ServerProc, TestDir, WorkerProc, drover_client, service_available,
+    Drover, ServerOptions, ServerProc, TestDir, WorkerProc, bwrap_usable, drover_client,
 };
 
 fn drover() -> Drover {
     Drover::new(env!("CARGO_BIN_EXE_drover"))
-}
-
-fn bwrap_usable() -> bool {
-    let ok = std::process::Command::new("bwrap")
-        .args(["--unshare-all", "--ro-bind", "/", "/", "--", "/bin/true"])
-        .status()
-        .is_ok_and(|s| s.success());
-    service_available(
-        ok,
-        "a usable bubblewrap (bwrap)",
-        "scripts/test installs it",
-    )
 }
 
 fn sandboxed(command: &str) -> JobSpec {
@@ -220,20 +208,8 @@ async fn bad_isolation_input_is_refused() {
 
 const IMAGE: &str = "drover-busybox:latest";
 
-/// True when the Docker engine answers and the locally built image exists (scripts/test
-/// builds it with scripts/build-images). Under CI=true a missing one fails the test.
 fn docker_usable() -> bool {
-    let ok = std::process::Command::new("docker")
-        .args(["image", "inspect", IMAGE])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    service_available(
-        ok,
-        &format!("a Docker engine with {IMAGE}"),
-        "scripts/test builds it with scripts/build-images",
-    )
+    drover_testkit::docker_image_usable(IMAGE)
 }
 
 fn containerised(command: &str) -> JobSpec {
