@@ -429,8 +429,8 @@ pub async fn run(
     let jobs_dir =
         executor::jobs_dir(&config.state_dir).map_err(state_dir_error(&config.state_dir))?;
     // Outside the state directory (a root worker's, in /run), it goes when the worker does.
-    let _jobs_dir_guard = (!jobs_dir.starts_with(&config.state_dir))
-        .then(|| RemoveDirOnDrop(jobs_dir.clone()));
+    let _jobs_dir_guard =
+        (!jobs_dir.starts_with(&config.state_dir)).then(|| RemoveDirOnDrop(jobs_dir.clone()));
     let mut inference_socket = (!models.is_empty()).then(|| jobs_dir.join("inference.sock"));
     let _socket = match &inference_socket {
         Some(path) => match ollama::start_unix(path, models.clone()).await {
