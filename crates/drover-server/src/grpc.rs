@@ -578,7 +578,7 @@ impl JobService for JobApi {
             .spec
             .ok_or_else(|| Status::invalid_argument("spec: is required"))?;
         let spec = JobSpec::try_from(spec).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (job, _) = jobs::submit(&self.state, spec, Some(&caller.user.id)).await?;
+        let (job, _) = jobs::submit(&self.state, spec, &caller).await?;
         Ok(Response::new(to_wire(&job)))
     }
 
@@ -597,8 +597,9 @@ impl JobService for JobApi {
                     .map_err(|e| Status::invalid_argument(format!("jobs[{i}].{e}")))
             })
             .collect::<Result<Vec<_>, Status>>()?;
-        let specs = jobs::checked_specs(&self.state, specs, jobs::MAX_BATCH_JOBS, "a batch")?;
-        let answers = jobs::submit_many(&self.state, specs, Some(&caller.user.id)).await?;
+        let specs =
+            jobs::checked_specs(&self.state, &caller, specs, jobs::MAX_BATCH_JOBS, "a batch")?;
+        let answers = jobs::submit_many(&self.state, specs, &caller).await?;
         let results = answers
             .into_iter()
             .map(|answer| match answer {

@@ -306,7 +306,7 @@ async fn submit_job(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<JobRecord>)> {
     let spec: JobSpec = parse_body(&body)?;
-    let (job, created) = jobs::submit(&state, spec, Some(&caller.user.id)).await?;
+    let (job, created) = jobs::submit(&state, spec, &caller).await?;
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -329,8 +329,8 @@ async fn submit_job_batch(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<BatchSubmitted>)> {
     let req: BatchRequest = parse_body(&body)?;
-    let specs = jobs::checked_specs(&state, req.jobs, jobs::MAX_BATCH_JOBS, "a batch")?;
-    let answers = jobs::submit_many(&state, specs, Some(&caller.user.id)).await?;
+    let specs = jobs::checked_specs(&state, &caller, req.jobs, jobs::MAX_BATCH_JOBS, "a batch")?;
+    let answers = jobs::submit_many(&state, specs, &caller).await?;
     let any_created = answers.iter().any(|a| matches!(a, Ok((_, true))));
     let results = answers
         .into_iter()
@@ -772,7 +772,7 @@ async fn create_group(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<GroupView>)> {
     let req: GroupRequest = parse_body(&body)?;
-    let specs = jobs::checked_specs(&state, req.jobs, MAX_GROUP_JOBS, "a group")?;
+    let specs = jobs::checked_specs(&state, &caller, req.jobs, MAX_GROUP_JOBS, "a group")?;
     if req.name.len() > drover_core::job::MAX_NAME_BYTES || req.name.chars().any(char::is_control) {
         return Err(ApiError::invalid(
             "name",

@@ -1,19 +1,21 @@
 //! Job operations shared by the HTTP and gRPC APIs.
 
+use crate::auth::Caller;
 use crate::{ApiError, AppState};
 use drover_core::{JobId, JobSpec, JobState, ValidationError};
 use drover_store::{JobRecord, Store, StoreError, Submission};
 
-/// Stores a job; `false` when its idempotency key returned an earlier one.
+/// Stores a job of `caller`; `false` when its idempotency key returned an earlier one.
 pub async fn submit(
     state: &AppState,
     spec: JobSpec,
-    owner: Option<&str>,
+    caller: &Caller,
 ) -> Result<(JobRecord, bool), ApiError> {
     let spec = check_provider(state, spec.validated()?)?;
+    check_isolation(state, caller, &spec, "isolation")?;
     let submission = Submission {
         spec,
-        owner: owner.map(str::to_string),
+        owner: Some(caller.user.id.clone()),
     };
     let answer = state.submissions.call(vec![submission]).await?.pop();
     let (job, created) = answer.ok_or_else(|| StoreError::BatchFailed("no answer".into()))??;
@@ -33,6 +35,7 @@ pub const MAX_BATCH_JOBS: usize = 1000;
 /// refuses the request, named `jobs[i].field`.
 pub fn checked_specs(
     state: &AppState,
+    caller: &Caller,
     specs: Vec<JobSpec>,
     max: usize,
     what: &str,
@@ -47,11 +50,42 @@ pub fn checked_specs(
         .into_iter()
         .enumerate()
         .map(|(i, spec)| {
-            spec.validated()
+            let spec = spec
+                .validated()
                 .and_then(|spec| check_provider(state, spec))
-                .map_err(|e| ApiError::invalid(format!("jobs[{i}].{}", e.field), e.message))
+                .map_err(|e| ApiError::invalid(format!("jobs[{i}].{}", e.field), e.message))?;
+            check_isolation(state, caller, &spec, &format!("jobs[{i}].isolation"))?;
+            Ok(spec)
         })
         .collect()
+}
+
+/// A plain user's command job must ask for an isolation mode the control plane lets users
+/// have (`--user-isolation`); an inference job runs in the node's model, not a shell.
+fn check_isolation(
+    state: &AppState,
+    caller: &Caller,
+    spec: &JobSpec,
+    field: &str,
+) -> Result<(), ApiError> {
+    let allowed = &state.config.user_isolation;
+    if caller.is_admin()
+        || spec.kind == drover_core::JobKind::Inference
+        || allowed.contains(&spec.isolation)
+    {
+        return Ok(());
+    }
+    let modes: Vec<&str> = allowed.iter().map(|m| m.as_str()).collect();
+    Err(ApiError::PermissionDenied(format!(
+        "{field}: {} is for admins on this control plane (it runs with the worker's rights); \
+         users may ask for {} (drover server --user-isolation)",
+        spec.isolation.as_str(),
+        if modes.is_empty() {
+            "none".to_string()
+        } else {
+            modes.join(" or ")
+        }
+    )))
 }
 
 /// What the store answered for each job of one submission request, in order.
@@ -111,8 +145,9 @@ pub async fn write_submissions(
 pub async fn submit_many(
     state: &AppState,
     specs: Vec<JobSpec>,
-    owner: Option<&str>,
+    caller: &Caller,
 ) -> Result<Vec<Result<(JobRecord, bool), ApiError>>, ApiError> {
+    let owner = Some(caller.user.id.as_str());
     let submissions = specs
         .into_iter()
         .map(|spec| Submission {

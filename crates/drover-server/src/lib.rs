@@ -60,6 +60,10 @@ pub struct ServerConfig {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Not ready (`/readyz` 503) while no connected node serves a model.
     pub require_inference: bool,
+    /// The isolation modes plain users' command jobs may ask for (admins may ask for any).
+    /// Without `process`: a process job has the worker's rights, and a worker run as root,
+    /// or as the admin's own account, would hand those to any user.
+    pub user_isolation: Vec<drover_core::Isolation>,
 }
 
 impl ServerConfig {
@@ -80,6 +84,10 @@ impl ServerConfig {
             admin_password: None,
             tls: None,
             require_inference: false,
+            user_isolation: vec![
+                drover_core::Isolation::Sandbox,
+                drover_core::Isolation::Container,
+            ],
         }
     }
 

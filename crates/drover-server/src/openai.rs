@@ -165,7 +165,7 @@ async fn complete(
     if !served_models(&state).await?.contains(&req.model) {
         return Err(ApiError::ModelNotFound(req.model));
     }
-    let (job, _) = jobs::submit(&state, spec, Some(&caller.user.id)).await?;
+    let (job, _) = jobs::submit(&state, spec, &caller).await?;
     let id = format!("drover-{}", job.id);
     let created = Timestamp::now().as_micros() / 1_000_000;
     let (tx, rx) = mpsc::channel::<Followed>(256);

@@ -71,6 +71,16 @@ pub struct ServerArgs {
     /// serves a model.
     #[arg(long)]
     require_inference: bool,
+    /// The isolation modes plain users' jobs may ask for (admins may ask for any). `process`
+    /// runs with the worker's rights, root under a root `drover up`: add it only where every
+    /// user may have those (e.g. `--user-isolation process,sandbox,container`).
+    #[arg(
+        long,
+        env = "DROVER_USER_ISOLATION",
+        value_delimiter = ',',
+        default_value = "sandbox,container"
+    )]
+    user_isolation: Vec<drover_core::Isolation>,
     /// How often provider records are checked against what really runs (also at start).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     reconcile_every: Duration,
@@ -133,6 +143,7 @@ impl ServerArgs {
         c.access_ttl = self.access_token_ttl;
         c.tls = self.tls_cert.clone().zip(self.tls_key.clone());
         c.require_inference = self.require_inference;
+        c.user_isolation = self.user_isolation.clone();
         Ok(c)
     }
 }

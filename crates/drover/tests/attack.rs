@@ -291,9 +291,13 @@ async fn isolation_under_a_root_worker_drover_up() {
         assert!(f.exists(), "the secret {} exists on the host", f.display());
     }
     let script = probe_script(&secrets, 0);
-    // A process job runs with the worker's rights (nothing more is promised) but never
-    // with its environment.
-    let v = run_probe(&mallory, probe_spec(ENVIRONMENT_PROBE, Isolation::Process)).await;
+    // A process job runs with the worker's rights (root here): plain users may not ask for
+    // one, and the admin's never gets the worker's environment.
+    let refused = mallory
+        .submit_job(&probe_spec(ENVIRONMENT_PROBE, Isolation::Process))
+        .await;
+    assert!(refused.is_err(), "a plain user ran a process job as root");
+    let v = run_probe(&admin, probe_spec(ENVIRONMENT_PROBE, Isolation::Process)).await;
     assert_eq!(
         v.get("environment").map(String::as_str),
         Some("clean"),
@@ -369,7 +373,7 @@ async fn isolation_under_an_unprivileged_worker() {
         "{ENVIRONMENT_PROBE}\nif cat '{}' >/dev/null; then echo node_credential=readable; fi",
         secrets.files[0].1.display()
     );
-    let v = run_probe(&mallory, probe_spec(&process_probe, Isolation::Process)).await;
+    let v = run_probe(&admin, probe_spec(&process_probe, Isolation::Process)).await;
     assert_eq!(
         v.get("environment").map(String::as_str),
         Some("clean"),
@@ -824,4 +828,115 @@ async fn the_database_url_can_come_from_a_file() {
         .expect("server");
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("--database-url-file"));
+}
+
+/// A process job has the worker's rights (root under `drover up` as root, or the admin's
+/// own account): plain users are kept to the isolating modes on every submission path
+/// unless the control plane lets them have `process` (`--user-isolation`). Inference jobs,
+/// which run in the node's model, are not affected.
+#[tokio::test]
+async fn plain_users_get_process_jobs_only_where_the_control_plane_allows_them() {
+    use drover_proto::v1::job_service_client::JobServiceClient;
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let bob = plain_user(&server.client(), &server.url, "bob").await;
+    let bob_token = bob.token().expect("token").to_string();
+    let plain = r#"{"command": "id"}"#;
+    for (path, body, names) in [
+        ("/v1/jobs", plain.to_string(), "isolation"),
+        (
+            "/v1/jobs/batch",
+            format!(r#"{{"jobs": [{plain}]}}"#),
+            "jobs[0].isolation",
+        ),
+        (
+            "/v1/groups",
+            format!(r#"{{"jobs": [{plain}]}}"#),
+            "jobs[0].isolation",
+        ),
+    ] {
+        let (status, answer) = call(
+            &server.url,
+            "POST",
+            path,
+            Some(&bob_token),
+            Some(body.into_bytes()),
+        )
+        .await;
+        assert_eq!(status, 403, "{path}: {answer}");
+        assert!(
+            answer.contains(names) && answer.contains("--user-isolation"),
+            "{answer}"
+        );
+    }
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let bearer: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {bob_token}").parse().expect("header");
+    let mut jobs =
+        JobServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        });
+    let refused = jobs
+        .submit_job(drover_proto::v1::SubmitJobRequest {
+            spec: Some(drover_proto::v1::JobSpec {
+                command: Some("id".into()),
+                ..Default::default()
+            }),
+        })
+        .await
+        .expect_err("a process job over gRPC");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    // A sandboxed job is a user's to run; the admin runs anything.
+    let sandboxed = JobSpec {
+        command: Some("true".into()),
+        isolation: Isolation::Sandbox,
+        ..Default::default()
+    };
+    bob.submit_job(&sandboxed).await.expect("a sandboxed job");
+    server
+        .client()
+        .submit_job(&probe_spec("true", Isolation::Process))
+        .await
+        .expect("the admin's process job");
+    let bob_id = bob.whoami().await.expect("whoami").id;
+    let jobs_of_bob: Vec<_> = server
+        .client()
+        .list_jobs(None, 10)
+        .await
+        .expect("jobs")
+        .into_iter()
+        .filter(|j| j.owner.as_deref() == Some(bob_id.as_str()))
+        .collect();
+    assert_eq!(
+        jobs_of_bob.len(),
+        1,
+        "only the sandboxed one: {jobs_of_bob:?}"
+    );
+    // Where the control plane allows it, bob runs process jobs.
+    let open = ServerProc::start_named(
+        &drover(),
+        dir.path(),
+        "open",
+        ServerOptions {
+            extra: ["--user-isolation", "process,sandbox,container"]
+                .map(String::from)
+                .to_vec(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let bob = plain_user(&open.client(), &open.url, "bob").await;
+    bob.submit_job(&probe_spec("true", Isolation::Process))
+        .await
+        .expect("allowed here");
+    let bad = drover()
+        .cli(&open.url, &["server", "--user-isolation", "vm"])
+        .await;
+    assert_eq!(bad.code, 2, "{bad:?}");
+    assert!(bad.stderr.contains("--user-isolation"), "{bad:?}");
 }

@@ -143,7 +143,16 @@ async fn password_guessing_is_slowed_and_audited() {
 async fn every_route_refuses_callers_without_the_right_token() {
     let dir = TestDir::new();
     let options = ServerOptions {
-        extra: vec!["--access-token-ttl".into(), "1s".into()],
+        // Bob runs a plain job of his own below (plain users get isolating modes only
+        // unless the control plane says otherwise).
+        extra: [
+            "--access-token-ttl",
+            "1s",
+            "--user-isolation",
+            "process,sandbox",
+        ]
+        .map(String::from)
+        .to_vec(),
         ..Default::default()
     };
     let server = ServerProc::start(&drover(), dir.path(), options).await;
