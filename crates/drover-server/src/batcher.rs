@@ -5,6 +5,7 @@
 
 use drover_store::StoreError;
 use std::future::Future;
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// At most this many requests per transaction. Larger batches write each hot page (the
@@ -23,12 +24,35 @@ pub struct Batcher<Req, Resp> {
 pub struct Gathered<Req, Resp> {
     what: &'static str,
     queue: mpsc::UnboundedReceiver<Pending<Req, Resp>>,
+    /// Write a batch again, with backoff, while the store is unavailable, instead of
+    /// answering its requests with the error (see [`batcher_retrying`]).
+    retry_unavailable: bool,
 }
+
+/// Longest wait between two tries of a batch while the store is unavailable.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(2);
 
 /// A batcher for writes of one kind (`what` names them in logs and metrics).
 pub fn batcher<Req, Resp>(what: &'static str) -> (Batcher<Req, Resp>, Gathered<Req, Resp>) {
     let (tx, rx) = mpsc::unbounded_channel();
-    (Batcher { queue: tx }, Gathered { what, queue: rx })
+    let gathered = Gathered {
+        what,
+        queue: rx,
+        retry_unavailable: false,
+    };
+    (Batcher { queue: tx }, gathered)
+}
+
+/// A batcher whose batches are written again while the store is unavailable (a database
+/// restart): for writes nobody could send again by themselves, such as a worker's run
+/// reports (a worker sends an accept or a start once). The batches queued behind wait, so
+/// the order of writes is kept.
+pub fn batcher_retrying<Req, Resp>(
+    what: &'static str,
+) -> (Batcher<Req, Resp>, Gathered<Req, Resp>) {
+    let (queue, mut gathered) = batcher(what);
+    gathered.retry_unavailable = true;
+    (queue, gathered)
 }
 
 impl<Req, Resp: Send + 'static> Batcher<Req, Resp> {
@@ -55,7 +79,7 @@ impl<Req, Resp: Send + 'static> Batcher<Req, Resp> {
     }
 }
 
-impl<Req, Resp> Gathered<Req, Resp> {
+impl<Req: Clone, Resp> Gathered<Req, Resp> {
     /// Writes batches with `write` (one answer per request, in order) until every
     /// [`Batcher`] is gone.
     pub async fn write_with<F, Fut>(mut self, mut write: F)
@@ -71,10 +95,28 @@ impl<Req, Resp> Gathered<Req, Resp> {
                     Err(_) => break,
                 }
             }
-            let (requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
+            let (mut requests, replies): (Vec<_>, Vec<_>) = batch.into_iter().unzip();
             metrics::histogram!("drover_write_batch_size", "kind" => self.what)
                 .record(requests.len() as f64);
-            match write(requests).await {
+            let mut wait = Duration::from_millis(50);
+            let written = loop {
+                let tried = if self.retry_unavailable {
+                    write(requests.clone()).await
+                } else {
+                    write(std::mem::take(&mut requests)).await
+                };
+                match tried {
+                    Err(e) if self.retry_unavailable && e.is_unavailable() => {
+                        tracing::warn!(error = %e, batch = self.what, retry_in = ?wait, "the store is unavailable; the batch will be written again");
+                        metrics::counter!("drover_write_retries_total", "kind" => self.what)
+                            .increment(1);
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(MAX_RETRY_WAIT);
+                    }
+                    other => break other,
+                }
+            };
+            match written {
                 Ok(answers) if answers.len() == replies.len() => {
                     for (reply, answer) in replies.into_iter().zip(answers) {
                         let _ = reply.send(answer);

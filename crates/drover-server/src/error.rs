@@ -23,6 +23,9 @@ pub enum ApiError {
     TooManyRequests(String),
     #[error("model {0:?}: no node serves it")]
     ModelNotFound(String),
+    /// The store cannot be reached now (a database restart or outage): try again.
+    #[error("the database is unavailable, try again: {0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -44,6 +47,7 @@ impl ApiError {
             Self::PermissionDenied(_) => "permission_denied",
             Self::TooManyRequests(_) => "resource_exhausted",
             Self::ModelNotFound(_) => "model_not_found",
+            Self::Unavailable(_) => "unavailable",
             Self::Internal(_) => "internal",
         }
     }
@@ -57,6 +61,7 @@ impl ApiError {
             Self::PermissionDenied(_) => StatusCode::FORBIDDEN,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -88,6 +93,10 @@ impl From<StoreError> for ApiError {
             | StoreError::Unauthenticated
             | StoreError::TokenRejected(_) => Self::Unauthenticated(e.to_string()),
             StoreError::NotYourRun { .. } => Self::PermissionDenied(e.to_string()),
+            ref unavailable if unavailable.is_unavailable() => {
+                tracing::warn!(error = %unavailable, "the store is unavailable");
+                Self::Unavailable(unavailable.to_string())
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 Self::Internal(other.to_string())
@@ -132,6 +141,7 @@ impl From<ApiError> for tonic::Status {
             ApiError::PermissionDenied(_) => Self::permission_denied(message),
             ApiError::TooManyRequests(_) => Self::resource_exhausted(message),
             ApiError::ModelNotFound(_) => Self::not_found(message),
+            ApiError::Unavailable(_) => Self::unavailable(message),
             ApiError::Internal(_) => Self::internal(message),
         }
     }

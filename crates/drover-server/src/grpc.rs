@@ -288,9 +288,21 @@ async fn serve_session(
         {
             let _ = written.await;
         }
-        if let Err(e) = handle(state, worker, body, tx).await {
-            tracing::warn!(error = %e, "worker message refused");
-            audit_refusal(state, worker, &e).await;
+        match handle(state, worker, body, tx).await {
+            Ok(()) => {}
+            // Not acknowledged, and the worker resends only after a reconnect: end the
+            // stream, so that it reconnects (with backoff) and sends it again.
+            Err(e @ ApiError::Unavailable(_)) => {
+                state
+                    .store_outage
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(error = %e, "ending the worker's stream: it resends what was not stored");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "worker message refused");
+                audit_refusal(state, worker, &e).await;
+            }
         }
     }
 }
@@ -494,11 +506,10 @@ async fn handle(
                     },
                 })
                 .collect();
-            let acked = state
-                .logs
-                .append(id, entries)
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            let acked = state.logs.append(id, entries).await.map_err(|e| match e {
+                crate::logs::LogError::Store(e) => ApiError::from(e),
+                io => ApiError::Internal(io.to_string()),
+            })?;
             let _ = state.notices.send(crate::Notice::Log { run_id: id });
             send(
                 tx,

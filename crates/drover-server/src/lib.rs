@@ -149,6 +149,9 @@ pub(crate) struct AppState {
     /// Runs that were live when this process started: if their lease lapses, it is because
     /// their worker did not come back after the restart.
     pub recovered: std::sync::Mutex<HashSet<RunId>>,
+    /// Set when the store was found unavailable: leases could not be renewed meanwhile, so
+    /// the lease sweeper gives every live lease one more lease before it sweeps again.
+    pub store_outage: std::sync::atomic::AtomicBool,
     /// This replica's name when it holds duties.
     pub replica: String,
     /// The address this control plane is reached at, for workers it starts.
@@ -249,9 +252,18 @@ impl AppState {
         match self.store.hold_duty(duty, &self.replica, ttl).await {
             Ok(held) => held,
             Err(e) => {
+                self.note_store_error(&e);
                 tracing::warn!(error = %e, duty, "cannot hold a duty");
                 false
             }
+        }
+    }
+
+    /// Remembers an outage of the store (see `store_outage`).
+    pub fn note_store_error(&self, e: &drover_store::StoreError) {
+        if e.is_unavailable() {
+            self.store_outage
+                .store(true, std::sync::atomic::Ordering::Relaxed);
         }
     }
 
@@ -426,7 +438,7 @@ impl Server {
         };
         let (notices, _) = broadcast::channel(4096);
         let (submissions, submissions_gathered) = batcher::batcher("submissions");
-        let (run_reports, run_reports_gathered) = batcher::batcher("run reports");
+        let (run_reports, run_reports_gathered) = batcher::batcher_retrying("run reports");
         let (final_jobs, final_jobs_to_publish) = tokio::sync::mpsc::unbounded_channel();
         let state = Arc::new(AppState {
             store,
@@ -441,6 +453,7 @@ impl Server {
             metrics: prometheus(),
             tokens: auth::TokenCache::default(),
             recovered: std::sync::Mutex::new(recovered),
+            store_outage: std::sync::atomic::AtomicBool::new(false),
             replica: format!("replica-{}", drover_core::JobId::new()),
             advertised,
             logins: auth::LoginLimiter::default(),

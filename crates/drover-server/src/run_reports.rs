@@ -5,6 +5,7 @@
 use drover_core::JobId;
 use drover_store::{FinishRequest, Finished, RetrySettings, StepRequest, Store, StoreError};
 
+#[derive(Clone)]
 pub enum RunReport {
     Step(StepRequest),
     End(FinishRequest),

@@ -185,9 +185,34 @@ pub async fn lease_sweeper(state: Arc<AppState>) {
         if !state.hold_duty("lease-sweeper", every * 4).await {
             continue;
         }
+        // Back from an outage of the store: no lease could be renewed while it lasted, and
+        // workers could not report what ended. They get one more lease, as after a restart.
+        if state
+            .store_outage
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            match state
+                .store
+                .renew_all_leases(Timestamp::now().plus(state.config.lease))
+                .await
+            {
+                Ok(n) => {
+                    tracing::warn!(
+                        runs = n,
+                        "the store is back: every live lease gets one more lease"
+                    );
+                    continue;
+                }
+                Err(e) => {
+                    state.note_store_error(&e);
+                    continue;
+                }
+            }
+        }
         let expired = match state.store.expired_runs(Timestamp::now()).await {
             Ok(runs) => runs,
             Err(e) => {
+                state.note_store_error(&e);
                 tracing::error!(error = %e, "cannot read expired leases");
                 continue;
             }
@@ -246,6 +271,7 @@ pub async fn lease_renewer(state: Arc<AppState>) {
         // A little overlap so that no heartbeat falls between two rounds.
         let heard = state.sessions.heard_within(every + every / 2);
         if let Err(e) = state.store.renew_leases(&heard, state.lease_until()).await {
+            state.note_store_error(&e);
             tracing::error!(error = %e, workers = heard.len(), "cannot renew leases");
         }
     }

@@ -55,6 +55,32 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// The database could not be reached or went away (a restart, a network fault, a pool
+    /// with no connection to give): the same write may succeed later, unlike a refusal.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Connect { .. } => true,
+            Self::Database(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                // Connection exceptions (08…), the server shutting down or starting
+                // (57P01–57P03), too many connections (53300).
+                sqlx::Error::Database(db) => db.code().is_some_and(|code| {
+                    code.starts_with("08")
+                        || matches!(&*code, "57P01" | "57P02" | "57P03" | "53300")
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Answers of [`Store::report_runs`]: one per step (the run's job), one per end.

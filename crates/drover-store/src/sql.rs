@@ -384,7 +384,9 @@ impl SqlStore {
             // fewer jobs/s than 8, and 4 about as many as 8, with less room for reads).
             let pool = AnyPoolOptions::new()
                 .max_connections(8)
-                .acquire_timeout(Duration::from_secs(10))
+                // A healthy pool hands out a connection in microseconds; while the server
+                // is down, callers hear so (503) after this, not after sqlx's 30 s.
+                .acquire_timeout(Duration::from_secs(3))
                 .after_connect(|conn, _| Box::pin(postgres_settings(conn)))
                 .connect(url)
                 .await

@@ -1,0 +1,144 @@
+//! Faults other than a crash of drover's own processes: the database restarted under a
+//! burst, or gone for longer than a lease. The invariants are the crash soak's: every job
+//! ends as its command dictates, nothing is lost, no attempt runs twice. Each test runs
+//! its own PostgreSQL server (the shared test cluster must stay up for the others).
+
+use drover_core::{JobSpec, JobState};
+use drover_testkit::{
+    Drover, PgCluster, ServerOptions, ServerProc, TestDir, WorkerProc, drover_client, eventually,
+};
+use std::time::Duration;
+
+fn drover() -> Drover {
+    Drover::new(env!("CARGO_BIN_EXE_drover"))
+}
+
+const JOBS: usize = 800;
+
+/// A control plane on its own PostgreSQL, a worker with 16 slots, and a burst of short jobs
+/// submitted; returns once some have ended and others are running.
+async fn burst(dir: &TestDir, pg: &PgCluster) -> (ServerProc, WorkerProc, Vec<String>) {
+    let options = ServerOptions {
+        lease: Duration::from_secs(3),
+        database_url: Some(pg.url.clone()),
+        ..Default::default()
+    };
+    let server = ServerProc::start(&drover(), dir.path(), options).await;
+    let worker = server
+        .worker(dir.path(), "w", None, &["--slots", "16"])
+        .await;
+    let client = server.client();
+    WorkerProc::wait_connected(&client, 1).await;
+    let spec = JobSpec {
+        command: Some("echo begin; sleep 0.05; echo end".into()),
+        max_attempts: Some(3),
+        ..Default::default()
+    };
+    let mut ids = Vec::new();
+    for _ in 0..JOBS / 200 {
+        let answers = client
+            .submit_jobs(&vec![spec.clone(); 200])
+            .await
+            .expect("submit a batch");
+        ids.extend(answers.iter().filter_map(|a| match a {
+            drover_client::records::BatchResult::Submitted { job, .. } => Some(job.id.to_string()),
+            drover_client::records::BatchResult::Refused { .. } => None,
+        }));
+    }
+    assert_eq!(ids.len(), JOBS);
+    eventually("the burst to be under way", || async {
+        let done = client.list_jobs(Some("SUCCEEDED"), 1000).await.ok()?.len();
+        (done >= 16).then_some(())
+    })
+    .await;
+    (server, worker, ids)
+}
+
+/// Every job succeeded with exactly one attempt and its whole output: no report was lost
+/// (a lost end leaves a job RUNNING, then fails it as "worker lost" and runs it again) and
+/// nothing ran twice.
+async fn assert_each_ran_once(client: &drover_client::Client, ids: &[String]) {
+    eventually("every job to end", || async {
+        let succeeded = client.list_jobs(Some("SUCCEEDED"), 1000).await.ok()?.len();
+        let live = client.list_jobs(None, 1000).await.ok()?;
+        let final_count = live.iter().filter(|j| j.state.is_terminal()).count();
+        (final_count == ids.len() || succeeded == ids.len()).then_some(())
+    })
+    .await;
+    for id in ids {
+        let view = client.get_job(id).await.expect("job");
+        assert_eq!(
+            view.job.state,
+            JobState::Succeeded,
+            "{id}: {:?} {:?}",
+            view.job.error,
+            view.runs.iter().map(|r| &r.run.error).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            view.runs.len(),
+            1,
+            "{id} ran more than once: {:?}",
+            view.runs
+        );
+        let lines: Vec<String> = client
+            .job_logs(id, None)
+            .await
+            .expect("logs")
+            .into_iter()
+            .map(|e| e.text)
+            .collect();
+        assert_eq!(lines, ["begin", "end"], "{id}");
+    }
+}
+
+/// `pg_ctl restart -m fast` in the middle of a burst: every connection of the control
+/// plane drops while workers accept, start and end runs and ship their logs.
+#[tokio::test]
+async fn a_database_restart_during_a_burst_loses_no_report_and_runs_nothing_twice() {
+    let dir = TestDir::new();
+    let Some(pg) = PgCluster::start(dir.path()).await else {
+        return;
+    };
+    let (server, _worker, ids) = burst(&dir, &pg).await;
+    // Three restarts one after the other, so that accepts, starts, ends and log batches
+    // are each caught in flight.
+    for _ in 0..3 {
+        pg.restart();
+    }
+    assert_each_ran_once(&server.client(), &ids).await;
+}
+
+/// The database gone for twice a lease under a burst: callers hear 503 at once, readiness
+/// says so, and when it is back every run that ended meanwhile is recorded as it ended
+/// rather than failed as "worker lost" and run again.
+#[tokio::test]
+async fn a_database_down_for_longer_than_a_lease_loses_no_report_and_runs_nothing_twice() {
+    let dir = TestDir::new();
+    let Some(pg) = PgCluster::start(dir.path()).await else {
+        return;
+    };
+    let (server, _worker, ids) = burst(&dir, &pg).await;
+    pg.stop();
+    let started = std::time::Instant::now();
+    let http = reqwest::Client::new();
+    let answer = http
+        .get(format!("{}/v1/jobs", server.url))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status().as_u16(), 503);
+    let body: serde_json::Value = answer.json().await.expect("json error");
+    assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    let ready = http
+        .get(format!("{}/readyz", server.url))
+        .send()
+        .await
+        .expect("readyz");
+    assert_eq!(ready.status().as_u16(), 503);
+    // The outage itself: twice the lease, counted from the stop.
+    let outage = Duration::from_secs(6);
+    tokio::time::sleep(outage.saturating_sub(started.elapsed())).await;
+    pg.start_again();
+    assert_each_ran_once(&server.client(), &ids).await;
+}
