@@ -6,17 +6,25 @@
 
 use crate::AppState;
 use drover_core::Timestamp;
+use drover_core::WebhookId;
 use drover_core::records::DeliveryRecord;
-use futures::StreamExt;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::task::JoinSet;
 
-const BATCH: u32 = 64;
-const CONCURRENCY: usize = 8;
+/// Due deliveries read per pass.
+const BATCH: u32 = 256;
+/// Deliveries in flight at once, in all.
+const CONCURRENCY: usize = 64;
+/// Deliveries in flight at once to one webhook: an endpoint that hangs holds this many
+/// and no more, and the others' deliveries go on beside it.
+const PER_WEBHOOK: usize = 4;
 const IDLE_TICK: Duration = Duration::from_millis(500);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(600);
 
 /// `sha256=<hex>` of HMAC-SHA256(secret, body): the `X-Drover-Signature` header.
@@ -27,37 +35,77 @@ pub fn signature(secret: &str, body: &[u8]) -> String {
     format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
 }
 
+/// Sends due deliveries, each in a task of its own, at most [`PER_WEBHOOK`] to one
+/// webhook and [`CONCURRENCY`] in all: a slow or hanging endpoint delays only its own.
 pub async fn delivery_loop(state: Arc<AppState>) {
-    let http = match reqwest::Client::builder().timeout(REQUEST_TIMEOUT).build() {
+    let http = match reqwest::Client::builder()
+        .timeout(REQUEST_TIMEOUT)
+        .connect_timeout(CONNECT_TIMEOUT)
+        .build()
+    {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "cannot build the webhook HTTP client; webhooks are off");
             return;
         }
     };
+    // Deliveries in flight (by id) and how many each webhook has.
+    let mut in_flight: HashSet<i64> = HashSet::new();
+    let mut per_webhook: HashMap<WebhookId, usize> = HashMap::new();
+    let mut sending: JoinSet<(i64, WebhookId)> = JoinSet::new();
     loop {
         // One replica delivers; the outbox rows wait for whichever holds the duty.
-        if !state.hold_duty("webhook-delivery", IDLE_TICK * 3).await {
-            let _ = tokio::time::timeout(IDLE_TICK, state.webhooks.notified()).await;
-            continue;
-        }
-        let due = match state.store.due_deliveries(Timestamp::now(), BATCH).await {
-            Ok(due) => due,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the webhook outbox");
-                Vec::new()
+        let due = if state.hold_duty("webhook-delivery", IDLE_TICK * 3).await {
+            match state
+                .store
+                .due_deliveries(Timestamp::now(), PER_WEBHOOK as u32, BATCH)
+                .await
+            {
+                Ok(due) => due,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot read the webhook outbox");
+                    Vec::new()
+                }
             }
+        } else {
+            Vec::new()
         };
-        if due.is_empty() {
-            let _ = tokio::time::timeout(IDLE_TICK, state.webhooks.notified()).await;
-            continue;
+        for (delivery, secret) in due {
+            let lane = per_webhook.entry(delivery.webhook_id).or_default();
+            if in_flight.len() >= CONCURRENCY
+                || *lane >= PER_WEBHOOK
+                || !in_flight.insert(delivery.id)
+            {
+                continue;
+            }
+            *lane += 1;
+            let (state, http) = (state.clone(), http.clone());
+            sending.spawn(async move {
+                let key = (delivery.id, delivery.webhook_id);
+                deliver(&state, &http, delivery, &secret).await;
+                key
+            });
         }
-        futures::stream::iter(due)
-            .for_each_concurrent(CONCURRENCY, |(delivery, secret)| {
-                let (state, http) = (state.clone(), http.clone());
-                async move { deliver(&state, &http, delivery, &secret).await }
-            })
-            .await;
+        // Until one ends (its lane has room again), new work is written, or a tick.
+        tokio::select! {
+            Some(ended) = sending.join_next() => {
+                if let Ok((id, webhook)) = ended {
+                    in_flight.remove(&id);
+                    if let Some(lane) = per_webhook.get_mut(&webhook) {
+                        *lane = lane.saturating_sub(1);
+                    }
+                }
+                // Drain what else ended meanwhile.
+                while let Some(Ok((id, webhook))) = sending.try_join_next() {
+                    in_flight.remove(&id);
+                    if let Some(lane) = per_webhook.get_mut(&webhook) {
+                        *lane = lane.saturating_sub(1);
+                    }
+                }
+            }
+            _ = tokio::time::timeout(IDLE_TICK, state.webhooks.notified()) => {}
+        }
+        per_webhook.retain(|_, n| *n > 0);
     }
 }
 

@@ -385,10 +385,13 @@ pub trait Store: Send + Sync + 'static {
         events: &[String],
     ) -> Result<WebhookRecord>;
     async fn list_webhooks(&self) -> Result<Vec<WebhookRecord>>;
-    /// Pending deliveries whose time has come, oldest first, with the webhook's secret.
+    /// Pending deliveries whose time has come, oldest first, with the webhook's secret; at
+    /// most `per_webhook` of each webhook, so that one endpoint's backlog does not fill the
+    /// page.
     async fn due_deliveries(
         &self,
         now: Timestamp,
+        per_webhook: u32,
         limit: u32,
     ) -> Result<Vec<(DeliveryRecord, String)>>;
     /// Records one delivery attempt: delivered, or tried again at `retry_at` (None: give up).

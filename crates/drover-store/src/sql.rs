@@ -3914,14 +3914,18 @@ impl Store for SqlStore {
     async fn due_deliveries(
         &self,
         now: Timestamp,
+        per_webhook: u32,
         limit: u32,
     ) -> Result<Vec<(DeliveryRecord, String)>> {
         let rows = sqlx::query(&format!(
-            "SELECT {DELIVERY_COLS}, w.secret FROM webhook_deliveries d \
+            "SELECT * FROM (SELECT {DELIVERY_COLS}, w.secret, ROW_NUMBER() OVER \
+             (PARTITION BY d.webhook_id ORDER BY d.id) AS nth FROM webhook_deliveries d \
              JOIN webhooks w ON w.id = d.webhook_id \
-             WHERE d.state = 'PENDING' AND d.next_attempt_at <= $1 ORDER BY d.id LIMIT $2"
+             WHERE d.state = 'PENDING' AND d.next_attempt_at <= $1) due \
+             WHERE nth <= $2 ORDER BY id LIMIT $3"
         ))
         .bind(now.0)
+        .bind(i64::from(per_webhook))
         .bind(limit as i64)
         .fetch_all(&self.reader)
         .await?;

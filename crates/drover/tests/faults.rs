@@ -142,3 +142,69 @@ async fn a_database_down_for_longer_than_a_lease_loses_no_report_and_runs_nothin
     pg.start_again();
     assert_each_ran_once(&server.client(), &ids).await;
 }
+
+/// One webhook endpoint accepts connections and never answers; another is healthy. The
+/// healthy one gets every delivery while the first still hangs: a slow endpoint holds its
+/// own lane, not the delivery loop.
+#[tokio::test]
+async fn a_hanging_webhook_endpoint_does_not_delay_another() {
+    // Accepts and holds every connection, reading nothing, answering nothing.
+    let hanging = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let hanging_url = format!("http://{}/hook", hanging.local_addr().expect("addr"));
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let holder = held.clone();
+    let accept = tokio::spawn(async move {
+        while let Ok((socket, _)) = hanging.accept().await {
+            holder.lock().expect("held").push(socket);
+        }
+    });
+    let healthy = drover_testkit::WebhookReceiver::start(0).await;
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let client = server.client();
+    let events = vec!["job.run.completed".to_string()];
+    client
+        .add_webhook(&hanging_url, &events, None)
+        .await
+        .expect("hanging webhook");
+    client
+        .add_webhook(&healthy.url, &events, None)
+        .await
+        .expect("healthy webhook");
+    let _worker = server
+        .worker(dir.path(), "w", None, &["--slots", "8"])
+        .await;
+    WorkerProc::wait_connected(&client, 1).await;
+    let jobs = 40;
+    let spec = JobSpec {
+        command: Some("true".into()),
+        max_attempts: Some(1),
+        ..Default::default()
+    };
+    client.submit_jobs(&vec![spec; jobs]).await.expect("submit");
+    healthy
+        .wait_until("every delivery to the healthy endpoint", |got| {
+            got.iter().filter(|r| r.answered == 200).count() >= jobs
+        })
+        .await;
+    let pending_to_hanging = client
+        .list_deliveries(1000)
+        .await
+        .expect("deliveries")
+        .iter()
+        .filter(|d| {
+            d.url == hanging_url && d.state != drover_client::records::DeliveryState::Delivered
+        })
+        .count();
+    assert_eq!(
+        pending_to_hanging, jobs,
+        "the hanging endpoint got nothing through"
+    );
+    assert!(
+        !held.lock().expect("held").is_empty(),
+        "drover did try the hanging endpoint"
+    );
+    accept.abort();
+}

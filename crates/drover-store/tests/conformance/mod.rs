@@ -582,7 +582,7 @@ pub async fn webhook_events_are_written_with_the_change(store: &dyn Store) {
     s.max_attempts = Some(1);
     let bad = store.create_job(s).await.unwrap().0;
     run_to_end(store, bad.id, w, RunOutcome::Failed).await;
-    let due = store.due_deliveries(later(), 100).await.unwrap();
+    let due = store.due_deliveries(later(), 100, 100).await.unwrap();
     let mine: Vec<_> = due
         .iter()
         .filter(|(d, _)| d.webhook_id == hook.id)
@@ -603,7 +603,7 @@ pub async fn webhook_events_are_written_with_the_change(store: &dyn Store) {
         .unwrap();
     assert!(
         store
-            .due_deliveries(Timestamp::now(), 100)
+            .due_deliveries(Timestamp::now(), 100, 100)
             .await
             .unwrap()
             .iter()
@@ -613,6 +613,28 @@ pub async fn webhook_events_are_written_with_the_change(store: &dyn Store) {
         .record_delivery_attempt(d.id, Some(200), None, true, None)
         .await
         .unwrap();
+    // A webhook with a backlog takes at most `per_webhook` rows of a page, oldest first;
+    // another's rows still come.
+    let busy = store
+        .add_webhook("http://127.0.0.1:9/busy", "b", &["job.run.failed".into()])
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        let mut s = spec("false");
+        s.max_attempts = Some(1);
+        let job = store.create_job(s).await.unwrap().0;
+        run_to_end(store, job.id, w, RunOutcome::Failed).await;
+    }
+    let page = store.due_deliveries(later(), 2, 100).await.unwrap();
+    let of = |hook: &drover_core::records::WebhookRecord| -> Vec<i64> {
+        page.iter()
+            .filter(|(x, _)| x.webhook_id == hook.id)
+            .map(|(x, _)| x.id)
+            .collect()
+    };
+    assert_eq!(of(&busy).len(), 2, "{page:?}");
+    assert_eq!(of(&hook).len(), 2, "{page:?}");
+    assert!(of(&busy).windows(2).all(|w| w[0] < w[1]));
     let listed = store.list_deliveries(100).await.unwrap();
     let got = listed.iter().find(|x| x.id == d.id).unwrap();
     assert_eq!(
