@@ -363,6 +363,12 @@ pub struct Server {
 impl Server {
     /// Opens the store (applying migrations), recovers leases, and binds the listener.
     pub async fn bind(config: ServerConfig) -> Result<Self, ServerError> {
+        let files = listener::raise_file_limit();
+        tracing::debug!(
+            files,
+            connections = listener::max_connections(),
+            "file limit"
+        );
         // Made private (the database, log files and API address are the control plane's);
         // a directory that exists keeps the mode its owner gave it.
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
@@ -534,11 +540,10 @@ impl Server {
         };
         let listener =
             listener::ApiListener::new(self.listener, self.tls).map_err(ServerError::Serve)?;
-        let app = app.into_make_service_with_connect_info::<listener::PeerAddr>();
-        let serve = axum::serve(listener, app).with_graceful_shutdown(graceful);
+        let serve = listener::serve(listener, app, graceful);
         // Live followers (SSE) do not end by themselves: give in-flight requests a moment.
         let result = tokio::select! {
-            r = serve => r.map_err(ServerError::Serve),
+            () = serve => Ok(()),
             _ = async {
                 let _ = stopped_rx.await;
                 tokio::time::sleep(Duration::from_secs(3)).await;

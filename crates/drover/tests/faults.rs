@@ -208,3 +208,74 @@ async fn a_hanging_webhook_endpoint_does_not_delay_another() {
     );
     accept.abort();
 }
+
+/// 1,100 connections that never send a byte and 50 that send their headers a byte at a
+/// time: the control plane cuts them all (first byte within 10 s, headers within 10 s) and
+/// serves authenticated calls and health checks meanwhile.
+#[tokio::test]
+async fn idle_and_slow_connections_are_cut_and_the_api_serves_on() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for _ in 0..1100 {
+        idle.push(
+            tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("an idle connection"),
+        );
+    }
+    let mut slow = Vec::new();
+    for _ in 0..50 {
+        let mut s = tokio::net::TcpStream::connect(&addr)
+            .await
+            .expect("a slow connection");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: drover\r\n")
+            .await
+            .expect("write");
+        slow.push(s);
+    }
+    // Slowloris: a header byte now and then, never the end of the headers.
+    let dripping = tokio::spawn(async move {
+        for _ in 0..15 {
+            for s in &mut slow {
+                let _ = s.write_all(b"X").await;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        slow
+    });
+    let client = server.client();
+    assert!(client.healthy().await, "/healthz under the flood");
+    client
+        .list_jobs(None, 10)
+        .await
+        .expect("an authenticated call under the flood");
+    // Every idle connection is closed by the server (a read ends).
+    for (i, conn) in idle.iter_mut().enumerate() {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout(drover_testkit::DEADLINE, conn.read(&mut byte)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "idle connection {i} is still open: {read:?}"
+        );
+    }
+    client
+        .list_jobs(None, 10)
+        .await
+        .expect("an authenticated call after the flood");
+    // The slow ones are closed too (with a 408 at most), never served.
+    let slow = dripping.await.expect("the drip");
+    for (i, mut conn) in slow.into_iter().enumerate() {
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(drover_testkit::DEADLINE, conn.read_to_end(&mut answer)).await;
+        assert!(read.is_ok(), "slow connection {i} is still open");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "slow connection {i} got {text}"
+        );
+    }
+}
