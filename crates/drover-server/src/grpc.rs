@@ -251,11 +251,18 @@ async fn serve_session(
     inbound: &mut Streaming<v1::WorkerMessage>,
     tx: &mpsc::UnboundedSender<v1::ServerMessage>,
 ) {
-    // Runs whose accept or start is still being written: their logs wait for it, so that
-    // nobody sees a line of a job the store does not yet call RUNNING.
-    let mut steps_in_flight: HashMap<RunId, oneshot::Receiver<()>> = HashMap::new();
+    // Heartbeats are heard and answered as they arrive, whatever the messages before them
+    // wait for (a write the store is slow to take): the node fences itself when it hears
+    // nothing for half a lease. Everything else is handled in arrival order.
+    let (work, work_rx) = mpsc::unbounded_channel::<In>();
+    let processing = process_messages(state, worker, work_rx, tx);
+    tokio::pin!(processing);
     loop {
-        let msg = match inbound.message().await {
+        let msg = tokio::select! {
+            () = &mut processing => return,
+            msg = inbound.message() => msg,
+        };
+        let msg = match msg {
             Ok(Some(msg)) => msg,
             Ok(None) => return,
             Err(status) => {
@@ -264,7 +271,30 @@ async fn serve_session(
             }
         };
         state.sessions.heard_from(worker.id);
-        let Some(body) = msg.body else { continue };
+        match msg.body {
+            Some(In::Heartbeat(_)) => send(tx, Out::HeartbeatAck(v1::HeartbeatAck {})),
+            Some(body) => {
+                if work.send(body).is_err() {
+                    return;
+                }
+            }
+            None => {}
+        }
+    }
+}
+
+/// A node's messages but heartbeats, in arrival order. Returns when the session must end
+/// (the store could not take what must be acknowledged) or the stream did.
+async fn process_messages(
+    state: &Arc<AppState>,
+    worker: &WorkerRecord,
+    mut work: mpsc::UnboundedReceiver<In>,
+    tx: &mpsc::UnboundedSender<v1::ServerMessage>,
+) {
+    // Runs whose accept or start is still being written: their logs wait for it, so that
+    // nobody sees a line of a job the store does not yet call RUNNING.
+    let mut steps_in_flight: HashMap<RunId, oneshot::Receiver<()>> = HashMap::new();
+    while let Some(body) = work.recv().await {
         if matches!(body, In::Accepted(_) | In::Started(_) | In::Finished(_)) {
             // Written in batches, in arrival order; the answer is awaited in a task of its
             // own, so the stream reads on meanwhile.
@@ -452,6 +482,7 @@ async fn handle(
     match body {
         In::Hello(_) => {}
         // Heard (above); the lease renewer writes every heard worker's leases at once.
+        // Answered as they arrive (serve_session).
         In::Heartbeat(_) => {}
         In::ConfigAck(ack) => {
             let applied = ack.status == "applied";

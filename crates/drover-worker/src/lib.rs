@@ -640,8 +640,20 @@ impl Agent {
             t
         };
         let mut heartbeat = every(self.heartbeat_override);
+        // Connected is not heard: a path that drops packets keeps the stream open for as
+        // long as HTTP/2 takes to notice. Heartbeats are answered, so half a lease without
+        // any word means the leases may lapse: fence then, whatever the stream looks like.
+        let mut fence_check = tokio::time::interval(Duration::from_millis(100));
         loop {
             tokio::select! {
+                _ = fence_check.tick() => {
+                    self.fence_if_stale();
+                    if self.fenced {
+                        return Ok(SessionEnd::Disconnected(
+                            "no word from the control plane for half a lease".into(),
+                        ));
+                    }
+                }
                 msg = inbound.message() => match msg {
                     Ok(Some(v1::ServerMessage { body: Some(In::Config(c)) })) => {
                         self.last_contact = tokio::time::Instant::now();
@@ -724,7 +736,7 @@ impl Agent {
 
     fn on_server_message(&mut self, body: In, out: &UnboundedSender<v1::WorkerMessage>) {
         match body {
-            In::Welcome(_) | In::Config(_) => {}
+            In::Welcome(_) | In::Config(_) | In::HeartbeatAck(_) => {}
             In::Assignment(a) => self.start(a, out),
             In::Cancel(c) => {
                 if let Some(held) = c.run_id.parse().ok().and_then(|id| self.runs.get(&id))

@@ -1016,6 +1016,18 @@ async fn crash_soak_500_jobs_three_control_plane_kills_and_a_worker_kill() {
 
 #[tokio::test]
 async fn a_worker_cut_off_past_its_lease_stops_its_job_before_another_runs_it() {
+    cut_off_worker_stops_first(false).await;
+}
+
+/// The same with the path black-holed instead of refused: the worker's connection looks
+/// open (HTTP/2 would take 20 s or more to notice), and the worker must still stop its job
+/// at half a lease without word from the control plane (heartbeats are answered).
+#[tokio::test]
+async fn a_worker_whose_packets_are_dropped_stops_its_job_before_another_runs_it() {
+    cut_off_worker_stops_first(true).await;
+}
+
+async fn cut_off_worker_stops_first(black_hole: bool) {
     let dir = TestDir::new();
     let s = short_lease_server(&dir).await;
     let client = s.client();
@@ -1038,7 +1050,11 @@ async fn a_worker_cut_off_past_its_lease_stops_its_job_before_another_runs_it() 
         trace.order().contains(&"first".to_string()).then_some(())
     })
     .await;
-    proxy.cut();
+    if black_hole {
+        proxy.black_hole();
+    } else {
+        proxy.cut();
+    }
     let _other = s.worker(dir.path(), "other", None, &[]).await;
     let view = wait(&client, &id).await;
     assert_eq!(view.job.state, JobState::Succeeded);
