@@ -273,12 +273,9 @@ async fn serve_session(
         state.sessions.heard_from(worker.id);
         match msg.body {
             Some(In::Heartbeat(_)) => send(tx, Out::HeartbeatAck(v1::HeartbeatAck {})),
-            Some(body) => {
-                if work.send(body).is_err() {
-                    return;
-                }
-            }
-            None => {}
+            // The processing ended (and with it the session).
+            Some(body) if work.send(body).is_err() => return,
+            Some(_) | None => {}
         }
     }
 }
