@@ -271,11 +271,12 @@ async fn serve_session(
             }
         };
         state.sessions.heard_from(worker.id);
-        match msg.body {
-            Some(In::Heartbeat(_)) => send(tx, Out::HeartbeatAck(v1::HeartbeatAck {})),
-            // The processing ended (and with it the session).
-            Some(body) if work.send(body).is_err() => return,
-            Some(_) | None => {}
+        let Some(body) = msg.body else { continue };
+        if let In::Heartbeat(_) = body {
+            send(tx, Out::HeartbeatAck(v1::HeartbeatAck {}));
+        } else if work.send(body).is_err() {
+            // The processing ended, and with it the session.
+            return;
         }
     }
 }
