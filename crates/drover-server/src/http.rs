@@ -212,11 +212,46 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
     let r = routes();
     let user = axum::middleware::from_fn_with_state(state.clone(), crate::auth::require_user);
     let admin = axum::middleware::from_fn_with_state(state.clone(), crate::auth::require_admin);
+    let breaker = axum::middleware::from_fn_with_state(state.clone(), store_breaker);
     r.public
         .merge(r.user.route_layer(user))
         .merge(r.admin.route_layer(admin))
+        .route_layer(breaker)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// How long after a call found the store unavailable others are answered 503 at once.
+const BREAKER_OPEN: Duration = Duration::from_secs(1);
+
+/// While the database is unreachable, calls are answered 503 at once rather than each
+/// waiting for the pool to give up; one call a second goes through to find out whether it
+/// is back. Health, readiness and metrics are answered as always.
+async fn store_breaker(
+    State(state): St,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use std::sync::atomic::Ordering;
+    let probe = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
+    if probe {
+        return next.run(req).await;
+    }
+    let last = state.store_unavailable_at.load(Ordering::Relaxed);
+    let now = drover_core::Timestamp::now().0;
+    if last > 0 && now - last < BREAKER_OPEN.as_micros() as i64 {
+        return ApiError::Unavailable(
+            "the database was unreachable a moment ago; try again in a second".into(),
+        )
+        .into_response();
+    }
+    let response = next.run(req).await;
+    if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+        state
+            .store_unavailable_at
+            .store(drover_core::Timestamp::now().0, Ordering::Relaxed);
+    }
+    response
 }
 
 /// What no route matches: a gRPC call gets gRPC's `UNIMPLEMENTED`, anything else 404 with

@@ -152,6 +152,10 @@ pub(crate) struct AppState {
     /// Set when the store was found unavailable: leases could not be renewed meanwhile, so
     /// the lease sweeper gives every live lease one more lease before it sweeps again.
     pub store_outage: std::sync::atomic::AtomicBool,
+    /// When an API call last found the store unavailable (µs since the epoch, 0: never):
+    /// for a second after, calls are answered 503 at once instead of each waiting for the
+    /// database (`http::store_breaker`).
+    pub store_unavailable_at: std::sync::atomic::AtomicI64,
     /// This replica's name when it holds duties.
     pub replica: String,
     /// The address this control plane is reached at, for workers it starts.
@@ -460,6 +464,7 @@ impl Server {
             tokens: auth::TokenCache::default(),
             recovered: std::sync::Mutex::new(recovered),
             store_outage: std::sync::atomic::AtomicBool::new(false),
+            store_unavailable_at: std::sync::atomic::AtomicI64::new(0),
             replica: format!("replica-{}", drover_core::JobId::new()),
             advertised,
             logins: auth::LoginLimiter::default(),

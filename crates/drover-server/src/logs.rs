@@ -97,9 +97,22 @@ impl LogFiles {
         if buf.is_empty() {
             return Ok(index.last_seq);
         }
-        log.file.write_all(&buf)?;
         index.size_bytes += buf.len() as u64;
-        self.store.put_log_index(&index).await?;
+        let written = match log.file.write_all(&buf) {
+            Ok(()) => self
+                .store
+                .put_log_index(&index)
+                .await
+                .map_err(LogError::from),
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = written {
+            // Bytes the index does not confirm: the file is opened again (which cuts them
+            // off) before the next append, so that what the worker resends lands right
+            // after the confirmed size instead of after them.
+            *guard = None;
+            return Err(e);
+        }
         log.index = index;
         metrics::counter!("drover_log_bytes_stored_total").increment(buf.len() as u64);
         Ok(log.index.last_seq)

@@ -130,6 +130,23 @@ async fn a_database_down_for_longer_than_a_lease_loses_no_report_and_runs_nothin
     assert_eq!(answer.status().as_u16(), 503);
     let body: serde_json::Value = answer.json().await.expect("json error");
     assert_eq!(body["error"]["code"], "unavailable", "{body}");
+    // Right after, calls are answered at once by the breaker, saying so.
+    let again: serde_json::Value = http
+        .get(format!("{}/v1/jobs", server.url))
+        .bearer_auth(&server.token)
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("json error");
+    assert_eq!(again["error"]["code"], "unavailable", "{again}");
+    assert!(
+        again["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("a moment ago")),
+        "{again}"
+    );
     let ready = http
         .get(format!("{}/readyz", server.url))
         .send()
