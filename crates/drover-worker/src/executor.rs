@@ -184,6 +184,7 @@ pub async fn execute(
         }
     };
     let pgid = child.id();
+    crate::watchdog::watch(pgid);
     let _ = events.send(ExecEvent::Started { run_id });
     let (draining, draining_rx) = watch::channel(false);
     let sink = |stream| OutputSink {
@@ -231,6 +232,7 @@ pub async fn execute(
     };
     // Whatever the main process left behind in its group goes with it.
     signal_group(pgid, Signal::SIGKILL);
+    crate::watchdog::forget(pgid);
     if exec.spec.isolation == Isolation::Container {
         remove_container(run_id).await;
     }

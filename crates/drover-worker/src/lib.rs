@@ -8,6 +8,7 @@ mod executor;
 mod inference;
 mod ollama;
 mod spawn;
+pub mod watchdog;
 
 /// A background task that ends with its owner.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -431,6 +432,15 @@ pub async fn run(
     // Outside the state directory (a root worker's, in /run), it goes when the worker does.
     let _jobs_dir_guard =
         (!jobs_dir.starts_with(&config.state_dir)).then(|| RemoveDirOnDrop(jobs_dir.clone()));
+    if config.executor == ExecutorKind::Process {
+        // Stops the jobs if this process freezes or dies (watchdog.rs); until the control
+        // plane names its lease, half of the default one.
+        let started = std::env::current_exe()
+            .and_then(|program| watchdog::start(&program, Duration::from_secs(15)));
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "no watchdog: jobs of a frozen worker would run on");
+        }
+    }
     let mut inference_socket = (!models.is_empty()).then(|| jobs_dir.join("inference.sock"));
     let _socket = match &inference_socket {
         Some(path) => match ollama::start_unix(path, models.clone()).await {
@@ -630,6 +640,7 @@ impl Agent {
         tracing::info!(runs = self.runs.len(), "connected");
         self.last_contact = tokio::time::Instant::now();
         self.lease = Duration::from_millis(welcome.lease_ms.max(100));
+        watchdog::set_timeout(self.lease / 2);
         self.fenced = false;
         self.resend_backlog(&out_tx);
         let server_interval = Duration::from_millis(welcome.heartbeat_interval_ms.max(50));

@@ -97,6 +97,12 @@ enum Command {
     /// Measure throughput, latency and log streaming; prints figures.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Started by a worker: stops its jobs if it freezes or dies (reads its stdin).
+    #[command(hide = true)]
+    WorkerWatchdog {
+        #[arg(long)]
+        timeout_ms: u64,
+    },
 }
 
 fn init_tracing(default: &str) {
@@ -113,7 +119,7 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let long_running = matches!(
         cli.command,
-        Command::Up(_) | Command::Server(_) | Command::Worker(_)
+        Command::Up(_) | Command::Server(_) | Command::Worker(_) | Command::WorkerWatchdog { .. }
     );
     init_tracing(if long_running { "info" } else { "warn" });
     login::set_token(cli.token.clone());
@@ -123,6 +129,11 @@ async fn main() -> ExitCode {
         Command::Server(args) => serve::server(*args).await,
         Command::Worker(args) => serve::worker(*args, &cli.server).await,
         Command::Migrate(args) => serve::migrate(args).await,
+        Command::WorkerWatchdog { timeout_ms } => {
+            // Blocking on purpose: its own threads, no runtime needed.
+            drover_worker::watchdog::run(std::time::Duration::from_millis(timeout_ms));
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Job(cmd) => job::run(cmd, &cli.server, cli.output).await,
         Command::Node(cmd) => node::run(cmd, &cli.server, cli.output).await,
         Command::Group(cmd) => sched::group(cmd, &cli.server, cli.output).await,

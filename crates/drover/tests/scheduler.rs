@@ -1027,6 +1027,56 @@ async fn a_worker_whose_packets_are_dropped_stops_its_job_before_another_runs_it
     cut_off_worker_stops_first(true).await;
 }
 
+/// A worker frozen with SIGSTOP cannot fence: its watchdog (a process beside it) kills the
+/// job at half a lease, before the lease lapses and the retry starts elsewhere. The retry
+/// looks for the first attempt's process (a zombie of the frozen worker counts as gone).
+#[tokio::test]
+async fn a_frozen_workers_job_is_stopped_before_another_runs_it() {
+    let dir = TestDir::new();
+    let s = short_lease_server(&dir).await;
+    let client = s.client();
+    let frozen = s.worker(dir.path(), "frozen", None, &[]).await;
+    WorkerProc::wait_connected(&client, 1).await;
+    let marker = dir.path().join("m");
+    let pid_file = dir.path().join("pid");
+    let command = format!(
+        "if [ -e {m} ]; then \
+           state=$(awk '/^State:/ {{print $2}}' /proc/$(cat {p})/status 2>/dev/null); \
+           if [ -n \"$state\" ] && [ \"$state\" != Z ]; then echo overlap; else echo alone; fi; \
+           exit 0; \
+         fi; \
+         touch {m}; echo $$ > {p}; sleep 300",
+        m = marker.display(),
+        p = pid_file.display(),
+    );
+    let id = submit(&client, &job(&command)).await;
+    eventually("the first attempt to start", || async {
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .filter(|t| t.ends_with('\n'))
+            .map(|_| ())
+    })
+    .await;
+    frozen.proc.freeze();
+    let _other = s.worker(dir.path(), "other", None, &[]).await;
+    let view = wait(&client, &id).await;
+    frozen.proc.thaw();
+    assert_eq!(view.job.state, JobState::Succeeded, "{view:?}");
+    assert_eq!(view.runs.len(), 2);
+    let lines: Vec<String> = client
+        .job_logs(&id, None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.text)
+        .collect();
+    assert_eq!(
+        lines,
+        ["alone"],
+        "the frozen worker's attempt still ran when the retry began"
+    );
+}
+
 async fn cut_off_worker_stops_first(black_hole: bool) {
     let dir = TestDir::new();
     let s = short_lease_server(&dir).await;
