@@ -36,6 +36,10 @@ pub fn start(program: &Path, timeout: Duration) -> std::io::Result<()> {
         .arg(timeout.as_millis().to_string())
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
+        // Nothing of the worker's: its environment carries the labels by which a local
+        // provider finds its workers, and the watchdog is none.
+        .env_clear()
+        .env("DROVER_LOG", "warn")
         .spawn()?;
     let pipe = child
         .stdin
