@@ -5,7 +5,8 @@
 
 use drover_core::{JobSpec, JobState};
 use drover_testkit::{
-    Drover, PgCluster, ServerOptions, ServerProc, TestDir, WorkerProc, drover_client, eventually,
+    Drover, PgCluster, ServerOptions, ServerProc, TestDir, WebhookReceiver, WorkerProc,
+    drover_client, eventually,
 };
 use std::time::Duration;
 
@@ -15,15 +16,25 @@ fn drover() -> Drover {
 
 const JOBS: usize = 800;
 
-/// A control plane on its own PostgreSQL, a worker with 16 slots, and a burst of short jobs
-/// submitted; returns once some have ended and others are running.
-async fn burst(dir: &TestDir, pg: &PgCluster) -> (ServerProc, WorkerProc, Vec<String>) {
+/// A control plane on its own PostgreSQL with a webhook for every ended run, a worker with
+/// 16 slots, and a burst of short jobs submitted; returns once some have ended and others
+/// are running.
+async fn burst(
+    dir: &TestDir,
+    pg: &PgCluster,
+) -> (ServerProc, WorkerProc, Vec<String>, WebhookReceiver) {
     let options = ServerOptions {
         lease: Duration::from_secs(3),
         database_url: Some(pg.url.clone()),
         ..Default::default()
     };
     let server = ServerProc::start(&drover(), dir.path(), options).await;
+    let receiver = WebhookReceiver::start(0).await;
+    server
+        .client()
+        .add_webhook(&receiver.url, &["job.run.completed".to_string()], None)
+        .await
+        .expect("webhook");
     let worker = server
         .worker(dir.path(), "w", None, &["--slots", "16"])
         .await;
@@ -51,13 +62,18 @@ async fn burst(dir: &TestDir, pg: &PgCluster) -> (ServerProc, WorkerProc, Vec<St
         (done >= 16).then_some(())
     })
     .await;
-    (server, worker, ids)
+    (server, worker, ids, receiver)
 }
 
 /// Every job succeeded with exactly one attempt and its whole output: no report was lost
 /// (a lost end leaves a job RUNNING, then fails it as "worker lost" and runs it again) and
-/// nothing ran twice.
-async fn assert_each_ran_once(client: &drover_client::Client, ids: &[String]) {
+/// nothing ran twice; and every run's end reached the webhook (at least once, keyed by the
+/// run id).
+async fn assert_each_ran_once(
+    client: &drover_client::Client,
+    ids: &[String],
+    receiver: &WebhookReceiver,
+) {
     eventually("every job to end", || async {
         let succeeded = client.list_jobs(Some("SUCCEEDED"), 1000).await.ok()?.len();
         let live = client.list_jobs(None, 1000).await.ok()?;
@@ -89,6 +105,16 @@ async fn assert_each_ran_once(client: &drover_client::Client, ids: &[String]) {
             .collect();
         assert_eq!(lines, ["begin", "end"], "{id}");
     }
+    receiver
+        .wait_until("every ended run delivered to the webhook", |got| {
+            got.iter()
+                .filter(|r| r.answered == 200)
+                .filter_map(|r| r.headers.get("idempotency-key"))
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                >= ids.len()
+        })
+        .await;
 }
 
 /// `pg_ctl restart -m fast` in the middle of a burst: every connection of the control
@@ -99,13 +125,13 @@ async fn a_database_restart_during_a_burst_loses_no_report_and_runs_nothing_twic
     let Some(pg) = PgCluster::start(dir.path()).await else {
         return;
     };
-    let (server, _worker, ids) = burst(&dir, &pg).await;
+    let (server, _worker, ids, receiver) = burst(&dir, &pg).await;
     // Three restarts one after the other, so that accepts, starts, ends and log batches
     // are each caught in flight.
     for _ in 0..3 {
         pg.restart();
     }
-    assert_each_ran_once(&server.client(), &ids).await;
+    assert_each_ran_once(&server.client(), &ids, &receiver).await;
 }
 
 /// The database gone for twice a lease under a burst: callers hear 503 at once, readiness
@@ -117,7 +143,7 @@ async fn a_database_down_for_longer_than_a_lease_loses_no_report_and_runs_nothin
     let Some(pg) = PgCluster::start(dir.path()).await else {
         return;
     };
-    let (server, _worker, ids) = burst(&dir, &pg).await;
+    let (server, _worker, ids, receiver) = burst(&dir, &pg).await;
     pg.stop();
     let started = std::time::Instant::now();
     let http = reqwest::Client::new();
@@ -157,7 +183,7 @@ async fn a_database_down_for_longer_than_a_lease_loses_no_report_and_runs_nothin
     let outage = Duration::from_secs(6);
     tokio::time::sleep(outage.saturating_sub(started.elapsed())).await;
     pg.start_again();
-    assert_each_ran_once(&server.client(), &ids).await;
+    assert_each_ran_once(&server.client(), &ids, &receiver).await;
 }
 
 /// One webhook endpoint accepts connections and never answers; another is healthy. The
@@ -177,7 +203,7 @@ async fn a_hanging_webhook_endpoint_does_not_delay_another() {
             holder.lock().expect("held").push(socket);
         }
     });
-    let healthy = drover_testkit::WebhookReceiver::start(0).await;
+    let healthy = WebhookReceiver::start(0).await;
     let dir = TestDir::new();
     let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
     let client = server.client();
