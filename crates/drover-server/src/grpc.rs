@@ -29,10 +29,15 @@ use tracing::Instrument;
 const MAX_ENTRY_BYTES: usize = 64 * 1024;
 
 pub fn router(state: Arc<AppState>) -> axum::Router {
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(drover_proto::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .ok();
+    // Both versions of reflection: grpcurl (1.8) and grpcio-reflection speak v1alpha; and
+    // the health service is described too.
+    let described = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(drover_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection = described().build_v1().ok();
+    let reflection_v1alpha = described().build_v1alpha().ok();
     let (health_reporter, health) = tonic_health::server::health_reporter();
     tokio::spawn(async move {
         health_reporter
@@ -48,6 +53,9 @@ pub fn router(state: Arc<AppState>) -> axum::Router {
         }))
         .add_service(JobServiceServer::new(JobApi { state }));
     if let Some(reflection) = reflection {
+        routes = routes.add_service(reflection);
+    }
+    if let Some(reflection) = reflection_v1alpha {
         routes = routes.add_service(reflection);
     }
     routes.prepare().into_axum_router()

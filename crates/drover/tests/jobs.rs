@@ -859,3 +859,58 @@ async fn the_grpc_job_service_health_and_reflection_answer() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
 }
+
+/// The services a reflection service of one version lists (the two versions' types are
+/// alike but distinct).
+macro_rules! reflected_services {
+    ($version:ident, $channel:expr) => {{
+        use futures::StreamExt;
+        use tonic_reflection::pb::$version::{
+            ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+            server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        };
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut answers = ServerReflectionClient::new($channel)
+            .server_reflection_info(futures::stream::iter([request]))
+            .await
+            .unwrap()
+            .into_inner();
+        let answer = answers.next().await.expect("an answer").unwrap();
+        match answer.message_response {
+            Some(MessageResponse::ListServicesResponse(list)) => list
+                .service
+                .into_iter()
+                .map(|s| s.name)
+                .collect::<Vec<String>>(),
+            other => panic!("not a service list: {other:?}"),
+        }
+    }};
+}
+
+/// Reflection answers in both of its versions (grpcurl 1.8 and grpcio-reflection ask
+/// v1alpha) and lists every service, the health service included.
+#[tokio::test]
+async fn grpc_reflection_answers_v1_and_v1alpha_with_every_service() {
+    let c = cluster().await;
+    let channel = tonic::transport::Endpoint::from_shared(c.server.url.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let v1alpha = reflected_services!(v1alpha, channel.clone());
+    let v1 = reflected_services!(v1, channel);
+    for name in [
+        "drover.v1.JobService",
+        "drover.v1.WorkerService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            v1alpha.iter().any(|n| n == name),
+            "v1alpha lacks {name}: {v1alpha:?}"
+        );
+        assert!(v1.iter().any(|n| n == name), "v1 lacks {name}: {v1:?}");
+    }
+}
