@@ -1921,11 +1921,26 @@ async fn insert_job(
         }
     }
     if let Some(reservation) = spec.reservation {
-        let state: Option<String> =
-            sqlx::query_scalar("SELECT state FROM reservations WHERE id = $1")
-                .bind(reservation.to_string())
-                .fetch_optional(&mut *conn)
-                .await?;
+        let row = sqlx::query("SELECT state, owner FROM reservations WHERE id = $1")
+            .bind(reservation.to_string())
+            .fetch_optional(&mut *conn)
+            .await?;
+        let (state, held_by) = match &row {
+            Some(row) => (
+                Some(row.try_get::<String, _>("state")?),
+                row.try_get::<Option<String>, _>("owner")?,
+            ),
+            None => (None, None),
+        };
+        // A reservation's jobs jump the queue and use what it holds: only its owner's.
+        if let (Some(held_by), Some(owner)) = (held_by.as_deref(), owner)
+            && held_by != owner
+        {
+            return Err(StoreError::Invalid {
+                field: "reservation",
+                message: format!("reservation {reservation} belongs to another user"),
+            });
+        }
         match state.as_deref() {
             Some("ACTIVE") => {}
             Some(other) => {

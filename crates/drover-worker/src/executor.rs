@@ -7,6 +7,7 @@ use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -138,7 +139,12 @@ pub async fn execute(
     // Every run gets a scratch directory (the only writable place in a sandbox); it is the
     // working directory unless the job names one.
     let scratch = exec.scratch_dir.clone();
-    if let Err(e) = std::fs::create_dir_all(&scratch) {
+    // 0700: the run's own (a root worker's sit in /run, which other users can walk).
+    let made = std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&scratch);
+    if let Err(e) = made {
         let _ = events.send(exited(
             RunOutcome::Failed,
             None,

@@ -65,10 +65,6 @@ fn docker_usable() -> bool {
     drover_testkit::docker_image_usable(IMAGE)
 }
 
-fn running_as_root() -> bool {
-    std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-}
-
 /// What a probe looks for, on the host.
 struct Secrets {
     /// Files a job must not read: (what, path).
@@ -264,7 +260,7 @@ async fn plain_user(admin: &Client, url: &str, name: &str) -> Client {
 /// credential and the CLI's login sit in the data and config directories.
 #[tokio::test]
 async fn isolation_under_a_root_worker_drover_up() {
-    if !running_as_root() {
+    if !drover_testkit::running_as_root() {
         eprintln!("skipped: the root worker case needs the test to run as root");
         return;
     }
@@ -325,7 +321,7 @@ async fn isolation_under_a_root_worker_drover_up() {
 /// own files too (the node's credential is readable by it).
 #[tokio::test]
 async fn isolation_under_an_unprivileged_worker() {
-    if !running_as_root() {
+    if !drover_testkit::running_as_root() {
         eprintln!("skipped: starting a worker as another user needs the test to run as root");
         return;
     }
@@ -517,6 +513,23 @@ async fn a_user_reaches_nothing_of_another_user_by_any_form_of_its_id() {
         }
     }
     assert!(tried >= 9 * 7, "every owned route in every form: {tried}");
+    // Nor may bob's jobs use the admin's reservation (they would jump the queue and take
+    // what it holds).
+    let into_reservation =
+        format!(r#"{{"command": "true", "isolation": "sandbox", "reservation": "{reservation}"}}"#);
+    let (status, body) = call(
+        &server.url,
+        "POST",
+        "/v1/jobs",
+        Some(&bob_token),
+        Some(into_reservation.into_bytes()),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("\"reservation\"") && body.contains("another user"),
+        "{body}"
+    );
     // Nothing changed: the job, its events, the group and the reservation.
     let after = admin.get_job(&job.id.to_string()).await.expect("job");
     assert_eq!(after.job.state, JobState::Succeeded);
