@@ -968,6 +968,11 @@ impl Drop for WebhookReceiver {
     }
 }
 
+/// True when the tests run as root (who owns this process).
+pub fn running_as_root() -> bool {
+    std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+}
+
 /// A PostgreSQL server of the test's own (on a free port, in the test's directory), for
 /// tests that restart or stop the database; the shared test cluster must stay up for the
 /// others. Needs the PostgreSQL server binaries (scripts/test installs them); run as root,
@@ -1004,8 +1009,7 @@ impl PgCluster {
         let bin = bin.unwrap_or_default();
         let root = dir.join("pg");
         std::fs::create_dir_all(&root).expect("pg dir");
-        let as_root = std::fs::metadata("/proc/self")
-            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
+        let as_root = running_as_root();
         if as_root {
             // The server refuses to run as root; its own user must reach its directory.
             let mut walk = Some(root.as_path());
@@ -1061,10 +1065,8 @@ impl PgCluster {
     }
 
     fn command(&self, program: &str) -> Command {
-        let as_root = std::fs::metadata("/proc/self")
-            .is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0);
         let path = self.bin.join(program);
-        if as_root {
+        if running_as_root() {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--"]).arg(path);
             c
