@@ -395,24 +395,34 @@ impl Client {
             .await
     }
 
+    /// Reserves `amount` of `resource`. When it is busy, the reservation is PENDING until
+    /// it frees (`wait`), or refused with 409 (`!wait`).
     pub async fn reserve(
         &self,
         resource: &str,
         amount: u32,
         node: Option<&str>,
         ttl: Duration,
+        wait: bool,
     ) -> Result<ReservationRecord> {
-        let body = serde_json::json!({
-            "resource": resource,
-            "amount": amount,
-            "node": node,
-            "ttl_seconds": ttl.as_secs().max(1),
-        });
+        let body = drover_core::reservation::ReservationRequest {
+            resource: resource.to_string(),
+            amount: Some(amount),
+            node: node.map(str::to_string),
+            ttl_ms: Some((ttl.as_millis() as u64).max(1)),
+            ttl_seconds: None,
+            wait: Some(wait),
+        };
         self.json(
             self.request(Method::POST, &["v1", "reservations"])
                 .json(&body),
         )
         .await
+    }
+
+    pub async fn get_reservation(&self, id: &str) -> Result<ReservationRecord> {
+        self.json(self.request(Method::GET, &["v1", "reservations", id]))
+            .await
     }
 
     pub async fn release_reservation(&self, id: &str) -> Result<ReservationRecord> {

@@ -260,6 +260,29 @@ impl ValidationError {
             message: message.into(),
         }
     }
+
+    /// A decoding error at `path` (`serde_path_to_error`'s: `.` for the document itself,
+    /// `messages[0]`) named after the field it is about: a missing or unknown field is
+    /// named by its own path (`model`, `messages[0].role`), not by where it was missed.
+    pub fn from_decode(path: &str, message: &str) -> Self {
+        let path = match path {
+            "." | "?" | "" => None,
+            p => Some(p),
+        };
+        let named = ["missing field `", "unknown field `"]
+            .iter()
+            .find_map(|prefix| message.strip_prefix(prefix))
+            .and_then(|rest| rest.split('`').next());
+        let field = match (path, named) {
+            // serde_path_to_error puts an unknown field in the path already.
+            (Some(p), Some(n)) if p == n || p.ends_with(&format!(".{n}")) => p.to_string(),
+            (Some(p), Some(n)) => format!("{p}.{n}"),
+            (None, Some(n)) => n.to_string(),
+            (Some(p), None) => p.to_string(),
+            (None, None) => "body".to_string(),
+        };
+        Self::new(field, message)
+    }
 }
 
 impl JobSpec {
@@ -488,18 +511,8 @@ impl JobSpec {
         }
         for (k, &v) in &self.resources {
             let field = format!("resources.{}", printable_prefix(k));
-            if !valid_resource_name(k) {
-                return Err(ValidationError::new(
-                    field,
-                    "resource names are 1-64 characters of letters, digits, '-', '_' or '.'",
-                ));
-            }
-            if v == 0 || v > MAX_RESOURCE_AMOUNT {
-                return Err(ValidationError::new(
-                    field,
-                    format!("amount must be between 1 and {MAX_RESOURCE_AMOUNT}, got {v}"),
-                ));
-            }
+            check_resource_name(&field, k)?;
+            check_resource_amount(&field, v)?;
         }
         if self.depends_on.len() > MAX_DEPENDENCIES {
             return Err(ValidationError::new(
@@ -677,6 +690,30 @@ fn valid_path_component(component: &str) -> bool {
         }
     }
     true
+}
+
+/// The rule for a resource's name, wherever one is given (a job's `resources`, a
+/// reservation's `resource`).
+pub fn check_resource_name(field: &str, name: &str) -> Result<(), ValidationError> {
+    if valid_resource_name(name) {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            field,
+            "resource names are 1-64 characters of letters, digits, '-', '_' or '.'",
+        ))
+    }
+}
+
+/// The rule for an amount of a resource, wherever one is given.
+pub fn check_resource_amount(field: &str, amount: u32) -> Result<(), ValidationError> {
+    if amount == 0 || amount > MAX_RESOURCE_AMOUNT {
+        return Err(ValidationError::new(
+            field,
+            format!("amount must be between 1 and {MAX_RESOURCE_AMOUNT}, got {amount}"),
+        ));
+    }
+    Ok(())
 }
 
 /// Letters, digits, `-`, `_`, `.`; 1 to 64 of them.

@@ -6,6 +6,7 @@ pub mod event;
 pub mod ids;
 pub mod job;
 pub mod records;
+pub mod reservation;
 pub mod retry;
 pub mod schedule;
 pub mod time;

@@ -472,6 +472,9 @@ pub struct GroupView {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ReservationState {
+    /// Granted, waiting for the resource to free: no queued job takes it meanwhile, and
+    /// the reservation's jobs start when it becomes active.
+    Pending,
     Active,
     Released,
     Expired,
@@ -480,6 +483,7 @@ pub enum ReservationState {
 impl ReservationState {
     pub fn as_str(self) -> &'static str {
         match self {
+            Self::Pending => "PENDING",
             Self::Active => "ACTIVE",
             Self::Released => "RELEASED",
             Self::Expired => "EXPIRED",
@@ -487,7 +491,7 @@ impl ReservationState {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Active, Self::Released, Self::Expired]
+        [Self::Pending, Self::Active, Self::Released, Self::Expired]
             .into_iter()
             .find(|r| r.as_str() == s)
     }

@@ -39,8 +39,9 @@ pub struct FreeWorker {
     pub models: Vec<String>,
 }
 
-/// An active reservation: `amount` of `resource` on one worker, held for the jobs
-/// submitted into it.
+/// A live reservation: `amount` of `resource` on one worker, held for the jobs submitted
+/// into it. A pending one waits for the resource to free; it already keeps queued jobs
+/// from taking what frees, but its own jobs wait until it is active.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hold {
     pub reservation_id: ReservationId,
@@ -49,12 +50,54 @@ pub struct Hold {
     pub amount: u32,
     /// How much of it the reservation's running jobs use now.
     pub in_use: u32,
+    pub pending: bool,
 }
 
 impl Hold {
     fn unused(&self) -> u32 {
         self.amount.saturating_sub(self.in_use)
     }
+}
+
+/// Which pending reservations become active now, in the order they were made (`holds` is
+/// in creation order): one is admitted when what its worker has free of the resource
+/// (`free`: capacity less what running jobs use; `None` for a worker this control plane
+/// does not hold, left alone) less what active reservations hold unused covers its amount.
+/// A reservation never jumps an earlier pending one on the same resource. The admitted are
+/// marked active in `holds` and returned.
+pub fn admit_reservations(
+    holds: &mut [Hold],
+    free: impl Fn(WorkerId, &str) -> Option<u32>,
+) -> Vec<ReservationId> {
+    let mut admitted = Vec::new();
+    let mut blocked: Vec<(WorkerId, String)> = Vec::new();
+    for i in 0..holds.len() {
+        let (worker, resource, amount) = {
+            let h = &holds[i];
+            if !h.pending {
+                continue;
+            }
+            (h.worker_id, h.resource.clone(), h.amount)
+        };
+        if blocked.iter().any(|(w, r)| *w == worker && *r == resource) {
+            continue;
+        }
+        let Some(free) = free(worker, &resource) else {
+            continue;
+        };
+        let held: u32 = holds
+            .iter()
+            .filter(|h| !h.pending && h.worker_id == worker && h.resource == resource)
+            .map(Hold::unused)
+            .sum();
+        if free.saturating_sub(held) >= amount {
+            holds[i].pending = false;
+            admitted.push(holds[i].reservation_id);
+        } else {
+            blocked.push((worker, resource));
+        }
+    }
+    admitted
 }
 
 impl FreeWorker {
@@ -112,7 +155,7 @@ pub fn assign(
         let held = |c: &Candidate| {
             holds
                 .iter()
-                .any(|h| Some(h.reservation_id) == c.reservation)
+                .any(|h| !h.pending && Some(h.reservation_id) == c.reservation)
         };
         held(b)
             .cmp(&held(a))
@@ -128,6 +171,7 @@ pub fn assign(
             let need = job.resources.get(&hold.resource).copied().unwrap_or(1);
             let resource = hold.resource.clone();
             if let Some(w) = workers.iter_mut().find(|w| w.worker_id == hold.worker_id)
+                && !hold.pending
                 && hold.unused() >= need
                 && w.fits(job, Some(&resource))
             {
@@ -266,6 +310,7 @@ mod tests {
             resource: "ollama".into(),
             amount: 1,
             in_use: 0,
+            pending: false,
         };
         let queued = needing("ollama", 1);
         let mut direct = job(-5);
@@ -281,6 +326,54 @@ mod tests {
         // Without the reservation, the queued job takes the resource.
         let got = assign(vec![queued.clone()], vec![w], vec![]);
         assert_eq!(ids(&got), vec![queued.job_id]);
+    }
+
+    fn pending_hold(worker_id: WorkerId, amount: u32) -> Hold {
+        Hold {
+            reservation_id: ReservationId::new(),
+            worker_id,
+            resource: "ollama".into(),
+            amount,
+            in_use: 0,
+            pending: true,
+        }
+    }
+
+    #[test]
+    fn a_pending_reservation_keeps_what_frees_from_the_queue_and_its_jobs_wait() {
+        // The resource is busy (free 0): the reservation waits, its job too, and the
+        // queued job cannot take the resource when it frees.
+        let busy = with_resource(worker(4), "ollama", 0);
+        let mut holds = vec![pending_hold(busy.worker_id, 1)];
+        assert!(admit_reservations(&mut holds, |_, _| Some(0)).is_empty());
+        let mut direct = job(0);
+        direct.reservation = Some(holds[0].reservation_id);
+        let got = assign(vec![direct.clone()], vec![busy.clone()], holds.clone());
+        assert!(got.is_empty(), "a pending reservation's job waits");
+        // It frees: admission comes first, so the reservation's job gets it, not the queue.
+        let freed = with_resource(busy, "ollama", 1);
+        assert_eq!(
+            admit_reservations(&mut holds, |_, _| Some(1)),
+            vec![holds[0].reservation_id]
+        );
+        let queued = needing("ollama", 1);
+        let got = assign(vec![queued, direct.clone()], vec![freed], holds);
+        assert_eq!(ids(&got), vec![direct.job_id]);
+    }
+
+    #[test]
+    fn reservations_are_admitted_in_order_within_capacity() {
+        let w = WorkerId::new();
+        let mut holds = vec![pending_hold(w, 1), pending_hold(w, 2), pending_hold(w, 1)];
+        // Two free: the first fits; the second (2) does not, and the third may not jump it.
+        let admitted = admit_reservations(&mut holds, |_, _| Some(2));
+        assert_eq!(admitted, vec![holds[0].reservation_id]);
+        // Again with the first active and unused: one left, still not enough for the second.
+        assert!(admit_reservations(&mut holds, |_, _| Some(2)).is_empty());
+        // A worker this control plane does not hold is left alone.
+        let mut elsewhere = vec![pending_hold(WorkerId::new(), 1)];
+        assert!(admit_reservations(&mut elsewhere, |_, _| None).is_empty());
+        assert!(elsewhere[0].pending);
     }
 
     proptest! {

@@ -2,7 +2,7 @@
 
 use crate::auth::{Caller, Owned, hash_password, verify_password};
 use crate::logs::Entry;
-use crate::{ApiError, AppState, Notice, jobs};
+use crate::{ApiError, AppState, Notice, jobs, scheduler};
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -14,9 +14,13 @@ use axum::{Extension, Json, Router};
 use base64::Engine;
 use drover_core::records::{
     BatchResult, BatchSubmitted, CompactLogBatch, DeliveryRecord, GroupView, JobView, LogEntryView,
-    NodeView, ReservationRecord, RunView, WebhookRecord, webhook_events,
+    NodeView, ReservationRecord, ReservationState, RunView, WebhookRecord, webhook_events,
 };
-use drover_core::{GroupId, JobId, JobSpec, ReservationId, RunId, WorkerId};
+use drover_core::reservation::ReservationRequest;
+use drover_core::schedule::{self, Hold};
+use drover_core::{
+    GroupId, JobId, JobSpec, ReservationId, RunId, Timestamp, ValidationError, WorkerId,
+};
 use drover_store::{JobRecord, RunRecord, WorkerRecord};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use std::convert::Infallible;
@@ -281,12 +285,10 @@ pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
-        let field = if path == "." || path == "?" {
-            "body".to_string()
-        } else {
-            path
-        };
-        ApiError::invalid(field, e.into_inner().to_string())
+        ApiError::from(ValidationError::from_decode(
+            &path,
+            &e.into_inner().to_string(),
+        ))
     })?;
     // One JSON value and nothing after it but white space.
     de.end().map_err(|e| {
@@ -856,59 +858,20 @@ async fn cancel_group(State(state): St, Owned(id): Owned<GroupId>) -> ApiResult<
     Ok(Json(state.store.get_group(id).await?))
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ReservationRequest {
-    resource: String,
-    #[serde(default = "one")]
-    amount: u32,
-    node: Option<String>,
-    #[serde(default = "default_reservation_ttl")]
-    ttl_seconds: u64,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn default_reservation_ttl() -> u64 {
-    60
-}
-
+/// Grants a reservation: ACTIVE when its worker has the resource free (less what other
+/// reservations hold or wait for), else PENDING until it frees, or 409 when the caller
+/// asked not to wait.
 async fn create_reservation(
     State(state): St,
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<ReservationRecord>)> {
-    let req: ReservationRequest = parse_body(&body)?;
-    if !drover_core::job::valid_resource_name(&req.resource) {
-        return Err(ApiError::invalid(
-            "resource",
-            "1-64 letters, digits, '-', '_' or '.'",
-        ));
-    }
-    if req.amount == 0 || req.amount > drover_core::job::MAX_RESOURCE_AMOUNT {
-        return Err(ApiError::invalid("amount", "must be at least 1"));
-    }
-    if req.ttl_seconds == 0 || req.ttl_seconds > 24 * 3600 {
-        return Err(ApiError::invalid(
-            "ttl_seconds",
-            "must be between 1 and 86400",
-        ));
-    }
-    let node = req
-        .node
-        .as_deref()
-        .map(|n| {
-            n.parse::<WorkerId>()
-                .map_err(|e| ApiError::invalid("node", e.to_string()))
-        })
-        .transpose()?;
+    let req = parse_body::<ReservationRequest>(&body)?.validated()?;
     let worker = state
         .sessions
-        .worker_offering(&req.resource, req.amount, node)
+        .worker_offering(&req.resource, req.amount, req.node)
         .ok_or_else(|| {
-            ApiError::Conflict(match node {
+            ApiError::Conflict(match req.node {
                 Some(n) => format!(
                     "node {n} is not connected or does not offer {} of resource {:?}",
                     req.amount, req.resource
@@ -919,17 +882,51 @@ async fn create_reservation(
                 ),
             })
         })?;
+    let now = Timestamp::now();
+    let plan = state.resource_plan.lock().await;
+    let mut holds = scheduler::read_holds(&state, now).await?;
+    let asked = Hold {
+        reservation_id: ReservationId::new(),
+        worker_id: worker,
+        resource: req.resource.clone(),
+        amount: req.amount,
+        in_use: 0,
+        pending: true,
+    };
+    holds.push(asked.clone());
+    let free_now = schedule::admit_reservations(&mut holds, |w, resource| {
+        state.sessions.free_resource(w, resource)
+    })
+    .contains(&asked.reservation_id);
+    if !free_now && !req.wait {
+        return Err(ApiError::Conflict(format!(
+            "resource {:?} on node {worker} is in use or reserved; ask with wait=true to \
+             queue for it",
+            req.resource
+        )));
+    }
     let r = state
         .store
         .create_reservation(
             &req.resource,
             req.amount,
             worker,
-            Duration::from_secs(req.ttl_seconds),
+            req.ttl,
             Some(&caller.user.id),
+            if free_now {
+                ReservationState::Active
+            } else {
+                ReservationState::Pending
+            },
         )
         .await?;
-    tracing::info!(reservation = %r.id, resource = %r.resource, worker_id = %worker, "reservation taken");
+    if !free_now {
+        state
+            .reservations_waiting
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    drop(plan);
+    tracing::info!(reservation = %r.id, resource = %r.resource, worker_id = %worker, state = r.state.as_str(), "reservation granted");
     Ok((StatusCode::CREATED, Json(r)))
 }
 

@@ -162,6 +162,13 @@ pub(crate) struct AppState {
     pub advertised: String,
     /// Failed logins, to slow password guessing.
     pub logins: auth::LoginLimiter,
+    /// Held by whoever decides who gets a named resource (a dispatch pass that reads
+    /// reservations, a reservation being granted), so that two such decisions never both
+    /// give away the same free unit.
+    pub resource_plan: tokio::sync::Mutex<()>,
+    /// Set while a reservation of a worker of this replica waits for its resource: dispatch
+    /// passes then admit reservations even when no queued job needs a resource.
+    pub reservations_waiting: std::sync::atomic::AtomicBool,
     last_dispatch_nudge: std::sync::atomic::AtomicI64,
     /// Jobs just final, to be announced to the other replicas (see `publish_final_jobs`).
     final_jobs: tokio::sync::mpsc::UnboundedSender<JobId>,
@@ -468,6 +475,8 @@ impl Server {
             replica: format!("replica-{}", drover_core::JobId::new()),
             advertised,
             logins: auth::LoginLimiter::default(),
+            resource_plan: tokio::sync::Mutex::new(()),
+            reservations_waiting: std::sync::atomic::AtomicBool::new(false),
             last_dispatch_nudge: std::sync::atomic::AtomicI64::new(0),
             final_jobs,
         });

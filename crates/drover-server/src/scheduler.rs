@@ -50,11 +50,20 @@ async fn dispatch_pass(
 ) -> Result<usize, drover_store::StoreError> {
     // Two missed heartbeats and a worker gets no new work until it is heard from again.
     let silence = state.config.heartbeat_interval() * 2 + Duration::from_millis(500);
+    let now = Timestamp::now();
+    // A reservation waiting for its resource is granted as soon as the resource frees,
+    // before queued jobs look at it, whether or not anything queued needs it.
+    if state
+        .reservations_waiting
+        .load(std::sync::atomic::Ordering::Relaxed)
+    {
+        let _plan = state.resource_plan.lock().await;
+        read_holds(state, now).await?;
+    }
     let free = state.sessions.free_workers(silence);
     if free.is_empty() {
         return Ok(0);
     }
-    let now = Timestamp::now();
     // Read about as many jobs as there are free slots: reading (and parsing) a whole deep
     // queue to fill a few slots is where a dispatcher's time goes.
     let free_slots: usize = free.iter().map(|w| w.free_slots as usize).sum();
@@ -65,8 +74,12 @@ async fn dispatch_pass(
     }
     // Reservations only change the plan for jobs that need resources or name one: a pass
     // over plain jobs does not read them (a read fewer on the way from submit to RUNNING).
+    // Whoever reads reservations decides who gets a named resource: that pass holds the
+    // resource plan until its assignments are counted in the sessions.
+    let mut plan_lock = None;
     let mut holds: Option<Vec<Hold>> = None;
     if needs_holds(&first) {
+        plan_lock = Some(state.resource_plan.lock().await);
         holds = Some(read_holds(state, now).await?);
     }
     let to_candidates = |page: Vec<drover_store::ReadyJob>| -> Vec<Candidate> {
@@ -103,6 +116,7 @@ async fn dispatch_pass(
             let page_start = after;
             after = page.last().map(|r| (r.priority, r.id));
             if holds.is_none() && needs_holds(&page) {
+                plan_lock = Some(state.resource_plan.lock().await);
                 holds = Some(read_holds(state, now).await?);
             }
             plan = plan_for(to_candidates(page), &holds);
@@ -129,14 +143,20 @@ async fn dispatch_pass(
             || tracing::info!(worker_id = %worker_id, attempt = a.run.attempt, "assigned"),
         );
         state.notify_job(job_id, a.job.state);
-        let reservation = a
+        let hold = a
             .job
             .spec
             .reservation
-            .filter(|r| holds.iter().any(|h| h.reservation_id == *r));
+            .and_then(|r| holds.iter().find(|h| h.reservation_id == r));
+        let mut resources = a.job.spec.resources.clone();
+        if let Some(h) = hold {
+            // A job in a reservation uses one unit of what it holds unless it says more:
+            // counted here too, so that what is free on the worker stays true.
+            resources.entry(h.resource.clone()).or_insert(1);
+        }
         let held = Held {
-            resources: a.job.spec.resources.clone(),
-            reservation,
+            resources,
+            reservation: hold.map(|h| h.reservation_id),
         };
         let msg = v1::server_message::Body::Assignment(v1::Assignment {
             run_id: a.run.id.to_string(),
@@ -148,6 +168,7 @@ async fn dispatch_pass(
             tracing::warn!(%worker_id, run_id = %a.run.id, "worker left before its assignment was sent; its lease will run out");
         }
     }
+    drop(plan_lock);
     Ok(assigned)
 }
 
@@ -156,24 +177,49 @@ fn needs_holds(page: &[drover_store::ReadyJob]) -> bool {
         .any(|r| !r.resources.is_empty() || r.reservation.is_some())
 }
 
-/// What each active reservation holds and how much of it its jobs use now.
-async fn read_holds(
+/// What each live reservation holds and how much of it its jobs use now; pending ones
+/// whose resource is free on a worker of this replica are made active first. The caller
+/// holds `state.resource_plan`.
+pub(crate) async fn read_holds(
     state: &AppState,
     now: Timestamp,
 ) -> Result<Vec<Hold>, drover_store::StoreError> {
-    Ok(state
+    let mut holds: Vec<Hold> = state
         .store
-        .active_reservations(now)
+        .live_reservations(now)
         .await?
         .into_iter()
         .map(|r| Hold {
             in_use: state.sessions.reservation_usage(r.id, &r.resource),
+            pending: r.state == drover_core::records::ReservationState::Pending,
             reservation_id: r.id,
             worker_id: r.worker_id,
             resource: r.resource,
             amount: r.amount,
         })
-        .collect())
+        .collect();
+    let admitted = schedule::admit_reservations(&mut holds, |w, resource| {
+        state.sessions.free_resource(w, resource)
+    });
+    for id in admitted {
+        if state.store.activate_reservation(id, now).await? {
+            tracing::info!(reservation = %id, "reservation active: its resource is free");
+        } else {
+            // Released or expired meanwhile: it holds nothing.
+            holds.retain(|h| h.reservation_id != id);
+        }
+    }
+    let waiting = holds.iter().any(|h| {
+        h.pending
+            && state
+                .sessions
+                .free_resource(h.worker_id, &h.resource)
+                .is_some()
+    });
+    state
+        .reservations_waiting
+        .store(waiting, std::sync::atomic::Ordering::Relaxed);
+    Ok(holds)
 }
 
 /// Fails the attempts whose lease ran out: their worker stopped heartbeating.

@@ -153,6 +153,14 @@ impl Sessions {
             .collect()
     }
 
+    /// How much of `resource` a worker of this replica has that running jobs do not use;
+    /// `None` when the worker is not connected here.
+    pub fn free_resource(&self, worker_id: WorkerId, resource: &str) -> Option<u32> {
+        self.lock()
+            .get(&worker_id)
+            .map(|s| s.free_resources().get(resource).copied().unwrap_or(0))
+    }
+
     /// How much of `resource` the running jobs of a reservation use.
     pub fn reservation_usage(&self, reservation: ReservationId, resource: &str) -> u32 {
         self.lock()

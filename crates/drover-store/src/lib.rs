@@ -371,11 +371,17 @@ pub trait Store: Send + Sync + 'static {
         worker_id: WorkerId,
         ttl: Duration,
         owner: Option<&str>,
+        state: ReservationState,
     ) -> Result<ReservationRecord>;
     async fn get_reservation(&self, id: ReservationId) -> Result<ReservationRecord>;
+    /// Ends a pending or active reservation.
     async fn release_reservation(&self, id: ReservationId) -> Result<ReservationRecord>;
-    /// Active reservations; those past their TTL are marked EXPIRED first.
-    async fn active_reservations(&self, now: Timestamp) -> Result<Vec<ReservationRecord>>;
+    /// Pending and active reservations, oldest first; those past their TTL are marked
+    /// EXPIRED first.
+    async fn live_reservations(&self, now: Timestamp) -> Result<Vec<ReservationRecord>>;
+    /// A pending reservation becomes active: its TTL starts again from `now`. False when it
+    /// was no longer pending.
+    async fn activate_reservation(&self, id: ReservationId, now: Timestamp) -> Result<bool>;
 
     // ----------------------------------------------------------- webhooks
     async fn add_webhook(

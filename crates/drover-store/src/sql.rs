@@ -1942,7 +1942,8 @@ async fn insert_job(
             });
         }
         match state.as_deref() {
-            Some("ACTIVE") => {}
+            // A pending reservation's jobs wait with it and start when it is active.
+            Some("ACTIVE" | "PENDING") => {}
             Some(other) => {
                 return Err(StoreError::Invalid {
                     field: "reservation",
@@ -3800,17 +3801,19 @@ impl Store for SqlStore {
         worker_id: WorkerId,
         ttl: Duration,
         owner: Option<&str>,
+        state: ReservationState,
     ) -> Result<ReservationRecord> {
         let now = Timestamp::now();
         let id = ReservationId::new();
         sqlx::query(
             "INSERT INTO reservations (id, resource, amount, worker_id, state, created_at, \
-             expires_at, owner) VALUES ($1, $2, $3, $4, 'ACTIVE', $5, $6, $7)",
+             expires_at, owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(id.to_string())
         .bind(resource)
         .bind(amount as i64)
         .bind(worker_id.to_string())
+        .bind(state.as_str())
         .bind(now.0)
         .bind(now.plus(ttl).0)
         .bind(owner)
@@ -3833,12 +3836,14 @@ impl Store for SqlStore {
         let mut reservation = reservation_from_row(&row)?;
         // Past its TTL it is expired, whether or not a dispatch pass has marked it so yet
         // (passes read reservations only when a queued job needs resources).
-        if reservation.state == ReservationState::Active
-            && reservation.expires_at <= Timestamp::now()
+        if matches!(
+            reservation.state,
+            ReservationState::Active | ReservationState::Pending
+        ) && reservation.expires_at <= Timestamp::now()
         {
             sqlx::query(
                 "UPDATE reservations SET state = 'EXPIRED', ended_at = expires_at \
-                 WHERE id = $1 AND state = 'ACTIVE'",
+                 WHERE id = $1 AND state IN ('PENDING', 'ACTIVE')",
             )
             .bind(id.to_string())
             .execute(&self.writer)
@@ -3851,14 +3856,18 @@ impl Store for SqlStore {
 
     async fn release_reservation(&self, id: ReservationId) -> Result<ReservationRecord> {
         let current = self.get_reservation(id).await?;
-        if current.state != ReservationState::Active {
+        if !matches!(
+            current.state,
+            ReservationState::Active | ReservationState::Pending
+        ) {
             return Err(StoreError::Conflict(format!(
                 "reservation {id} is already {}",
                 current.state.as_str()
             )));
         }
         sqlx::query(
-            "UPDATE reservations SET state = 'RELEASED', ended_at = $1 WHERE id = $2 AND state = 'ACTIVE'",
+            "UPDATE reservations SET state = 'RELEASED', ended_at = $1 \
+             WHERE id = $2 AND state IN ('PENDING', 'ACTIVE')",
         )
         .bind(Timestamp::now().0)
         .bind(id.to_string())
@@ -3867,20 +3876,34 @@ impl Store for SqlStore {
         self.get_reservation(id).await
     }
 
-    async fn active_reservations(&self, now: Timestamp) -> Result<Vec<ReservationRecord>> {
+    async fn live_reservations(&self, now: Timestamp) -> Result<Vec<ReservationRecord>> {
         sqlx::query(
             "UPDATE reservations SET state = 'EXPIRED', ended_at = expires_at \
-             WHERE state = 'ACTIVE' AND expires_at <= $1",
+             WHERE state IN ('PENDING', 'ACTIVE') AND expires_at <= $1",
         )
         .bind(now.0)
         .execute(&self.writer)
         .await?;
         let rows = sqlx::query(&format!(
-            "SELECT {RESERVATION_COLS} FROM reservations WHERE state = 'ACTIVE' ORDER BY id"
+            "SELECT {RESERVATION_COLS} FROM reservations \
+             WHERE state IN ('PENDING', 'ACTIVE') ORDER BY id"
         ))
         .fetch_all(&self.writer)
         .await?;
         rows.iter().map(reservation_from_row).collect()
+    }
+
+    async fn activate_reservation(&self, id: ReservationId, now: Timestamp) -> Result<bool> {
+        // The TTL is how long it is held: it starts again when the hold begins.
+        let done = sqlx::query(
+            "UPDATE reservations SET state = 'ACTIVE', expires_at = $1 + (expires_at - created_at) \
+             WHERE id = $2 AND state = 'PENDING' AND expires_at > $1",
+        )
+        .bind(now.0)
+        .bind(id.to_string())
+        .execute(&self.writer)
+        .await?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn add_webhook(

@@ -1,6 +1,6 @@
 //! `drover job …`
 
-use crate::output::{self, Output, parse_duration, parse_pairs, print_json};
+use crate::output::{self, Output, parse_duration, parse_pairs, print_json, usage};
 use anyhow::{Context, bail};
 use base64::Engine;
 use clap::{Args, Subcommand};
@@ -114,8 +114,8 @@ fn parse_specs(text: &str) -> Result<Vec<JobSpec>, String> {
             .map_err(|e| format!("{at}: {}: {}", e.field, e.message))
     };
     if text.trim_start().starts_with('[') {
-        let specs: Vec<JobSpec> = serde_json::from_str(text)
-            .map_err(|e| format!("not a JSON array of job specs: {e}"))?;
+        let specs: Vec<JobSpec> =
+            output::decode_json(text).map_err(|e| format!("not a JSON array of job specs: {e}"))?;
         return specs
             .into_iter()
             .enumerate()
@@ -127,7 +127,7 @@ fn parse_specs(text: &str) -> Result<Vec<JobSpec>, String> {
         .filter(|(_, line)| !line.trim().is_empty())
         .map(|(i, line)| {
             let spec: JobSpec =
-                serde_json::from_str(line).map_err(|e| format!("line {}: {e}", i + 1))?;
+                output::decode_json(line).map_err(|e| format!("line {}: {e}", i + 1))?;
             check(spec, format!("line {}", i + 1))
         })
         .collect()
@@ -240,7 +240,7 @@ impl RunArgs {
             "command" => {}
             "inference" => {
                 let (Some(model), Some(prompt)) = (&self.model, &self.prompt) else {
-                    bail!("--kind inference: give --model and --prompt");
+                    return Err(usage!("--kind inference: give --model and --prompt"));
                 };
                 spec.kind = drover_core::JobKind::Inference;
                 spec.inference = Some(drover_core::InferenceSpec {
@@ -254,68 +254,73 @@ impl RunArgs {
                 });
                 return Ok(spec);
             }
-            other => bail!("--kind: {other:?} is not a kind; command or inference"),
+            other => {
+                return Err(usage!(
+                    "--kind: {other:?} is not a kind; command or inference"
+                ));
+            }
         }
         match (&self.command, &self.args, self.argv.as_slice()) {
             (Some(_), _, [_, ..]) => {
-                bail!("--command: give either --command or a program after --, not both")
+                return Err(usage!(
+                    "--command: give either --command or a program after --, not both"
+                ));
             }
             (Some(program), Some(args), []) => {
                 spec.program = Some(program.clone());
                 spec.args = shell_words::split(args).context("--args: unbalanced quotes")?;
             }
             (Some(command), None, []) => spec.command = Some(command.clone()),
-            (None, Some(_), _) => bail!("--args: goes with --command PROGRAM"),
+            (None, Some(_), _) => return Err(usage!("--args: goes with --command PROGRAM")),
             (None, None, [program, args @ ..]) => {
                 spec.program = Some(program.clone());
                 spec.args = args.to_vec();
             }
-            (None, None, []) => bail!("--command: is required (or give a program after --)"),
+            (None, None, []) => {
+                return Err(usage!(
+                    "--command: is required (or give a program after --)"
+                ));
+            }
         }
         for list in &self.env {
-            for (k, v) in parse_pairs(list).map_err(|e| anyhow::anyhow!("--env: {e}"))? {
+            for (k, v) in parse_pairs(list).map_err(|e| usage!("--env: {e}"))? {
                 spec.env.insert(k, v);
             }
         }
         if let Some(labels) = &self.labels {
-            for (k, v) in parse_pairs(labels).map_err(|e| anyhow::anyhow!("--labels: {e}"))? {
+            for (k, v) in parse_pairs(labels).map_err(|e| usage!("--labels: {e}"))? {
                 spec.labels.insert(k, v);
             }
         }
         if let Some(r) = &self.resources {
-            for (k, v) in parse_pairs(r).map_err(|e| anyhow::anyhow!("--resources: {e}"))? {
+            for (k, v) in parse_pairs(r).map_err(|e| usage!("--resources: {e}"))? {
                 let n: u32 = v.trim().parse().map_err(|_| {
-                    anyhow::anyhow!("--resources: {k}={v}: the amount must be a whole number")
+                    usage!("--resources: {k}={v}: the amount must be a whole number")
                 })?;
                 spec.resources.insert(k, n);
             }
         }
         for d in &self.depends_on {
-            spec.depends_on.push(
-                d.parse()
-                    .map_err(|e| anyhow::anyhow!("--depends-on: {e}"))?,
-            );
+            spec.depends_on
+                .push(d.parse().map_err(|e| usage!("--depends-on: {e}"))?);
         }
         spec.idempotency_key = self.idempotency_key.clone();
         if let Some(i) = &self.isolation {
-            spec.isolation = i.parse().map_err(|e: drover_core::ValidationError| {
-                anyhow::anyhow!("--isolation: {}", e.message)
-            })?;
+            spec.isolation = i
+                .parse()
+                .map_err(|e: drover_core::ValidationError| usage!("--isolation: {}", e.message))?;
         }
         spec.image = self.image.clone();
         spec.provider = self.provider.clone();
         if let Some(r) = &self.reservation {
-            spec.reservation = Some(
-                r.parse()
-                    .map_err(|e| anyhow::anyhow!("--reservation: {e}"))?,
-            );
+            spec.reservation = Some(r.parse().map_err(|e| usage!("--reservation: {e}"))?);
         }
         if let Some(t) = &self.timeout {
-            let d = parse_duration(t).map_err(|e| anyhow::anyhow!("--timeout: {e}"))?;
+            let d = parse_duration(t).map_err(|e| usage!("--timeout: {e}"))?;
             spec.timeout_ms = Some(d.as_millis().min(i64::MAX as u128) as i64);
         }
         if let Some(b) = &self.backoff {
-            let d = parse_duration(b).map_err(|e| anyhow::anyhow!("--backoff: {e}"))?;
+            let d = parse_duration(b).map_err(|e| usage!("--backoff: {e}"))?;
             spec.backoff_base_ms = Some(d.as_millis() as u64);
         }
         Ok(spec)

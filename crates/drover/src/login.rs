@@ -2,7 +2,7 @@
 //! `drover up`) stored for that server in the user's config dir, refreshed when it expires.
 //! Also `drover login|logout|token|user|audit`.
 
-use crate::output::{self, Output, parse_duration, print_json};
+use crate::output::{self, Output, parse_duration, print_json, usage};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use drover_client::Client;
@@ -239,7 +239,7 @@ pub async fn token(cmd: TokenCommand, server: &str, output: Output) -> anyhow::R
     let client = client(server).await?;
     match cmd {
         TokenCommand::Create { name, expires } => {
-            let ttl = parse_duration(&expires).map_err(|e| anyhow::anyhow!("--expires: {e}"))?;
+            let ttl = parse_duration(&expires).map_err(|e| usage!("--expires: {e}"))?;
             let created = client.create_api_token(&name, ttl).await?;
             match output {
                 Output::Json => print_json(&created)?,

@@ -152,9 +152,12 @@ async fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            let invalid = e
-                .downcast_ref::<drover_client::ClientError>()
-                .is_some_and(|c| matches!(c, drover_client::ClientError::Api { status: 400, .. }));
+            // Bad input exits 2 (as clap does for what it checks), anything else 1.
+            let invalid = e.downcast_ref::<output::UsageError>().is_some()
+                || e.downcast_ref::<drover_client::ClientError>()
+                    .is_some_and(|c| {
+                        matches!(c, drover_client::ClientError::Api { status: 400, .. })
+                    });
             ExitCode::from(if invalid { 2 } else { 1 })
         }
     }

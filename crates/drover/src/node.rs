@@ -1,6 +1,6 @@
 //! `drover node …`
 
-use crate::output::{self, Output, parse_duration, print_json};
+use crate::output::{self, Output, parse_duration, print_json, usage};
 use clap::Subcommand;
 use drover_client::records::NodeView;
 use std::process::ExitCode;
@@ -66,7 +66,7 @@ pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Resu
     let client = crate::login::client(server).await?;
     match cmd {
         NodeCommand::Token(TokenCommand::Create { ttl }) => {
-            let ttl = parse_duration(&ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+            let ttl = parse_duration(&ttl).map_err(|e| usage!("--ttl: {e}"))?;
             let token = client.create_node_token(ttl).await?;
             match output {
                 Output::Json => print_json(&token)?,
@@ -138,7 +138,7 @@ pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Resu
              -> anyhow::Result<std::collections::BTreeMap<String, String>> {
                 Ok(match v {
                     Some(v) => output::parse_pairs(&v)
-                        .map_err(|e| anyhow::anyhow!("{flag}: {e}"))?
+                        .map_err(|e| usage!("{flag}: {e}"))?
                         .into_iter()
                         .collect(),
                     None => Default::default(),
@@ -153,9 +153,7 @@ pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Resu
                             v.trim()
                                 .parse::<u32>()
                                 .map(|n| (k.clone(), n))
-                                .map_err(|_| {
-                                    anyhow::anyhow!("--resources: {k}={v}: a whole number")
-                                })
+                                .map_err(|_| usage!("--resources: {k}={v}: a whole number"))
                         })
                         .collect::<anyhow::Result<_>>()?,
                 ),

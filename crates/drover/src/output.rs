@@ -60,6 +60,48 @@ pub fn spinner(message: &str) -> Option<ProgressBar> {
     Some(bar)
 }
 
+/// Bad input on the command line (a flag, a field of a file): the CLI exits 2 with it,
+/// as clap does for the flags it checks itself; other failures exit 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// A [`UsageError`] as an `anyhow::Error`: `usage!("--timeout: {e}")`.
+macro_rules! usage {
+    ($($arg:tt)*) => {
+        anyhow::Error::new($crate::output::UsageError(format!($($arg)*)))
+    };
+}
+pub(crate) use usage;
+
+/// Decodes a JSON or YAML document (`serde_json::Deserializer`, `serde_yaml_ng::Deserializer`)
+/// and names the field at fault on error: `priority: invalid type: string "high", …`.
+pub fn decode<'de, T, D>(de: D) -> Result<T, String>
+where
+    T: serde::Deserialize<'de>,
+    D: serde::Deserializer<'de>,
+    D::Error: std::fmt::Display,
+{
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let error = drover_core::ValidationError::from_decode(&path, &e.into_inner().to_string());
+        if error.field == "body" {
+            error.message
+        } else {
+            format!("{}: {}", error.field, error.message)
+        }
+    })
+}
+
+/// [`decode`] of one JSON value, with nothing after it but white space.
+pub fn decode_json<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let value = decode(&mut de)?;
+    de.end()
+        .map_err(|e| format!("trailing characters after the JSON value ({e})"))?;
+    Ok(value)
+}
+
 /// Parses `30` (seconds), `500ms`, `30s`, `5m`, `1h30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();

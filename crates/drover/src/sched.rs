@@ -1,9 +1,10 @@
 //! `drover group …`, `drover reserve`, `drover webhook …`: the scheduler's other objects.
 
-use crate::output::{self, Output, parse_duration, print_json};
+use crate::output::{self, Output, parse_duration, print_json, usage};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use drover_client::records::GroupView;
+use drover_core::records::ReservationState;
 use drover_core::{JobSpec, JobState};
 use serde::Deserialize;
 use std::path::PathBuf;
@@ -28,15 +29,37 @@ pub enum GroupCommand {
     Cancel { id: String },
 }
 
+/// A group file's long form; the short one is the list of specs alone.
 #[derive(Deserialize)]
-#[serde(untagged)]
-enum GroupFile {
-    List(Vec<JobSpec>),
-    Named {
-        #[serde(default)]
-        name: Option<String>,
-        jobs: Vec<JobSpec>,
-    },
+#[serde(deny_unknown_fields)]
+struct NamedGroupFile {
+    #[serde(default)]
+    name: Option<String>,
+    jobs: Vec<JobSpec>,
+}
+
+/// A group file: a YAML (or JSON) list of job specs, or `name:` and `jobs:`. Every spec is
+/// checked as the server would; an error names the field (`jobs[1].priority: …`).
+fn parse_group_file(text: &str) -> Result<(Option<String>, Vec<JobSpec>), String> {
+    let value: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(text).map_err(|e| format!("not YAML or JSON: {e}"))?;
+    let (name, jobs, prefix) = match value {
+        serde_yaml_ng::Value::Sequence(_) => (None, output::decode::<Vec<JobSpec>, _>(value)?, ""),
+        serde_yaml_ng::Value::Mapping(_) => {
+            let file: NamedGroupFile = output::decode(value)?;
+            (file.name, file.jobs, "jobs")
+        }
+        _ => return Err("a group file is a list of job specs, or `name:` and `jobs:`".into()),
+    };
+    let jobs = jobs
+        .into_iter()
+        .enumerate()
+        .map(|(i, spec)| {
+            spec.validated()
+                .map_err(|e| format!("{prefix}[{i}].{}: {}", e.field, e.message))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((name, jobs))
 }
 
 pub async fn group(cmd: GroupCommand, server: &str, output: Output) -> anyhow::Result<ExitCode> {
@@ -46,12 +69,8 @@ pub async fn group(cmd: GroupCommand, server: &str, output: Output) -> anyhow::R
             let text = std::fs::read_to_string(&file)
                 .with_context(|| format!("cannot read {}", file.display()))?;
             // YAML is a superset of JSON, so one parser reads both.
-            let parsed: GroupFile = serde_yaml_ng::from_str(&text)
-                .with_context(|| format!("{}: not a list of job specs", file.display()))?;
-            let (file_name, jobs) = match parsed {
-                GroupFile::List(jobs) => (None, jobs),
-                GroupFile::Named { name, jobs } => (name, jobs),
-            };
+            let (file_name, jobs) =
+                parse_group_file(&text).map_err(|e| usage!("{}: {e}", file.display()))?;
             let name = name.or(file_name).unwrap_or_else(|| {
                 file.file_stem()
                     .map(|s| s.to_string_lossy().into_owned())
@@ -135,6 +154,10 @@ pub struct ReserveArgs {
     /// Release this reservation instead of taking one.
     #[arg(long, value_name = "ID", conflicts_with = "resource")]
     release: Option<String>,
+    /// When the resource is busy, fail (exit 1) instead of queueing for it: by default the
+    /// reservation is PENDING until the resource frees, and jobs submitted into it wait.
+    #[arg(long)]
+    no_wait: bool,
 }
 
 pub async fn reserve(args: ReserveArgs, server: &str, output: Output) -> anyhow::Result<ExitCode> {
@@ -142,26 +165,41 @@ pub async fn reserve(args: ReserveArgs, server: &str, output: Output) -> anyhow:
     let r = match (&args.release, &args.resource) {
         (Some(id), _) => client.release_reservation(id).await?,
         (None, Some(resource)) => {
-            let ttl = parse_duration(&args.ttl).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?;
+            let ttl = parse_duration(&args.ttl).map_err(|e| usage!("--ttl: {e}"))?;
             client
-                .reserve(resource, args.amount, args.node.as_deref(), ttl)
+                .reserve(
+                    resource,
+                    args.amount,
+                    args.node.as_deref(),
+                    ttl,
+                    !args.no_wait,
+                )
                 .await?
         }
-        (None, None) => anyhow::bail!("--resource: is required"),
+        (None, None) => return Err(usage!("--resource: is required")),
     };
     match output {
         Output::Json => print_json(&r)?,
         Output::Text => {
             println!("{}", r.id);
-            eprintln!(
-                "reservation {} of {} {} on node {}: {} until {}",
-                r.id,
-                r.amount,
-                r.resource,
-                r.worker_id,
-                r.state.as_str(),
-                output::time(r.ended_at.unwrap_or(r.expires_at))
-            );
+            if r.state == ReservationState::Pending {
+                eprintln!(
+                    "reservation {} of {} {} on node {}: PENDING, the resource is in use; it \
+                     becomes ACTIVE when it frees (before queued jobs take it), and jobs run \
+                     with --reservation {} start then",
+                    r.id, r.amount, r.resource, r.worker_id, r.id
+                );
+            } else {
+                eprintln!(
+                    "reservation {} of {} {} on node {}: {} until {}",
+                    r.id,
+                    r.amount,
+                    r.resource,
+                    r.worker_id,
+                    r.state.as_str(),
+                    output::time(r.ended_at.unwrap_or(r.expires_at))
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -1,6 +1,6 @@
 //! `drover up`, `drover server`, `drover worker`: the long-running processes.
 
-use crate::output::{parse_duration, parse_pairs};
+use crate::output::{parse_duration, parse_pairs, usage};
 use anyhow::Context;
 use clap::Args;
 use drover_server::providers::{ProviderConfig, ProviderKind};
@@ -240,16 +240,16 @@ fn worker_config(
 ) -> anyhow::Result<WorkerConfig> {
     let labels = match &o.labels {
         Some(l) => parse_pairs(l)
-            .map_err(|e| anyhow::anyhow!("--labels: {e}"))?
+            .map_err(|e| usage!("--labels: {e}"))?
             .into_iter()
             .collect(),
         None => Default::default(),
     };
     let mut resources = std::collections::BTreeMap::new();
     if let Some(r) = &o.resources {
-        for (name, amount) in parse_pairs(r).map_err(|e| anyhow::anyhow!("--resources: {e}"))? {
+        for (name, amount) in parse_pairs(r).map_err(|e| usage!("--resources: {e}"))? {
             let amount: u32 = amount.trim().parse().map_err(|_| {
-                anyhow::anyhow!("--resources: {name}={amount}: the capacity must be a whole number")
+                usage!("--resources: {name}={amount}: the capacity must be a whole number")
             })?;
             if !drover_core::job::valid_resource_name(&name) || amount == 0 {
                 anyhow::bail!(

@@ -462,7 +462,7 @@ async fn a_user_reaches_nothing_of_another_user_by_any_form_of_its_id() {
         .id
         .to_string();
     let reservation = admin
-        .reserve("gpu", 1, None, std::time::Duration::from_secs(60))
+        .reserve("gpu", 1, None, std::time::Duration::from_secs(60), true)
         .await
         .expect("reserve")
         .id

@@ -173,7 +173,7 @@ async fn every_route_refuses_callers_without_the_right_token() {
         .id
         .to_string();
     let reservation = admin
-        .reserve("gpu", 1, None, std::time::Duration::from_secs(60))
+        .reserve("gpu", 1, None, std::time::Duration::from_secs(60), true)
         .await
         .unwrap()
         .id

@@ -168,10 +168,45 @@ async fn the_cli_refuses_bad_flags_before_sending_anything() {
         (vec!["job", "run"], "--command"),
         (vec!["job", "run", "--command", "", "--wait"], "command"),
         (vec!["job", "run", "--args", "-c true"], "--args"),
+        (
+            vec!["reserve", "--resource", "gpu", "--ttl", "abc"],
+            "--ttl",
+        ),
     ];
-    for (args, needle) in cases {
+    // Files: a bad line of `job submit` names its line and field; a group file its field.
+    let file = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        path.to_str().unwrap().to_string()
+    };
+    let jobs = file(
+        "jobs.jsonl",
+        "{\"command\": \"true\"}\n{\"command\": \"true\", \"priority\": \"high\"}\n",
+    );
+    let group = file(
+        "group.yaml",
+        "jobs:\n  - command: 'true'\n  - command: 'true'\n    priority: high\n",
+    );
+    let broken = file("broken.yaml", "jobs: [command: true\n");
+    let unknown = file("unknown.yaml", "- command: 'true'\n  timout_ms: 5\n");
+    let files: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["job", "submit", &jobs],
+            "line 2: priority: invalid type",
+        ),
+        (
+            vec!["group", "run", &group],
+            "jobs[1].priority: invalid type",
+        ),
+        (vec!["group", "run", &broken], "not YAML or JSON"),
+        (
+            vec!["group", "run", &unknown],
+            "[0].timout_ms: unknown field",
+        ),
+    ];
+    for (args, needle) in cases.into_iter().chain(files) {
         let out = d.cli(&server.url, &args).await;
-        assert_ne!(out.code, 0, "{args:?}: {out:?}");
+        assert_eq!(out.code, 2, "bad input exits 2: {args:?}: {out:?}");
         assert!(out.stderr.contains(needle), "{args:?}: {out:?}");
     }
     assert!(

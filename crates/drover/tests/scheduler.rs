@@ -265,6 +265,81 @@ async fn e2e_direct_02_arrival_order_is_preserved() {
     assert!(!overlaps(r[0], r[1]) && !overlaps(r[1], r[2]));
 }
 
+/// Seed order with the resource busy when the reservation is asked for: the running job
+/// keeps it (no pre-emption), the reservation waits PENDING and takes it when it frees,
+/// before the job queued earlier; capacity is never exceeded.
+#[tokio::test]
+async fn e2e_direct_02_a_reservation_asked_while_the_resource_is_busy_waits_its_turn() {
+    let dir = TestDir::new();
+    let (s, _w) = ollama_node(&dir).await;
+    let client = s.client();
+    let trace = Trace::new(dir.path());
+    let job1 = submit(&client, &needing(&trace.command("job1", 1.5), "ollama")).await;
+    eventually("job1 to hold the resource", || async {
+        let view = client.get_job(&job1).await.ok()?;
+        (view.job.state == JobState::Running).then_some(())
+    })
+    .await;
+    let job2 = submit(&client, &needing(&trace.command("job2", 0.1), "ollama")).await;
+    // Asked not to wait: refused, nothing held.
+    let refused = drover()
+        .cli(&s.url, &["reserve", "--resource", "ollama", "--no-wait"])
+        .await;
+    assert_eq!(refused.code, 1, "{refused:?}");
+    assert!(refused.stderr.contains("in use"), "{refused:?}");
+    // Asked to wait: PENDING, and a second one queues behind it.
+    let reserve_json = || async {
+        let out = drover()
+            .cli(
+                &s.url,
+                &["--output", "json", "reserve", "--resource", "ollama"],
+            )
+            .await;
+        assert_eq!(out.code, 0, "{out:?}");
+        serde_json::from_str::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let first = reserve_json().await;
+    assert_eq!(first["state"], "PENDING", "{first}");
+    let second = reserve_json().await;
+    assert_eq!(second["state"], "PENDING", "{second}");
+    let out = drover()
+        .cli(
+            &s.url,
+            &["reserve", "--release", second["id"].as_str().unwrap()],
+        )
+        .await;
+    assert_eq!(
+        out.code, 0,
+        "a pending reservation can be released: {out:?}"
+    );
+    let reservation: drover_core::ReservationId = first["id"].as_str().unwrap().parse().unwrap();
+    let mut direct = needing(&trace.command("direct", 0.1), "ollama");
+    direct.reservation = Some(reservation);
+    let direct = submit(&client, &direct).await;
+    assert_eq!(wait(&client, &direct).await.job.state, JobState::Succeeded);
+    let held = client
+        .get_reservation(&reservation.to_string())
+        .await
+        .unwrap();
+    assert_eq!(held.state.as_str(), "ACTIVE");
+    // The queued job still waits: the reservation holds the resource until released.
+    assert_eq!(
+        client.get_job(&job2).await.unwrap().job.state,
+        JobState::Queued
+    );
+    let out = drover()
+        .cli(&s.url, &["reserve", "--release", &reservation.to_string()])
+        .await;
+    assert_eq!(out.code, 0, "{out:?}");
+    assert_eq!(wait(&client, &job2).await.job.state, JobState::Succeeded);
+    assert_eq!(trace.order(), ["job1", "direct", "job2"]);
+    let spans = trace.spans();
+    assert!(
+        !overlaps(&spans[0], &spans[1]) && !overlaps(&spans[1], &spans[2]),
+        "one unit of ollama, one job at a time: {spans:?}"
+    );
+}
+
 #[tokio::test]
 async fn e2e_direct_03_a_reservation_pauses_the_queue() {
     let dir = TestDir::new();
