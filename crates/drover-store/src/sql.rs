@@ -1903,11 +1903,21 @@ async fn insert_job(
     let mut waiting_on: i64 = 0;
     let mut failed_dependency = None;
     for dep in &deps {
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+        let row = sqlx::query("SELECT state, owner FROM jobs WHERE id = $1")
             .bind(dep.to_string())
             .fetch_optional(&mut *conn)
             .await?;
+        let (state, dep_owner) = match &row {
+            Some(row) => (
+                Some(row.try_get::<String, _>("state")?),
+                row.try_get::<Option<String>, _>("owner")?,
+            ),
+            None => (None, None),
+        };
+        // Another user's job is as good as absent: waiting on it would tell its outcome.
+        let foreign = matches!((owner, dep_owner.as_deref()), (Some(me), Some(them)) if me != them);
         let state: JobState = state
+            .filter(|_| !foreign)
             .ok_or_else(|| StoreError::Invalid {
                 field: "depends_on",
                 message: format!("job {dep} does not exist"),

@@ -530,6 +530,25 @@ async fn a_user_reaches_nothing_of_another_user_by_any_form_of_its_id() {
         body.contains("\"reservation\"") && body.contains("another user"),
         "{body}"
     );
+    // Nor may bob's jobs depend on the admin's: waiting on a job tells its outcome, and
+    // the answer is the one for a job that does not exist.
+    let on_admins_job = format!(
+        r#"{{"command": "true", "isolation": "sandbox", "depends_on": ["{}"]}}"#,
+        job.id
+    );
+    let (status, body) = call(
+        &server.url,
+        "POST",
+        "/v1/jobs",
+        Some(&bob_token),
+        Some(on_admins_job.into_bytes()),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body.contains("\"depends_on\"") && body.contains("does not exist"),
+        "{body}"
+    );
     // Nothing changed: the job, its events, the group and the reservation.
     let after = admin.get_job(&job.id.to_string()).await.expect("job");
     assert_eq!(after.job.state, JobState::Succeeded);
