@@ -215,10 +215,15 @@ async fn reattach(
             continue;
         }
         // The store says the worker holds it, the worker does not: it restarted.
+        let error = crate::scheduler::lost_attempt_error(
+            worker.id,
+            state.take_recovered(run.id),
+            crate::scheduler::AttemptLost::CameBackWithout,
+        );
         let end = RunEnd {
             outcome: RunOutcome::Failed,
             exit_code: None,
-            error: Some("worker lost: it came back without this attempt".into()),
+            error: Some(error),
             result: None,
         };
         let f = state

@@ -222,6 +222,38 @@ pub(crate) async fn read_holds(
     Ok(holds)
 }
 
+/// How an attempt was lost by its worker.
+pub(crate) enum AttemptLost {
+    /// The worker did not renew its lease.
+    LeaseLapsed,
+    /// The worker reconnected without the attempt: it restarted.
+    CameBackWithout,
+}
+
+/// The one wording of a lost attempt's error. `recovered`: the attempt was live when this
+/// control plane started, so the restart is what lost it, whatever the worker did then.
+pub(crate) fn lost_attempt_error(
+    worker: drover_core::WorkerId,
+    recovered: bool,
+    how: AttemptLost,
+) -> String {
+    let what = match how {
+        AttemptLost::LeaseLapsed => "did not come back within the lease",
+        AttemptLost::CameBackWithout => "came back without this attempt",
+    };
+    if recovered {
+        format!(
+            "recovery: the control plane restarted while this attempt ran; worker {worker} {what}"
+        )
+    } else {
+        let what = match how {
+            AttemptLost::LeaseLapsed => "did not renew its lease",
+            AttemptLost::CameBackWithout => "came back without this attempt (it restarted)",
+        };
+        format!("worker lost: worker {worker} {what}")
+    }
+}
+
 /// Fails the attempts whose lease ran out: their worker stopped heartbeating.
 pub async fn lease_sweeper(state: Arc<AppState>) {
     let every = (state.config.lease / 4).clamp(Duration::from_millis(100), Duration::from_secs(2));
@@ -266,14 +298,11 @@ pub async fn lease_sweeper(state: Arc<AppState>) {
         for run in expired {
             let span = tracing::info_span!("job", job_id = %run.job_id, run_id = %run.id);
             async {
-                let error = if state.take_recovered(run.id) {
-                    format!(
-                        "recovery: the control plane restarted and worker {} did not come back within the lease",
-                        run.worker_id
-                    )
-                } else {
-                    format!("worker lost: worker {} did not renew its lease", run.worker_id)
-                };
+                let error = lost_attempt_error(
+                    run.worker_id,
+                    state.take_recovered(run.id),
+                    AttemptLost::LeaseLapsed,
+                );
                 let end = RunEnd {
                     outcome: RunOutcome::Failed,
                     exit_code: None,
