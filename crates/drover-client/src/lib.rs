@@ -203,7 +203,7 @@ impl Client {
         name: &str,
         expires_in: Duration,
     ) -> Result<serde_json::Value> {
-        let body = serde_json::json!({"name": name, "expires_in_seconds": expires_in.as_secs()});
+        let body = serde_json::json!({"name": name, "expires_in_ms": (expires_in.as_millis() as u64).max(1)});
         self.json(self.request(Method::POST, &["v1", "tokens"]).json(&body))
             .await
     }
@@ -430,18 +430,20 @@ impl Client {
             .await
     }
 
-    /// Subscribes `url` to `events` (all when empty); returns the webhook and its secret.
+    /// Subscribes `url` to `events` (all when empty); returns the webhook and, when none was
+    /// given, the secret the server generated.
     pub async fn add_webhook(
         &self,
         url: &str,
         events: &[String],
         secret: Option<&str>,
-    ) -> Result<(WebhookRecord, String)> {
+    ) -> Result<(WebhookRecord, Option<String>)> {
         let body = serde_json::json!({ "url": url, "events": events, "secret": secret });
         let v: serde_json::Value = self
             .json(self.request(Method::POST, &["v1", "webhooks"]).json(&body))
             .await?;
-        let secret = v["secret"].as_str().unwrap_or_default().to_string();
+        // Sent back only when the server generated it.
+        let secret = v["secret"].as_str().map(str::to_string);
         let hook = serde_json::from_value(v).map_err(|e| ClientError::Protocol(e.to_string()))?;
         Ok((hook, secret))
     }
@@ -459,7 +461,7 @@ impl Client {
     }
 
     pub async fn create_node_token(&self, ttl: Duration) -> Result<JoinToken> {
-        let body = serde_json::json!({ "ttl_seconds": ttl.as_secs() });
+        let body = serde_json::json!({ "ttl_ms": (ttl.as_millis() as u64).max(1) });
         self.json(
             self.request(Method::POST, &["v1", "node-tokens"])
                 .json(&body),

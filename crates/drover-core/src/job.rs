@@ -692,6 +692,37 @@ fn valid_path_component(component: &str) -> bool {
     true
 }
 
+/// A duration the API takes in milliseconds (`ttl_ms`), like all its durations, or in
+/// seconds under the field's first name (`ttl_seconds`, still read for older clients):
+/// one of them, between 1 ms and `max` (`max_words` says it to a person).
+pub fn duration_field(
+    ms: (&str, Option<u64>),
+    seconds: (&str, Option<u64>),
+    default: std::time::Duration,
+    max: std::time::Duration,
+    max_words: &str,
+) -> Result<std::time::Duration, ValidationError> {
+    use std::time::Duration;
+    let (field, value) = match (ms.1, seconds.1) {
+        (Some(_), Some(_)) => {
+            return Err(ValidationError::new(
+                seconds.0,
+                format!("give {} or {}, not both", ms.0, seconds.0),
+            ));
+        }
+        (Some(v), None) => (ms.0, Duration::from_millis(v)),
+        (None, Some(v)) => (seconds.0, Duration::from_secs(v)),
+        (None, None) => return Ok(default),
+    };
+    if value.is_zero() || value > max {
+        return Err(ValidationError::new(
+            field,
+            format!("must be between 1 ms and {max_words}"),
+        ));
+    }
+    Ok(value)
+}
+
 /// The rule for a resource's name, wherever one is given (a job's `resources`, a
 /// reservation's `resource`).
 pub fn check_resource_name(field: &str, name: &str) -> Result<(), ValidationError> {

@@ -2,7 +2,7 @@
 //! (see `drover_core::schedule::admit_reservations`); these are the rules of its fields.
 
 use crate::ids::WorkerId;
-use crate::job::{ValidationError, check_resource_amount, check_resource_name};
+use crate::job::{ValidationError, check_resource_amount, check_resource_name, duration_field};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 
@@ -58,23 +58,13 @@ impl ReservationRequest {
                     .map_err(|e| ValidationError::new("node", e.to_string()))
             })
             .transpose()?;
-        let (field, ttl) = match (self.ttl_ms, self.ttl_seconds) {
-            (Some(_), Some(_)) => {
-                return Err(ValidationError::new(
-                    "ttl_seconds",
-                    "give ttl_ms or ttl_seconds, not both",
-                ));
-            }
-            (Some(ms), None) => ("ttl_ms", Duration::from_millis(ms)),
-            (None, Some(s)) => ("ttl_seconds", Duration::from_secs(s)),
-            (None, None) => ("ttl_ms", DEFAULT_RESERVATION_TTL),
-        };
-        if ttl.is_zero() || ttl > MAX_RESERVATION_TTL {
-            return Err(ValidationError::new(
-                field,
-                "must be between 1 ms and 24 hours",
-            ));
-        }
+        let ttl = duration_field(
+            ("ttl_ms", self.ttl_ms),
+            ("ttl_seconds", self.ttl_seconds),
+            DEFAULT_RESERVATION_TTL,
+            MAX_RESERVATION_TTL,
+            "24 hours",
+        )?;
         Ok(ValidReservation {
             resource: self.resource,
             amount,

@@ -683,6 +683,7 @@ pub(crate) async fn follow_logs(
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct TokenRequest {
+    ttl_ms: Option<u64>,
     ttl_seconds: Option<u64>,
 }
 
@@ -695,17 +696,14 @@ async fn create_node_token(
     } else {
         parse_body(&body)?
     };
-    let ttl = req.ttl_seconds.unwrap_or(3600);
-    if ttl == 0 || ttl > 30 * 24 * 3600 {
-        return Err(ApiError::invalid(
-            "ttl_seconds",
-            "must be between 1 and 2592000 (30 days)",
-        ));
-    }
-    let token = state
-        .store
-        .create_join_token(Duration::from_secs(ttl))
-        .await?;
+    let ttl = drover_core::job::duration_field(
+        ("ttl_ms", req.ttl_ms),
+        ("ttl_seconds", req.ttl_seconds),
+        Duration::from_secs(3600),
+        Duration::from_secs(30 * 24 * 3600),
+        "30 days",
+    )?;
+    let token = state.store.create_join_token(ttl).await?;
     Ok((StatusCode::CREATED, Json(token)))
 }
 
@@ -955,12 +953,14 @@ struct WebhookRequest {
     events: Vec<String>,
 }
 
-/// The webhook as created: the secret is shown this once.
+/// The webhook as created: a generated secret is shown this once; one the caller chose is
+/// not sent back (it would land in logs and terminals for nothing).
 #[derive(Serialize)]
 struct CreatedWebhook {
     #[serde(flatten)]
     webhook: WebhookRecord,
-    secret: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    secret: Option<String>,
 }
 
 async fn add_webhook(
@@ -987,15 +987,15 @@ async fn add_webhook(
             ));
         }
     }
-    let secret = match req.secret {
+    let (secret, generated) = match req.secret {
         Some(s) if s.len() < 8 || s.len() > 256 => {
             return Err(ApiError::invalid("secret", "must be 8-256 bytes"));
         }
-        Some(s) => s,
+        Some(s) => (s, false),
         None => {
             use rand::Rng;
             let bytes: [u8; 24] = rand::rng().random();
-            hex::encode(bytes)
+            (hex::encode(bytes), true)
         }
     };
     let webhook = state
@@ -1004,7 +1004,10 @@ async fn add_webhook(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(CreatedWebhook { webhook, secret }),
+        Json(CreatedWebhook {
+            webhook,
+            secret: generated.then_some(secret),
+        }),
     ))
 }
 
@@ -1168,8 +1171,8 @@ async fn whoami(Extension(caller): Extension<Caller>) -> Json<drover_store::User
 #[serde(deny_unknown_fields)]
 struct ApiTokenRequest {
     name: String,
-    #[serde(default = "default_token_ttl")]
-    expires_in_seconds: u64,
+    expires_in_ms: Option<u64>,
+    expires_in_seconds: Option<u64>,
 }
 
 fn default_token_ttl() -> u64 {
@@ -1197,19 +1200,16 @@ async fn create_api_token(
             "1-128 characters, no control characters",
         ));
     }
-    if req.expires_in_seconds == 0 || req.expires_in_seconds > 5 * 365 * 24 * 3600 {
-        return Err(ApiError::invalid(
-            "expires_in_seconds",
-            "between 1 and 5 years",
-        ));
-    }
+    let expires_in = drover_core::job::duration_field(
+        ("expires_in_ms", req.expires_in_ms),
+        ("expires_in_seconds", req.expires_in_seconds),
+        Duration::from_secs(default_token_ttl()),
+        Duration::from_secs(5 * 365 * 24 * 3600),
+        "5 years",
+    )?;
     let (record, token) = state
         .store
-        .create_api_token(
-            &caller.user.id,
-            &req.name,
-            Duration::from_secs(req.expires_in_seconds),
-        )
+        .create_api_token(&caller.user.id, &req.name, expires_in)
         .await?;
     state
         .audit(

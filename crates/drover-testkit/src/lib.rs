@@ -688,6 +688,17 @@ impl UpProc {
         }
     }
 
+    /// What `drover up` printed once it said it is up (its banner ends "Stop with Ctrl-C.").
+    pub async fn banner(&self) -> String {
+        let log = self.proc.log.clone();
+        eventually("drover up's banner", || async {
+            std::fs::read_to_string(&log)
+                .ok()
+                .filter(|text| text.contains("Stop with Ctrl-C."))
+        })
+        .await
+    }
+
     /// A client speaking as the admin, with the login `drover up` stored.
     pub fn client(&self) -> Client {
         Client::new(&self.url)

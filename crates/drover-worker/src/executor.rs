@@ -605,6 +605,25 @@ pub fn docker_available() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Why sandboxed jobs cannot run here, in words that say what to do; `None` when they can.
+pub fn sandbox_unavailable_reason() -> Option<String> {
+    if sandbox_available() {
+        return None;
+    }
+    // Jobs find bwrap on their own PATH, so that is where to look.
+    let installed = std::env::split_paths(JOB_PATH).any(|dir| dir.join("bwrap").is_file());
+    Some(if installed {
+        "bubblewrap (bwrap) is installed but cannot build a sandbox here (user namespaces \
+         disabled? see `sysctl kernel.unprivileged_userns_clone`, or AppArmor's \
+         `kernel.apparmor_restrict_unprivileged_userns`)"
+            .into()
+    } else {
+        "bubblewrap is not installed: install it (Debian/Ubuntu: apt-get install bubblewrap; \
+         Fedora: dnf install bubblewrap)"
+            .into()
+    })
+}
+
 /// True when bubblewrap is installed and can build a sandbox here, as jobs get it (as the
 /// sandbox user when the worker is root).
 pub fn sandbox_available() -> bool {

@@ -223,17 +223,18 @@ fn isolation_modes() -> Vec<String> {
     MODES
         .get_or_init(|| {
             let mut modes = vec!["process".to_string()];
-            if executor::sandbox_available() {
-                modes.push("sandbox".into());
-            } else {
-                tracing::info!(
-                    "bubblewrap (bwrap) is not usable here: no sandboxed jobs on this node"
-                );
+            // Said at start, as a warning: a user whose sandbox jobs stay queued looks here.
+            match executor::sandbox_unavailable_reason() {
+                None => modes.push("sandbox".into()),
+                Some(why) => tracing::warn!("no sandbox jobs on this node: {why}"),
             }
             if executor::docker_available() {
                 modes.push("container".into());
             } else {
-                tracing::info!("no Docker engine answers here: no container jobs on this node");
+                tracing::warn!(
+                    "no container jobs on this node: no Docker engine answers here (install \
+                     Docker, e.g. apt-get install docker.io, and let this user reach its socket)"
+                );
             }
             modes
         })

@@ -250,12 +250,17 @@ pub async fn webhook(
                 .unwrap_or_default();
             let (hook, secret) = client.add_webhook(&url, &events, secret.as_deref()).await?;
             match output {
-                Output::Json => {
-                    print_json(&serde_json::json!({ "webhook": hook, "secret": secret }))?
-                }
+                Output::Json => match &secret {
+                    Some(secret) => {
+                        print_json(&serde_json::json!({ "webhook": hook, "secret": secret }))?
+                    }
+                    None => print_json(&serde_json::json!({ "webhook": hook }))?,
+                },
                 Output::Text => {
                     println!("{}", hook.id);
-                    eprintln!("signing secret (shown once): {secret}");
+                    if let Some(secret) = secret {
+                        eprintln!("signing secret (shown once): {secret}");
+                    }
                 }
             }
         }

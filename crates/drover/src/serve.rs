@@ -1,6 +1,6 @@
 //! `drover up`, `drover server`, `drover worker`: the long-running processes.
 
-use crate::output::{parse_duration, parse_pairs, usage};
+use crate::output::{self, parse_duration, parse_pairs, usage};
 use anyhow::Context;
 use clap::Args;
 use drover_server::providers::{ProviderConfig, ProviderKind};
@@ -430,15 +430,42 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     config.hidden_paths = std::fs::canonicalize(&args.server.data_dir)
         .into_iter()
         .collect();
-    let slots = drover_worker::capabilities(&config).slots;
+    let capabilities = drover_worker::capabilities(&config);
+    let started = drover_core::Timestamp::now();
     let mut worker_task = tokio::spawn(drover_worker::run(config, stopped(stop_rx)));
+    // "Up" means a first job or request is served at once: the local worker is connected,
+    // with its models loaded.
+    let ready = tokio::select! {
+        r = local_worker_ready(store.as_ref(), started, &capabilities.models) => r,
+        r = &mut worker_task => Err(anyhow::anyhow!("the local worker stopped: {}", match r {
+            Ok(Ok(())) => "without an error".to_string(),
+            Ok(Err(e)) => e.to_string(),
+            Err(e) => e.to_string(),
+        })),
+        _ = shutdown_signal() => Ok(()),
+    };
+    if let Err(e) = ready {
+        let _ = stop_tx.send(true);
+        return Err(e);
+    }
+    let server_flag = if url == drover_client::DEFAULT_SERVER {
+        String::new()
+    } else {
+        format!(" --server {url}")
+    };
     println!("drover is up");
     println!("  API:    {url}  (HTTP JSON and gRPC)");
     println!("  data:   {}", args.server.data_dir.display());
-    println!("  worker: local, {slots} slots");
+    println!("  worker: local, {} slots", capabilities.slots);
+    if !capabilities.models.is_empty() {
+        println!("  models: {}", capabilities.models.join(", "));
+    }
     println!();
     println!("Try it from another terminal:");
-    println!("  drover job run --command 'echo hello from drover' --follow");
+    println!("  drover{server_flag} job run --command 'echo hello from drover' --follow");
+    if let Some(model) = capabilities.models.first() {
+        println!("  drover{server_flag} infer --model {model} --prompt 'Say hello'");
+    }
     println!("Stop with Ctrl-C.");
     let result: anyhow::Result<()> = tokio::select! {
         _ = shutdown_signal() => Ok(()),
@@ -457,6 +484,36 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     .await;
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Waits until the local worker is connected (heard from since `started`) and serves
+/// `models`, with a spinner on a terminal: loading a model takes seconds.
+async fn local_worker_ready(
+    store: &dyn drover_store::Store,
+    started: drover_core::Timestamp,
+    models: &[String],
+) -> anyhow::Result<()> {
+    let what = if models.is_empty() {
+        "starting the local worker".to_string()
+    } else {
+        format!("loading {}", models.join(", "))
+    };
+    let spinner = output::spinner(&what);
+    loop {
+        let workers = store.list_workers().await?;
+        let ready = workers.iter().any(|w| {
+            w.state == drover_core::WorkerState::Ready
+                && w.last_seen_at >= started
+                && models.iter().all(|m| w.capabilities.models.contains(m))
+        });
+        if ready {
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[derive(Args)]

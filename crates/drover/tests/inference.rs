@@ -3,7 +3,7 @@
 //! checked) and names by DROVER_TEST_MODEL. Under CI=true a missing model fails these tests.
 
 use drover_core::{ChatTurn, InferenceSpec, JobKind, JobSpec, JobState};
-use drover_testkit::{Drover, ServerOptions, ServerProc, TestDir, WorkerProc, eventually};
+use drover_testkit::{Drover, ServerOptions, ServerProc, TestDir, UpProc, WorkerProc, eventually};
 use std::path::PathBuf;
 
 fn drover() -> Drover {
@@ -113,6 +113,39 @@ async fn seed000_inference_readiness_and_a_short_inference() {
     assert!(logs.len() > 1, "token by token: {logs:?}");
     let streamed: String = logs.iter().map(|e| e.text.as_str()).collect();
     assert_eq!(streamed, text);
+}
+
+/// The first minute with a model: once `drover up --model` says it is up, the model is
+/// served (the first OpenAI request is answered, not a 404), and the banner's commands
+/// name the server when it is not on the default address.
+#[tokio::test]
+async fn drover_up_with_a_model_says_it_is_up_once_the_model_is_served() {
+    let Some(model) = model_path() else { return };
+    let dir = TestDir::new();
+    let arg = model_arg(&model);
+    let up = UpProc::start(&drover(), dir.path(), &["--model", &arg]).await;
+    let banner = up.banner().await;
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/chat/completions", up.url))
+        .bearer_auth(&up.token)
+        .json(&serde_json::json!({
+            "model": "smollm2",
+            "messages": [{"role": "user", "content": "Say hi"}],
+            "max_tokens": 2
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    assert!(banner.contains("models: smollm2"), "{banner}");
+    assert!(
+        banner.contains(&format!("drover --server {} job run", up.url)),
+        "{banner}"
+    );
+    assert!(
+        banner.contains(&format!("drover --server {} infer --model smollm2", up.url)),
+        "{banner}"
+    );
 }
 
 #[tokio::test]

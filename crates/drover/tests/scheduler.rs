@@ -698,6 +698,10 @@ async fn with_webhook(
         )
         .await;
     assert_eq!(out.code, 0, "{out:?}");
+    assert!(
+        !out.stdout.contains("top-secret-1") && !out.stderr.contains("top-secret-1"),
+        "a secret the user chose is not echoed: {out:?}"
+    );
     let w = s.worker(dir.path(), "w", None, &[]).await;
     (s, w)
 }
