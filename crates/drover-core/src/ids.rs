@@ -35,6 +35,18 @@ macro_rules! id_type {
             }
         }
 
+        // An id is a UUID string in the API.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .format(Some(utoipa::openapi::SchemaFormat::Custom("uuid".into())))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
+
         impl Default for $name {
             fn default() -> Self {
                 Self::new()

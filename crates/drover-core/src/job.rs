@@ -20,7 +20,7 @@ pub const MAX_BACKOFF_BASE_MS: u64 = 24 * 3600 * 1000;
 
 /// What a user asks drover to run. Unknown fields are refused so that a typo
 /// (`"timout"`) is an error, not a silently ignored setting.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct JobSpec {
     #[serde(default)]
@@ -84,7 +84,9 @@ pub struct JobSpec {
     pub inference: Option<InferenceSpec>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum JobKind {
     #[default]
@@ -99,7 +101,7 @@ impl JobKind {
 }
 
 /// One message of a chat.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChatTurn {
     pub role: String,
@@ -108,7 +110,7 @@ pub struct ChatTurn {
 
 /// An inference: a model, a prompt (raw) or messages (through the model's chat template),
 /// and how to sample.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InferenceSpec {
     pub model: String,
@@ -200,7 +202,9 @@ impl InferenceSpec {
 }
 
 /// How a job is isolated on its worker.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Isolation {
     /// A process group of the worker's user, with the worker's view of the machine.
@@ -246,7 +250,7 @@ pub const MAX_DEPENDENCIES: usize = 1000;
 pub const MAX_RESOURCE_AMOUNT: u32 = 1 << 20;
 
 /// A refused input, naming the field so that the user knows what to fix.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, utoipa::ToSchema)]
 #[error("{field}: {message}")]
 pub struct ValidationError {
     pub field: String,
@@ -762,6 +766,18 @@ macro_rules! string_enum {
             $(#[serde(rename = $text)] $variant),+
         }
 
+        // Written out: utoipa's derive does not see a rename made by a macro.
+        impl utoipa::PartialSchema for $name {
+            fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+                utoipa::openapi::ObjectBuilder::new()
+                    .schema_type(utoipa::openapi::schema::Type::String)
+                    .enum_values(Some([$($text),+]))
+                    .into()
+            }
+        }
+
+        impl utoipa::ToSchema for $name {}
+
         impl $name {
             pub const ALL: &'static [$name] = &[$($name::$variant),+];
 
@@ -856,7 +872,7 @@ impl RunState {
 }
 
 /// What happens to a job.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum JobEvent {
     /// The scheduler gave the job to a worker (a new run, with a lease).
     Assign,
@@ -923,7 +939,7 @@ pub struct TransitionError {
 }
 
 /// How one attempt ended, as the worker reports it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum RunOutcome {
     Succeeded,
     Failed,

@@ -7,7 +7,7 @@ use crate::{
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRecord {
     pub id: JobId,
     pub name: String,
@@ -39,7 +39,7 @@ pub struct JobRecord {
     pub owner: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunRecord {
     pub id: RunId,
     pub job_id: JobId,
@@ -58,7 +58,7 @@ pub struct RunRecord {
     pub result: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EventRecord {
     pub seq: i64,
     pub at: Timestamp,
@@ -70,7 +70,7 @@ pub struct EventRecord {
     pub kind: EventKind,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WorkerRecord {
     pub id: WorkerId,
     pub name: String,
@@ -92,7 +92,7 @@ pub struct WorkerRecord {
 }
 
 /// A node's last answer to a configuration.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ConfigAckRecord {
     pub config_version: u64,
     pub applied_at: Timestamp,
@@ -103,7 +103,7 @@ pub struct ConfigAckRecord {
 }
 
 /// One version of node configuration and the nodes it is for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeConfigRecord {
     pub version: u64,
     /// For this node only; otherwise for the nodes carrying every label of `labels` (none:
@@ -142,7 +142,7 @@ pub fn desired_config<'a>(
 }
 
 /// Where a run's log lives and how much of it is stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LogIndex {
     pub run_id: RunId,
     /// `file:///…` of the append-only log file.
@@ -198,7 +198,7 @@ pub struct Cancelled {
     pub run: Option<RunRecord>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JoinToken {
     /// Shown once; the store keeps only its hash.
     pub token: String,
@@ -206,7 +206,7 @@ pub struct JoinToken {
 }
 
 /// A run with where its log is.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunView {
     #[serde(flatten)]
     pub run: RunRecord,
@@ -214,14 +214,14 @@ pub struct RunView {
 }
 
 /// A job with its chain of attempts, as `GET /v1/jobs/{id}` returns it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobView {
     #[serde(flatten)]
     pub job: JobRecord,
     pub runs: Vec<RunView>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeView {
     #[serde(flatten)]
     pub worker: WorkerRecord,
@@ -232,7 +232,7 @@ pub struct NodeView {
     pub desired_config_version: Option<u64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum LogStream {
     Stdout,
@@ -240,7 +240,7 @@ pub enum LogStream {
 }
 
 /// One log entry as the API shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LogEntryView {
     pub run_id: RunId,
     pub attempt: u32,
@@ -383,12 +383,12 @@ impl<'de> Deserialize<'de> for CompactLogEntry {
 }
 
 /// The body of every API error.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorDetail {
     pub code: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -397,14 +397,14 @@ pub struct ErrorDetail {
 }
 
 /// The answer of `POST /v1/jobs/batch`: one result per submitted job, in request order.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct BatchSubmitted {
     pub results: Vec<BatchResult>,
 }
 
 /// What became of one job of a batch: stored (or found by its idempotency key), or refused
 /// alone (an unknown dependency or reservation) while the others were stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
 pub enum BatchResult {
     Submitted {
@@ -417,7 +417,7 @@ pub enum BatchResult {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum GroupState {
     /// Some member is not final yet.
@@ -452,7 +452,7 @@ impl GroupState {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupRecord {
     pub id: GroupId,
     pub name: String,
@@ -462,14 +462,14 @@ pub struct GroupRecord {
 }
 
 /// A group with its members in order, as `GET /v1/groups/{id}` returns it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GroupView {
     #[serde(flatten)]
     pub group: GroupRecord,
     pub jobs: Vec<JobRecord>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum ReservationState {
     /// Granted, waiting for the resource to free: no queued job takes it meanwhile, and
@@ -498,7 +498,7 @@ impl ReservationState {
 }
 
 /// A direct claim on a resource of one node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReservationRecord {
     pub id: ReservationId,
     pub resource: String,
@@ -512,7 +512,7 @@ pub struct ReservationRecord {
     pub owner: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct WebhookRecord {
     pub id: WebhookId,
     pub url: String,
@@ -521,7 +521,7 @@ pub struct WebhookRecord {
     pub created_at: Timestamp,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum DeliveryState {
     Pending,
@@ -547,7 +547,7 @@ impl DeliveryState {
 }
 
 /// One event for one webhook: the outbox row, written with the state change it reports.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeliveryRecord {
     pub id: i64,
     pub webhook_id: WebhookId,
@@ -577,7 +577,7 @@ pub mod webhook_events {
 
 /// What a user may do: a `user` sees and controls their own jobs, groups and reservations;
 /// an `admin` everything, and manages nodes, users, tokens, webhooks and providers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Admin,
@@ -601,7 +601,7 @@ impl Role {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UserRecord {
     pub id: String,
     pub name: String,
@@ -610,7 +610,7 @@ pub struct UserRecord {
 }
 
 /// A token for automation, as listed (the secret is shown once, at creation).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApiTokenRecord {
     pub id: String,
     pub name: String,
@@ -622,7 +622,7 @@ pub struct ApiTokenRecord {
 }
 
 /// What a login or a refresh hands out (`POST /v1/auth/login`, `/v1/auth/refresh`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct IssuedTokens {
     pub access_token: String,
     pub refresh_token: String,
@@ -632,7 +632,7 @@ pub struct IssuedTokens {
 }
 
 /// One line of the audit trail: who did (or tried) what.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditRecord {
     pub seq: i64,
     pub at: Timestamp,

@@ -10,7 +10,7 @@ pub const DEFAULT_RESERVATION_TTL: Duration = Duration::from_secs(60);
 pub const MAX_RESERVATION_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// `POST /v1/reservations`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReservationRequest {
     /// The named resource to hold (`ollama`).

@@ -106,6 +106,7 @@ fn routes() -> Routes {
     .add(Public, "/healthz", &["GET"], get(|| async { "ok\n" }))
     .add(Public, "/readyz", &["GET"], get(readyz))
     .add(Public, "/metrics", &["GET"], get(metrics))
+    .add(Public, "/v1/openapi.json", &["GET"], get(openapi_json))
     .add(Public, "/v1/auth/login", &["POST"], post(login))
     .add(Public, "/v1/auth/refresh", &["POST"], post(refresh))
     .add(User, "/v1/auth/logout", &["POST"], post(logout))
@@ -331,6 +332,15 @@ async fn readyz(State(state): St) -> Response {
     (StatusCode::OK, "ready\n").into_response()
 }
 
+/// The OpenAPI document (`crate::openapi`).
+async fn openapi_json() -> Response {
+    (
+        [("content-type", "application/json")],
+        crate::openapi::document_json(),
+    )
+        .into_response()
+}
+
 async fn metrics(State(state): St) -> Response {
     metrics::gauge!("drover_workers_connected").set(state.sessions.count() as f64);
     (
@@ -355,9 +365,9 @@ async fn submit_job(
     Ok((status, Json(job)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct BatchRequest {
+pub(crate) struct BatchRequest {
     jobs: Vec<JobSpec>,
 }
 
@@ -680,9 +690,9 @@ pub(crate) async fn follow_logs(
     }
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct TokenRequest {
+pub(crate) struct TokenRequest {
     ttl_ms: Option<u64>,
     ttl_seconds: Option<u64>,
 }
@@ -794,9 +804,9 @@ async fn retry_run(State(state): St, Owned(run_id): Owned<RunId>) -> ApiResult<J
     Ok(Json(job))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct GroupRequest {
+pub(crate) struct GroupRequest {
     #[serde(default)]
     name: String,
     jobs: Vec<JobSpec>,
@@ -944,9 +954,9 @@ async fn release_reservation(
     Ok(Json(r))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct WebhookRequest {
+pub(crate) struct WebhookRequest {
     url: String,
     secret: Option<String>,
     #[serde(default)]
@@ -955,8 +965,8 @@ struct WebhookRequest {
 
 /// The webhook as created: a generated secret is shown this once; one the caller chose is
 /// not sent back (it would land in logs and terminals for nothing).
-#[derive(Serialize)]
-struct CreatedWebhook {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct CreatedWebhook {
     #[serde(flatten)]
     webhook: WebhookRecord,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -1031,9 +1041,9 @@ async fn list_deliveries(
 
 // ----------------------------------------------------------------- auth
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct LoginRequest {
+pub(crate) struct LoginRequest {
     username: String,
     password: String,
 }
@@ -1117,9 +1127,9 @@ async fn login(
     Ok(Json(tokens))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct RefreshRequest {
+pub(crate) struct RefreshRequest {
     refresh_token: String,
 }
 
@@ -1167,9 +1177,9 @@ async fn whoami(Extension(caller): Extension<Caller>) -> Json<drover_store::User
     Json(caller.user)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ApiTokenRequest {
+pub(crate) struct ApiTokenRequest {
     name: String,
     expires_in_ms: Option<u64>,
     expires_in_seconds: Option<u64>,
@@ -1179,8 +1189,8 @@ fn default_token_ttl() -> u64 {
     90 * 24 * 3600
 }
 
-#[derive(Serialize)]
-struct CreatedToken {
+#[derive(Serialize, utoipa::ToSchema)]
+pub(crate) struct CreatedToken {
     #[serde(flatten)]
     record: drover_store::ApiTokenRecord,
     /// Shown once: only its hash is kept.
@@ -1256,9 +1266,9 @@ async fn revoke_api_token(
     Ok(Json(record))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct UserRequest {
+pub(crate) struct UserRequest {
     name: String,
     password: String,
     #[serde(default = "default_role")]
@@ -1364,9 +1374,9 @@ async fn revoke_node(
     Ok(Json(node_view(&state, worker, &configs).await?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct NodeConfigRequest {
+pub(crate) struct NodeConfigRequest {
     /// One node; otherwise the nodes carrying every one of `labels` (none: every node).
     node: Option<String>,
     #[serde(default)]

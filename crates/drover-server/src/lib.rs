@@ -11,6 +11,7 @@ mod jobs;
 mod listener;
 mod logs;
 mod openai;
+pub mod openapi;
 pub mod providers;
 mod run_reports;
 mod scheduler;

@@ -45,17 +45,17 @@ pub async fn models(State(state): St) -> Result<Json<Value>, ApiError> {
     Ok(Json(json!({"object": "list", "data": data})))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(untagged)]
-enum Stop {
+pub(crate) enum Stop {
     One(String),
     Many(Vec<String>),
 }
 
 /// The fields drover uses; others OpenAI clients send (user, n=1, …) are accepted and
 /// ignored, as OpenAI-compatible servers do.
-#[derive(Deserialize)]
-struct CompletionRequest {
+#[derive(Deserialize, utoipa::ToSchema)]
+pub(crate) struct CompletionRequest {
     model: String,
     #[serde(default)]
     messages: Vec<ChatTurn>,
