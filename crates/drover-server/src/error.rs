@@ -89,9 +89,9 @@ impl From<StoreError> for ApiError {
             StoreError::Conflict(m) => Self::Conflict(m),
             StoreError::Invalid { field, message } => Self::invalid(field, message),
             StoreError::Transition(t) => Self::Conflict(t.to_string()),
-            StoreError::TokenRefused(_)
-            | StoreError::Unauthenticated
-            | StoreError::TokenRejected(_) => Self::Unauthenticated(e.to_string()),
+            StoreError::JoinTokenRefused(_)
+            | StoreError::NodeCredentialRefused
+            | StoreError::UserTokenRefused(_) => Self::Unauthenticated(e.to_string()),
             StoreError::NotYourRun { .. } => Self::PermissionDenied(e.to_string()),
             ref unavailable if unavailable.is_unavailable() => {
                 tracing::warn!(error = %unavailable, "the store is unavailable");

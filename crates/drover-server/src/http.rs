@@ -30,7 +30,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 type ApiResult<T> = Result<T, ApiError>;
-type St = State<Arc<AppState>>;
+type SharedState = State<Arc<AppState>>;
 
 /// Request bodies larger than this are refused before parsing.
 const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
@@ -233,7 +233,7 @@ const BREAKER_OPEN: Duration = Duration::from_secs(1);
 /// waiting for the pool to give up; one call a second goes through to find out whether it
 /// is back. Health, readiness and metrics are answered as always.
 async fn store_breaker(
-    State(state): St,
+    State(state): SharedState,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -306,7 +306,7 @@ fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
         .map_err(|e| ApiError::invalid("query", e.body_text()))
 }
 
-async fn readyz(State(state): St) -> Response {
+async fn readyz(State(state): SharedState) -> Response {
     let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     // A probe answers within a second whatever the database does.
     match tokio::time::timeout(Duration::from_secs(1), state.store.list_jobs(None, 1)).await {
@@ -341,7 +341,7 @@ async fn openapi_json() -> Response {
         .into_response()
 }
 
-async fn metrics(State(state): St) -> Response {
+async fn metrics(State(state): SharedState) -> Response {
     metrics::gauge!("drover_workers_connected").set(state.sessions.count() as f64);
     (
         [("content-type", "text/plain; version=0.0.4")],
@@ -351,7 +351,7 @@ async fn metrics(State(state): St) -> Response {
 }
 
 async fn submit_job(
-    State(state): St,
+    State(state): SharedState,
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<JobRecord>)> {
@@ -374,7 +374,7 @@ pub(crate) struct BatchRequest {
 /// Many jobs in one request and one write: every spec is checked first (a bad one refuses
 /// the whole request, naming `jobs[i].field`), then each job is stored or refused alone.
 async fn submit_job_batch(
-    State(state): St,
+    State(state): SharedState,
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<BatchSubmitted>)> {
@@ -409,7 +409,7 @@ struct ListQuery {
 }
 
 async fn list_jobs(
-    State(state): St,
+    State(state): SharedState,
     Extension(caller): Extension<Caller>,
     q: Result<Query<ListQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<JobRecord>>> {
@@ -434,19 +434,22 @@ async fn job_view(state: &AppState, id: JobId) -> ApiResult<JobView> {
     Ok(JobView { job, runs })
 }
 
-async fn get_job(State(state): St, Owned(id): Owned<JobId>) -> ApiResult<Json<JobView>> {
+async fn get_job(State(state): SharedState, Owned(id): Owned<JobId>) -> ApiResult<Json<JobView>> {
     Ok(Json(job_view(&state, id).await?))
 }
 
 async fn job_events(
-    State(state): St,
+    State(state): SharedState,
     Owned(id): Owned<JobId>,
 ) -> ApiResult<Json<Vec<drover_store::EventRecord>>> {
     state.store.get_job(id).await?;
     Ok(Json(state.store.job_events(id).await?))
 }
 
-async fn cancel_job(State(state): St, Owned(id): Owned<JobId>) -> ApiResult<Json<JobRecord>> {
+async fn cancel_job(
+    State(state): SharedState,
+    Owned(id): Owned<JobId>,
+) -> ApiResult<Json<JobRecord>> {
     Ok(Json(jobs::cancel(&state, id).await?))
 }
 
@@ -458,7 +461,7 @@ struct WaitQuery {
 
 /// Long poll: answers when the job is final, or with its current state after the timeout.
 async fn wait_job(
-    State(state): St,
+    State(state): SharedState,
     Owned(id): Owned<JobId>,
     q: Result<Query<WaitQuery>, QueryRejection>,
 ) -> ApiResult<Json<JobView>> {
@@ -553,7 +556,7 @@ fn pick_run(runs: &[RunRecord], attempt: Option<u32>) -> ApiResult<Option<RunRec
 }
 
 async fn job_logs(
-    State(state): St,
+    State(state): SharedState,
     Owned(id): Owned<JobId>,
     q: Result<Query<LogsQuery>, QueryRejection>,
 ) -> ApiResult<Response> {
@@ -698,7 +701,7 @@ pub(crate) struct TokenRequest {
 }
 
 async fn create_node_token(
-    State(state): St,
+    State(state): SharedState,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<drover_store::JoinToken>)> {
     let req: TokenRequest = if body.is_empty() {
@@ -739,7 +742,7 @@ async fn node_view(
     })
 }
 
-async fn list_nodes(State(state): St) -> ApiResult<Json<Vec<NodeView>>> {
+async fn list_nodes(State(state): SharedState) -> ApiResult<Json<Vec<NodeView>>> {
     let configs = state.store.list_node_configs().await?;
     let mut out = Vec::new();
     for w in state.store.list_workers().await? {
@@ -748,7 +751,7 @@ async fn list_nodes(State(state): St) -> ApiResult<Json<Vec<NodeView>>> {
     Ok(Json(out))
 }
 
-async fn get_node(State(state): St, Path(id): Path<String>) -> ApiResult<Json<NodeView>> {
+async fn get_node(State(state): SharedState, Path(id): Path<String>) -> ApiResult<Json<NodeView>> {
     let id: WorkerId = id
         .parse()
         .map_err(|e: drover_core::IdError| ApiError::invalid("id", e.to_string()))?;
@@ -758,7 +761,7 @@ async fn get_node(State(state): St, Path(id): Path<String>) -> ApiResult<Json<No
 }
 
 async fn node_events(
-    State(state): St,
+    State(state): SharedState,
     Path(id): Path<String>,
 ) -> ApiResult<Json<Vec<drover_store::EventRecord>>> {
     let id: WorkerId = parse_path_id(&id)?;
@@ -768,7 +771,7 @@ async fn node_events(
 
 /// The providers configured on this control plane, with the cluster id their resources
 /// are labelled with.
-async fn list_providers(State(state): St) -> ApiResult<Json<serde_json::Value>> {
+async fn list_providers(State(state): SharedState) -> ApiResult<Json<serde_json::Value>> {
     let cluster_id = state.store.cluster_id().await?;
     let mut providers = Vec::new();
     for config in &state.config.providers {
@@ -795,7 +798,10 @@ fn parse_path_id<T: std::str::FromStr<Err = drover_core::IdError>>(s: &str) -> A
 }
 
 /// Retries a finished attempt by hand: a new attempt in the same chain.
-async fn retry_run(State(state): St, Owned(run_id): Owned<RunId>) -> ApiResult<Json<JobRecord>> {
+async fn retry_run(
+    State(state): SharedState,
+    Owned(run_id): Owned<RunId>,
+) -> ApiResult<Json<JobRecord>> {
     let job = state.store.resubmit_run(run_id).await?;
     tracing::info_span!("job", job_id = %job.id)
         .in_scope(|| tracing::info!(%run_id, "retried by hand"));
@@ -815,7 +821,7 @@ pub(crate) struct GroupRequest {
 const MAX_GROUP_JOBS: usize = 1000;
 
 async fn create_group(
-    State(state): St,
+    State(state): SharedState,
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<GroupView>)> {
@@ -849,13 +855,19 @@ async fn create_group(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
-async fn get_group(State(state): St, Owned(id): Owned<GroupId>) -> ApiResult<Json<GroupView>> {
+async fn get_group(
+    State(state): SharedState,
+    Owned(id): Owned<GroupId>,
+) -> ApiResult<Json<GroupView>> {
     Ok(Json(state.store.get_group(id).await?))
 }
 
 /// Cancels every member not final yet, last first, so that they end CANCELLED rather than
 /// SKIPPED by the cancel of the one before.
-async fn cancel_group(State(state): St, Owned(id): Owned<GroupId>) -> ApiResult<Json<GroupView>> {
+async fn cancel_group(
+    State(state): SharedState,
+    Owned(id): Owned<GroupId>,
+) -> ApiResult<Json<GroupView>> {
     let view = state.store.get_group(id).await?;
     for job in view.jobs.iter().rev().filter(|j| !j.state.is_terminal()) {
         match jobs::cancel(&state, job.id).await {
@@ -870,7 +882,7 @@ async fn cancel_group(State(state): St, Owned(id): Owned<GroupId>) -> ApiResult<
 /// reservations hold or wait for), else PENDING until it frees, or 409 when the caller
 /// asked not to wait.
 async fn create_reservation(
-    State(state): St,
+    State(state): SharedState,
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<ReservationRecord>)> {
@@ -939,14 +951,14 @@ async fn create_reservation(
 }
 
 async fn get_reservation(
-    State(state): St,
+    State(state): SharedState,
     Owned(id): Owned<ReservationId>,
 ) -> ApiResult<Json<ReservationRecord>> {
     Ok(Json(state.store.get_reservation(id).await?))
 }
 
 async fn release_reservation(
-    State(state): St,
+    State(state): SharedState,
     Owned(id): Owned<ReservationId>,
 ) -> ApiResult<Json<ReservationRecord>> {
     let r = state.store.release_reservation(id).await?;
@@ -974,7 +986,7 @@ pub(crate) struct CreatedWebhook {
 }
 
 async fn add_webhook(
-    State(state): St,
+    State(state): SharedState,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<CreatedWebhook>)> {
     let req: WebhookRequest = parse_body(&body)?;
@@ -1021,7 +1033,7 @@ async fn add_webhook(
     ))
 }
 
-async fn list_webhooks(State(state): St) -> ApiResult<Json<Vec<WebhookRecord>>> {
+async fn list_webhooks(State(state): SharedState) -> ApiResult<Json<Vec<WebhookRecord>>> {
     Ok(Json(state.store.list_webhooks().await?))
 }
 
@@ -1032,7 +1044,7 @@ struct DeliveriesQuery {
 }
 
 async fn list_deliveries(
-    State(state): St,
+    State(state): SharedState,
     q: Result<Query<DeliveriesQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<DeliveryRecord>>> {
     let limit = query(q)?.limit.unwrap_or(100).clamp(1, 10_000);
@@ -1049,7 +1061,7 @@ pub(crate) struct LoginRequest {
 }
 
 async fn login(
-    State(state): St,
+    State(state): SharedState,
     axum::extract::ConnectInfo(crate::listener::PeerAddr(peer)): axum::extract::ConnectInfo<
         crate::listener::PeerAddr,
     >,
@@ -1133,7 +1145,10 @@ pub(crate) struct RefreshRequest {
     refresh_token: String,
 }
 
-async fn refresh(State(state): St, body: Bytes) -> ApiResult<Json<drover_store::IssuedTokens>> {
+async fn refresh(
+    State(state): SharedState,
+    body: Bytes,
+) -> ApiResult<Json<drover_store::IssuedTokens>> {
     let req: RefreshRequest = parse_body(&body)?;
     match state
         .store
@@ -1157,7 +1172,7 @@ async fn refresh(State(state): St, body: Bytes) -> ApiResult<Json<drover_store::
 }
 
 async fn logout(
-    State(state): St,
+    State(state): SharedState,
     Extension(caller): Extension<Caller>,
     headers: axum::http::HeaderMap,
 ) -> ApiResult<StatusCode> {
@@ -1198,7 +1213,7 @@ pub(crate) struct CreatedToken {
 }
 
 async fn create_api_token(
-    State(state): St,
+    State(state): SharedState,
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<CreatedToken>)> {
@@ -1235,7 +1250,7 @@ async fn create_api_token(
 }
 
 async fn list_api_tokens(
-    State(state): St,
+    State(state): SharedState,
     Extension(caller): Extension<Caller>,
 ) -> ApiResult<Json<Vec<drover_store::ApiTokenRecord>>> {
     Ok(Json(
@@ -1244,7 +1259,7 @@ async fn list_api_tokens(
 }
 
 async fn revoke_api_token(
-    State(state): St,
+    State(state): SharedState,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<drover_store::ApiTokenRecord>> {
@@ -1280,7 +1295,7 @@ fn default_role() -> String {
 }
 
 async fn create_user(
-    State(state): St,
+    State(state): SharedState,
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<drover_store::UserRecord>)> {
@@ -1307,7 +1322,7 @@ async fn create_user(
     Ok((StatusCode::CREATED, Json(user)))
 }
 
-async fn list_users(State(state): St) -> ApiResult<Json<Vec<drover_store::UserRecord>>> {
+async fn list_users(State(state): SharedState) -> ApiResult<Json<Vec<drover_store::UserRecord>>> {
     Ok(Json(state.store.list_users().await?))
 }
 
@@ -1318,7 +1333,7 @@ struct AuditQuery {
 }
 
 async fn list_audit(
-    State(state): St,
+    State(state): SharedState,
     q: Result<Query<AuditQuery>, QueryRejection>,
 ) -> ApiResult<Json<Vec<drover_store::AuditRecord>>> {
     let q = query(q)?;
@@ -1329,7 +1344,7 @@ async fn list_audit(
 /// Revokes a node: its credential stops working, its stream is dropped, and its runs fail
 /// over to other nodes through the retry policy.
 async fn revoke_node(
-    State(state): St,
+    State(state): SharedState,
     Extension(caller): Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult<Json<NodeView>> {
@@ -1386,7 +1401,7 @@ pub(crate) struct NodeConfigRequest {
 
 /// A new configuration version; connected nodes it concerns get it at once and answer.
 async fn put_node_config(
-    State(state): St,
+    State(state): SharedState,
     Extension(caller): Extension<Caller>,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<drover_store::NodeConfigRecord>)> {
@@ -1429,7 +1444,7 @@ async fn put_node_config(
 }
 
 async fn list_node_configs(
-    State(state): St,
+    State(state): SharedState,
 ) -> ApiResult<Json<Vec<drover_store::NodeConfigRecord>>> {
     Ok(Json(state.store.list_node_configs().await?))
 }

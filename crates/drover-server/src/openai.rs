@@ -19,7 +19,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-type St = State<Arc<AppState>>;
+type SharedState = State<Arc<AppState>>;
 
 /// Models served by the nodes that are up, across replicas (from the store).
 async fn served_models(state: &AppState) -> Result<Vec<String>, ApiError> {
@@ -36,7 +36,7 @@ async fn served_models(state: &AppState) -> Result<Vec<String>, ApiError> {
     Ok(names)
 }
 
-pub async fn models(State(state): St) -> Result<Json<Value>, ApiError> {
+pub async fn models(State(state): SharedState) -> Result<Json<Value>, ApiError> {
     let names = served_models(&state).await?;
     let data: Vec<Value> = names
         .iter()
@@ -104,7 +104,7 @@ impl Flavour {
 }
 
 pub async fn chat_completions(
-    state: St,
+    state: SharedState,
     caller: Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -112,7 +112,7 @@ pub async fn chat_completions(
 }
 
 pub async fn completions(
-    state: St,
+    state: SharedState,
     caller: Extension<Caller>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -120,7 +120,7 @@ pub async fn completions(
 }
 
 async fn complete(
-    State(state): St,
+    State(state): SharedState,
     Extension(caller): Extension<Caller>,
     body: Bytes,
     flavour: Flavour,

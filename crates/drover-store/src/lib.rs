@@ -23,12 +23,15 @@ pub enum StoreError {
     Conflict(String),
     #[error(transparent)]
     Transition(#[from] TransitionError),
+    /// A worker's one-time join token is unknown, used or expired.
     #[error("join token refused: {0}")]
-    TokenRefused(&'static str),
+    JoinTokenRefused(&'static str),
+    /// A node's credential is unknown, malformed or revoked.
     #[error("node credential refused")]
-    Unauthenticated,
+    NodeCredentialRefused,
+    /// A user's access, refresh or API token is unknown, revoked or expired.
     #[error("{0}")]
-    TokenRejected(&'static str),
+    UserTokenRefused(&'static str),
     #[error("run {run_id} belongs to another worker")]
     NotYourRun { run_id: RunId },
     #[error("database error: {0}")]

@@ -963,7 +963,7 @@ async fn load_user(conn: &mut AnyConnection, id: &str) -> Result<UserRecord> {
         .bind(id)
         .fetch_optional(conn)
         .await?
-        .ok_or(StoreError::TokenRejected(
+        .ok_or(StoreError::UserTokenRefused(
             "the token's user no longer exists",
         ))?;
     user_from_row(&row)
@@ -3099,14 +3099,14 @@ impl Store for SqlStore {
         .bind(&hash)
         .fetch_optional(&mut *tx)
         .await?
-        .ok_or(StoreError::TokenRefused("unknown token"))?;
+        .ok_or(StoreError::JoinTokenRefused("unknown token"))?;
         if row.try_get::<Option<i64>, _>("used_at")?.is_some() {
-            return Err(StoreError::TokenRefused(
+            return Err(StoreError::JoinTokenRefused(
                 "this one-time token was already used",
             ));
         }
         if row.try_get::<i64, _>("expires_at")? < now.0 {
-            return Err(StoreError::TokenRefused("token expired"));
+            return Err(StoreError::JoinTokenRefused("token expired"));
         }
         let provisioned: Option<WorkerId> = parse_opt(&row, "worker_id")?;
         let id = provisioned.unwrap_or_default();
@@ -3123,7 +3123,7 @@ impl Store for SqlStore {
         .execute(&mut *tx)
         .await?;
         if taken.rows_affected() != 1 {
-            return Err(StoreError::TokenRefused(
+            return Err(StoreError::JoinTokenRefused(
                 "this one-time token was already used",
             ));
         }
@@ -3143,7 +3143,7 @@ impl Store for SqlStore {
             .execute(&mut *tx)
             .await?;
             if done.rows_affected() == 0 {
-                return Err(StoreError::TokenRefused(
+                return Err(StoreError::JoinTokenRefused(
                     "the provisioning of this worker was given up",
                 ));
             }
@@ -3181,8 +3181,8 @@ impl Store for SqlStore {
     async fn authenticate_worker(&self, credential: &str) -> Result<WorkerRecord> {
         let (id, secret) = credential
             .split_once('.')
-            .ok_or(StoreError::Unauthenticated)?;
-        let id: WorkerId = id.parse().map_err(|_| StoreError::Unauthenticated)?;
+            .ok_or(StoreError::NodeCredentialRefused)?;
+        let id: WorkerId = id.parse().map_err(|_| StoreError::NodeCredentialRefused)?;
         let row = sqlx::query(&format!(
             "SELECT {WORKER_COLS}, credential_hash FROM workers WHERE id = $1 \
              AND ended_at IS NULL"
@@ -3190,10 +3190,10 @@ impl Store for SqlStore {
         .bind(id.to_string())
         .fetch_optional(&self.reader)
         .await?
-        .ok_or(StoreError::Unauthenticated)?;
+        .ok_or(StoreError::NodeCredentialRefused)?;
         let stored: String = row.try_get("credential_hash")?;
         if stored != sha256_hex(secret) {
-            return Err(StoreError::Unauthenticated);
+            return Err(StoreError::NodeCredentialRefused);
         }
         worker_from_row(&row)
     }
@@ -3587,14 +3587,16 @@ impl Store for SqlStore {
         .bind(sha256_hex(refresh_token))
         .fetch_optional(&mut *tx)
         .await?
-        .ok_or(StoreError::TokenRejected("unknown refresh token"))?;
+        .ok_or(StoreError::UserTokenRefused("unknown refresh token"))?;
         let family: String = row.try_get("family")?;
         let user_id: String = row.try_get("user_id")?;
         if row.try_get::<Option<i64>, _>("revoked_at")?.is_some() {
-            return Err(StoreError::TokenRejected("this refresh token was revoked"));
+            return Err(StoreError::UserTokenRefused(
+                "this refresh token was revoked",
+            ));
         }
         if row.try_get::<i64, _>("expires_at")? < now.0 {
-            return Err(StoreError::TokenRejected("this refresh token expired"));
+            return Err(StoreError::UserTokenRefused("this refresh token expired"));
         }
         // Conditional: of concurrent rotations of one token exactly one marks it used; the
         // others (PostgreSQL re-checks the row after the first commits) are reuse.
@@ -3625,7 +3627,7 @@ impl Store for SqlStore {
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
-            return Err(StoreError::TokenRejected(
+            return Err(StoreError::UserTokenRefused(
                 "this refresh token was already used; every token of its login is now revoked",
             ));
         }
@@ -3645,7 +3647,7 @@ impl Store for SqlStore {
         .bind(sha256_hex(token))
         .fetch_optional(&mut *tx)
         .await?
-        .ok_or(StoreError::TokenRejected("unknown token"))?;
+        .ok_or(StoreError::UserTokenRefused("unknown token"))?;
         let family: String = row.try_get("family")?;
         let user_id: String = row.try_get("user_id")?;
         sqlx::query(
@@ -3670,18 +3672,18 @@ impl Store for SqlStore {
         .bind(sha256_hex(token))
         .fetch_optional(&self.reader)
         .await?
-        .ok_or(StoreError::TokenRejected("unknown token"))?;
+        .ok_or(StoreError::UserTokenRefused("unknown token"))?;
         let kind: String = row.try_get("kind")?;
         if kind == "refresh" {
-            return Err(StoreError::TokenRejected(
+            return Err(StoreError::UserTokenRefused(
                 "a refresh token only buys new tokens (POST /v1/auth/refresh)",
             ));
         }
         if row.try_get::<Option<i64>, _>("revoked_at")?.is_some() {
-            return Err(StoreError::TokenRejected("this token was revoked"));
+            return Err(StoreError::UserTokenRefused("this token was revoked"));
         }
         if row.try_get::<i64, _>("expires_at")? < now.0 {
-            return Err(StoreError::TokenRejected("this token expired"));
+            return Err(StoreError::UserTokenRefused("this token expired"));
         }
         if kind == "api" {
             // Last use to the minute: one write a minute per token, not one per request.

@@ -297,13 +297,13 @@ pub async fn join_tokens_work_once(store: &dyn Store) {
         .register_worker(&token.token, "b", &caps)
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::TokenRefused(_)), "{err}");
+    assert!(matches!(err, StoreError::JoinTokenRefused(_)), "{err}");
     assert!(matches!(
         store
             .register_worker("drover-join-bogus", "c", &caps)
             .await
             .unwrap_err(),
-        StoreError::TokenRefused(_)
+        StoreError::JoinTokenRefused(_)
     ));
     let expired = store.create_join_token(Duration::ZERO).await.unwrap();
     tokio::time::sleep(Duration::from_millis(2)).await;
@@ -312,7 +312,7 @@ pub async fn join_tokens_work_once(store: &dyn Store) {
             .register_worker(&expired.token, "d", &caps)
             .await
             .unwrap_err(),
-        StoreError::TokenRefused(_)
+        StoreError::JoinTokenRefused(_)
     ));
     assert_eq!(
         store.authenticate_worker(&credential).await.unwrap().id,
@@ -321,7 +321,7 @@ pub async fn join_tokens_work_once(store: &dyn Store) {
     let forged = format!("{}.{}", w.id, "0".repeat(64));
     assert!(matches!(
         store.authenticate_worker(&forged).await.unwrap_err(),
-        StoreError::Unauthenticated
+        StoreError::NodeCredentialRefused
     ));
 }
 
@@ -797,7 +797,7 @@ pub async fn provisioning_is_a_recorded_workflow(store: &impl Store) {
     );
     assert!(matches!(
         store.authenticate_worker(&credential).await,
-        Err(StoreError::Unauthenticated)
+        Err(StoreError::NodeCredentialRefused)
     ));
     assert!(
         store
@@ -844,7 +844,7 @@ pub async fn a_given_up_provisioning_refuses_its_token(store: &impl Store) {
         .register_worker(&token.token, "late", &Capabilities::default())
         .await;
     assert!(
-        matches!(refused, Err(StoreError::TokenRefused(_))),
+        matches!(refused, Err(StoreError::JoinTokenRefused(_))),
         "{refused:?}"
     );
 }
@@ -887,7 +887,7 @@ pub async fn logins_rotate_and_a_reused_refresh_token_revokes_the_login(store: &
     // The old refresh token again: the whole login is revoked.
     assert!(matches!(
         store.rotate_refresh(&first.refresh_token, ttl, ttl).await,
-        Err(StoreError::TokenRejected(_))
+        Err(StoreError::UserTokenRefused(_))
     ));
     assert!(
         store
@@ -1342,7 +1342,7 @@ pub async fn a_join_token_registers_one_node_under_concurrent_callers(store: &im
         assert_eq!(registered, 1, "round {round}: {results:?}");
         for refused in results.iter().filter_map(|r| r.as_ref().err()) {
             assert!(
-                matches!(refused, StoreError::TokenRefused(_)),
+                matches!(refused, StoreError::JoinTokenRefused(_)),
                 "{refused:?}"
             );
         }
