@@ -234,6 +234,7 @@ pub fn parse_id(s: &str) -> Result<JobId, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use drover_store::prelude::*;
     use drover_store::{Migrations, SqlStore};
 
     fn submission(name: String, depends_on: Vec<JobId>) -> Submission {

@@ -174,9 +174,9 @@ pub struct RetrySettings {
     pub jitter: f64,
 }
 
+/// Jobs and groups: what users submit, read and cancel.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
-    // ----------------------------------------------------------- jobs
+pub trait JobStore: Send + Sync + 'static {
     /// Stores a validated spec as a QUEUED job with its `JobCreated` event. With an
     /// idempotency key already used, returns the first job and `false`.
     async fn create_job(&self, spec: JobSpec) -> Result<(JobRecord, bool)> {
@@ -227,8 +227,11 @@ pub trait Store: Send + Sync + 'static {
     /// Cancels a job that is not finished. A job with a live run also gets that run
     /// recorded CANCELLED; the caller tells the worker to kill it.
     async fn cancel_job(&self, id: JobId, reason: &str) -> Result<Cancelled>;
+}
 
-    // ----------------------------------------------------------- scheduling
+/// Attempts: dispatch, the reports of workers, leases, and where each run's log is.
+#[async_trait]
+pub trait RunStore: Send + Sync + 'static {
     /// QUEUED jobs whose backoff has passed and whose dependencies succeeded, highest
     /// priority then oldest first; `after` continues from the last (priority, id) seen.
     async fn ready_jobs(
@@ -317,7 +320,14 @@ pub trait Store: Send + Sync + 'static {
     /// Every live run (ASSIGNED or RUNNING), of any worker.
     async fn live_runs(&self) -> Result<Vec<RunRecord>>;
 
-    // ----------------------------------------------------------- workers
+    async fn log_index(&self, run_id: RunId) -> Result<Option<LogIndex>>;
+    /// Records that the run's log file now holds `index` (size, entries, last sequence).
+    async fn put_log_index(&self, index: &LogIndex) -> Result<()>;
+}
+
+/// Nodes: joining, their credentials and states, the workers providers start, and node configuration.
+#[async_trait]
+pub trait WorkerStore: Send + Sync + 'static {
     /// Mints a one-time join token; only its hash is kept.
     async fn create_join_token(&self, ttl: Duration) -> Result<JoinToken>;
     /// Trades a join token for a node: the token is spent in the same transaction.
@@ -341,7 +351,6 @@ pub trait Store: Send + Sync + 'static {
     /// What happened to a worker: registration, connections, provisioning steps, its end.
     async fn worker_events(&self, id: WorkerId) -> Result<Vec<EventRecord>>;
 
-    // ----------------------------------------------------------- providers
     /// This installation's id, made on first use and shared by every replica: providers
     /// label what they create with it.
     async fn cluster_id(&self) -> Result<String>;
@@ -366,7 +375,28 @@ pub trait Store: Send + Sync + 'static {
     /// Workers of `provider` that have not ended, oldest first.
     async fn provided_workers(&self, provider: &str) -> Result<Vec<WorkerRecord>>;
 
-    // ----------------------------------------------------------- reservations
+    /// A new configuration version for one node or for the nodes matching `labels`.
+    async fn put_node_config(
+        &self,
+        node: Option<WorkerId>,
+        labels: &std::collections::BTreeMap<String, String>,
+        config: &NodeConfig,
+    ) -> Result<NodeConfigRecord>;
+    /// Every configuration version, oldest first.
+    async fn list_node_configs(&self) -> Result<Vec<NodeConfigRecord>>;
+    /// Records a node's answer (`WorkerConfigAcked`); when it applied the version, its new
+    /// capabilities are kept too.
+    async fn ack_node_config(
+        &self,
+        worker_id: WorkerId,
+        ack: &ConfigAckRecord,
+        capabilities: Option<&Capabilities>,
+    ) -> Result<()>;
+}
+
+/// Reservations of a node's named resource.
+#[async_trait]
+pub trait ReservationStore: Send + Sync + 'static {
     async fn create_reservation(
         &self,
         resource: &str,
@@ -385,8 +415,11 @@ pub trait Store: Send + Sync + 'static {
     /// A pending reservation becomes active: its TTL starts again from `now`. False when it
     /// was no longer pending.
     async fn activate_reservation(&self, id: ReservationId, now: Timestamp) -> Result<bool>;
+}
 
-    // ----------------------------------------------------------- webhooks
+/// Webhooks and the outbox of their deliveries.
+#[async_trait]
+pub trait WebhookStore: Send + Sync + 'static {
     async fn add_webhook(
         &self,
         url: &str,
@@ -413,8 +446,11 @@ pub trait Store: Send + Sync + 'static {
         retry_at: Option<Timestamp>,
     ) -> Result<()>;
     async fn list_deliveries(&self, limit: u32) -> Result<Vec<DeliveryRecord>>;
+}
 
-    // ----------------------------------------------------------- replicas
+/// What replicas of the control plane share: duties held by one, wake-ups for all.
+#[async_trait]
+pub trait ReplicaStore: Send + Sync + 'static {
     /// Takes or keeps the duty `name` for `holder` for `ttl`: true while `holder` has it.
     /// Duties that must run once across replicas (lease expiry, webhook delivery) are done
     /// only by their holder; when it dies, another takes over once the ttl lapses.
@@ -423,27 +459,11 @@ pub trait Store: Send + Sync + 'static {
     async fn publish(&self, wakeup: &Wakeup) -> Result<()>;
     /// What the other replicas publish; `None` where there can be no other replica.
     async fn listen(&self) -> Result<Option<tokio::sync::mpsc::Receiver<Wakeup>>>;
+}
 
-    // ----------------------------------------------------------- node configuration
-    /// A new configuration version for one node or for the nodes matching `labels`.
-    async fn put_node_config(
-        &self,
-        node: Option<WorkerId>,
-        labels: &std::collections::BTreeMap<String, String>,
-        config: &NodeConfig,
-    ) -> Result<NodeConfigRecord>;
-    /// Every configuration version, oldest first.
-    async fn list_node_configs(&self) -> Result<Vec<NodeConfigRecord>>;
-    /// Records a node's answer (`WorkerConfigAcked`); when it applied the version, its new
-    /// capabilities are kept too.
-    async fn ack_node_config(
-        &self,
-        worker_id: WorkerId,
-        ack: &ConfigAckRecord,
-        capabilities: Option<&Capabilities>,
-    ) -> Result<()>;
-
-    // ----------------------------------------------------------- users and tokens
+/// Users, their tokens and the audit trail.
+#[async_trait]
+pub trait AccessStore: Send + Sync + 'static {
     async fn count_users(&self) -> Result<u64>;
     /// A new user; a taken name is a conflict.
     async fn create_user(&self, name: &str, role: Role, password_hash: &str) -> Result<UserRecord>;
@@ -486,11 +506,33 @@ pub trait Store: Send + Sync + 'static {
     async fn audit(&self, entry: &AuditRecord) -> Result<()>;
     /// The newest `limit` audit records, newest last.
     async fn list_audit(&self, limit: u32) -> Result<Vec<AuditRecord>>;
+}
 
-    // ----------------------------------------------------------- logs
-    async fn log_index(&self, run_id: RunId) -> Result<Option<LogIndex>>;
-    /// Records that the run's log file now holds `index` (size, entries, last sequence).
-    async fn put_log_index(&self, index: &LogIndex) -> Result<()>;
+/// Everything the control plane keeps: one trait per aggregate, gathered. Callers bring the
+/// aggregates they use into scope (`use drover_store::prelude::*` brings all).
+pub trait Store:
+    JobStore + RunStore + WorkerStore + ReservationStore + WebhookStore + ReplicaStore + AccessStore
+{
+}
+
+impl<
+    T: JobStore
+        + RunStore
+        + WorkerStore
+        + ReservationStore
+        + WebhookStore
+        + ReplicaStore
+        + AccessStore,
+> Store for T
+{
+}
+
+/// The store's traits, for `use drover_store::prelude::*`.
+pub mod prelude {
+    pub use crate::{
+        AccessStore, JobStore, ReplicaStore, ReservationStore, RunStore, Store, WebhookStore,
+        WorkerStore,
+    };
 }
 
 /// Opens the store named by a URL (`sqlite://PATH` or `postgres://…`), applying migrations.

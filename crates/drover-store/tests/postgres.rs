@@ -4,7 +4,8 @@
 
 mod conformance;
 
-use drover_store::{Migrations, SqlStore, Store, Wakeup};
+use drover_store::prelude::*;
+use drover_store::{Migrations, SqlStore, Wakeup};
 use std::time::Duration;
 
 use drover_testkit::postgres_database as fresh_database;

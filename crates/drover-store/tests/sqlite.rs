@@ -42,14 +42,14 @@ async fn reopening_keeps_everything() {
             command: Some("true".into()),
             ..Default::default()
         };
-        drover_store::Store::create_job(&store, spec)
+        drover_store::JobStore::create_job(&store, spec)
             .await
             .unwrap()
             .0
             .id
     };
     let store = open(&path).await;
-    let job = drover_store::Store::get_job(&store, id).await.unwrap();
+    let job = drover_store::JobStore::get_job(&store, id).await.unwrap();
     assert_eq!(job.state, drover_core::JobState::Queued);
 }
 
@@ -120,7 +120,7 @@ async fn commits_reach_the_database_file_beside_the_writer() {
             owner: None,
         })
         .collect();
-    let created = drover_store::Store::create_jobs(&store, batch)
+    let created = drover_store::JobStore::create_jobs(&store, batch)
         .await
         .unwrap();
     assert!(created.iter().all(|c| c.is_ok()));

@@ -1,7 +1,8 @@
 //! SQLite's checkpointer wakes for writes only. A test binary of its own: the checkpoint
 //! count is a process-wide metric, and no other store may take checkpoints beside this one.
 
-use drover_store::{Migrations, SqlStore, Store, Submission};
+use drover_store::prelude::*;
+use drover_store::{Migrations, SqlStore, Submission};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::time::{Duration, Instant};
 
