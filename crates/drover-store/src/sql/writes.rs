@@ -797,3 +797,160 @@ impl FinishBatch {
         }))
     }
 }
+
+/// The write transactions of dispatch and reports, and what they read ahead of them.
+impl SqlStore {
+    /// The body of [`Store::assign_jobs`], with the jobs read ahead (SQLite) or read here.
+    pub(super) async fn assign_in(
+        &self,
+        plan: &[(JobId, WorkerId)],
+        lease_until: Timestamp,
+        ahead: Option<HashMap<JobId, JobRecord>>,
+    ) -> Result<Vec<Assignment>> {
+        let now = Timestamp::now();
+        let mut tx = self.writer.begin().await?;
+        let _timer = WriteTimer::start("assign");
+        let guarded = ahead.is_some();
+        let mut jobs = match ahead {
+            Some(jobs) => jobs,
+            None => {
+                let ids: Vec<JobId> = plan.iter().map(|(j, _)| *j).collect();
+                load_jobs(&mut tx, &ids).await?
+            }
+        };
+        let mut made = Vec::with_capacity(plan.len());
+        let mut events = Vec::with_capacity(plan.len());
+        for &(job_id, worker_id) in plan {
+            // Gone, or no longer QUEUED: someone else took or cancelled it.
+            let Some(job) = jobs
+                .get_mut(&job_id)
+                .filter(|j| j.state == JobState::Queued)
+            else {
+                continue;
+            };
+            let to = job.state.apply(JobEvent::Assign)?;
+            let run = RunRecord {
+                id: RunId::new(),
+                job_id,
+                attempt: job.attempts + 1,
+                retry_of: job.current_run,
+                worker_id,
+                state: RunState::Assigned,
+                exit_code: None,
+                error: None,
+                assigned_at: now,
+                started_at: None,
+                finished_at: None,
+                lease_expires_at: lease_until,
+                result: None,
+            };
+            let kind = EventKind::JobAssigned {
+                run_id: run.id,
+                worker_id,
+                attempt: run.attempt,
+            };
+            events.push(NewEvent::job(now, job_id, kind));
+            job.attempts = run.attempt;
+            job.current_run = Some(run.id);
+            job.state = to;
+            job.status_code = to.status_code();
+            job.updated_at = now;
+            made.push(Assignment {
+                run,
+                job: job.clone(),
+            });
+        }
+        const RUN_COLS_NEW: usize = 8;
+        for chunk in made.chunks(ROWS_PER_STATEMENT) {
+            let sql = binds_for(
+                &tx,
+                format!(
+                    "INSERT INTO runs (id, job_id, attempt, retry_of, worker_id, state, assigned_at, \
+                 lease_expires_at) VALUES {}",
+                    row_tuples(chunk.len(), RUN_COLS_NEW)
+                ),
+            );
+            let mut query = sqlx::query(&sql);
+            for Assignment { run, .. } in chunk {
+                query = query
+                    .bind(run.id.to_string())
+                    .bind(run.job_id.to_string())
+                    .bind(i64::from(run.attempt))
+                    .bind(run.retry_of.map(|r| r.to_string()))
+                    .bind(run.worker_id.to_string())
+                    .bind(run.state.as_str())
+                    .bind(run.assigned_at.0)
+                    .bind(run.lease_expires_at.0);
+            }
+            query.execute(&mut *tx).await?;
+            // Each job points at the run just made for its next attempt, matched by id: the
+            // jobs were read, and on PostgreSQL locked, in this transaction, or, read ahead
+            // (SQLite), each must still be QUEUED on the run it was read with (its last,
+            // the new run's `retry_of`; SQLite's `IS` matches a first attempt's none).
+            let (cols, guard) = if guarded {
+                (
+                    3,
+                    " AND jobs.state = 'QUEUED' AND jobs.current_run IS v.column3",
+                )
+            } else {
+                (2, "")
+            };
+            let sql = binds_for(
+                &tx,
+                format!(
+                    "UPDATE jobs SET attempts = attempts + 1, current_run = v.column2, state = $1, \
+                 updated_at = $2 FROM (VALUES {}) AS v WHERE jobs.id = v.column1{guard}",
+                    row_tuples_from(3, chunk.len(), cols)
+                ),
+            );
+            let mut query = sqlx::query(&sql)
+                .bind(JobState::Assigned.as_str())
+                .bind(now.0);
+            for Assignment { run, .. } in chunk {
+                query = query.bind(run.job_id.to_string()).bind(run.id.to_string());
+                if guarded {
+                    query = query.bind(run.retry_of.map(|r| r.to_string()));
+                }
+            }
+            let changed = query.execute(&mut *tx).await?.rows_affected();
+            if guarded && changed != chunk.len() as u64 {
+                return Err(StoreError::ReadAheadStale);
+            }
+        }
+        insert_events(&mut tx, &events).await?;
+        tx.commit().await?;
+        Ok(made)
+    }
+
+    /// One try of [`Store::report_runs`], in one transaction, from the runs and jobs read
+    /// ahead in `loaded` (the rest are read here).
+    pub(super) async fn report_in(
+        &self,
+        mut loaded: Loaded,
+        steps: Vec<StepRequest>,
+        ends: Vec<FinishRequest>,
+        retry: RetrySettings,
+    ) -> Result<RunReportAnswers> {
+        let mut tx = self.writer.begin().await?;
+        let _timer = WriteTimer::start("report");
+        let now = Timestamp::now();
+        let (stepped, writes) = advance_in(&mut tx, steps, &mut loaded, now).await?;
+        let ended = finish_in(&mut tx, ends, retry, loaded, writes).await?;
+        tx.commit().await?;
+        Ok((stepped, ended))
+    }
+
+    /// Jobs as a reader sees them, for [`SqlStore::assign_in`].
+    pub(super) async fn jobs_read_ahead(&self, ids: &[JobId]) -> Result<HashMap<JobId, JobRecord>> {
+        load_jobs(&mut *self.reader.acquire().await?, ids).await
+    }
+
+    /// Runs and their jobs as a reader sees them, to write in a transaction that expects
+    /// them so ([`ReadAhead`]).
+    pub(super) async fn runs_read_ahead(&self, ids: &[RunId]) -> Result<Loaded> {
+        let mut loaded = Loaded::default();
+        loaded.read(&mut *self.reader.acquire().await?, ids).await?;
+        loaded.ahead = Some(ReadAhead::of(&loaded.runs, &loaded.jobs));
+        Ok(loaded)
+    }
+}

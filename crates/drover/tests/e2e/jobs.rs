@@ -1,18 +1,15 @@
 //! End to end through the real binary: the job scenarios of seed 003 (phases 5, 6 and 8),
 //! named by their step, plus failure, timeout, cancel and reconnect behaviour.
 
+use crate::drover;
 use drover_client::FollowEvent;
 use drover_client::records::{CompactLogBatch, JobView, LogEntryView};
 use drover_core::{EventKind, JobSpec, JobState};
 use drover_testkit::{
-    Drover, Proxy, ServerOptions, ServerProc, TestDir, WorkerProc, drover_client, eventually,
+    Proxy, ServerOptions, ServerProc, TestDir, WorkerProc, drover_client, eventually,
     process_exists,
 };
 use futures::StreamExt;
-
-fn drover() -> Drover {
-    Drover::new(env!("CARGO_BIN_EXE_drover"))
-}
 
 struct Cluster {
     dir: TestDir,

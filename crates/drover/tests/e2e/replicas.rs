@@ -1,17 +1,14 @@
 //! Several control-plane replicas on one PostgreSQL database, behind one address. Needs the
 //! test cluster of `scripts/test` (DROVER_TEST_POSTGRES_URL); fails without it under CI=true.
 
+use crate::drover;
 use drover_client::Client;
 use drover_core::{JobSpec, JobState};
 use drover_testkit::{
-    Drover, Proxy, ServerOptions, ServerProc, TestDir, WebhookReceiver, WorkerProc, drover_client,
+    Proxy, ServerOptions, ServerProc, TestDir, WebhookReceiver, WorkerProc, drover_client,
     eventually, postgres_database,
 };
 use std::time::Duration;
-
-fn drover() -> Drover {
-    Drover::new(env!("CARGO_BIN_EXE_drover"))
-}
 
 async fn replicas(dir: &TestDir, url: &str, n: usize) -> Vec<ServerProc> {
     let mut out = Vec::new();

@@ -1,18 +1,14 @@
 //! Who may do what (seed 000's login, tokens, roles, node credentials). The route table of
 //! the server is walked: a new endpoint that forgets its access level fails here.
 
+use crate::drover;
 use drover_client::Client;
 use drover_core::{JobSpec, JobState};
 use drover_server::{Access, route_table};
 use drover_testkit::{
-    ADMIN_PASSWORD, Drover, ServerOptions, ServerProc, TestDir, WorkerProc, drover_client,
-    eventually,
+    ADMIN_PASSWORD, ServerOptions, ServerProc, TestDir, WorkerProc, drover_client, eventually,
 };
 use reqwest::Method;
-
-fn drover() -> Drover {
-    Drover::new(env!("CARGO_BIN_EXE_drover"))
-}
 
 fn echo(command: &str) -> JobSpec {
     JobSpec {

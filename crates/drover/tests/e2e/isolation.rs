@@ -2,15 +2,10 @@
 //! writable scratch directory. Under CI=true a machine without a usable bwrap fails these
 //! tests; elsewhere they are skipped with a message.
 
+use crate::drover;
 use drover_client::records::LogEntryView;
 use drover_core::{Isolation, JobSpec, JobState};
-use drover_testkit::{
-    Drover, ServerOptions, ServerProc, TestDir, WorkerProc, bwrap_usable, drover_client,
-};
-
-fn drover() -> Drover {
-    Drover::new(env!("CARGO_BIN_EXE_drover"))
-}
+use drover_testkit::{ServerOptions, ServerProc, TestDir, WorkerProc, bwrap_usable, drover_client};
 
 fn sandboxed(command: &str) -> JobSpec {
     JobSpec {

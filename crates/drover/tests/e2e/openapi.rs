@@ -4,13 +4,10 @@
 //! scripts/test installs both in a virtualenv under target/ and names it by
 //! DROVER_TEST_PYTHON_VENV; under CI=true a missing one fails these tests.
 
-use drover_testkit::{Drover, ServerOptions, ServerProc, TestDir};
+use crate::drover;
+use drover_testkit::{ServerOptions, ServerProc, TestDir};
 use std::path::PathBuf;
 use std::process::Command;
-
-fn drover() -> Drover {
-    Drover::new(env!("CARGO_BIN_EXE_drover"))
-}
 
 /// The virtualenv's `bin` directory with both tools, or `None` (skipped) off CI.
 fn python_tools() -> Option<PathBuf> {

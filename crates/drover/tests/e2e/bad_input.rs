@@ -1,10 +1,7 @@
 //! Bad input gets a clear error naming the field, and changes nothing (product spec §5).
 
-use drover_testkit::{Drover, ServerOptions, ServerProc, TestDir};
-
-fn drover() -> Drover {
-    Drover::new(env!("CARGO_BIN_EXE_drover"))
-}
+use crate::drover;
+use drover_testkit::{ServerOptions, ServerProc, TestDir};
 
 async fn post_raw(url: &str, body: Vec<u8>) -> (u16, serde_json::Value) {
     let r = reqwest::Client::new()

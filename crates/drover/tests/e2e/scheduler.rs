@@ -2,20 +2,17 @@
 //! binary. Jobs write `NAME start|end NANOS` lines to a trace file, so that order and
 //! overlap are read from what really ran.
 
+use crate::drover;
 use drover_client::Client;
 use drover_client::records::{DeliveryState, GroupState, JobView};
 use drover_core::{EventKind, JobSpec, JobState, RunState};
 use drover_testkit::{
-    Drover, ServerOptions, ServerProc, TestDir, UpProc, WebhookReceiver, WorkerProc, drover_client,
+    ServerOptions, ServerProc, TestDir, UpProc, WebhookReceiver, WorkerProc, drover_client,
     eventually, process_exists,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-
-fn drover() -> Drover {
-    Drover::new(env!("CARGO_BIN_EXE_drover"))
-}
 
 struct Trace(PathBuf);
 

@@ -3,16 +3,13 @@
 //! ends as its command dictates, nothing is lost, no attempt runs twice. Each test runs
 //! its own PostgreSQL server (the shared test cluster must stay up for the others).
 
+use crate::drover;
 use drover_core::{JobSpec, JobState};
 use drover_testkit::{
-    Drover, PgCluster, ServerOptions, ServerProc, TestDir, WebhookReceiver, WorkerProc,
-    drover_client, eventually,
+    PgCluster, ServerOptions, ServerProc, TestDir, WebhookReceiver, WorkerProc, drover_client,
+    eventually,
 };
 use std::time::Duration;
-
-fn drover() -> Drover {
-    Drover::new(env!("CARGO_BIN_EXE_drover"))
-}
 
 const JOBS: usize = 800;
 

@@ -4,18 +4,15 @@
 //! and what is left afterwards is checked by asking the OS and the Docker engine, not
 //! drover. Under CI=true a machine without a Docker engine fails the Docker tests.
 
+use crate::drover;
 use drover_client::records::{EventRecord, NodeView};
 use drover_core::{JobSpec, JobState, WorkerState};
 use drover_testkit::{
-    Drover, ServerOptions, ServerProc, TestDir, drover_client, eventually, service_available,
+    ServerOptions, ServerProc, TestDir, drover_client, eventually, service_available,
 };
 use std::path::Path;
 
 const WORKER_IMAGE: &str = "drover-worker:test";
-
-fn drover() -> Drover {
-    Drover::new(env!("CARGO_BIN_EXE_drover"))
-}
 
 /// Builds the worker image from this very binary (scripts/build-images skips the build
 /// when the image already holds it). False (skip) without a Docker engine, except in CI.

