@@ -1,44 +1,32 @@
 //! The HTTP JSON API (`/v1/...`), live logs over server-sent events, health and metrics.
 
 use crate::auth::{Caller, Owned, hash_password, verify_password};
-use crate::logs::Entry;
-use crate::{ApiError, AppState, Notice, jobs, scheduler};
+use crate::extract::{parse_body, query};
+use crate::log_stream::{FOLLOW_POLL, job_logs, wait_for};
+use crate::{ApiError, AppState, Notice, SharedState, jobs, scheduler};
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use base64::Engine;
 use drover_core::records::{
-    BatchResult, BatchSubmitted, CompactLogBatch, DeliveryRecord, GroupView, JobView, LogEntryView,
-    NodeView, ReservationRecord, ReservationState, RunView, WebhookRecord, webhook_events,
+    BatchResult, BatchSubmitted, DeliveryRecord, GroupView, JobView, NodeView, ReservationRecord,
+    ReservationState, RunView, WebhookRecord, webhook_events,
 };
 use drover_core::reservation::ReservationRequest;
 use drover_core::schedule::{self, Hold};
-use drover_core::{
-    GroupId, JobId, JobSpec, ReservationId, RunId, Timestamp, ValidationError, WorkerId,
-};
-use drover_store::{JobRecord, RunRecord, WorkerRecord};
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
-use std::convert::Infallible;
+use drover_core::{GroupId, JobId, JobSpec, ReservationId, RunId, Timestamp, WorkerId};
+use drover_store::{JobRecord, WorkerRecord};
+use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
 
 type ApiResult<T> = Result<T, ApiError>;
-type SharedState = State<Arc<AppState>>;
 
 /// Request bodies larger than this are refused before parsing.
 const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;
-/// A follower re-reads the store at least this often, even without a notice.
-const FOLLOW_POLL: Duration = Duration::from_secs(1);
-const READ_CHUNK: u64 = 1 << 20;
-/// Log entries per server-sent event when following.
-const FOLLOW_BATCH: usize = 1000;
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -278,34 +266,6 @@ pub(crate) async fn unknown_route(
     ApiError::NotFound(format!("no route {method} {path}")).into_response()
 }
 
-/// Parses a JSON body, naming the field at fault (`env.FOO`, `timeout_ms`) on error.
-pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {
-    if body.is_empty() {
-        return Err(ApiError::invalid("body", "a JSON object is required"));
-    }
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
-        let path = e.path().to_string();
-        ApiError::from(ValidationError::from_decode(
-            &path,
-            &e.into_inner().to_string(),
-        ))
-    })?;
-    // One JSON value and nothing after it but white space.
-    de.end().map_err(|e| {
-        ApiError::invalid(
-            "body",
-            format!("trailing characters after the JSON value ({e})"),
-        )
-    })?;
-    Ok(value)
-}
-
-fn query<T>(q: Result<Query<T>, QueryRejection>) -> ApiResult<T> {
-    q.map(|Query(t)| t)
-        .map_err(|e| ApiError::invalid("query", e.body_text()))
-}
-
 async fn readyz(State(state): SharedState) -> Response {
     let unavailable = |why: String| (StatusCode::SERVICE_UNAVAILABLE, why).into_response();
     // A probe answers within a second whatever the database does.
@@ -481,215 +441,6 @@ async fn wait_job(
             |n| matches!(n, Notice::Job { job_id, .. } if *job_id == id),
         )
         .await;
-    }
-}
-
-/// Waits until a notice matching `wanted` arrives, the deadline passes, or notices were
-/// missed (the caller re-reads the store in every case).
-async fn wait_for(
-    notices: &mut broadcast::Receiver<Notice>,
-    deadline: tokio::time::Instant,
-    wanted: impl Fn(&Notice) -> bool,
-) {
-    let _ = tokio::time::timeout_at(deadline, async {
-        loop {
-            match notices.recv().await {
-                Ok(n) if wanted(&n) => return,
-                Ok(_) => continue,
-                Err(_) => return,
-            }
-        }
-    })
-    .await;
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LogsQuery {
-    attempt: Option<u32>,
-    #[serde(default)]
-    follow: bool,
-    #[serde(default)]
-    format: FollowFormat,
-}
-
-/// How a follower receives entries: `entries`, a JSON array of `LogEntryView`s per event;
-/// `compact`, a `CompactLogBatch` per event (for followers of fast producers).
-#[derive(Deserialize, Default, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-enum FollowFormat {
-    #[default]
-    Entries,
-    Compact,
-}
-
-fn entry_view(run: &RunRecord, e: Entry) -> LogEntryView {
-    let (text, data) = match String::from_utf8(e.data) {
-        Ok(text) => (text, None),
-        Err(not_utf8) => {
-            let bytes = not_utf8.into_bytes();
-            let data = base64::engine::general_purpose::STANDARD.encode(&bytes);
-            (String::from_utf8_lossy(&bytes).into_owned(), Some(data))
-        }
-    };
-    LogEntryView {
-        run_id: run.id,
-        attempt: run.attempt,
-        seq: e.seq,
-        stream: e.stream,
-        timestamp: e.timestamp,
-        text,
-        data,
-    }
-}
-
-fn pick_run(runs: &[RunRecord], attempt: Option<u32>) -> ApiResult<Option<RunRecord>> {
-    match attempt {
-        None => Ok(runs.last().cloned()),
-        Some(n) => runs
-            .iter()
-            .find(|r| r.attempt == n)
-            .cloned()
-            .map(Some)
-            .ok_or_else(|| ApiError::invalid("attempt", format!("the job has no attempt {n}"))),
-    }
-}
-
-async fn job_logs(
-    State(state): SharedState,
-    Owned(id): Owned<JobId>,
-    q: Result<Query<LogsQuery>, QueryRejection>,
-) -> ApiResult<Response> {
-    let q = query(q)?;
-    state.store.get_job(id).await?;
-    if q.format == FollowFormat::Compact && !q.follow {
-        return Err(ApiError::invalid(
-            "format",
-            "format=compact is for following (follow=true); a stored log reads as a JSON array",
-        ));
-    }
-    if q.follow {
-        let (tx, rx) = mpsc::channel::<Followed>(256);
-        tokio::spawn(follow_logs(state.clone(), id, q.attempt, tx));
-        let format = q.format;
-        let stream = futures::StreamExt::map(ReceiverStream::new(rx), move |f| {
-            Ok::<_, Infallible>(match (f, format) {
-                (Followed::Entries(batch), FollowFormat::Entries) => sse_json("entries", &batch),
-                (Followed::Entries(batch), FollowFormat::Compact) => {
-                    sse_json("compact", &CompactLogBatch::from_views(batch))
-                }
-                (Followed::End(job), _) => sse_json("end", &job),
-            })
-        });
-        return Ok(Sse::new(stream)
-            .keep_alive(KeepAlive::default())
-            .into_response());
-    }
-    let runs = state.store.job_runs(id).await?;
-    let mut out = Vec::new();
-    if let Some(run) = pick_run(&runs, q.attempt)? {
-        let mut offset = 0;
-        loop {
-            let (entries, next) = state
-                .logs
-                .read_from(run.id, offset, READ_CHUNK)
-                .await
-                .map_err(|e| ApiError::Internal(e.to_string()))?;
-            if entries.is_empty() {
-                break;
-            }
-            out.extend(entries.into_iter().map(|e| entry_view(&run, e)));
-            offset = next;
-        }
-    }
-    Ok(Json(out).into_response())
-}
-
-fn sse_json(name: &str, value: &impl Serialize) -> Event {
-    // Serialized whole, then handed over: `json_data` writes through a writer that looks
-    // for line breaks in every small piece serde emits (a third of a follower's cost).
-    match serde_json::to_string(value) {
-        Ok(json) => Event::default().event(name).data(json),
-        Err(_) => Event::default().event(name),
-    }
-}
-
-/// What a follower of a job's log receives.
-pub(crate) enum Followed {
-    Entries(Vec<LogEntryView>),
-    /// The job is final: nothing more comes.
-    End(Box<JobRecord>),
-}
-
-/// Streams a job's log entries as they are stored, moving on to the next attempt when the
-/// job is retried, and ends with the job when it is final.
-pub(crate) async fn follow_logs(
-    state: Arc<AppState>,
-    id: JobId,
-    attempt: Option<u32>,
-    tx: mpsc::Sender<Followed>,
-) {
-    let mut notices = state.notices.subscribe();
-    let mut following: Option<(RunId, u64)> = None;
-    loop {
-        let (job, runs) = match (
-            state.store.get_job(id).await,
-            state.store.job_runs(id).await,
-        ) {
-            (Ok(job), Ok(runs)) => (job, runs),
-            _ => return,
-        };
-        let run = match pick_run(&runs, attempt) {
-            Ok(run) => run,
-            Err(_) => return,
-        };
-        // Everything stored so far, before looking at the job again.
-        while let Some(run) = &run {
-            let offset = match following {
-                Some((r, off)) if r == run.id => off,
-                _ => 0,
-            };
-            let (entries, next) = match state.logs.read_from(run.id, offset, READ_CHUNK).await {
-                Ok(read) => read,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot read log");
-                    return;
-                }
-            };
-            following = Some((run.id, next));
-            if entries.is_empty() {
-                break;
-            }
-            // One event per batch: a follower of a fast producer must not pay an event per
-            // line.
-            let mut entries = entries.into_iter().peekable();
-            while entries.peek().is_some() {
-                let batch: Vec<LogEntryView> = entries
-                    .by_ref()
-                    .take(FOLLOW_BATCH)
-                    .map(|e| entry_view(run, e))
-                    .collect();
-                if tx.send(Followed::Entries(batch)).await.is_err() {
-                    return;
-                }
-            }
-        }
-        let run_done = run.as_ref().is_none_or(|r| r.state.is_terminal());
-        let finished = job.state.is_terminal() || (attempt.is_some() && run_done);
-        if finished {
-            let _ = tx.send(Followed::End(Box::new(job))).await;
-            return;
-        }
-        let run_id = run.as_ref().map(|r| r.id);
-        let deadline = tokio::time::Instant::now() + FOLLOW_POLL;
-        wait_for(&mut notices, deadline, |n| match n {
-            Notice::Job { job_id, .. } => *job_id == id,
-            Notice::Log { run_id: r } => Some(*r) == run_id,
-        })
-        .await;
-        if tx.is_closed() {
-            return;
-        }
     }
 }
 

@@ -5,10 +5,12 @@
 mod auth;
 mod batcher;
 mod error;
+mod extract;
 mod grpc;
 mod http;
 mod jobs;
 mod listener;
+mod log_stream;
 mod logs;
 mod openai;
 pub mod openapi;
@@ -131,6 +133,9 @@ pub(crate) enum Notice {
     Job { job_id: JobId },
     Log { run_id: RunId },
 }
+
+/// The state every handler extracts.
+pub(crate) type SharedState = axum::extract::State<Arc<AppState>>;
 
 pub(crate) struct AppState {
     pub store: Arc<dyn Store>,

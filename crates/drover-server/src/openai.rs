@@ -4,8 +4,9 @@
 //! visible like any job; its id comes back in `X-Drover-Job`.
 
 use crate::auth::Caller;
-use crate::http::{Followed, follow_logs, parse_body};
-use crate::{ApiError, AppState, jobs};
+use crate::extract::parse_body;
+use crate::log_stream::{Followed, follow_logs};
+use crate::{ApiError, AppState, SharedState, jobs};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -15,11 +16,8 @@ use drover_core::{ChatTurn, InferenceSpec, JobKind, JobSpec, JobState, Timestamp
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::convert::Infallible;
-use std::sync::Arc;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-
-type SharedState = State<Arc<AppState>>;
 
 /// Models served by the nodes that are up, across replicas (from the store).
 async fn served_models(state: &AppState) -> Result<Vec<String>, ApiError> {
