@@ -211,6 +211,21 @@ impl RunJson {
     }
 }
 
+/// The JSON text of the row's column named `name`, decoded as `T`.
+pub(super) fn json_column<T: serde::de::DeserializeOwned>(row: &AnyRow, name: &str) -> Result<T> {
+    let text: String = row.try_get(name)?;
+    serde_json::from_str(&text).map_err(|e| corrupt(format!("column {name}: {e}")))
+}
+
+pub(super) fn webhook_from_row(row: &AnyRow) -> Result<WebhookRecord> {
+    Ok(WebhookRecord {
+        id: parse(row, "id")?,
+        url: row.try_get("url")?,
+        events: json_column(row, "events")?,
+        created_at: ts(row, "created_at")?,
+    })
+}
+
 /// The JSON text of the row's column `column`, decoded as `T`.
 pub(super) fn from_json<T: serde::de::DeserializeOwned>(row: &AnyRow, column: usize) -> Result<T> {
     let text: String = row.try_get(column)?;

@@ -51,8 +51,7 @@ impl RunStore for SqlStore {
         };
         rows.iter()
             .map(|row| {
-                let spec: String = row.try_get("spec")?;
-                let spec: JobSpec = serde_json::from_str(&spec).map_err(corrupt)?;
+                let spec: JobSpec = json_column(row, "spec")?;
                 Ok(ReadyJob {
                     id: parse(row, "id")?,
                     priority: row.try_get::<i64, _>("priority")? as i32,

@@ -10,11 +10,7 @@ pub(super) async fn load_hooks(conn: &mut AnyConnection) -> Result<Hooks> {
         .fetch_all(&mut *conn)
         .await?;
     rows.iter()
-        .map(|hook| {
-            let events: String = hook.try_get("events")?;
-            let events: Vec<String> = serde_json::from_str(&events).map_err(corrupt)?;
-            Ok((hook.try_get("id")?, events))
-        })
+        .map(|hook| Ok((hook.try_get("id")?, json_column(hook, "events")?)))
         .collect()
 }
 
@@ -94,17 +90,7 @@ impl WebhookStore for SqlStore {
         let rows = sqlx::query("SELECT id, url, events, created_at FROM webhooks ORDER BY id")
             .fetch_all(&self.reader)
             .await?;
-        rows.iter()
-            .map(|row| {
-                let events: String = row.try_get("events")?;
-                Ok(WebhookRecord {
-                    id: parse(row, "id")?,
-                    url: row.try_get("url")?,
-                    events: serde_json::from_str(&events).map_err(corrupt)?,
-                    created_at: ts(row, "created_at")?,
-                })
-            })
-            .collect()
+        rows.iter().map(webhook_from_row).collect()
     }
 
     async fn due_deliveries(

@@ -385,13 +385,11 @@ impl WorkerStore for SqlStore {
         .await?;
         rows.iter()
             .map(|row| {
-                let labels: String = row.try_get("labels")?;
-                let config: String = row.try_get("config")?;
                 Ok(NodeConfigRecord {
                     version: row.try_get::<i64, _>("version")? as u64,
                     node: parse_opt(row, "node_id")?,
-                    labels: serde_json::from_str(&labels).map_err(corrupt)?,
-                    config: serde_json::from_str(&config).map_err(corrupt)?,
+                    labels: json_column(row, "labels")?,
+                    config: json_column(row, "config")?,
                     created_at: ts(row, "created_at")?,
                 })
             })
