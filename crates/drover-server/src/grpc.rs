@@ -220,18 +220,7 @@ async fn reattach(
             state.take_recovered(run.id),
             crate::scheduler::AttemptLost::CameBackWithout,
         );
-        let end = RunEnd {
-            outcome: RunOutcome::Failed,
-            exit_code: None,
-            error: Some(error),
-            result: None,
-        };
-        let f = state
-            .store
-            .finish_run(run.id, None, end, state.retry_settings())
-            .await?;
-        state.notify_job(f.job.id, f.job.state);
-        state.webhooks.notify_one();
+        crate::jobs::fail_lost_run(state, run.id, error).await?;
     }
     state
         .store

@@ -1112,19 +1112,8 @@ async fn revoke_node(
         .tell_everywhere(drover_store::Wakeup::Revoke { worker_id: id })
         .await;
     for run in state.store.live_runs_of(id).await? {
-        let end = drover_store::RunEnd {
-            outcome: drover_core::RunOutcome::Failed,
-            exit_code: None,
-            error: Some("node revoked".into()),
-            result: None,
-        };
-        let finished = state
-            .store
-            .finish_run(run.id, None, end, state.retry_settings())
-            .await?;
-        state.notify_job(run.job_id, finished.job.state);
+        jobs::fail_lost_run(&state, run.id, "node revoked".into()).await?;
     }
-    state.dispatch.notify_one();
     state
         .audit(
             Some(&caller.user.name),

@@ -203,6 +203,30 @@ pub fn check_provider(state: &AppState, spec: JobSpec) -> Result<JobSpec, Valida
     }
 }
 
+/// Fails a live attempt the control plane gave up on (its worker's lease ran out, the
+/// worker came back without it, the node was revoked); the retry policy decides what comes
+/// next. Followers, the dispatcher (a retry may be queued) and the webhook sender are told.
+pub async fn fail_lost_run(
+    state: &AppState,
+    run_id: drover_core::RunId,
+    error: String,
+) -> Result<drover_store::Finished, StoreError> {
+    let end = drover_store::RunEnd {
+        outcome: drover_core::RunOutcome::Failed,
+        exit_code: None,
+        error: Some(error),
+        result: None,
+    };
+    let finished = state
+        .store
+        .finish_run(run_id, None, end, state.retry_settings())
+        .await?;
+    state.notify_job(finished.job.id, finished.job.state);
+    state.dispatch.notify_one();
+    state.webhooks.notify_one();
+    Ok(finished)
+}
+
 pub async fn cancel(state: &AppState, id: JobId) -> Result<JobRecord, ApiError> {
     let cancelled = state.store.cancel_job(id, "cancelled by request").await?;
     if let Some(run) = &cancelled.run {

@@ -4,10 +4,9 @@
 
 use crate::AppState;
 use crate::sessions::Held;
+use drover_core::Timestamp;
 use drover_core::schedule::{self, Candidate, Hold};
-use drover_core::{RunOutcome, Timestamp};
 use drover_proto::v1;
-use drover_store::RunEnd;
 use std::sync::Arc;
 use std::time::Duration;
 use tracing::Instrument;
@@ -303,17 +302,7 @@ pub async fn lease_sweeper(state: Arc<AppState>) {
                     state.take_recovered(run.id),
                     AttemptLost::LeaseLapsed,
                 );
-                let end = RunEnd {
-                    outcome: RunOutcome::Failed,
-                    exit_code: None,
-                    error: Some(error),
-                    result: None,
-                };
-                match state
-                    .store
-                    .finish_run(run.id, None, end, state.retry_settings())
-                    .await
-                {
+                match crate::jobs::fail_lost_run(&state, run.id, error).await {
                     Ok(f) => {
                         tracing::warn!(worker_id = %run.worker_id, job_state = %f.job.state, "lease expired");
                         // A worker still connected (here or elsewhere) but frozen must not
@@ -324,9 +313,6 @@ pub async fn lease_sweeper(state: Arc<AppState>) {
                                 run_id: run.id,
                             })
                             .await;
-                        state.notify_job(f.job.id, f.job.state);
-                        state.dispatch.notify_one();
-                        state.webhooks.notify_one();
                     }
                     Err(e) => tracing::error!(error = %e, "cannot fail an expired run"),
                 }
