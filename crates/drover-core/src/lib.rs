@@ -10,6 +10,7 @@ pub mod reservation;
 pub mod retry;
 pub mod schedule;
 pub mod time;
+pub mod webhook;
 pub mod worker;
 
 pub use event::EventKind;

@@ -74,6 +74,24 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// Checks the rules of each field, named as in `POST /v1/node-configs` (`config.…`).
+    pub fn validated(self) -> Result<Self, crate::ValidationError> {
+        if let Some(ms) = self.heartbeat_interval_ms
+            && !(100..=60_000).contains(&ms)
+        {
+            return Err(crate::ValidationError::new(
+                "config.heartbeat_interval_ms",
+                format!("must be between 100 and 60000, got {ms}"),
+            ));
+        }
+        for (name, &amount) in self.resources.iter().flatten() {
+            let field = format!("config.resources.{name}");
+            crate::job::check_resource_name(&field, name)?;
+            crate::job::check_resource_amount(&field, amount)?;
+        }
+        Ok(self)
+    }
+
     /// The capabilities a node started with `base` has under this config, or why it cannot
     /// apply it (the node then keeps its previous config).
     pub fn apply(&self, base: &Capabilities) -> Result<Capabilities, String> {

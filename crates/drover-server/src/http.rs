@@ -13,10 +13,11 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use drover_core::records::{
     BatchResult, BatchSubmitted, DeliveryRecord, GroupView, JobView, NodeView, ReservationRecord,
-    ReservationState, RunView, WebhookRecord, webhook_events,
+    ReservationState, RunView, WebhookRecord,
 };
 use drover_core::reservation::ReservationRequest;
 use drover_core::schedule::{self, Hold};
+use drover_core::webhook::WebhookRequest;
 use drover_core::{GroupId, JobId, JobSpec, ReservationId, RunId, Timestamp, WorkerId};
 use drover_store::{JobRecord, WorkerRecord};
 use serde::{Deserialize, Serialize};
@@ -717,15 +718,6 @@ async fn release_reservation(
     Ok(Json(r))
 }
 
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub(crate) struct WebhookRequest {
-    url: String,
-    secret: Option<String>,
-    #[serde(default)]
-    events: Vec<String>,
-}
-
 /// The webhook as created: a generated secret is shown this once; one the caller chose is
 /// not sent back (it would land in logs and terminals for nothing).
 #[derive(Serialize, utoipa::ToSchema)]
@@ -740,30 +732,8 @@ async fn add_webhook(
     State(state): SharedState,
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<CreatedWebhook>)> {
-    let req: WebhookRequest = parse_body(&body)?;
-    let url = reqwest::Url::parse(&req.url)
-        .map_err(|e| ApiError::invalid("url", format!("not a URL: {e}")))?;
-    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
-        return Err(ApiError::invalid(
-            "url",
-            "must be an http:// or https:// URL with a host",
-        ));
-    }
-    for e in &req.events {
-        if !webhook_events::ALL.contains(&e.as_str()) {
-            return Err(ApiError::invalid(
-                "events",
-                format!(
-                    "unknown event {e:?}; one of {}",
-                    webhook_events::ALL.join(", ")
-                ),
-            ));
-        }
-    }
+    let req = parse_body::<WebhookRequest>(&body)?.validated()?;
     let (secret, generated) = match req.secret {
-        Some(s) if s.len() < 8 || s.len() > 256 => {
-            return Err(ApiError::invalid("secret", "must be 8-256 bytes"));
-        }
         Some(s) => (s, false),
         None => {
             use rand::Rng;
@@ -773,7 +743,7 @@ async fn add_webhook(
     };
     let webhook = state
         .store
-        .add_webhook(url.as_str(), &secret, &req.events)
+        .add_webhook(&req.url, &secret, &req.events)
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -1157,17 +1127,10 @@ async fn put_node_config(
     if let Some(n) = node {
         state.store.get_worker(n).await?;
     }
-    if let Some(ms) = req.config.heartbeat_interval_ms
-        && !(100..=60_000).contains(&ms)
-    {
-        return Err(ApiError::invalid(
-            "config.heartbeat_interval_ms",
-            "between 100 and 60000",
-        ));
-    }
+    let config = req.config.validated()?;
     let record = state
         .store
-        .put_node_config(node, &req.labels, &req.config)
+        .put_node_config(node, &req.labels, &config)
         .await?;
     state.tell_everywhere(drover_store::Wakeup::Configs).await;
     state

@@ -11,8 +11,7 @@
 
 use crate::http::{
     Access, ApiTokenRequest, BatchRequest, CreatedToken, CreatedWebhook, GroupRequest,
-    LoginRequest, NodeConfigRequest, RefreshRequest, TokenRequest, UserRequest, WebhookRequest,
-    route_table,
+    LoginRequest, NodeConfigRequest, RefreshRequest, TokenRequest, UserRequest, route_table,
 };
 use crate::openai::CompletionRequest;
 use drover_core::records::{
@@ -21,6 +20,7 @@ use drover_core::records::{
     ReservationRecord, UserRecord, WebhookRecord,
 };
 use drover_core::reservation::ReservationRequest;
+use drover_core::webhook::WebhookRequest;
 use drover_core::{GroupId, JobId, JobSpec, ReservationId, RunId, WorkerId};
 use utoipa::OpenApi;
 use utoipa::openapi::path::Operation;
