@@ -1,5 +1,5 @@
 //! drover's domain model. Pure: no I/O, no async, no database. Every state change of a job
-//! goes through [`job::JobState::apply`], whose table is the single list of legal moves.
+//! goes through [`state::JobState::apply`], whose table is the single list of legal moves.
 
 pub mod access;
 pub mod event;
@@ -9,6 +9,7 @@ pub mod records;
 pub mod reservation;
 pub mod retry;
 pub mod schedule;
+pub mod state;
 pub mod time;
 pub mod webhook;
 pub mod worker;

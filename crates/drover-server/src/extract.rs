@@ -1,14 +1,12 @@
 //! What a request brings, decoded: JSON bodies and query strings, refused with the field
 //! at fault named.
 
-use crate::ApiError;
+use crate::{ApiError, ApiResult};
 use axum::body::Bytes;
 use axum::extract::Query;
 use axum::extract::rejection::QueryRejection;
 use drover_core::ValidationError;
 use serde::de::DeserializeOwned;
-
-type ApiResult<T> = Result<T, ApiError>;
 
 /// Parses a JSON body, naming the field at fault (`env.FOO`, `timeout_ms`) on error.
 pub(crate) fn parse_body<T: DeserializeOwned>(body: &Bytes) -> ApiResult<T> {

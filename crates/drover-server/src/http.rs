@@ -3,7 +3,7 @@
 use crate::auth::{Caller, Owned, hash_password, verify_password};
 use crate::extract::{parse_body, query};
 use crate::log_stream::{FOLLOW_POLL, job_logs, wait_for};
-use crate::{ApiError, AppState, Notice, SharedState, jobs, scheduler};
+use crate::{ApiError, ApiResult, AppState, Notice, SharedState, jobs, scheduler};
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
@@ -23,8 +23,6 @@ use drover_store::{JobRecord, WorkerRecord};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 use std::time::Duration;
-
-type ApiResult<T> = Result<T, ApiError>;
 
 /// Request bodies larger than this are refused before parsing.
 const MAX_BODY_BYTES: usize = 2 * 1024 * 1024;

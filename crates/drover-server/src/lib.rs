@@ -134,6 +134,9 @@ pub(crate) enum Notice {
     Log { run_id: RunId },
 }
 
+/// What every API handler answers.
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
+
 /// The state every handler extracts.
 pub(crate) type SharedState = axum::extract::State<Arc<AppState>>;
 

@@ -5,7 +5,7 @@
 use crate::auth::Owned;
 use crate::extract::query;
 use crate::logs::Entry;
-use crate::{ApiError, AppState, Notice, SharedState};
+use crate::{ApiError, ApiResult, AppState, Notice, SharedState};
 use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
@@ -22,8 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
-
-type ApiResult<T> = Result<T, ApiError>;
 
 /// A follower re-reads the store at least this often, even without a notice.
 pub(crate) const FOLLOW_POLL: Duration = Duration::from_secs(1);
