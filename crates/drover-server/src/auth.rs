@@ -3,10 +3,11 @@
 //! stored hashed, and checked against the store on every request, so a logout or a
 //! revocation takes effect at once on every replica.
 
+use crate::extract::PathId;
 use crate::{ApiError, AppState};
 use argon2::Argon2;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
-use axum::extract::{FromRequestParts, Path, Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -212,9 +213,9 @@ async fn refused(
 
 /// The id in a route's path (`/v1/jobs/{id}`, …) of something a user may touch only if it is
 /// theirs: a job, a run, a group or a reservation. Handlers take their id only through this
-/// extractor, so the id that is checked is the id that is used — decoded and parsed once,
-/// by axum's `Path` and the id's own parser, whatever form the caller sent (percent-encoded,
-/// upper case). What does not exist is 404.
+/// extractor, so the id that is checked is the id that is used — parsed once by
+/// [`PathId`], whatever form the caller sent (percent-encoded, upper case). What does not
+/// exist is 404.
 pub struct Owned<T>(pub T);
 
 /// Something with an owner, found by its id.
@@ -264,32 +265,42 @@ impl<T: OwnedKind> FromRequestParts<Arc<AppState>> for Owned<T> {
         parts: &mut Parts,
         state: &Arc<AppState>,
     ) -> Result<Self, ApiError> {
-        let Path(raw) = Path::<String>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::invalid("id", e.body_text()))?;
-        let id: T = raw.parse()?;
+        let PathId(id) = PathId::<T>::from_request_parts(parts, state).await?;
         let caller = parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
             ApiError::Internal("an owned id on a route without a signed-in caller".into())
         })?;
-        if caller.is_admin() {
-            return Ok(Owned(id));
-        }
-        let owner = T::owner(state, id).await?;
-        if caller.may_touch(owner.as_deref()) {
-            return Ok(Owned(id));
-        }
-        let e = ApiError::PermissionDenied(format!("{} {id} belongs to another user", T::KIND));
-        let what = format!("{} {}", parts.method, parts.uri.path());
-        refused(
-            state,
-            Some(&caller.user.name),
-            what,
-            address_in(&parts.extensions),
-            e.to_string(),
-        )
-        .await;
-        Err(e)
+        let request = format!("{} {}", parts.method, parts.uri.path());
+        check_owner(state, &caller, id, request, address_in(&parts.extensions)).await?;
+        Ok(Owned(id))
     }
+}
+
+/// Refuses (403, audited as `request`) when `id` is not the caller's; admins may touch
+/// anything. What does not exist is 404. The one ownership check of both APIs.
+pub async fn check_owner<T: OwnedKind>(
+    state: &AppState,
+    caller: &Caller,
+    id: T,
+    request: String,
+    address: Option<String>,
+) -> Result<(), ApiError> {
+    if caller.is_admin() {
+        return Ok(());
+    }
+    let owner = T::owner(state, id).await?;
+    if caller.may_touch(owner.as_deref()) {
+        return Ok(());
+    }
+    let e = ApiError::PermissionDenied(format!("{} {id} belongs to another user", T::KIND));
+    refused(
+        state,
+        Some(&caller.user.name),
+        request,
+        address,
+        e.to_string(),
+    )
+    .await;
+    Err(e)
 }
 
 /// Slows down password guessing without letting anyone lock a user out:

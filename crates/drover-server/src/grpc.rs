@@ -1,11 +1,11 @@
 //! The gRPC API: the worker service (registration and the one stream per worker) and the
 //! job service, with reflection and the standard health service.
 
-use crate::auth::Caller;
+use crate::auth::{self, Caller};
 use crate::run_reports::{RunReport, Written};
 use crate::sessions::Held;
 use crate::{ApiError, AppState, jobs, logs};
-use drover_core::{Capabilities, JobSpec, RunId, RunOutcome, Timestamp, WorkerState};
+use drover_core::{Capabilities, JobId, JobSpec, RunId, RunOutcome, Timestamp, WorkerState};
 use drover_proto::v1::{
     self,
     job_service_server::{JobService, JobServiceServer},
@@ -585,26 +585,11 @@ impl JobApi {
         Ok(self.state.authenticate(token).await?)
     }
 
-    /// The job, if the caller may see it.
+    /// The job, if the caller may see it (the same check as HTTP's, `auth::check_owner`).
     async fn owned_job(&self, caller: &Caller, id: &str) -> Result<JobRecord, Status> {
-        let id = jobs::parse_id(id)?;
-        let job = self.state.store.get_job(id).await.map_err(ApiError::from)?;
-        if !caller.may_touch(job.owner.as_deref()) {
-            self.state
-                .audit(
-                    Some(&caller.user.name),
-                    "grpc",
-                    Some(format!("job {id}")),
-                    true,
-                    None,
-                    Some("belongs to another user".into()),
-                )
-                .await;
-            return Err(Status::permission_denied(format!(
-                "job {id} belongs to another user"
-            )));
-        }
-        Ok(job)
+        let id: JobId = id.parse().map_err(ApiError::from)?;
+        auth::check_owner(&self.state, caller, id, format!("grpc job {id}"), None).await?;
+        Ok(self.state.store.get_job(id).await.map_err(ApiError::from)?)
     }
 }
 

@@ -1,9 +1,10 @@
 //! Job operations shared by the HTTP and gRPC APIs.
 
 use crate::auth::Caller;
-use crate::{ApiError, AppState};
-use drover_core::{JobId, JobSpec, JobState, ValidationError};
-use drover_store::{JobRecord, Store, StoreError, Submission};
+use crate::{ApiError, AppState, submissions};
+use drover_core::records::GroupView;
+use drover_core::{GroupId, JobId, JobSpec, JobState, ValidationError};
+use drover_store::{JobRecord, StoreError, Submission};
 
 /// Stores a job of `caller`; `false` when its idempotency key returned an earlier one.
 pub async fn submit(
@@ -17,15 +18,25 @@ pub async fn submit(
         spec,
         owner: Some(caller.user.id.clone()),
     };
-    let answer = state.submissions.call(vec![submission]).await?.pop();
-    let (job, created) = answer.ok_or_else(|| StoreError::BatchFailed("no answer".into()))??;
-    if !created {
-        return Ok((job, false));
-    }
-    announce_submitted(state, &job);
-    state.nudge_dispatch().await;
-    state.webhooks.notify_one();
-    Ok((job, true))
+    let answer = submissions::store(state, vec![submission]).await?.pop();
+    answer.ok_or_else(|| StoreError::BatchFailed("no answer".into()))?
+}
+
+/// Stores many jobs in one write (a batch submission); the specs are checked already
+/// ([`checked_specs`]). Each answer stands alone.
+pub async fn submit_many(
+    state: &AppState,
+    specs: Vec<JobSpec>,
+    caller: &Caller,
+) -> Result<Vec<Result<(JobRecord, bool), ApiError>>, ApiError> {
+    let request = specs
+        .into_iter()
+        .map(|spec| Submission {
+            spec,
+            owner: Some(caller.user.id.clone()),
+        })
+        .collect();
+    submissions::store(state, request).await
 }
 
 /// Jobs in one batch submission: what one request body (2 MiB) holds comfortably.
@@ -86,100 +97,6 @@ fn check_isolation(
             modes.join(" or ")
         }
     )))
-}
-
-/// What the store answered for each job of one submission request, in order.
-pub type Submitted = Vec<Result<(JobRecord, bool), StoreError>>;
-
-/// Jobs per transaction when the submission requests that gathered are written together:
-/// a commit rewrites the hot pages (the tails of the jobs and events tables and their
-/// indexes) once, whatever it holds.
-const JOBS_PER_WRITE: usize = 1024;
-
-/// Writes gathered submission requests (one job, or a batch of up to [`MAX_BATCH_JOBS`]),
-/// consecutive requests together in transactions of up to [`JOBS_PER_WRITE`] jobs. A
-/// request is never split: its jobs are written in one transaction, or none are.
-pub async fn write_submissions(
-    store: &dyn Store,
-    requests: Vec<Vec<Submission>>,
-) -> Result<Vec<Result<Submitted, StoreError>>, StoreError> {
-    let mut answers = Vec::with_capacity(requests.len());
-    let mut requests = requests.into_iter().peekable();
-    while requests.peek().is_some() {
-        let mut sizes = Vec::new();
-        let mut jobs = Vec::new();
-        while let Some(request) =
-            requests.next_if(|next| sizes.is_empty() || jobs.len() + next.len() <= JOBS_PER_WRITE)
-        {
-            sizes.push(request.len());
-            jobs.extend(request);
-        }
-        let count = jobs.len();
-        match store.create_jobs(jobs).await {
-            Ok(written) if written.len() == count => {
-                let mut written = written.into_iter();
-                for size in sizes {
-                    answers.push(Ok(written.by_ref().take(size).collect()));
-                }
-            }
-            outcome => {
-                let message = match outcome {
-                    Ok(written) => format!("{} answers for {count} jobs", written.len()),
-                    Err(e) => e.to_string(),
-                };
-                tracing::error!(%message, "cannot write submissions");
-                answers.extend(
-                    sizes
-                        .iter()
-                        .map(|_| Err(StoreError::BatchFailed(message.clone()))),
-                );
-            }
-        }
-    }
-    Ok(answers)
-}
-
-/// Stores many jobs in one write (a batch submission). The specs are validated already;
-/// each answer stands alone: a job refused by the store (an unknown dependency, say) does
-/// not keep the others out.
-pub async fn submit_many(
-    state: &AppState,
-    specs: Vec<JobSpec>,
-    caller: &Caller,
-) -> Result<Vec<Result<(JobRecord, bool), ApiError>>, ApiError> {
-    let owner = Some(caller.user.id.as_str());
-    let submissions = specs
-        .into_iter()
-        .map(|spec| Submission {
-            spec,
-            owner: owner.map(str::to_string),
-        })
-        .collect();
-    let answers = state.submissions.call(submissions).await?;
-    let mut any_created = false;
-    let answers = answers
-        .into_iter()
-        .map(|answer| {
-            let (job, created) = answer?;
-            if created {
-                announce_submitted(state, &job);
-                any_created = true;
-            }
-            Ok((job, created))
-        })
-        .collect();
-    if any_created {
-        state.nudge_dispatch().await;
-        state.webhooks.notify_one();
-    }
-    Ok(answers)
-}
-
-fn announce_submitted(state: &AppState, job: &JobRecord) {
-    metrics::counter!("drover_jobs_submitted_total").increment(1);
-    tracing::info_span!("job", job_id = %job.id)
-        .in_scope(|| tracing::info!(name = %job.name, "submitted"));
-    state.notify_job(job.id, job.state);
 }
 
 /// A job may name only a provider this control plane has: otherwise it would wait forever.
@@ -251,75 +168,16 @@ pub fn parse_state(s: &str) -> Result<Option<JobState>, ApiError> {
     s.parse::<JobState>().map(Some).map_err(ApiError::from)
 }
 
-pub fn parse_id(s: &str) -> Result<JobId, ApiError> {
-    s.parse::<JobId>().map_err(ApiError::from)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use drover_store::prelude::*;
-    use drover_store::{Migrations, SqlStore};
-
-    fn submission(name: String, depends_on: Vec<JobId>) -> Submission {
-        let spec = JobSpec {
-            name,
-            command: Some("true".into()),
-            depends_on,
-            ..Default::default()
-        };
-        Submission {
-            spec: spec.validated().expect("a valid spec"),
-            owner: None,
+/// Cancels every member of a group not final yet, last first, so that they end CANCELLED
+/// rather than SKIPPED by the cancel of the one before.
+pub async fn cancel_group(state: &AppState, id: GroupId) -> Result<GroupView, ApiError> {
+    let view = state.store.get_group(id).await?;
+    for job in view.jobs.iter().rev().filter(|j| !j.state.is_terminal()) {
+        match cancel(state, job.id).await {
+            // Final meanwhile (it ended, or was skipped with an earlier member).
+            Ok(_) | Err(ApiError::Conflict(_)) => {}
+            Err(e) => return Err(e),
         }
     }
-
-    #[tokio::test]
-    async fn gathered_requests_are_answered_each_with_its_own_jobs_in_order() {
-        let dir = tempfile::tempdir().expect("a temporary directory");
-        let url = format!("sqlite://{}", dir.path().join("drover.db").display());
-        let store = SqlStore::open(&url, Migrations::Apply)
-            .await
-            .expect("a store");
-        // 1,000 + 30 passes the per-transaction limit: the second request starts the next
-        // transaction rather than being cut in two.
-        let sizes = [1000, 30, 1000, 1];
-        let requests: Vec<Vec<Submission>> = sizes
-            .iter()
-            .enumerate()
-            .map(|(r, &size)| {
-                (0..size)
-                    .map(|j| {
-                        // One job of the second request waits on a job that does not exist:
-                        // refused alone.
-                        let depends_on = if (r, j) == (1, 7) {
-                            vec![JobId::new()]
-                        } else {
-                            Vec::new()
-                        };
-                        submission(format!("r{r}-{j}"), depends_on)
-                    })
-                    .collect()
-            })
-            .collect();
-        let answers = write_submissions(&store, requests).await.expect("written");
-        assert_eq!(answers.len(), sizes.len());
-        for (r, (answer, &size)) in answers.into_iter().zip(&sizes).enumerate() {
-            let jobs = answer.expect("a request answered");
-            assert_eq!(jobs.len(), size, "request {r}");
-            for (j, job) in jobs.into_iter().enumerate() {
-                if (r, j) == (1, 7) {
-                    assert!(job.is_err(), "an unknown dependency is refused");
-                    continue;
-                }
-                let (job, created) = job.expect("stored");
-                assert!(created);
-                assert_eq!(job.name, format!("r{r}-{j}"));
-                assert_eq!(
-                    store.get_job(job.id).await.expect("readable").name,
-                    job.name
-                );
-            }
-        }
-    }
+    Ok(state.store.get_group(id).await?)
 }

@@ -12,12 +12,16 @@ mod jobs;
 mod listener;
 mod log_stream;
 mod logs;
+mod nodes;
 mod openai;
 pub mod openapi;
 pub mod providers;
+mod replicas;
+mod reservations;
 mod run_reports;
 mod scheduler;
 mod sessions;
+mod submissions;
 mod webhooks;
 
 pub use error::ApiError;
@@ -148,7 +152,7 @@ pub(crate) struct AppState {
     pub logs: logs::LogFiles,
     pub dispatch: Notify,
     /// Where API calls and sessions hand the hot writes, to be written in batches.
-    pub submissions: batcher::Batcher<Vec<drover_store::Submission>, jobs::Submitted>,
+    pub submissions: batcher::Batcher<Vec<drover_store::Submission>, submissions::Submitted>,
     pub run_reports: batcher::Batcher<run_reports::RunReport, run_reports::Written>,
     /// Wakes the webhook sender when an event was written.
     pub webhooks: Notify,
@@ -179,7 +183,7 @@ pub(crate) struct AppState {
     /// passes then admit reservations even when no queued job needs a resource.
     pub reservations_waiting: std::sync::atomic::AtomicBool,
     last_dispatch_nudge: std::sync::atomic::AtomicI64,
-    /// Jobs just final, to be announced to the other replicas (see `publish_final_jobs`).
+    /// Jobs just final, to be announced to the other replicas (see `replicas::publish_final_jobs`).
     final_jobs: tokio::sync::mpsc::UnboundedSender<JobId>,
 }
 
@@ -197,73 +201,6 @@ impl AppState {
         RetrySettings {
             default_backoff_base: self.config.default_backoff_base,
             jitter: rand::random::<f64>(),
-        }
-    }
-
-    /// Wakes this replica's dispatcher, and the other replicas' at most every few
-    /// milliseconds, so that bursts of submissions do not become a burst of NOTIFYs.
-    pub async fn nudge_dispatch(&self) {
-        self.dispatch.notify_one();
-        let now = Timestamp::now().as_micros();
-        let last = self
-            .last_dispatch_nudge
-            .load(std::sync::atomic::Ordering::Relaxed);
-        if now - last < 5_000 {
-            return;
-        }
-        self.last_dispatch_nudge
-            .store(now, std::sync::atomic::Ordering::Relaxed);
-        self.publish(drover_store::Wakeup::Dispatch).await;
-    }
-
-    /// Carries out a wake-up on this replica: it acts only on the workers connected here.
-    pub async fn apply_here(&self, wakeup: &drover_store::Wakeup) {
-        use drover_proto::v1::{self, server_message::Body};
-        use drover_store::Wakeup;
-        match *wakeup {
-            Wakeup::Dispatch => self.dispatch.notify_one(),
-            Wakeup::Cancel { worker_id, run_id } => {
-                // The worker kills the process group; its slot frees when it reports the end.
-                self.sessions.send(
-                    worker_id,
-                    Body::Cancel(v1::CancelRun {
-                        run_id: run_id.to_string(),
-                        reason: "cancelled by request".into(),
-                    }),
-                );
-            }
-            Wakeup::Forget { worker_id, run_id } => {
-                self.sessions.release(worker_id, run_id);
-                self.sessions.send(
-                    worker_id,
-                    Body::Forget(v1::ForgetRun {
-                        run_id: run_id.to_string(),
-                    }),
-                );
-            }
-            Wakeup::Jobs { ref job_ids } => {
-                for &job_id in job_ids.iter() {
-                    let _ = self.notices.send(Notice::Job { job_id });
-                }
-            }
-            Wakeup::Drain { worker_id } => self.sessions.drain(worker_id),
-            Wakeup::Revoke { worker_id } => self.sessions.drop_worker(worker_id),
-            Wakeup::Configs => self.push_configs().await,
-            Wakeup::TokensRevoked => self.tokens.clear(),
-        }
-    }
-
-    /// Carries out a wake-up here and on every other replica (the worker it names may be
-    /// connected to any of them).
-    pub async fn tell_everywhere(&self, wakeup: drover_store::Wakeup) {
-        self.apply_here(&wakeup).await;
-        self.publish(wakeup).await;
-    }
-
-    /// Tells the other replicas; a failure only delays them (they re-read the store).
-    pub async fn publish(&self, wakeup: drover_store::Wakeup) {
-        if let Err(e) = self.store.publish(&wakeup).await {
-            tracing::warn!(error = %e, "cannot notify the other replicas");
         }
     }
 
@@ -295,39 +232,6 @@ impl AppState {
             .unwrap_or(false)
     }
 
-    /// Sends each connected node the newest configuration that concerns it, if it has not
-    /// had it yet.
-    pub async fn push_configs(&self) {
-        let configs = match self.store.list_node_configs().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read node configurations");
-                return;
-            }
-        };
-        for (worker_id, labels, sent) in self.sessions.config_targets() {
-            let Some(desired) = drover_store::desired_config(&configs, worker_id, &labels) else {
-                continue;
-            };
-            if desired.version <= sent {
-                continue;
-            }
-            let json = match serde_json::to_string(&desired.config) {
-                Ok(j) => j,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot encode a node configuration");
-                    continue;
-                }
-            };
-            let msg =
-                drover_proto::v1::server_message::Body::Config(drover_proto::v1::NodeConfig {
-                    version: desired.version,
-                    json,
-                });
-            self.sessions.send_config(worker_id, desired.version, msg);
-        }
-    }
-
     pub fn advertise_url(&self) -> String {
         self.advertised.clone()
     }
@@ -352,23 +256,9 @@ fn prometheus() -> PrometheusHandle {
 
 /// The writing ends of the batchers in [`AppState`], started by [`Server::serve`].
 struct Writers {
-    submissions: batcher::Gathered<Vec<drover_store::Submission>, jobs::Submitted>,
+    submissions: batcher::Gathered<Vec<drover_store::Submission>, submissions::Submitted>,
     run_reports: batcher::Gathered<run_reports::RunReport, run_reports::Written>,
     final_jobs: tokio::sync::mpsc::UnboundedReceiver<JobId>,
-}
-
-/// Tells the other replicas' waiters which jobs are final, many per notice.
-async fn publish_final_jobs(
-    state: Arc<AppState>,
-    mut final_jobs: tokio::sync::mpsc::UnboundedReceiver<JobId>,
-) {
-    // A PostgreSQL notice carries under 8,000 bytes; a job id takes 39 in JSON.
-    const IDS_PER_NOTICE: usize = 150;
-    let mut job_ids = Vec::with_capacity(IDS_PER_NOTICE);
-    while final_jobs.recv_many(&mut job_ids, IDS_PER_NOTICE).await > 0 {
-        let job_ids = std::mem::take(&mut job_ids);
-        state.publish(drover_store::Wakeup::Jobs { job_ids }).await;
-    }
 }
 
 /// A bound, recovered control plane, ready to serve.
@@ -524,32 +414,20 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let state = self.state;
-        let background =
-            [
-                tokio::spawn(scheduler::dispatch_loop(state.clone())),
-                tokio::spawn(scheduler::lease_sweeper(state.clone())),
-                tokio::spawn(scheduler::lease_renewer(state.clone())),
-                tokio::spawn(webhooks::delivery_loop(state.clone())),
-                tokio::spawn(listen_to_replicas(state.clone())),
-                tokio::spawn(publish_final_jobs(state.clone(), self.writers.final_jobs)),
-                tokio::spawn(self.writers.submissions.write_with({
-                    let store = state.store.clone();
-                    move |batch| {
-                        let store = store.clone();
-                        async move { jobs::write_submissions(&*store, batch).await }
-                    }
-                })),
-                tokio::spawn(self.writers.run_reports.write_with({
-                    let state = state.clone();
-                    move |batch| {
-                        let state = state.clone();
-                        async move {
-                            run_reports::write(&*state.store, batch, state.retry_settings()).await
-                        }
-                    }
-                })),
-                tokio::spawn(providers::run(state.clone(), self.providers)),
-            ];
+        let background = [
+            tokio::spawn(scheduler::dispatch_loop(state.clone())),
+            tokio::spawn(scheduler::lease_sweeper(state.clone())),
+            tokio::spawn(scheduler::lease_renewer(state.clone())),
+            tokio::spawn(webhooks::delivery_loop(state.clone())),
+            tokio::spawn(replicas::listen(state.clone())),
+            tokio::spawn(replicas::publish_final_jobs(
+                state.clone(),
+                self.writers.final_jobs,
+            )),
+            tokio::spawn(submissions::writer(state.clone(), self.writers.submissions)),
+            tokio::spawn(run_reports::writer(state.clone(), self.writers.run_reports)),
+            tokio::spawn(providers::run(state.clone(), self.providers)),
+        ];
         let app = http::router(state.clone())
             .merge(grpc::router(state.clone()))
             .fallback(http::unknown_route);
@@ -610,19 +488,4 @@ async fn ensure_first_admin(store: &dyn Store, password: Option<&str>) -> Result
     }
     tracing::info!("created the first admin user `admin`");
     Ok(())
-}
-
-/// Carries out what other replicas ask of this one (PostgreSQL only).
-async fn listen_to_replicas(state: Arc<AppState>) {
-    let mut heard = match state.store.listen().await {
-        Ok(Some(rx)) => rx,
-        Ok(None) => return,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot listen to the other replicas; they will be heard on the next poll");
-            return;
-        }
-    };
-    while let Some(wakeup) = heard.recv().await {
-        state.apply_here(&wakeup).await;
-    }
 }

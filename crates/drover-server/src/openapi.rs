@@ -9,10 +9,13 @@
 //! checked against them by fuzzing the live API with schemathesis (`tests/openapi.rs`).
 #![allow(dead_code)]
 
-use crate::http::{
-    Access, ApiTokenRequest, BatchRequest, CreatedToken, CreatedWebhook, GroupRequest,
-    LoginRequest, NodeConfigRequest, RefreshRequest, TokenRequest, UserRequest, route_table,
+use crate::http::access::{
+    ApiTokenRequest, CreatedToken, LoginRequest, RefreshRequest, UserRequest,
 };
+use crate::http::jobs::{BatchRequest, GroupRequest};
+use crate::http::nodes::{NodeConfigRequest, TokenRequest};
+use crate::http::webhooks::CreatedWebhook;
+use crate::http::{Access, route_table};
 use crate::openai::CompletionRequest;
 use drover_core::records::{
     ApiTokenRecord, AuditRecord, BatchSubmitted, DeliveryRecord, ErrorBody, EventRecord, GroupView,

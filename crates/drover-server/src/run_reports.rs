@@ -2,8 +2,11 @@
 //! order they arrived: a run's accept, start and end reach the store in that order, because
 //! they go through one queue and a batch writes its steps before its ends.
 
+use crate::AppState;
+use crate::batcher::Gathered;
 use drover_core::JobId;
 use drover_store::{FinishRequest, Finished, RetrySettings, StepRequest, Store, StoreError};
+use std::sync::Arc;
 
 #[derive(Clone)]
 pub enum RunReport {
@@ -16,8 +19,19 @@ pub enum Written {
     End(Box<Finished>),
 }
 
+/// The writing end: runs until the server stops. The other end is the session's
+/// (`grpc.rs`), which queues each report as it arrives.
+pub async fn writer(state: Arc<AppState>, gathered: Gathered<RunReport, Written>) {
+    gathered
+        .write_with(move |batch| {
+            let state = state.clone();
+            async move { write(&*state.store, batch, state.retry_settings()).await }
+        })
+        .await
+}
+
 /// Writes a batch: its steps, then its ends, in one transaction.
-pub async fn write(
+async fn write(
     store: &dyn Store,
     batch: Vec<RunReport>,
     retry: RetrySettings,

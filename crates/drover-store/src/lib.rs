@@ -3,6 +3,10 @@
 //! conformance suite in `tests/`. Every state change and the event describing it are
 //! written in one transaction (invariant 2).
 
+// The test helpers shared with the conformance suite name this crate `drover_store`.
+#[cfg(test)]
+extern crate self as drover_store;
+
 mod sql;
 
 pub use drover_core::records::*;

@@ -420,33 +420,23 @@ async fn migrate(migrator: &Migrator, pool: &AnyPool, mode: Migrations) -> Resul
     }
 }
 
+/// The conformance suite's builders, shared so both build things the same way.
+#[cfg(test)]
+#[path = "../../tests/conformance/helpers.rs"]
+mod test_helpers;
+
 #[cfg(test)]
 mod tests {
+    use super::test_helpers::{NO_JITTER as RETRY, assigned_run, end, later, queued_job};
     use super::{
         EVENTS_PER_ROW, NewEvent, SqlStore, event_rows, placeholders, row_tuples,
         sqlite_anonymous_binds,
     };
     use crate::prelude::*;
-    use crate::{
-        FinishRequest, Migrations, RetrySettings, RunEnd, RunStep, StepRequest, StoreError,
-    };
-    use drover_core::{Capabilities, JobSpec, JobState, RunOutcome, RunState, Timestamp};
-    use std::time::Duration;
+    use crate::{Migrations, RunStep, StepRequest, StoreError};
+    use drover_core::{JobState, RunOutcome, RunState};
 
-    const RETRY: RetrySettings = RetrySettings {
-        default_backoff_base: Duration::from_secs(10),
-        jitter: 0.0,
-    };
-
-    async fn queued_job(store: &SqlStore) -> super::JobRecord {
-        let spec = JobSpec {
-            command: Some("true".into()),
-            ..Default::default()
-        };
-        store.create_job(spec).await.unwrap().0
-    }
-
-    /// A SQLite store with one job assigned to a worker: (store, job, run, worker).
+    /// A SQLite store with one job assigned to a worker: (store, dir, job, run, worker).
     async fn one_assigned_run() -> (
         SqlStore,
         tempfile::TempDir,
@@ -457,31 +447,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("drover.db").display());
         let store = SqlStore::open(&url, Migrations::Apply).await.unwrap();
-        let job = queued_job(&store).await;
-        let token = store
-            .create_join_token(Duration::from_secs(60))
-            .await
-            .unwrap();
-        let (worker, _) = store
-            .register_worker(&token.token, "w", &Capabilities::default())
-            .await
-            .unwrap();
-        let later = Timestamp::now().plus(Duration::from_secs(60));
-        let made = store.assign_job(job.id, worker.id, later).await.unwrap();
-        let run = made.expect("assigned").run.id;
-        (store, dir, job.id, run, worker.id)
+        let (job, run, worker) = assigned_run(&store).await;
+        (store, dir, job, run, worker)
     }
 
-    fn succeeded(run_id: drover_core::RunId, worker_id: drover_core::WorkerId) -> FinishRequest {
-        FinishRequest {
+    fn succeeded(
+        run_id: drover_core::RunId,
+        worker_id: drover_core::WorkerId,
+    ) -> crate::FinishRequest {
+        crate::FinishRequest {
             run_id,
             worker_id: Some(worker_id),
-            end: RunEnd {
-                outcome: RunOutcome::Succeeded,
-                exit_code: Some(0),
-                error: None,
-                result: None,
-            },
+            end: end(RunOutcome::Succeeded, 0),
         }
     }
 
@@ -490,11 +467,13 @@ mod tests {
     #[tokio::test]
     async fn batches_read_ahead_are_written_as_read() {
         let (store, _dir, _, _, worker) = one_assigned_run().await;
-        let job = queued_job(&store).await;
+        let job = store
+            .get_job(queued_job(&store, "true").await)
+            .await
+            .unwrap();
         let ahead = store.jobs_read_ahead(&[job.id]).await.unwrap();
-        let later = Timestamp::now().plus(Duration::from_secs(60));
         let made = store
-            .assign_in(&[(job.id, worker)], later, Some(ahead))
+            .assign_in(&[(job.id, worker)], later(), Some(ahead))
             .await
             .unwrap();
         let run = made[0].run.id;
@@ -594,10 +573,13 @@ mod tests {
     #[tokio::test]
     async fn an_assignment_read_ahead_of_a_cancel_leaves_the_job_out() {
         let (store, _dir, _, _, worker) = one_assigned_run().await;
-        let job = queued_job(&store).await;
+        let job = store
+            .get_job(queued_job(&store, "true").await)
+            .await
+            .unwrap();
         let ahead = store.jobs_read_ahead(&[job.id]).await.unwrap();
         store.cancel_job(job.id, "not wanted").await.unwrap();
-        let later = Timestamp::now().plus(Duration::from_secs(60));
+        let later = later();
         let tried = store
             .assign_in(&[(job.id, worker)], later, Some(ahead))
             .await;
@@ -689,7 +671,7 @@ mod tests {
         worker: Option<drover_core::WorkerId>,
     ) -> NewEvent {
         NewEvent {
-            at: Timestamp(at),
+            at: drover_core::Timestamp(at),
             job_id: job,
             worker_id: worker,
             kind: drover_core::EventKind::JobCreated {

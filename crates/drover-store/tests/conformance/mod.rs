@@ -58,52 +58,15 @@ pub use runs::*;
 pub use webhooks::*;
 pub use workers::*;
 
+/// The builders shared with the store's own unit tests (`src/sql/mod.rs`).
+pub mod helpers;
+pub use helpers::*;
+
 use drover_core::{Capabilities, JobSpec, JobState, RunOutcome, RunState, Timestamp, WorkerId};
 use drover_store::{
-    LogIndex, ReservationState, RetrySettings, RunEnd, RunStep, StepRequest, Store, StoreError,
-    Submission,
+    LogIndex, ReservationState, RunStep, StepRequest, Store, StoreError, Submission,
 };
 use std::time::Duration;
-
-pub const NO_JITTER: RetrySettings = RetrySettings {
-    default_backoff_base: Duration::from_secs(10),
-    jitter: 0.0,
-};
-
-pub fn spec(command: &str) -> JobSpec {
-    JobSpec {
-        command: Some(command.into()),
-        ..Default::default()
-    }
-    .validated()
-    .expect("valid spec")
-}
-
-pub fn end(outcome: RunOutcome, exit_code: i32) -> RunEnd {
-    RunEnd {
-        outcome,
-        exit_code: Some(exit_code),
-        error: None,
-        // What the run produced is kept with it and with its job.
-        result: Some(serde_json::json!({"exit": exit_code})),
-    }
-}
-
-pub fn later() -> Timestamp {
-    Timestamp::now().plus(Duration::from_secs(60))
-}
-
-pub async fn worker(store: &dyn Store) -> WorkerId {
-    let token = store
-        .create_join_token(Duration::from_secs(60))
-        .await
-        .unwrap();
-    let (w, _) = store
-        .register_worker(&token.token, "w", &Capabilities::default())
-        .await
-        .unwrap();
-    w.id
-}
 
 async fn run_to_end(store: &dyn Store, job: drover_core::JobId, w: WorkerId, outcome: RunOutcome) {
     let run = store
