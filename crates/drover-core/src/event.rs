@@ -2,7 +2,7 @@
 //! as the state change it describes.
 
 use crate::ids::{GroupId, RunId, WorkerId};
-use crate::job::{JobEvent, JobState};
+use crate::state::{JobEvent, JobState};
 use crate::time::Timestamp;
 use serde::{Deserialize, Serialize};
 

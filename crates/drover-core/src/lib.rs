@@ -11,14 +11,14 @@ pub mod retry;
 pub mod schedule;
 pub mod state;
 pub mod time;
+pub mod validation;
 pub mod webhook;
 pub mod worker;
 
 pub use event::EventKind;
 pub use ids::{GroupId, IdError, JobId, ReservationId, RunId, WebhookId, WorkerId};
-pub use job::{
-    ChatTurn, InferenceSpec, Isolation, JobEvent, JobKind, JobSpec, JobState, RunOutcome, RunState,
-    TransitionError, ValidationError,
-};
+pub use job::{ChatTurn, InferenceSpec, Isolation, JobKind, JobSpec};
+pub use state::{JobEvent, JobState, RunOutcome, RunState, TransitionError};
 pub use time::Timestamp;
+pub use validation::ValidationError;
 pub use worker::{Capabilities, NodeConfig, WorkerState};

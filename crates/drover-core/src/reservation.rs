@@ -2,7 +2,9 @@
 //! (see `drover_core::schedule::admit_reservations`); these are the rules of its fields.
 
 use crate::ids::WorkerId;
-use crate::job::{ValidationError, check_resource_amount, check_resource_name, duration_field};
+use crate::validation::{
+    ValidationError, check_resource_amount, check_resource_name, duration_field,
+};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 

@@ -1,7 +1,7 @@
 //! A job's and a run's states, the events that move them, and the one table of legal moves
 //! ([`TRANSITIONS`], applied by [`JobState::apply`]).
 
-use crate::job::ValidationError;
+use crate::validation::ValidationError;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::str::FromStr;
@@ -217,5 +217,81 @@ impl RunOutcome {
     /// Failures and timeouts count as failed attempts and may be retried.
     pub fn is_retryable(self) -> bool {
         matches!(self, Self::Failed | Self::TimedOut)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use JobEvent as E;
+    use JobState as S;
+
+    /// Walks every (state, event) pair: exactly the table's entries are accepted.
+    #[test]
+    fn every_pair_outside_the_table_is_refused() {
+        let mut accepted = 0;
+        for &state in JobState::ALL {
+            for &event in JobEvent::ALL {
+                let expected = TRANSITIONS
+                    .iter()
+                    .find(|(f, e, _)| *f == state && *e == event)
+                    .map(|(_, _, t)| *t);
+                match (state.apply(event), expected) {
+                    (Ok(to), Some(want)) => {
+                        assert_eq!(to, want);
+                        accepted += 1;
+                    }
+                    (Err(e), None) => assert_eq!(e, TransitionError { from: state, event }),
+                    (got, want) => panic!("{state} on {event:?}: got {got:?}, want {want:?}"),
+                }
+            }
+        }
+        assert_eq!(accepted, TRANSITIONS.len());
+    }
+
+    #[test]
+    fn terminal_states_accept_only_a_manual_retry() {
+        for &state in JobState::ALL.iter().filter(|s| s.is_terminal()) {
+            for &event in JobEvent::ALL {
+                let resubmittable =
+                    event == E::Resubmit && matches!(state, S::Failed | S::TimedOut | S::Cancelled);
+                assert_eq!(
+                    state.apply(event).is_ok(),
+                    resubmittable,
+                    "{state} on {event:?}"
+                );
+            }
+        }
+    }
+
+    proptest::proptest! {
+        /// Any sequence of events, applied where legal, only ever visits states the table
+        /// reaches, and a success is final.
+        #[test]
+        fn random_walks_stay_in_the_table(events in proptest::collection::vec(0usize..10, 0..64)) {
+            let mut state = S::Queued;
+            for i in events {
+                let event = JobEvent::ALL[i % JobEvent::ALL.len()];
+                if let Ok(next) = state.apply(event) {
+                    proptest::prop_assert!(TRANSITIONS.contains(&(state, event, next)));
+                    proptest::prop_assert!(state != S::Succeeded && state != S::Skipped);
+                    state = next;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_happy_path_walks_to_succeeded() {
+        let end = [E::Assign, E::Accept, E::Start, E::Succeed]
+            .into_iter()
+            .try_fold(S::Queued, |s, e| s.apply(e));
+        assert_eq!(end, Ok(S::Succeeded));
+    }
+
+    #[test]
+    fn states_parse_case_insensitively() {
+        assert_eq!("timed_out".parse::<JobState>(), Ok(JobState::TimedOut));
+        assert_eq!("bogus".parse::<JobState>().unwrap_err().field, "state");
     }
 }

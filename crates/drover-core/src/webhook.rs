@@ -1,7 +1,7 @@
 //! What a webhook subscription may ask for (`POST /v1/webhooks`), and its rules.
 
-use crate::job::ValidationError;
 use crate::records::webhook_events;
+use crate::validation::ValidationError;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

@@ -86,8 +86,8 @@ impl NodeConfig {
         }
         for (name, &amount) in self.resources.iter().flatten() {
             let field = format!("config.resources.{name}");
-            crate::job::check_resource_name(&field, name)?;
-            crate::job::check_resource_amount(&field, amount)?;
+            crate::validation::check_resource_name(&field, name)?;
+            crate::validation::check_resource_amount(&field, amount)?;
         }
         Ok(self)
     }

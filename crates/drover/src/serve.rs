@@ -81,6 +81,13 @@ pub struct ServerArgs {
         default_value = "sandbox,container"
     )]
     user_isolation: Vec<drover_core::Isolation>,
+    /// Live (active or pending) reservations a plain user may hold at once; admins are not
+    /// limited. A reservation keeps its resource from everyone else's queued jobs.
+    #[arg(long, env = "DROVER_MAX_RESERVATIONS_PER_USER", default_value_t = 2)]
+    max_reservations_per_user: u32,
+    /// The longest TTL a plain user may give a reservation (admins: up to 24 h).
+    #[arg(long, env = "DROVER_MAX_RESERVATION_TTL", default_value = "1h", value_parser = parse_duration)]
+    max_reservation_ttl: Duration,
     /// How often provider records are checked against what really runs (also at start).
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     reconcile_every: Duration,
@@ -144,6 +151,8 @@ impl ServerArgs {
         c.tls = self.tls_cert.clone().zip(self.tls_key.clone());
         c.require_inference = self.require_inference;
         c.user_isolation = self.user_isolation.clone();
+        c.reservations_per_user = self.max_reservations_per_user;
+        c.user_reservation_ttl = self.max_reservation_ttl;
         Ok(c)
     }
 }
@@ -251,7 +260,7 @@ fn worker_config(
             let amount: u32 = amount.trim().parse().map_err(|_| {
                 usage!("--resources: {name}={amount}: the capacity must be a whole number")
             })?;
-            if !drover_core::job::valid_resource_name(&name) || amount == 0 {
+            if !drover_core::validation::valid_resource_name(&name) || amount == 0 {
                 anyhow::bail!(
                     "--resources: {name}={amount}: give NAME=CAPACITY with a capacity above 0"
                 );

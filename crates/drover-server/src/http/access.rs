@@ -183,7 +183,7 @@ pub(super) async fn create_api_token(
             "1-128 characters, no control characters",
         ));
     }
-    let expires_in = drover_core::job::duration_field(
+    let expires_in = drover_core::validation::duration_field(
         ("expires_in_ms", req.expires_in_ms),
         ("expires_in_seconds", req.expires_in_seconds),
         Duration::from_secs(default_token_ttl()),

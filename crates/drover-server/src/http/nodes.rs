@@ -29,7 +29,7 @@ pub(super) async fn create_node_token(
     } else {
         parse_body(&body)?
     };
-    let ttl = drover_core::job::duration_field(
+    let ttl = drover_core::validation::duration_field(
         ("ttl_ms", req.ttl_ms),
         ("ttl_seconds", req.ttl_seconds),
         Duration::from_secs(3600),
