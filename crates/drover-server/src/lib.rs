@@ -71,6 +71,11 @@ pub struct ServerConfig {
     /// Without `process`: a process job has the worker's rights, and a worker run as root,
     /// or as the admin's own account, would hand those to any user.
     pub user_isolation: Vec<drover_core::Isolation>,
+    /// Live (active or pending) reservations a plain user may hold at once (admins: any):
+    /// a reservation keeps its resource from everyone else's queued jobs.
+    pub reservations_per_user: u32,
+    /// The longest TTL a plain user may ask of a reservation (admins: up to 24 h).
+    pub user_reservation_ttl: Duration,
 }
 
 impl ServerConfig {
@@ -95,6 +100,8 @@ impl ServerConfig {
                 drover_core::Isolation::Sandbox,
                 drover_core::Isolation::Container,
             ],
+            reservations_per_user: 2,
+            user_reservation_ttl: Duration::from_secs(3600),
         }
     }
 

@@ -1,20 +1,37 @@
 //! Reservations of a node's named resources, granted against what running jobs use and
 //! what other reservations hold or wait for.
 
+use crate::auth::Caller;
 use crate::{ApiError, AppState, scheduler};
 use drover_core::records::{ReservationRecord, ReservationState};
 use drover_core::reservation::ValidReservation;
 use drover_core::schedule::{self, Hold};
-use drover_core::{ReservationId, Timestamp};
+use drover_core::{ReservationId, Timestamp, ValidationError};
 
 /// Grants a reservation: ACTIVE when its worker has the resource free (less what other
 /// reservations hold or wait for), else PENDING until it frees (the dispatcher admits it,
-/// oldest first), or 409 when the caller asked not to wait.
+/// oldest first), or 409 when the caller asked not to wait. A plain user holds at most
+/// `reservations_per_user` live ones, each of at most `user_reservation_ttl`: otherwise
+/// one user could keep a shared resource from everyone's queued jobs for a day.
 pub async fn grant(
     state: &AppState,
     req: ValidReservation,
-    owner: &str,
+    caller: &Caller,
 ) -> Result<ReservationRecord, ApiError> {
+    let limits = !caller.is_admin();
+    let max_ttl = state.config.user_reservation_ttl;
+    if limits && req.ttl > max_ttl {
+        return Err(ValidationError::new(
+            "ttl_ms",
+            format!(
+                "a user's reservation lasts at most {} s, ttl_ms {} (this control plane's \
+                 --max-reservation-ttl)",
+                max_ttl.as_secs(),
+                max_ttl.as_millis()
+            ),
+        )
+        .into());
+    }
     let worker = state
         .sessions
         .worker_offering(&req.resource, req.amount, req.node)
@@ -32,6 +49,22 @@ pub async fn grant(
         })?;
     let now = Timestamp::now();
     let plan = state.resource_plan.lock().await;
+    if limits {
+        let per_user = state.config.reservations_per_user;
+        let held = state
+            .store
+            .live_reservations(now)
+            .await?
+            .iter()
+            .filter(|r| r.owner.as_deref() == Some(caller.user.id.as_str()))
+            .count();
+        if held >= per_user as usize {
+            return Err(ApiError::Conflict(format!(
+                "you hold {held} live reservations, the most a user may (this control \
+                 plane's --max-reservations-per-user); release one first"
+            )));
+        }
+    }
     let mut holds = scheduler::read_holds(state, now).await?;
     let asked = Hold {
         reservation_id: ReservationId::new(),
@@ -60,7 +93,7 @@ pub async fn grant(
             req.amount,
             worker,
             req.ttl,
-            Some(owner),
+            Some(caller.user.id.as_str()),
             if free_now {
                 ReservationState::Active
             } else {

@@ -17,7 +17,7 @@ pub(super) async fn create_reservation(
     body: Bytes,
 ) -> ApiResult<(StatusCode, Json<ReservationRecord>)> {
     let req = parse_body::<ReservationRequest>(&body)?.validated()?;
-    let r = reservations::grant(&state, req, &caller.user.id).await?;
+    let r = reservations::grant(&state, req, &caller).await?;
     Ok((StatusCode::CREATED, Json(r)))
 }
 

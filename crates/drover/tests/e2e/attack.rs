@@ -15,6 +15,7 @@
 
 use crate::drover;
 use drover_client::Client;
+use drover_core::records::ReservationState;
 use drover_core::{Isolation, JobSpec, JobState};
 use drover_server::{Access, route_table};
 use drover_testkit::{
@@ -968,4 +969,110 @@ async fn plain_users_get_process_jobs_only_where_the_control_plane_allows_them()
         .await;
     assert_eq!(bad.code, 2, "{bad:?}");
     assert!(bad.stderr.contains("--user-isolation"), "{bad:?}");
+}
+
+/// The (status, field, message) of a refusal.
+fn refusal(e: drover_client::ClientError) -> (u16, Option<String>, String) {
+    match e {
+        drover_client::ClientError::Api {
+            status,
+            field,
+            message,
+            ..
+        } => (status, field, message),
+        other => panic!("not a refusal: {other}"),
+    }
+}
+
+/// Mallory, a plain user, tries to keep a shared resource from everyone: a reservation
+/// longer than users may hold, then more reservations than users may hold (a pending one
+/// keeps what frees from queued jobs too). Each is refused with what to change; what she
+/// holds stays bounded, others can still queue for the resource, and the limits are the
+/// control plane's settings (here `--max-reservations-per-user 2 --max-reservation-ttl 10m`).
+#[tokio::test]
+async fn a_user_cannot_keep_a_shared_resource_from_everyone() {
+    let dir = TestDir::new();
+    let options = ServerOptions {
+        extra: vec![
+            "--max-reservations-per-user".into(),
+            "2".into(),
+            "--max-reservation-ttl".into(),
+            "10m".into(),
+        ],
+        ..Default::default()
+    };
+    let server = ServerProc::start(&drover(), dir.path(), options).await;
+    let admin = server.client();
+    let _worker = server
+        .worker(dir.path(), "w", None, &["--resources", "gpu=1"])
+        .await;
+    WorkerProc::wait_connected(&admin, 1).await;
+    let mallory = plain_user(&admin, &server.url, "mallory").await;
+    let alice = plain_user(&admin, &server.url, "alice").await;
+    let minutes = |m: u64| std::time::Duration::from_secs(60 * m);
+
+    // Longer than a user may hold: refused, naming the field and the setting.
+    let too_long = mallory
+        .reserve("gpu", 1, None, minutes(11), true)
+        .await
+        .expect_err("an 11-minute reservation is over the 10-minute limit");
+    let (status, field, message) = refusal(too_long);
+    assert_eq!(
+        (status, field.as_deref()),
+        (400, Some("ttl_ms")),
+        "{message}"
+    );
+    assert!(message.contains("--max-reservation-ttl"), "{message}");
+
+    // Two live reservations (one active, one queued behind it), not a third.
+    let first = mallory
+        .reserve("gpu", 1, None, minutes(10), true)
+        .await
+        .expect("a reservation within the limits");
+    assert_eq!(first.state, ReservationState::Active);
+    let second = mallory
+        .reserve("gpu", 1, None, minutes(10), true)
+        .await
+        .expect("a second reservation, queued");
+    assert_eq!(second.state, ReservationState::Pending);
+    let third = mallory
+        .reserve("gpu", 1, None, minutes(10), true)
+        .await
+        .expect_err("a third live reservation is over the limit");
+    let (status, _, message) = refusal(third);
+    assert_eq!(status, 409, "{message}");
+    assert!(message.contains("release one"), "{message}");
+
+    // Her limit is hers: another user still queues for the resource.
+    let alices = alice
+        .reserve("gpu", 1, None, minutes(5), true)
+        .await
+        .expect("another user's reservation");
+    assert_eq!(alices.state, ReservationState::Pending);
+
+    // Released, a reservation stops counting: her queued one takes the resource, and she
+    // may ask again.
+    mallory
+        .release_reservation(&first.id.to_string())
+        .await
+        .expect("release");
+    let second_id = second.id.to_string();
+    eventually("mallory's queued reservation becomes active", || async {
+        mallory
+            .get_reservation(&second_id)
+            .await
+            .ok()
+            .filter(|r| r.state == ReservationState::Active)
+    })
+    .await;
+    mallory
+        .reserve("gpu", 1, None, minutes(10), true)
+        .await
+        .expect("one released, she may hold two again");
+
+    // Admins are not limited by the user settings.
+    admin
+        .reserve("gpu", 1, None, minutes(120), true)
+        .await
+        .expect("an admin's two-hour reservation");
 }
