@@ -15,6 +15,7 @@ mod openapi;
 mod providers;
 mod replicas;
 mod scheduler;
+mod webhooks;
 
 use drover_testkit::Drover;
 
