@@ -3,6 +3,7 @@
 //! split one by one), its chat template rendered with minijinja, and generation — greedy or
 //! sampled (temperature, top-p, seed) — streaming text as it comes.
 
+pub mod stage;
 mod tokenizer;
 
 pub use tokenizer::build_tokenizer;
@@ -35,6 +36,8 @@ pub enum InferError {
     Candle(#[from] candle_core::Error),
     #[error("the prompt has {tokens} tokens; the model takes at most {limit}")]
     PromptTooLong { tokens: usize, limit: usize },
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 /// One message of a chat.

@@ -83,3 +83,57 @@ fn tokenizer_round_trips_text() {
         "control tokens are whole"
     );
 }
+
+/// SmolLM2 cut in two at block 15 (blocks 0-14 and 15-29, the hidden states between them
+/// in f32 through the wire format) writes the same 64 greedy tokens as the whole model.
+#[test]
+fn split_at_block_15_writes_what_the_whole_model_writes() {
+    use drover_infer::stage::{Stage, StageInput, StageOutput, argmax, wire};
+    let Some(mut m) = model() else { return };
+    let path = std::path::PathBuf::from(std::env::var_os("DROVER_TEST_MODEL").expect("model path"));
+    let prompt = m
+        .chat_prompt(&ask(
+            "Tell a long story about a lighthouse keeper and a storm.",
+        ))
+        .unwrap();
+    let params = GenerateParams {
+        max_tokens: 64,
+        ..Default::default()
+    };
+    let whole = m.generate(&prompt, &params, |_| true).unwrap();
+    assert_eq!(whole.completion_tokens, 64, "{whole:?}");
+
+    let stages = [
+        Stage::load(&path, "0-14".parse().unwrap()).unwrap(),
+        Stage::load(&path, "15-29".parse().unwrap()).unwrap(),
+    ];
+    let mut caches: Vec<_> = stages.iter().map(Stage::new_cache).collect();
+    let mut tokens = m.encode(&prompt).unwrap();
+    let mut generated = Vec::new();
+    while generated.len() < 64 {
+        let input = if generated.is_empty() {
+            tokens.clone()
+        } else {
+            vec![*tokens.last().unwrap()]
+        };
+        let first = stages[0]
+            .forward(&mut caches[0], StageInput::Tokens(input))
+            .unwrap();
+        let StageOutput::Hidden(hidden) = first else {
+            panic!("logits from blocks 0-14")
+        };
+        let bytes = wire::encode(&hidden, wire::WireType::F32).unwrap();
+        let hidden = wire::decode(&bytes, &candle_core::Device::Cpu).unwrap();
+        let last = stages[1]
+            .forward(&mut caches[1], StageInput::Hidden(hidden))
+            .unwrap();
+        let StageOutput::Logits(logits) = last else {
+            panic!("hidden states from blocks 15-29")
+        };
+        let next = argmax(&logits).unwrap();
+        generated.push(next);
+        tokens.push(next);
+    }
+    let text = m.tokenizer().decode(&generated, true).unwrap();
+    assert_eq!(text, whole.text);
+}
