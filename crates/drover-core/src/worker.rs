@@ -54,6 +54,28 @@ pub struct Capabilities {
     /// The models this node serves (inference jobs naming one run here).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<String>,
+    /// Block ranges of models this node serves as a stage of a split model (`--blocks`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model_blocks: Vec<ModelBlocks>,
+}
+
+/// Blocks `first..=last` of a model of `total` blocks, served by one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModelBlocks {
+    pub model: String,
+    pub first: u32,
+    pub last: u32,
+    pub total: u32,
+}
+
+impl std::fmt::Display for ModelBlocks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}[{}-{} of {}]",
+            self.model, self.first, self.last, self.total
+        )
+    }
 }
 
 /// What an admin sets for nodes centrally (`POST /v1/node-configs`): each field left out

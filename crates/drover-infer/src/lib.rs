@@ -88,7 +88,7 @@ pub struct Generation {
 /// generation at a time (the node's `inference` resource sees to that).
 pub struct Model {
     name: String,
-    weights: ModelWeights,
+    weights: Weights,
     tokenizer: tokenizers::Tokenizer,
     chat_template: Option<String>,
     bos_token: String,
@@ -96,6 +96,62 @@ pub struct Model {
     stop_ids: Vec<u32>,
     context_length: usize,
     device: Device,
+}
+
+/// A model's weights: the whole model in one piece, or its blocks as stages run one after
+/// the other (`Model::load_stages`), the hidden states between two of them passing through
+/// the wire format, as they will between nodes.
+enum Weights {
+    Whole(Box<ModelWeights>),
+    Stages(Vec<stage::Stage>),
+}
+
+/// A generation's state in [`Weights`]: `ModelWeights` keeps its own cache; stages keep
+/// theirs per session.
+enum Session {
+    Whole,
+    Stages(Vec<stage::StageCache>),
+}
+
+impl Weights {
+    fn session(&self) -> Session {
+        match self {
+            Weights::Whole(_) => Session::Whole,
+            Weights::Stages(stages) => {
+                Session::Stages(stages.iter().map(stage::Stage::new_cache).collect())
+            }
+        }
+    }
+
+    /// The logits after `input` (`[1, tokens]`) at `position`.
+    fn forward(
+        &mut self,
+        session: &mut Session,
+        input: &Tensor,
+        position: usize,
+    ) -> Result<Tensor, InferError> {
+        match (self, session) {
+            (Weights::Whole(w), _) => Ok(w.forward(input, position)?.squeeze(0)?),
+            (Weights::Stages(stages), Session::Stages(caches)) => {
+                let mut next = stage::StageInput::Tokens(input.squeeze(0)?.to_vec1::<u32>()?);
+                for (stage, cache) in stages.iter().zip(caches.iter_mut()) {
+                    next = match stage.forward(cache, next)? {
+                        stage::StageOutput::Logits(logits) => return Ok(logits),
+                        stage::StageOutput::Hidden(hidden) => {
+                            let bytes = stage::wire::encode(&hidden, stage::wire::WireType::F32)?;
+                            stage::StageInput::Hidden(stage::wire::decode(&bytes, hidden.device())?)
+                        }
+                    };
+                }
+                Err(InferError::Unsupported(
+                    "the model's stages end before its last block".into(),
+                ))
+            }
+            (Weights::Stages(_), Session::Whole) => Err(InferError::Unsupported(
+                "a whole-model session on split weights".into(),
+            )),
+        }
+    }
 }
 
 fn metadata_string(content: &gguf_file::Content, key: &str) -> Option<String> {
@@ -113,6 +169,16 @@ fn metadata_u32(content: &gguf_file::Content, key: &str) -> Option<u32> {
 impl Model {
     /// Loads a GGUF file: weights, tokenizer, chat template, special tokens.
     pub fn load(path: &Path) -> Result<Self, InferError> {
+        Self::load_with(path, None)
+    }
+
+    /// Loads a GGUF file as stages, each holding `ranges[i]` of its blocks, run one after
+    /// the other: the ranges must cover every block once, in order.
+    pub fn load_stages(path: &Path, ranges: &[stage::BlockRange]) -> Result<Self, InferError> {
+        Self::load_with(path, Some(ranges))
+    }
+
+    fn load_with(path: &Path, ranges: Option<&[stage::BlockRange]>) -> Result<Self, InferError> {
         let format = |message: String| InferError::Format {
             path: path.to_path_buf(),
             message,
@@ -138,15 +204,46 @@ impl Model {
         let context_length =
             metadata_u32(&content, "llama.context_length").unwrap_or(2048) as usize;
         let device = Device::Cpu;
-        let weights = match requantize_slow_weights(&content, &mut file, &device)
-            .map_err(|e| format(format!("requantizing its weights to Q8_0: {e}")))?
-        {
-            Some((content, mut rewritten)) => {
-                ModelWeights::from_gguf(content, &mut rewritten, &device)
+        let weights = match ranges {
+            None => Weights::Whole(Box::new(
+                match requantize_slow_weights(&content, &mut file, &device)
+                    .map_err(|e| format(format!("requantizing its weights to Q8_0: {e}")))?
+                {
+                    Some((content, mut rewritten)) => {
+                        ModelWeights::from_gguf(content, &mut rewritten, &device)
+                    }
+                    None => ModelWeights::from_gguf(content, &mut file, &device),
+                }
+                .map_err(|e| format(e.to_string()))?,
+            )),
+            Some(ranges) => {
+                let total = metadata_u32(&content, "llama.block_count")
+                    .ok_or(InferError::Missing("llama.block_count"))?
+                    as usize;
+                let mut next = 0;
+                for r in ranges {
+                    if r.start != next {
+                        return Err(InferError::Unsupported(format!(
+                            "blocks {r} do not follow block {}",
+                            next.max(1) - 1
+                        )));
+                    }
+                    next = r.end;
+                }
+                if next != total {
+                    return Err(InferError::Unsupported(format!(
+                        "the stages end at block {}; the model has {total} blocks",
+                        next.max(1) - 1
+                    )));
+                }
+                Weights::Stages(
+                    ranges
+                        .iter()
+                        .map(|r| stage::Stage::load(path, *r))
+                        .collect::<Result<_, _>>()?,
+                )
             }
-            None => ModelWeights::from_gguf(content, &mut file, &device),
-        }
-        .map_err(|e| format(e.to_string()))?;
+        };
         let mut stop_ids = vec![built.eos_id];
         // Chat models end a turn with <|im_end|> (ChatML) or <|eot_id|>.
         for end in ["<|im_end|>", "<|eot_id|>", "<|end|>"] {
@@ -249,9 +346,10 @@ impl Model {
         let mut finish = "length";
         let mut position = 0;
         let mut input = Tensor::new(prompt_ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let mut session = self.weights.session();
         while generated.len() < params.max_tokens {
-            let logits = self.weights.forward(&input, position)?;
-            let logits = logits.squeeze(0)?.to_dtype(candle_core::DType::F32)?;
+            let logits = self.weights.forward(&mut session, &input, position)?;
+            let logits = logits.to_dtype(candle_core::DType::F32)?;
             position += input.dim(1)?;
             let next = sampler.sample(&logits)?;
             first_token_at.get_or_insert_with(|| started.elapsed());

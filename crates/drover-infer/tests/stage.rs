@@ -63,8 +63,7 @@ fn whole_model(path: &std::path::Path) -> Vec<Vec<f32>> {
         .unwrap()
         .to_vec1()
         .unwrap();
-    let mut position = PROMPT.len();
-    for _ in 0..STEPS {
+    for position in PROMPT.len()..PROMPT.len() + STEPS {
         let next = argmax(&logits);
         out.push(logits);
         let input = Tensor::new(&[next], &Device::Cpu)
@@ -78,7 +77,6 @@ fn whole_model(path: &std::path::Path) -> Vec<Vec<f32>> {
             .unwrap()
             .to_vec1()
             .unwrap();
-        position += 1;
     }
     out.push(logits);
     out

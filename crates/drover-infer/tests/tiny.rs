@@ -1,10 +1,9 @@
 //! A tiny random llama (2 blocks, hidden 64) and a byte-level tokenizer, written as GGUF in
 //! the test and loaded back: the engine works without any downloaded model.
 
-use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use drover_infer::{ChatMessage, GenerateParams, Model};
-use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
 mod common;
 

@@ -131,6 +131,16 @@ impl From<&Capabilities> for v1::Capabilities {
             slots: c.slots,
             isolation_modes: c.isolation_modes.clone(),
             models: c.models.clone(),
+            model_blocks: c
+                .model_blocks
+                .iter()
+                .map(|b| v1::ModelBlocks {
+                    model: b.model.clone(),
+                    first: b.first,
+                    last: b.last,
+                    total: b.total,
+                })
+                .collect(),
             version: c.version.clone(),
             resources: c.resources.clone().into_iter().collect(),
         }
@@ -147,6 +157,19 @@ impl From<v1::Capabilities> for Capabilities {
             slots: c.slots,
             isolation_modes: c.isolation_modes,
             models: c.models,
+            // A range that is not one (first after last, past the model's end) is dropped:
+            // a node cannot make the scheduler believe in blocks no model has.
+            model_blocks: c
+                .model_blocks
+                .into_iter()
+                .filter(|b| b.first <= b.last && b.last < b.total)
+                .map(|b| drover_core::worker::ModelBlocks {
+                    model: b.model,
+                    first: b.first,
+                    last: b.last,
+                    total: b.total,
+                })
+                .collect(),
             version: c.version,
             resources: c.resources.into_iter().collect(),
         }

@@ -30,16 +30,21 @@ pub fn capabilities(config: &WorkerConfig) -> Capabilities {
             };
             // One local model workload at a time, unless the node says otherwise; an
             // external provider takes as many at once as the node has slots.
-            let capacity = if config.models.is_empty() { slots } else { 1 };
-            if !config.models.is_empty() || config.external_inference.is_some() {
+            let local = !config.models.is_empty() || !config.stages.is_empty();
+            let capacity = if local { 1 } else { slots };
+            if local || config.external_inference.is_some() {
                 r.entry(drover_core::job::INFERENCE_RESOURCE.to_string())
                     .or_insert(capacity);
             }
             r
         },
         models: {
-            let mut names: Vec<String> =
-                config.models.iter().map(|(name, _)| name.clone()).collect();
+            let mut names: Vec<String> = config
+                .models
+                .iter()
+                .map(|(name, _)| name.clone())
+                .chain(config.stages.iter().map(|s| s.model.clone()))
+                .collect();
             if let Some((_, _, external)) = &config.external_inference {
                 names.extend(external.iter().cloned());
             }
@@ -47,6 +52,16 @@ pub fn capabilities(config: &WorkerConfig) -> Capabilities {
             names.dedup();
             names
         },
+        model_blocks: config
+            .stages
+            .iter()
+            .map(|s| drover_core::worker::ModelBlocks {
+                model: s.model.clone(),
+                first: s.blocks.start as u32,
+                last: (s.blocks.end - 1) as u32,
+                total: s.total as u32,
+            })
+            .collect(),
     }
 }
 

@@ -5,6 +5,7 @@
 
 use crate::executor::{Control, ExecEvent, Execution, OutStream};
 use drover_core::{RunOutcome, Timestamp};
+use drover_infer::stage::BlockRange;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -40,8 +41,11 @@ impl External {
 }
 
 impl Models {
-    /// Loads every model (at start: a node that cannot load its model refuses to start).
-    pub async fn load(specs: &[(String, PathBuf)]) -> Result<Self, drover_infer::InferError> {
+    /// Loads every model and stage (at start: a node that cannot load one refuses to start).
+    pub async fn load(
+        specs: &[(String, PathBuf)],
+        stage_specs: &[crate::StageSpec],
+    ) -> Result<Self, drover_infer::InferError> {
         let mut loaded = HashMap::new();
         for (name, path) in specs {
             let path = path.clone();
@@ -51,6 +55,28 @@ impl Models {
                 .map_err(|e| drover_infer::InferError::Tokenizer(e.to_string()))??;
             tracing::info!(model = %name, took_ms = started.elapsed().as_millis() as u64, "model loaded");
             loaded.insert(name.clone(), Arc::new(Mutex::new(model)));
+        }
+        // A model given as stages (`--blocks`) runs them one after the other, in block
+        // order; `drover worker` checked that they cover every block.
+        let mut staged: Vec<(&str, &PathBuf, Vec<BlockRange>)> = Vec::new();
+        for spec in stage_specs {
+            match staged.iter_mut().find(|(name, _, _)| *name == spec.model) {
+                Some((_, _, ranges)) => ranges.push(spec.blocks),
+                None => staged.push((&spec.model, &spec.path, vec![spec.blocks])),
+            }
+        }
+        for (name, path, mut ranges) in staged {
+            ranges.sort_by_key(|r| r.start);
+            let path = path.clone();
+            let started = Instant::now();
+            let described: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+            let model = tokio::task::spawn_blocking(move || {
+                drover_infer::Model::load_stages(&path, &ranges)
+            })
+            .await
+            .map_err(|e| drover_infer::InferError::Tokenizer(e.to_string()))??;
+            tracing::info!(model = %name, stages = ?described, took_ms = started.elapsed().as_millis() as u64, "model loaded as stages");
+            loaded.insert(name.to_string(), Arc::new(Mutex::new(model)));
         }
         Ok(Self {
             loaded,

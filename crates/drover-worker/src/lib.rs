@@ -75,6 +75,8 @@ pub struct WorkerConfig {
     pub ca_cert: Option<PathBuf>,
     /// Models to serve: (the name jobs use, the GGUF file). Loaded at start.
     pub models: Vec<(String, PathBuf)>,
+    /// Block ranges of models this node serves as a stage of a split model.
+    pub stages: Vec<StageSpec>,
     /// Serve an Ollama-compatible API for those models on this address.
     pub ollama_listen: Option<std::net::SocketAddr>,
     /// An OpenAI-compatible provider serving models for this node instead of loading
@@ -83,6 +85,17 @@ pub struct WorkerConfig {
     /// Besides the state directory, paths sandboxed jobs must not see (`drover up` names
     /// its data directory).
     pub hidden_paths: Vec<PathBuf>,
+}
+
+/// Blocks of a model served as one stage of a split model (`--blocks`).
+#[derive(Debug, Clone)]
+pub struct StageSpec {
+    /// The name jobs use.
+    pub model: String,
+    pub path: PathBuf,
+    pub blocks: drover_infer::stage::BlockRange,
+    /// Blocks of the whole model.
+    pub total: usize,
 }
 
 /// How a worker runs what it is given.
@@ -142,7 +155,7 @@ pub async fn run(
         std::fs::canonicalize(&config.state_dir).map_err(state_dir_error(&config.state_dir))?;
     let caps = capabilities(&config);
     tokio::pin!(shutdown);
-    let models = inference::Models::load(&config.models)
+    let models = inference::Models::load(&config.models, &config.stages)
         .await
         .map_err(|e| WorkerError::Model(e.to_string()))?
         .with_external(

@@ -93,6 +93,7 @@ pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Resu
                         "CONNECTED",
                         "SLOTS",
                         "LIVE RUNS",
+                        "MODELS",
                         "LAST SEEN",
                     ]);
                     for n in &nodes {
@@ -234,6 +235,14 @@ pub async fn run(cmd: NodeCommand, server: &str, output: Output) -> anyhow::Resu
                     );
                     println!("Slots:      {} ({} live runs)", c.slots, n.live_runs);
                     println!("Isolation:  {}", c.isolation_modes.join(", "));
+                    if !c.models.is_empty() {
+                        println!("Models:     {}", c.models.join(", "));
+                    }
+                    if !c.model_blocks.is_empty() {
+                        let blocks: Vec<String> =
+                            c.model_blocks.iter().map(ToString::to_string).collect();
+                        println!("Blocks:     {}", blocks.join(", "));
+                    }
                     let labels: Vec<String> =
                         c.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     println!(
@@ -283,8 +292,36 @@ fn row(n: &NodeView) -> Vec<String> {
         if n.connected { "yes" } else { "no" }.to_string(),
         n.worker.capabilities.slots.to_string(),
         n.live_runs.to_string(),
+        models(&n.worker.capabilities),
         output::time(n.worker.last_seen_at),
     ]
+}
+
+/// The models a node serves, each with the blocks it holds when it holds them as stages:
+/// `smollm2[0-14,15-29]`.
+fn models(c: &drover_core::Capabilities) -> String {
+    let shown: Vec<String> = c
+        .models
+        .iter()
+        .map(|m| {
+            let blocks: Vec<String> = c
+                .model_blocks
+                .iter()
+                .filter(|b| &b.model == m)
+                .map(|b| format!("{}-{}", b.first, b.last))
+                .collect();
+            if blocks.is_empty() {
+                m.clone()
+            } else {
+                format!("{m}[{}]", blocks.join(","))
+            }
+        })
+        .collect();
+    if shown.is_empty() {
+        "-".into()
+    } else {
+        shown.join(" ")
+    }
 }
 
 fn pairs(m: &std::collections::BTreeMap<String, String>) -> String {

@@ -178,6 +178,12 @@ pub struct WorkerOptions {
     /// GGUF path, or NAME=PATH. Repeatable; inference jobs naming it run here.
     #[arg(long = "model")]
     models: Vec<String>,
+    /// Load a --model as stages, each holding blocks FIRST-LAST (both included), run one
+    /// after the other: `--model smollm2 --blocks 0-14 --blocks 15-29`. With several
+    /// models, name it: `--blocks smollm2:15-29`. For now a node's stages must cover every
+    /// block of the model (chains across nodes are not built yet).
+    #[arg(long = "blocks", value_name = "[MODEL:]FIRST-LAST")]
+    blocks: Vec<String>,
     /// Serve an Ollama-compatible API (/api/tags, /api/generate, /api/chat) for this
     /// node's models on this address.
     #[arg(long)]
@@ -227,6 +233,89 @@ pub struct UpArgs {
     server: ServerArgs,
     #[command(flatten)]
     worker: WorkerOptions,
+}
+
+/// The `--blocks` ranges, checked against the models' files: each names one of the node's
+/// models (or the only one), lies inside it, and overlaps no other range of that model.
+/// A model given ranges is served as those stages only, so it leaves `models`.
+fn stage_specs(
+    blocks: &[String],
+    models: &mut Vec<(String, PathBuf)>,
+) -> anyhow::Result<Vec<drover_worker::StageSpec>> {
+    use drover_infer::stage::BlockRange;
+    let mut stages: Vec<drover_worker::StageSpec> = Vec::new();
+    for spec in blocks {
+        let (model, range) = match spec.rsplit_once(':') {
+            Some((model, range)) => (Some(model), range),
+            None => (None, spec.as_str()),
+        };
+        let range: BlockRange = range.parse().map_err(|e| usage!("--blocks {spec}: {e}"))?;
+        let (name, path) = match model {
+            Some(m) => models.iter().find(|(name, _)| name == m).ok_or_else(|| {
+                usage!("--blocks {spec}: {m} is not a --model of this node")
+            })?,
+            None => match models.as_slice() {
+                [only] => only,
+                [] => return Err(usage!("--blocks {spec}: give the model with --model")),
+                _ => {
+                    return Err(usage!(
+                        "--blocks {spec}: this node has several models; name one                          (--blocks MODEL:{range})"
+                    ));
+                }
+            },
+        }
+        .clone();
+        let total = drover_infer::stage::block_count(&path)
+            .map_err(|e| anyhow::anyhow!("--blocks {spec}: {e}"))?;
+        if range.end > total {
+            return Err(usage!(
+                "--blocks {spec}: {name} has {total} blocks (0-{})",
+                total - 1
+            ));
+        }
+        if let Some(other) = stages
+            .iter()
+            .find(|s| s.model == name && s.blocks.start < range.end && range.start < s.blocks.end)
+        {
+            return Err(usage!(
+                "--blocks {spec}: overlaps blocks {} of {name} on this node",
+                other.blocks
+            ));
+        }
+        stages.push(drover_worker::StageSpec {
+            model: name,
+            path,
+            blocks: range,
+            total,
+        });
+    }
+    // Until chains span nodes, a node runs a split model only through stages of its own.
+    for (name, _) in models.iter() {
+        let mut ranges: Vec<BlockRange> = stages
+            .iter()
+            .filter(|s| &s.model == name)
+            .map(|s| s.blocks)
+            .collect();
+        let Some(total) = stages.iter().find(|s| &s.model == name).map(|s| s.total) else {
+            continue;
+        };
+        ranges.sort_by_key(|r| r.start);
+        let covered = ranges.iter().map(BlockRange::len).sum::<usize>();
+        if covered != total {
+            let given: Vec<String> = ranges.iter().map(ToString::to_string).collect();
+            return Err(usage!(
+                "--blocks: blocks {} of {name} leave some of its {total} blocks out; a node \
+                 serves a split model through stages of its own that cover every block \
+                 (e.g. --blocks 0-{} --blocks {}-{}), chains across nodes are not built yet",
+                given.join(", "),
+                total / 2 - 1,
+                total / 2,
+                total - 1
+            ));
+        }
+    }
+    models.retain(|(name, _)| !stages.iter().any(|s| &s.model == name));
+    Ok(stages)
 }
 
 /// A node that must serve inference needs a model or an external provider.
@@ -294,12 +383,14 @@ fn worker_config(
         };
         models.push((name, path));
     }
+    let stages = stage_specs(&o.blocks, &mut models)?;
     Ok(WorkerConfig {
         external_inference: o
             .openai_base_url
             .clone()
             .map(|url| (url, o.openai_api_key.clone(), o.openai_models.clone())),
         models,
+        stages,
         ollama_listen: o.ollama_listen,
         server,
         token,

@@ -673,3 +673,94 @@ async fn bad_inference_input_is_refused_with_the_field_named() {
         "nothing queued"
     );
 }
+
+/// A node serving SmolLM2 as two stages (blocks 0-14 and 15-29, the hidden states between
+/// them through the wire format) answers an inference job with the whole model's text:
+/// the same greedy tokens as drover-infer's whole model in this process. `drover node list`
+/// and the node's capabilities show the blocks. Bad `--blocks` are refused before the node
+/// registers, naming what to change.
+#[tokio::test]
+async fn a_node_serving_a_model_as_two_stages_answers_as_the_whole_model() {
+    let Some(model) = model_path() else { return };
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let arg = model_arg(&model);
+
+    for (blocks, says) in [
+        (&["0-14"][..], "leave some of its 30 blocks out"),
+        (&["0-14", "10-29"][..], "overlaps blocks 0-14"),
+        (&["0-30"][..], "has 30 blocks (0-29)"),
+        (&["14-0"][..], "the last block comes before the first"),
+        (&["other:0-29"][..], "other is not a --model of this node"),
+    ] {
+        let mut args = vec!["worker", "--token", "unused", "--model", &arg];
+        for b in blocks {
+            args.extend(["--blocks", b]);
+        }
+        let state = dir.path().join("refused");
+        args.extend(["--state-dir", state.to_str().unwrap()]);
+        let out = drover().cli(&server.url, &args).await;
+        assert_eq!(out.code, 2, "--blocks {blocks:?}: {out:?}");
+        assert!(
+            out.stderr.contains(says),
+            "--blocks {blocks:?}: {}",
+            out.stderr
+        );
+    }
+
+    let _node = server
+        .worker(
+            dir.path(),
+            "staged",
+            None,
+            &["--model", &arg, "--blocks", "0-14", "--blocks", "15-29"],
+        )
+        .await;
+    let client = server.client();
+    WorkerProc::wait_connected(&client, 1).await;
+    let node = &client.list_nodes().await.unwrap()[0];
+    assert_eq!(node.worker.capabilities.models, vec!["smollm2".to_string()]);
+    let blocks: Vec<String> = node
+        .worker
+        .capabilities
+        .model_blocks
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(blocks, ["smollm2[0-14 of 30]", "smollm2[15-29 of 30]"]);
+    let listed = drover().cli(&server.url, &["node", "list"]).await;
+    assert!(listed.stdout.contains("smollm2[0-14,15-29]"), "{listed:?}");
+
+    let job = client.submit_job(&inference_job(48)).await.unwrap();
+    let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::Succeeded, "{view:?}");
+    let result = view.job.result.clone().expect("a completion");
+
+    let whole = tokio::task::spawn_blocking(move || {
+        let mut m = drover_infer::Model::load(&model).expect("the whole model");
+        let messages: Vec<drover_infer::ChatMessage> = capital_of_france()
+            .into_iter()
+            .map(|t| drover_infer::ChatMessage {
+                role: t.role,
+                content: t.content,
+            })
+            .collect();
+        let prompt = m.chat_prompt(&messages).expect("prompt");
+        let params = drover_infer::GenerateParams {
+            max_tokens: 48,
+            ..Default::default()
+        };
+        m.generate(&prompt, &params, |_| true).expect("generate")
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        result["text"].as_str(),
+        Some(whole.text.as_str()),
+        "{result}"
+    );
+    assert_eq!(
+        result["completion_tokens"].as_u64(),
+        Some(whole.completion_tokens as u64)
+    );
+}
