@@ -23,11 +23,13 @@ mod fleet;
 mod measure;
 mod scenarios;
 mod simulated;
+mod split;
 
 use fleet::*;
 use measure::*;
 use scenarios::*;
 use simulated::*;
+use split::*;
 
 #[derive(Subcommand)]
 pub enum BenchCommand {
@@ -74,6 +76,20 @@ pub enum BenchCommand {
         jobs: usize,
         #[command(flatten)]
         setup: Setup,
+    },
+    /// A model whole against the same model as stages (in this process, alternated):
+    /// time to first token, decode tokens/s, bytes per token between stages.
+    Split {
+        /// A fetched model's name or a GGUF path.
+        #[arg(long, default_value = "smollm2")]
+        model: String,
+        /// The stages, FIRST-LAST each, covering every block in order.
+        #[arg(long, value_delimiter = ',', default_value = "0-14,15-29")]
+        blocks: Vec<String>,
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// One job printing many lines: lines/s stored, and the delay a live follower sees.
     Logs {
@@ -127,6 +143,15 @@ pub async fn run(cmd: BenchCommand, output: Output) -> anyhow::Result<ExitCode> 
         } => throughput(jobs, executor, &setup).await?,
         BenchCommand::Latency { jobs, setup } => latency(jobs, &setup).await?,
         BenchCommand::Logs { lines, setup } => logs(lines, &setup).await?,
+        BenchCommand::Split {
+            model,
+            blocks,
+            tokens,
+            rounds,
+        } => {
+            tokio::task::spawn_blocking(move || split(&model, &blocks, tokens, rounds.max(1)))
+                .await??
+        }
         BenchCommand::Backlog {
             queued,
             jobs,

@@ -147,3 +147,23 @@ fn bench_workers_smoke() {
     assert_eq!(figure(&v, "simulated workers"), "10");
     assert!(figure(&v, "control plane CPU while idle (1 s)").ends_with("of one core"));
 }
+
+/// `bench split` on the real model (DROVER_TEST_MODEL; under CI=true it must be there).
+#[test]
+fn bench_split_smoke() {
+    let Some(model) =
+        std::env::var_os("DROVER_TEST_MODEL").filter(|p| std::path::Path::new(p).is_file())
+    else {
+        assert!(std::env::var("CI").is_err(), "DROVER_TEST_MODEL is not set");
+        return;
+    };
+    let model = model.to_string_lossy().into_owned();
+    let v = bench(&["split", "--model", &model, "--tokens", "4", "--rounds", "1"]);
+    assert_eq!(v["scenario"], "split");
+    assert!(figure(&v, "stages: decode (median)").ends_with("tokens/s"));
+    assert_eq!(figure(&v, "same text"), "true");
+    assert_eq!(
+        figure(&v, "hidden states per token and hop (f32)"),
+        "2304 bytes"
+    );
+}
