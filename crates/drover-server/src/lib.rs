@@ -76,6 +76,9 @@ pub struct ServerConfig {
     pub reservations_per_user: u32,
     /// The longest TTL a plain user may ask of a reservation (admins: up to 24 h).
     pub user_reservation_ttl: Duration,
+    /// On a graceful stop, drain and remove the workers providers started (`drover up`);
+    /// otherwise they keep running for a restart or another replica to adopt.
+    pub remove_workers_on_stop: bool,
 }
 
 impl ServerConfig {
@@ -102,6 +105,7 @@ impl ServerConfig {
             ],
             reservations_per_user: 2,
             user_reservation_ttl: Duration::from_secs(3600),
+            remove_workers_on_stop: false,
         }
     }
 
@@ -273,7 +277,7 @@ pub struct Server {
     state: Arc<AppState>,
     listener: TcpListener,
     writers: Writers,
-    providers: Vec<providers::Configured>,
+    providers: Arc<[providers::Configured]>,
     tls: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
 }
 
@@ -394,7 +398,7 @@ impl Server {
                 run_reports: run_reports_gathered,
                 final_jobs: final_jobs_to_publish,
             },
-            providers,
+            providers: providers.into(),
             tls,
         })
     }
@@ -421,6 +425,8 @@ impl Server {
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<(), ServerError> {
         let state = self.state;
+        let providers_task = tokio::spawn(providers::run(state.clone(), self.providers.clone()));
+        let stop_providers = providers_task.abort_handle();
         let background = [
             tokio::spawn(scheduler::dispatch_loop(state.clone())),
             tokio::spawn(scheduler::lease_sweeper(state.clone())),
@@ -433,15 +439,21 @@ impl Server {
             )),
             tokio::spawn(submissions::writer(state.clone(), self.writers.submissions)),
             tokio::spawn(run_reports::writer(state.clone(), self.writers.run_reports)),
-            tokio::spawn(providers::run(state.clone(), self.providers)),
+            providers_task,
         ];
         let app = http::router(state.clone())
             .merge(grpc::router(state.clone()))
             .fallback(http::unknown_route);
         let closing = state.clone();
         let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
+        let provided = self.providers.clone();
         let graceful = async move {
             shutdown.await;
+            // Before the streams close: drained workers report the ends of their jobs.
+            if closing.config.remove_workers_on_stop {
+                stop_providers.abort();
+                providers::remove_all(&closing, &provided).await;
+            }
             tracing::info!("shutting down: closing worker streams");
             closing.sessions.close_all();
             let _ = stopped_tx.send(());

@@ -68,6 +68,8 @@ pub struct WorkerConfig {
     pub slots: u32,
     /// Between SIGTERM and SIGKILL when a job is stopped.
     pub kill_grace: Duration,
+    /// Stop the jobs and exit when no control plane has answered for this long.
+    pub give_up_after: Option<Duration>,
     /// How jobs run: real processes, or `noop` (benchmarks and tests of the control plane).
     pub executor: ExecutorKind,
     /// For an `https://` server: the certificate authority (PEM) its certificate must
@@ -111,6 +113,11 @@ pub enum ExecutorKind {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
+    #[error(
+        "no control plane answered for {after:?}: this worker stopped its jobs and exits \
+         (--give-up-after)"
+    )]
+    GaveUp { after: Duration },
     #[error("cannot serve the model: {0}")]
     Model(String),
     #[error(
@@ -239,6 +246,15 @@ pub async fn run(
                 }
                 Err(e @ WorkerError::CredentialRefused { .. }) => return Err(e),
                 Err(e) => tracing::warn!(error = %e, "cannot reach the control plane"),
+            }
+            // Nothing started for a control plane may outlive it: past the bound, the jobs
+            // stop (the control plane that comes back fails and retries them by their
+            // leases) and this process ends (a provider's container is removed with it).
+            if let Some(bound) = agent.config.give_up_after
+                && agent.last_contact.elapsed() >= bound
+            {
+                agent.stop_all();
+                return Err(WorkerError::GaveUp { after: bound });
             }
             if started.elapsed() > Duration::from_secs(10) {
                 delay = BACKOFF_MIN;

@@ -49,9 +49,10 @@ pub struct ServerArgs {
     #[arg(long, env = "DROVER_WEBHOOK_MAX_ATTEMPTS", default_value_t = 12)]
     webhook_max_attempts: u32,
     /// Start workers on demand: `local` or `docker`, with settings after a colon:
-    /// `docker:min=0,max=4,idle=60s,slots=1,register-within=60s,image=drover-worker:latest,
-    /// network=host,server=URL` (local also takes binary=PATH). Repeatable; the first one
-    /// also serves jobs that name no provider.
+    /// `docker:min=0,max=4,idle=60s,slots=1,register-within=60s,give-up=10m,
+    /// image=drover-worker:latest,network=host,server=URL` (local also takes binary=PATH).
+    /// give-up: a worker that reaches no control plane this long removes itself.
+    /// Repeatable; the first one also serves jobs that name no provider.
     #[arg(long = "provider", value_parser = parse_provider)]
     providers: Vec<ProviderConfig>,
     /// The first admin's password, used only when the store has no user yet (otherwise a
@@ -116,6 +117,9 @@ fn parse_provider(s: &str) -> Result<ProviderConfig, String> {
                 c.register_within =
                     parse_duration(&v).map_err(|e| format!("register-within: {e}"))?
             }
+            "give-up" => {
+                c.give_up_after = parse_duration(&v).map_err(|e| format!("give-up: {e}"))?
+            }
             "server" => c.server_url = Some(v),
             "image" if kind == ProviderKind::Docker => c.image = v,
             "network" if kind == ProviderKind::Docker => c.network = v,
@@ -174,6 +178,11 @@ pub struct WorkerOptions {
     /// Between SIGTERM and SIGKILL when a job is stopped.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     kill_grace: Duration,
+    /// Stop this worker's jobs and exit when no control plane has answered for this long
+    /// (workers that providers start get their provider's `give-up`, 10 minutes by
+    /// default). Unset: keep trying for ever.
+    #[arg(long, env = "DROVER_GIVE_UP_AFTER", value_parser = parse_duration)]
+    give_up_after: Option<Duration>,
     /// A model to serve, loaded at start: `smollm2` (fetched with `drover model fetch`), a
     /// GGUF path, or NAME=PATH. Repeatable; inference jobs naming it run here.
     #[arg(long = "model")]
@@ -233,6 +242,10 @@ pub struct UpArgs {
     server: ServerArgs,
     #[command(flatten)]
     worker: WorkerOptions,
+    /// On a graceful stop, leave the workers that providers started running (the next
+    /// `drover up` on this data directory adopts them). By default they are removed.
+    #[arg(long)]
+    keep_workers: bool,
 }
 
 /// The `--blocks` ranges, checked against the models' files: each names one of the node's
@@ -400,6 +413,7 @@ fn worker_config(
         resources,
         slots: o.slots,
         kill_grace: o.kill_grace,
+        give_up_after: o.give_up_after,
         executor: match o.executor {
             Executor::Process => drover_worker::ExecutorKind::Process,
             Executor::Noop => drover_worker::ExecutorKind::Noop,
@@ -438,8 +452,10 @@ async fn stopped(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-async fn bind(args: &ServerArgs) -> anyhow::Result<Server> {
-    let server = Server::bind(args.config()?).await?;
+async fn bind(args: &ServerArgs, remove_workers_on_stop: bool) -> anyhow::Result<Server> {
+    let mut config = args.config()?;
+    config.remove_workers_on_stop = remove_workers_on_stop;
+    let server = Server::bind(config).await?;
     let addr_file = args.data_dir.join("api.addr");
     std::fs::write(&addr_file, format!("{}\n", server.url()))
         .with_context(|| format!("cannot write {}", addr_file.display()))?;
@@ -447,7 +463,8 @@ async fn bind(args: &ServerArgs) -> anyhow::Result<Server> {
 }
 
 pub async fn server(args: ServerArgs) -> anyhow::Result<ExitCode> {
-    let server = bind(&args).await?;
+    // Replicas and restarts adopt a server's workers: a graceful stop keeps them.
+    let server = bind(&args, false).await?;
     tracing::info!(api = %server.url(), "drover server listening");
     server.serve(shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
@@ -478,7 +495,7 @@ fn default_state_dir() -> PathBuf {
 pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
     // Fail fast, before anything is created.
     check_inference_path(&args.worker, args.server.require_inference)?;
-    let server = bind(&args.server).await?;
+    let server = bind(&args.server, !args.keep_workers).await?;
     let url = server.url();
     let store = server.store();
     let worker_dir = args.server.data_dir.join("worker");

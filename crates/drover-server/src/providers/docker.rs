@@ -10,6 +10,7 @@ use bollard::query_parameters::{
     StopContainerOptionsBuilder,
 };
 use std::collections::HashMap;
+use std::time::Duration;
 
 const MANAGED: &str = "drover.managed";
 const CLUSTER: &str = "drover.cluster";
@@ -69,16 +70,11 @@ impl Provider for DockerProvider {
         ]);
         let body = ContainerCreateBody {
             image: Some(self.image.clone()),
-            cmd: Some(vec![
-                "/bin/drover".into(),
-                "worker".into(),
-                "--name".into(),
-                launch.name.clone(),
-                "--slots".into(),
-                launch.slots.to_string(),
-                "--state-dir".into(),
-                "/var/lib/drover/worker".into(),
-            ]),
+            cmd: Some(
+                std::iter::once("/bin/drover".to_string())
+                    .chain(launch.worker_args("/var/lib/drover/worker"))
+                    .collect(),
+            ),
             env: Some(vec![
                 format!("DROVER_SERVER={}", launch.server_url),
                 format!("DROVER_TOKEN={}", launch.token),
@@ -87,6 +83,8 @@ impl Provider for DockerProvider {
             labels: Some(labels),
             host_config: Some(HostConfig {
                 network_mode: Some(self.network.clone()),
+                // A worker that gives up (no control plane for too long) leaves no container.
+                auto_remove: Some(true),
                 ..Default::default()
             }),
             ..Default::default()
@@ -130,7 +128,25 @@ impl Provider for DockerProvider {
         {
             Ok(()) => Ok(()),
             Err(e) if is_gone(&e) => Ok(()),
-            Err(e) => Err(e.into()),
+            // Workers run with auto-remove: the engine may be removing it already (409).
+            // Gone is what was asked; wait for it, bounded.
+            Err(e) => {
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while std::time::Instant::now() < deadline {
+                    match self
+                        .docker
+                        .inspect_container(
+                            resource_id,
+                            None::<bollard::query_parameters::InspectContainerOptions>,
+                        )
+                        .await
+                    {
+                        Err(gone) if is_gone(&gone) => return Ok(()),
+                        _ => tokio::time::sleep(Duration::from_millis(100)).await,
+                    }
+                }
+                Err(e.into())
+            }
         }
     }
 

@@ -87,15 +87,9 @@ impl Provider for LocalProvider {
         let log = std::fs::File::create(self.dir.join(format!("{worker}.log")))?;
         let mut command = tokio::process::Command::new(&self.binary);
         command
-            .arg("worker")
+            .args(launch.worker_args(&state_dir.to_string_lossy()))
             .arg("--server")
             .arg(&launch.server_url)
-            .arg("--name")
-            .arg(&launch.name)
-            .arg("--slots")
-            .arg(launch.slots.to_string())
-            .arg("--state-dir")
-            .arg(&state_dir)
             .env("DROVER_TOKEN", &launch.token)
             .env(CLUSTER_VAR, &self.cluster_id)
             .env(WORKER_VAR, &worker)

@@ -47,6 +47,10 @@ pub struct ProviderConfig {
     pub slots: u32,
     /// A worker that has not registered this long after it was asked for is destroyed.
     pub register_within: Duration,
+    /// A worker that has reached no control plane this long stops its jobs and exits, and
+    /// its container or process is gone: nothing it started lives on without a control
+    /// plane. Longer than a control-plane restart.
+    pub give_up_after: Duration,
     /// The address workers dial; default: the control plane's own.
     pub server_url: Option<String>,
     /// docker: the worker image (holding `/bin/drover`).
@@ -66,6 +70,7 @@ impl ProviderConfig {
             idle: Duration::from_secs(60),
             slots: 1,
             register_within: Duration::from_secs(60),
+            give_up_after: Duration::from_secs(600),
             server_url: None,
             image: "drover-worker:latest".into(),
             network: "host".into(),
@@ -103,6 +108,25 @@ pub(crate) struct Launch {
     pub server_url: String,
     pub token: String,
     pub slots: u32,
+    /// `drover worker --give-up-after`: see [`ProviderConfig::give_up_after`].
+    pub give_up_after: Duration,
+}
+
+impl Launch {
+    /// The `drover worker` arguments every provider passes.
+    pub fn worker_args(&self, state_dir: &str) -> Vec<String> {
+        vec![
+            "worker".into(),
+            "--name".into(),
+            self.name.clone(),
+            "--slots".into(),
+            self.slots.to_string(),
+            "--state-dir".into(),
+            state_dir.into(),
+            "--give-up-after".into(),
+            format!("{}ms", self.give_up_after.as_millis()),
+        ]
+    }
 }
 
 /// Something a provider runs that is labelled as this control plane's.
@@ -160,7 +184,7 @@ const PATIENCE: Duration = Duration::from_secs(1);
 const CREATE_ATTEMPTS: u32 = 3;
 
 /// The providers duty: reconcile, compensate, scale up for waiting jobs, stop idle workers.
-pub(crate) async fn run(state: Arc<AppState>, providers: Vec<Configured>) {
+pub(crate) async fn run(state: Arc<AppState>, providers: Arc<[Configured]>) {
     if providers.is_empty() {
         return;
     }
@@ -195,6 +219,87 @@ pub(crate) async fn run(state: Arc<AppState>, providers: Vec<Configured>) {
         }
         if reconcile {
             last_reconcile = Some(Instant::now());
+        }
+    }
+}
+
+/// How long a stopping `drover up` waits for its provider workers' jobs to end before it
+/// removes the workers anyway (their runs are then failed and retried by the next control
+/// plane, through their leases).
+const DRAIN_ON_STOP: Duration = Duration::from_secs(10);
+
+/// On a graceful stop of `drover up`: every worker its providers started is drained (no new
+/// work), given [`DRAIN_ON_STOP`] to finish its jobs, then ended and removed, so that
+/// nothing it started outlives it.
+pub(crate) async fn remove_all(state: &AppState, providers: &[Configured]) {
+    let mut started = Vec::new();
+    for p in providers {
+        match state.store.provided_workers(p.config.name()).await {
+            Ok(workers) => started.extend(
+                workers
+                    .into_iter()
+                    .filter(|w| w.state != WorkerState::Terminated)
+                    .map(|w| (p, w)),
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, provider = p.config.name(), "cannot list this provider's workers; reconciliation removes them at the next start")
+            }
+        }
+    }
+    tracing::info!(
+        workers = started.len(),
+        "stopping: removing the workers providers started (drover up --keep-workers keeps them)"
+    );
+    for (_, w) in &started {
+        state.apply_here(&Wakeup::Drain { worker_id: w.id }).await;
+    }
+    let deadline = Instant::now() + DRAIN_ON_STOP;
+    loop {
+        let mut busy = 0;
+        for (_, w) in &started {
+            busy += state.store.live_runs_of(w.id).await.map_or(0, |r| r.len());
+        }
+        if busy == 0 || Instant::now() >= deadline {
+            if busy > 0 {
+                tracing::warn!(
+                    runs = busy,
+                    "stopping: jobs still running on provider workers are stopped; the next control plane retries them"
+                );
+            }
+            break;
+        }
+        tracing::info!(
+            runs = busy,
+            "stopping: waiting for jobs on provider workers to end"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    for (_, w) in &started {
+        let event = EventKind::WorkerTerminated {
+            reason: "the control plane stopped (drover up)".into(),
+        };
+        if let Err(e) = state
+            .store
+            .end_worker(w.id, WorkerState::Terminated, &event)
+            .await
+        {
+            tracing::warn!(worker_id = %w.id, error = %e, "cannot end the worker's record");
+        }
+    }
+    // Everything labelled as this cluster's goes, whatever its record says (a worker lost
+    // earlier, a resource whose removal failed before).
+    for p in providers {
+        let resources = match p.provider.list().await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, provider = p.config.name(), "cannot list this provider's resources; reconciliation removes them at the next start");
+                continue;
+            }
+        };
+        for r in resources {
+            if let Err(e) = p.provider.destroy(&r.id).await {
+                tracing::warn!(resource = %r.id, error = %e, "cannot remove a worker; reconciliation removes it at the next start");
+            }
         }
     }
 }
@@ -416,6 +521,7 @@ async fn provision(state: &AppState, p: &Configured) -> Result<(), TickError> {
             .unwrap_or_else(|| state.advertise_url()),
         token: token.token,
         slots: config.slots.max(1),
+        give_up_after: config.give_up_after,
     };
     let mut last_error = String::new();
     for attempt in 1..=CREATE_ATTEMPTS {

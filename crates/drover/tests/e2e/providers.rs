@@ -8,7 +8,7 @@ use crate::drover;
 use drover_client::records::{EventRecord, NodeView};
 use drover_core::{JobSpec, JobState, WorkerState};
 use drover_testkit::{
-    ServerOptions, ServerProc, TestDir, drover_client, eventually, service_available,
+    ServerOptions, ServerProc, TestDir, UpProc, drover_client, eventually, service_available,
 };
 use std::path::Path;
 
@@ -499,4 +499,144 @@ async fn seed004_no_orphans_after_kill_9_on_docker() {
 #[tokio::test]
 async fn seed004_no_orphans_after_kill_9_on_local() {
     no_orphans_after_kill_9("local", "max=1").await;
+}
+
+/// Removes, when dropped, whatever a test's providers left (the test checks that drover
+/// removed everything; this only keeps a failed test from leaking).
+struct LeftoverGuard(String);
+
+impl Drop for LeftoverGuard {
+    fn drop(&mut self) {
+        for id in containers_labelled(&format!("drover.cluster={}", self.0)) {
+            docker(&["rm", "-f", &id]);
+        }
+        for pid in processes_with_env("DROVER_PROVIDER_CLUSTER", &self.0) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+/// What this cluster's providers have running: containers, then worker processes.
+fn running_of(cluster_id: &str) -> (Vec<String>, Vec<i32>) {
+    (
+        containers_labelled(&format!("drover.cluster={cluster_id}")),
+        processes_with_env("DROVER_PROVIDER_CLUSTER", cluster_id),
+    )
+}
+
+/// A `drover up` with `provider`, a job run on a worker it started; returns the up, the
+/// cluster id and the guard.
+async fn up_with_a_provider_worker(
+    dir: &TestDir,
+    provider: &str,
+    settings: &str,
+    extra: &[&str],
+) -> (UpProc, String, LeftoverGuard) {
+    let spec = format!("{provider}:{settings},idle=60s");
+    let mut args = vec!["--provider", spec.as_str()];
+    args.extend_from_slice(extra);
+    let up = UpProc::start(&drover(), dir.path(), &args).await;
+    let client = up.client();
+    let cluster_id = client.providers().await.expect("providers")["cluster_id"]
+        .as_str()
+        .expect("cluster id")
+        .to_string();
+    let guard = LeftoverGuard(cluster_id.clone());
+    let job = client
+        .submit_job(&job_for(provider, "echo on a provider worker"))
+        .await
+        .unwrap();
+    let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::Succeeded, "{view:?}");
+    let (containers, processes) = running_of(&cluster_id);
+    assert_eq!(
+        containers.len() + processes.len(),
+        1,
+        "one worker started: {containers:?} {processes:?}"
+    );
+    (up, cluster_id, guard)
+}
+
+/// Issue 35: Ctrl-C (SIGTERM) of `drover up` drains and removes the workers its providers
+/// started, and says so; with `--keep-workers` they stay (for a restart on the same address
+/// to adopt them, as a restarted control plane does in the kill -9 tests above).
+async fn stopping_drover_up_leaves_no_worker(provider: &str, settings: &str) {
+    let dir = TestDir::new();
+    let (mut up, cluster_id, _guard) =
+        up_with_a_provider_worker(&dir, provider, settings, &[]).await;
+    up.proc.terminate();
+    let (containers, processes) = running_of(&cluster_id);
+    assert!(
+        containers.is_empty() && processes.is_empty(),
+        "left after the stop: {containers:?} {processes:?}"
+    );
+    assert!(
+        up.proc
+            .log_text()
+            .contains("removing the workers providers started"),
+        "the stop says what it does: {}",
+        up.proc.log_text()
+    );
+
+    let kept_dir = TestDir::new();
+    let (mut up, cluster_id, _guard) =
+        up_with_a_provider_worker(&kept_dir, provider, settings, &["--keep-workers"]).await;
+    up.proc.terminate();
+    let (containers, processes) = running_of(&cluster_id);
+    assert_eq!(
+        containers.len() + processes.len(),
+        1,
+        "--keep-workers kept it"
+    );
+}
+
+#[tokio::test]
+async fn stopping_drover_up_leaves_no_worker_on_local() {
+    stopping_drover_up_leaves_no_worker("local", "max=1").await;
+}
+
+#[tokio::test]
+async fn stopping_drover_up_leaves_no_worker_on_docker() {
+    if !docker_worker_image() {
+        return;
+    }
+    stopping_drover_up_leaves_no_worker("docker", &format!("image={WORKER_IMAGE}")).await;
+}
+
+/// Issue 35: a worker a provider started that reaches no control plane for longer than
+/// its provider's `give-up` stops and is gone — its process exits, its container is removed
+/// with it — when the control plane dies for good (kill -9, never restarted).
+async fn a_worker_cut_off_past_give_up_removes_itself(provider: &str, settings: &str) {
+    let mut stack = Stack::start(&[&format!("{provider}:{settings},idle=60s,give-up=2s")]).await;
+    let client = stack.server.client();
+    let job = client
+        .submit_job(&job_for(provider, "echo on a provider worker"))
+        .await
+        .unwrap();
+    let view = client.wait_job(&job.id.to_string(), |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::Succeeded, "{view:?}");
+    let (containers, processes) = running_of(&stack.cluster_id);
+    assert_eq!(containers.len() + processes.len(), 1, "one worker started");
+    stack.server.kill9();
+    eventually("the cut-off worker to remove itself", || async {
+        let (containers, processes) = running_of(&stack.cluster_id);
+        (containers.is_empty() && processes.is_empty()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_worker_cut_off_past_give_up_removes_itself_on_local() {
+    a_worker_cut_off_past_give_up_removes_itself("local", "max=1").await;
+}
+
+#[tokio::test]
+async fn a_worker_cut_off_past_give_up_removes_itself_on_docker() {
+    if !docker_worker_image() {
+        return;
+    }
+    a_worker_cut_off_past_give_up_removes_itself("docker", &format!("image={WORKER_IMAGE}")).await;
 }
