@@ -594,7 +594,10 @@ pub async fn up(args: UpArgs) -> anyhow::Result<ExitCode> {
         })),
     };
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(Duration::from_secs(10), async {
+    // The local worker stops its jobs (their kill grace); the control plane gives the jobs
+    // of the workers its providers started 10 s, then removes those workers. Bounded, so a
+    // stop that hangs still ends.
+    let _ = tokio::time::timeout(Duration::from_secs(45), async {
         let _ = (&mut worker_task).await;
         let _ = (&mut server_task).await;
     })

@@ -593,6 +593,66 @@ async fn stopping_drover_up_leaves_no_worker(provider: &str, settings: &str) {
     );
 }
 
+/// Issue 35: a job still running on a provider worker when `drover up` stops is not lost:
+/// the worker is removed after the drain wait, and when `drover up` comes back on the same
+/// data directory the attempt is failed by its lease and the job retried, on a new worker.
+#[tokio::test]
+async fn a_job_running_when_drover_up_stops_is_retried_when_it_comes_back() {
+    let dir = TestDir::new();
+    let marker = dir.path().join("first-attempt-ran");
+    let args = ["--provider", "local:max=1,idle=60s", "--lease", "2s"];
+    let mut up = UpProc::start(&drover(), dir.path(), &args).await;
+    let client = up.client();
+    let cluster_id = client.providers().await.expect("providers")["cluster_id"]
+        .as_str()
+        .expect("cluster id")
+        .to_string();
+    let _guard = LeftoverGuard(cluster_id.clone());
+    let spec = JobSpec {
+        max_attempts: Some(2),
+        ..job_for(
+            "local",
+            &format!(
+                "if [ -e {m} ]; then echo second; exit 0; fi; touch {m}; echo first; sleep 60",
+                m = marker.display()
+            ),
+        )
+    };
+    let id = client.submit_job(&spec).await.unwrap().id.to_string();
+    eventually("the first attempt to run", || async {
+        let logs = client.job_logs(&id, None).await.ok()?;
+        (!logs.is_empty()).then_some(())
+    })
+    .await;
+    up.proc.terminate();
+    let (containers, processes) = running_of(&cluster_id);
+    assert!(
+        containers.is_empty() && processes.is_empty(),
+        "left after the stop: {containers:?} {processes:?}"
+    );
+
+    let mut again = UpProc::start(&drover(), dir.path(), &args).await;
+    let client = again.client();
+    let view = client.wait_job(&id, |_| {}).await.unwrap();
+    assert_eq!(view.job.state, JobState::Succeeded, "{view:?}");
+    assert_eq!(
+        view.runs.len(),
+        2,
+        "the stopped attempt and its retry: {view:?}"
+    );
+    assert_eq!(
+        view.runs[0].run.state,
+        drover_core::RunState::Failed,
+        "{view:?}"
+    );
+    again.proc.terminate();
+    let (containers, processes) = running_of(&cluster_id);
+    assert!(
+        containers.is_empty() && processes.is_empty(),
+        "left after the second stop: {containers:?} {processes:?}"
+    );
+}
+
 #[tokio::test]
 async fn stopping_drover_up_leaves_no_worker_on_local() {
     stopping_drover_up_leaves_no_worker("local", "max=1").await;
