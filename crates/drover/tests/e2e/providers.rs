@@ -90,6 +90,7 @@ struct Stack {
     _dir: TestDir,
     server: ServerProc,
     cluster_id: String,
+    _leftovers: LeftoverGuard,
 }
 
 impl Stack {
@@ -113,6 +114,7 @@ impl Stack {
         Self {
             _dir: dir,
             server,
+            _leftovers: LeftoverGuard(cluster_id.clone()),
             cluster_id,
         }
     }
@@ -150,20 +152,6 @@ impl Stack {
                 .then_some(nodes)
         })
         .await
-    }
-}
-
-impl Drop for Stack {
-    fn drop(&mut self) {
-        for id in containers_labelled(&self.cluster_label()) {
-            docker(&["rm", "-f", &id]);
-        }
-        for pid in processes_with_env("DROVER_PROVIDER_CLUSTER", &self.cluster_id) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
     }
 }
 
@@ -653,18 +641,29 @@ async fn a_job_running_when_drover_up_stops_is_retried_when_it_comes_back() {
     );
 }
 
-#[tokio::test]
-async fn stopping_drover_up_leaves_no_worker_on_local() {
-    stopping_drover_up_leaves_no_worker("local", "max=1").await;
+/// `NAME_on_local` and `NAME_on_docker`, each running `NAME(provider, settings)`.
+macro_rules! on_each_provider {
+    ($name:ident, $local:ident, $docker:ident) => {
+        #[tokio::test]
+        async fn $local() {
+            $name("local", "max=1").await;
+        }
+
+        #[tokio::test]
+        async fn $docker() {
+            if !docker_worker_image() {
+                return;
+            }
+            $name("docker", &format!("image={WORKER_IMAGE}")).await;
+        }
+    };
 }
 
-#[tokio::test]
-async fn stopping_drover_up_leaves_no_worker_on_docker() {
-    if !docker_worker_image() {
-        return;
-    }
-    stopping_drover_up_leaves_no_worker("docker", &format!("image={WORKER_IMAGE}")).await;
-}
+on_each_provider!(
+    stopping_drover_up_leaves_no_worker,
+    stopping_drover_up_leaves_no_worker_on_local,
+    stopping_drover_up_leaves_no_worker_on_docker
+);
 
 /// Issue 35: a worker a provider started that reaches no control plane for longer than
 /// its provider's `give-up` stops and is gone — its process exits, its container is removed
@@ -688,15 +687,8 @@ async fn a_worker_cut_off_past_give_up_removes_itself(provider: &str, settings: 
     .await;
 }
 
-#[tokio::test]
-async fn a_worker_cut_off_past_give_up_removes_itself_on_local() {
-    a_worker_cut_off_past_give_up_removes_itself("local", "max=1").await;
-}
-
-#[tokio::test]
-async fn a_worker_cut_off_past_give_up_removes_itself_on_docker() {
-    if !docker_worker_image() {
-        return;
-    }
-    a_worker_cut_off_past_give_up_removes_itself("docker", &format!("image={WORKER_IMAGE}")).await;
-}
+on_each_provider!(
+    a_worker_cut_off_past_give_up_removes_itself,
+    a_worker_cut_off_past_give_up_removes_itself_on_local,
+    a_worker_cut_off_past_give_up_removes_itself_on_docker
+);
