@@ -99,8 +99,7 @@ pub struct Model {
 }
 
 /// A model's weights: the whole model in one piece, or its blocks as stages run one after
-/// the other (`Model::load_stages`), the hidden states between two of them passing through
-/// the wire format, as they will between nodes.
+/// the other (`Model::load_stages`), each stage's hidden states handed to the next.
 enum Weights {
     Whole(Box<ModelWeights>),
     Stages(Vec<stage::Stage>),
@@ -137,10 +136,7 @@ impl Weights {
                 for (stage, cache) in stages.iter().zip(caches.iter_mut()) {
                     next = match stage.forward(cache, next)? {
                         stage::StageOutput::Logits(logits) => return Ok(logits),
-                        stage::StageOutput::Hidden(hidden) => {
-                            let bytes = stage::wire::encode(&hidden, stage::wire::WireType::F32)?;
-                            stage::StageInput::Hidden(stage::wire::decode(&bytes, hidden.device())?)
-                        }
+                        stage::StageOutput::Hidden(hidden) => stage::StageInput::Hidden(hidden),
                     };
                 }
                 Err(InferError::Unsupported(
@@ -239,7 +235,7 @@ impl Model {
                 Weights::Stages(
                     ranges
                         .iter()
-                        .map(|r| stage::Stage::load(path, *r))
+                        .map(|r| stage::Stage::from_content(path, &content, &mut file, *r))
                         .collect::<Result<_, _>>()?,
                 )
             }
@@ -409,6 +405,15 @@ impl Model {
 /// weights take 1.7 (1.5) times the memory.
 const REQUANTIZE_TO_Q8_0: [GgmlDType; 3] = [GgmlDType::Q4_1, GgmlDType::Q5_0, GgmlDType::Q5_1];
 
+/// `tensor`, requantized to Q8_0 if its type is one of [`REQUANTIZE_TO_Q8_0`].
+fn with_fast_kernel(tensor: QTensor, device: &Device) -> candle_core::Result<QTensor> {
+    if REQUANTIZE_TO_Q8_0.contains(&tensor.dtype()) {
+        QTensor::quantize(&tensor.dequantize(device)?, GgmlDType::Q8_0)
+    } else {
+        Ok(tensor)
+    }
+}
+
 /// The model with its [`REQUANTIZE_TO_Q8_0`] weights requantized, written as a GGUF to an
 /// unnamed temporary file (gone when closed; on disk, so that the copy is not held in the
 /// heap beside the weights loaded from it) to load from; `None` when it has none.
@@ -428,13 +433,8 @@ fn requantize_slow_weights<R: std::io::Read + Seek>(
         "requantizing weights to Q8_0 (candle has no fast kernel for their types)"
     );
     let mut tensors = Vec::with_capacity(content.tensor_infos.len());
-    for (name, info) in &content.tensor_infos {
-        let tensor = content.tensor(reader, name, device)?;
-        let tensor = if slow(info) {
-            QTensor::quantize(&tensor.dequantize(device)?, GgmlDType::Q8_0)?
-        } else {
-            tensor
-        };
+    for name in content.tensor_infos.keys() {
+        let tensor = with_fast_kernel(content.tensor(reader, name, device)?, device)?;
         tensors.push((name.as_str(), tensor));
     }
     let metadata: Vec<_> = content

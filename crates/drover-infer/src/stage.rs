@@ -10,8 +10,8 @@
 //! order), so a model cut anywhere gives the logits of the whole model: the tests compare
 //! them with candle's own `ModelWeights`.
 
-use crate::{InferError, REQUANTIZE_TO_Q8_0, metadata_string, metadata_u32};
-use candle_core::quantized::{GgmlDType, QMatMul, QTensor, gguf_file};
+use crate::{InferError, metadata_string, metadata_u32, with_fast_kernel};
+use candle_core::quantized::{QMatMul, QTensor, gguf_file};
 use candle_core::{D, DType, Device, IndexOp, Module, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 use std::fmt;
@@ -186,11 +186,19 @@ impl Shape {
     }
 }
 
+fn read_shape(path: &Path) -> Result<Shape, InferError> {
+    let mut file = open(path)?;
+    Shape::read(&read_content(path, &mut file)?)
+}
+
 /// Blocks in a model file, read from its metadata alone.
 pub fn block_count(path: &Path) -> Result<usize, InferError> {
-    let mut file = open(path)?;
-    let content = read_content(path, &mut file)?;
-    Ok(Shape::read(&content)?.block_count)
+    Ok(read_shape(path)?.block_count)
+}
+
+/// Values per token of a hidden state, read from the model's metadata alone.
+pub fn hidden_size(path: &Path) -> Result<usize, InferError> {
+    Ok(read_shape(path)?.hidden)
 }
 
 fn open(path: &Path) -> Result<std::fs::File, InferError> {
@@ -213,7 +221,17 @@ impl Stage {
     pub fn load(path: &Path, blocks: BlockRange) -> Result<Self, InferError> {
         let mut file = open(path)?;
         let content = read_content(path, &mut file)?;
-        let shape = Shape::read(&content)?;
+        Self::from_content(path, &content, &mut file, blocks)
+    }
+
+    /// [`Stage::load`] from a file whose header (`content`) is read already.
+    pub(crate) fn from_content(
+        path: &Path,
+        content: &gguf_file::Content,
+        file: &mut std::fs::File,
+        blocks: BlockRange,
+    ) -> Result<Self, InferError> {
+        let shape = Shape::read(content)?;
         if blocks.end > shape.block_count {
             return Err(InferError::Unsupported(format!(
                 "blocks {blocks}: the model has {} blocks (0-{})",
@@ -226,15 +244,10 @@ impl Stage {
             path: path.to_path_buf(),
             message: e.to_string(),
         };
-        // As `Model::load` does: weights candle has no fast kernel for become Q8_0, so that
-        // a stage computes exactly what the whole model does.
+        // As `Model::load` does, so that a stage computes exactly what the whole model does.
         let mut tensor = |name: &str| -> Result<QTensor, InferError> {
-            let t = content.tensor(&mut file, name, &device).map_err(format)?;
-            if REQUANTIZE_TO_Q8_0.contains(&t.dtype()) {
-                Ok(QTensor::quantize(&t.dequantize(&device)?, GgmlDType::Q8_0)?)
-            } else {
-                Ok(t)
-            }
+            let t = content.tensor(file, name, &device).map_err(format)?;
+            Ok(with_fast_kernel(t, &device)?)
         };
         let is_last = blocks.end == shape.block_count;
         let tied_head = !content.tensor_infos.contains_key("output.weight");

@@ -49,12 +49,10 @@ pub async fn grant(
         })?;
     let now = Timestamp::now();
     let plan = state.resource_plan.lock().await;
+    let live = state.store.live_reservations(now).await?;
     if limits {
         let per_user = state.config.reservations_per_user;
-        let held = state
-            .store
-            .live_reservations(now)
-            .await?
+        let held = live
             .iter()
             .filter(|r| r.owner.as_deref() == Some(caller.user.id.as_str()))
             .count();
@@ -65,7 +63,7 @@ pub async fn grant(
             )));
         }
     }
-    let mut holds = scheduler::read_holds(state, now).await?;
+    let mut holds = scheduler::holds_of(state, live, now).await?;
     let asked = Hold {
         reservation_id: ReservationId::new(),
         worker_id: worker,

@@ -183,10 +183,17 @@ pub(crate) async fn read_holds(
     state: &AppState,
     now: Timestamp,
 ) -> Result<Vec<Hold>, drover_store::StoreError> {
-    let mut holds: Vec<Hold> = state
-        .store
-        .live_reservations(now)
-        .await?
+    let live = state.store.live_reservations(now).await?;
+    holds_of(state, live, now).await
+}
+
+/// [`read_holds`] from live reservations read already.
+pub(crate) async fn holds_of(
+    state: &AppState,
+    live: Vec<drover_core::records::ReservationRecord>,
+    now: Timestamp,
+) -> Result<Vec<Hold>, drover_store::StoreError> {
+    let mut holds: Vec<Hold> = live
         .into_iter()
         .map(|r| Hold {
             in_use: state.sessions.reservation_usage(r.id, &r.resource),

@@ -238,8 +238,7 @@ pub(crate) async fn remove_all(state: &AppState, providers: &[Configured]) {
             Ok(workers) => started.extend(
                 workers
                     .into_iter()
-                    .filter(|w| w.state != WorkerState::Terminated)
-                    .map(|w| (p, w)),
+                    .filter(|w| w.state != WorkerState::Terminated),
             ),
             Err(e) => {
                 tracing::warn!(error = %e, provider = p.config.name(), "cannot list this provider's workers; reconciliation removes them at the next start")
@@ -250,13 +249,13 @@ pub(crate) async fn remove_all(state: &AppState, providers: &[Configured]) {
         workers = started.len(),
         "stopping: removing the workers providers started (drover up --keep-workers keeps them)"
     );
-    for (_, w) in &started {
+    for w in &started {
         state.apply_here(&Wakeup::Drain { worker_id: w.id }).await;
     }
     let deadline = Instant::now() + DRAIN_ON_STOP;
     loop {
         let mut busy = 0;
-        for (_, w) in &started {
+        for w in &started {
             busy += state.store.live_runs_of(w.id).await.map_or(0, |r| r.len());
         }
         if busy == 0 || Instant::now() >= deadline {
@@ -274,7 +273,7 @@ pub(crate) async fn remove_all(state: &AppState, providers: &[Configured]) {
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    for (_, w) in &started {
+    for w in &started {
         let event = EventKind::WorkerTerminated {
             reason: "the control plane stopped (drover up)".into(),
         };

@@ -1,8 +1,7 @@
 //! `drover bench split`: one model whole against the same model as stages, in this process,
 //! alternated round by round on the same prompt: time to first token, decode tokens/s, and
 //! the bytes of hidden states a chain would send per token. The stages run one after the
-//! other with their hidden states through the wire format, as they will between nodes,
-//! without the network hop.
+//! other in this process: no encoding and no network hop.
 
 use super::*;
 use drover_infer::stage::BlockRange;
@@ -22,7 +21,7 @@ pub(super) fn split(
         .collect::<anyhow::Result<_>>()?;
     let mut whole = Model::load(&path)?;
     let mut staged = Model::load_stages(&path, &ranges)?;
-    let hidden = drover_infer::stage::Stage::load(&path, ranges[0])?.hidden_size();
+    let hidden = drover_infer::stage::hidden_size(&path)?;
     let prompt = whole.chat_prompt(&[ChatMessage {
         role: "user".into(),
         content: "Tell a long story about a lighthouse keeper and a storm.".into(),

@@ -675,7 +675,7 @@ async fn bad_inference_input_is_refused_with_the_field_named() {
 }
 
 /// A node serving SmolLM2 as two stages (blocks 0-14 and 15-29, the hidden states between
-/// them through the wire format) answers an inference job with the whole model's text:
+/// them handed from one to the next) answers an inference job with the whole model's text:
 /// the same greedy tokens as drover-infer's whole model in this process. `drover node list`
 /// and the node's capabilities show the blocks. Bad `--blocks` are refused before the node
 /// registers, naming what to change.

@@ -84,6 +84,14 @@ fn processes_with_env(var: &str, value: &str) -> Vec<i32> {
         .collect()
 }
 
+/// The cluster id a control plane labels its providers' resources with.
+async fn cluster_id_of(client: &drover_client::Client) -> String {
+    client.providers().await.expect("providers")["cluster_id"]
+        .as_str()
+        .expect("cluster id")
+        .to_string()
+}
+
 /// A control plane with providers, and a guard that removes whatever its providers left
 /// if the test fails half-way (the test itself checks that drover removed everything).
 struct Stack {
@@ -106,11 +114,7 @@ impl Stack {
             ..Default::default()
         };
         let server = ServerProc::start(&drover(), dir.path(), options).await;
-        let providers = server.client().providers().await.expect("providers");
-        let cluster_id = providers["cluster_id"]
-            .as_str()
-            .expect("cluster id")
-            .to_string();
+        let cluster_id = cluster_id_of(&server.client()).await;
         Self {
             _dir: dir,
             server,
@@ -528,10 +532,7 @@ async fn up_with_a_provider_worker(
     args.extend_from_slice(extra);
     let up = UpProc::start(&drover(), dir.path(), &args).await;
     let client = up.client();
-    let cluster_id = client.providers().await.expect("providers")["cluster_id"]
-        .as_str()
-        .expect("cluster id")
-        .to_string();
+    let cluster_id = cluster_id_of(&client).await;
     let guard = LeftoverGuard(cluster_id.clone());
     let job = client
         .submit_job(&job_for(provider, "echo on a provider worker"))
@@ -591,10 +592,7 @@ async fn a_job_running_when_drover_up_stops_is_retried_when_it_comes_back() {
     let args = ["--provider", "local:max=1,idle=60s", "--lease", "2s"];
     let mut up = UpProc::start(&drover(), dir.path(), &args).await;
     let client = up.client();
-    let cluster_id = client.providers().await.expect("providers")["cluster_id"]
-        .as_str()
-        .expect("cluster id")
-        .to_string();
+    let cluster_id = cluster_id_of(&client).await;
     let _guard = LeftoverGuard(cluster_id.clone());
     let spec = JobSpec {
         max_attempts: Some(2),
