@@ -702,3 +702,70 @@ async fn a_user_cannot_keep_a_shared_resource_from_everyone() {
         .await
         .expect("an admin's two-hour reservation");
 }
+
+/// The gRPC job service checks ownership as the HTTP API does (`auth::check_owner`): Bob,
+/// a plain user, cannot read or cancel the admin's job through GetJob or CancelJob in any
+/// form of its id, and ListJobs shows him only his own; the job is untouched.
+#[tokio::test]
+async fn a_user_reaches_nothing_of_another_user_over_grpc() {
+    use drover_proto::v1::job_service_client::JobServiceClient;
+    let dir = TestDir::new();
+    let server = ServerProc::start(&drover(), dir.path(), ServerOptions::default()).await;
+    let admin = server.client();
+    // No worker: the admin's job stays queued, so a cancel would show.
+    let secret = admin
+        .submit_job(&JobSpec {
+            command: Some("echo the-admins-secret".into()),
+            name: "the-admins-job".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("submit");
+    let id = secret.id.to_string();
+    let bob = plain_user(&admin, &server.url, "bob").await;
+    let bearer: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", bob.token().expect("token"))
+            .parse()
+            .expect("header");
+    let channel = tonic::transport::Endpoint::from_shared(server.url.clone())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut jobs =
+        JobServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            req.metadata_mut().insert("authorization", bearer.clone());
+            Ok(req)
+        });
+    for (form, what) in id_forms(&id) {
+        let got = jobs
+            .get_job(drover_proto::v1::GetJobRequest { id: form.clone() })
+            .await
+            .expect_err(what);
+        let cancel = jobs
+            .cancel_job(drover_proto::v1::CancelJobRequest { id: form.clone() })
+            .await
+            .expect_err(what);
+        for refused in [got, cancel] {
+            assert!(
+                matches!(
+                    refused.code(),
+                    tonic::Code::PermissionDenied | tonic::Code::InvalidArgument
+                ),
+                "{what}: {refused:?}"
+            );
+            assert!(
+                !refused.message().contains("the-admins"),
+                "{what}: {refused:?}"
+            );
+        }
+    }
+    let listed = jobs
+        .list_jobs(drover_proto::v1::ListJobsRequest::default())
+        .await
+        .expect("bob lists his jobs")
+        .into_inner();
+    assert!(listed.jobs.iter().all(|j| j.id != id), "{listed:?}");
+    let after = admin.get_job(&id).await.expect("the admin's job");
+    assert_eq!(after.job.state, JobState::Queued, "untouched: {after:?}");
+}
